@@ -1,0 +1,25 @@
+"""`picochat` command line. Thin: parse and validate flags, call library functions, print results.
+
+Each command family lives in its own module and registers itself on `main` below.
+"""
+
+from __future__ import annotations
+
+import click
+
+from picochat_jax.cli import data, run, tokenizer, train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="picochat-jax")
+def main() -> None:
+    """picochat-jax: train small chat models from scratch, fine-tune HF models, evaluate, gate and serve."""
+
+
+main.add_command(data.data)
+main.add_command(tokenizer.tokenizer)
+main.add_command(train.train)
+main.add_command(run.run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`picochat train base|sft` (native models). Path B's `train hf-sft` registers here too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from picochat_jax.cli.common import device_option, friendly_errors, mesh_option, precision_option, select_device
+from picochat_jax.config import available_scales
+
+
+@click.group()
+def train() -> None:
+    """Training stages, one at a time."""
+
+
+def train_flags(fn: Any) -> Any:
+    """Flags that override the scale's TrainConfig for either stage."""
+    for opt in reversed([
+        click.option("--scale", default="pico", show_default=True, type=click.Choice(available_scales()),
+                     help="Named scale: training defaults (and the architecture, for base)."),
+        click.option("--steps", type=int, default=None),
+        click.option("--batch-size", type=int, default=None, help="Global batch (rows per micro-batch)."),
+        click.option("--grad-accum-steps", type=int, default=None),
+        click.option("--learning-rate", type=float, default=None),
+        click.option("--warmup-steps", type=int, default=None),
+        click.option("--seq-len", type=int, default=None),
+        click.option("--remat", type=click.Choice(["none", "full", "dots"]), default=None,
+                     help="Rematerialise blocks in the backward pass to save memory."),
+        click.option("--seed", type=int, default=None),
+        mesh_option, device_option, precision_option,
+        click.option("--resume", is_flag=True, help="Continue from --out-dir/resume_checkpoint."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing run in --out-dir."),
+        click.option("--no-progress", is_flag=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _train_cfg(stage_cfg: Any, opts: dict[str, Any]) -> Any:
+    from picochat_jax.config import with_overrides
+
+    return with_overrides(stage_cfg, steps=opts["steps"], batch_size=opts["batch_size"],
+                          grad_accum_steps=opts["grad_accum_steps"], learning_rate=opts["learning_rate"],
+                          warmup_steps=opts["warmup_steps"], seq_len=opts["seq_len"], remat=opts["remat"],
+                          seed=opts["seed"], precision=opts["precision"])
+
+
+@train.command()
+@click.option("--dataset-pack", "pack_path", required=True, type=click.Path(path_type=Path))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=Path))
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@train_flags
+@friendly_errors
+def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> None:
+    """Pretrain a native model on the pack's corpus (packed token windows)."""
+    select_device(opts["device"])
+    from picochat_jax.config import load_scale
+    from picochat_jax.data.pack import load_corpus, load_pack
+    from picochat_jax.parallel import parse_mesh
+    from picochat_jax.pipeline import base_stage
+    from picochat_jax.tokenizer import ChatTokenizer
+
+    scale = load_scale(opts["scale"])
+    tok = ChatTokenizer.load(tokenizer_path)
+    result = base_stage(scale, _train_cfg(scale.base, opts), tok, tokenizer_path, load_corpus(load_pack(pack_path)).documents,
+                        out_dir, parse_mesh(opts["mesh"]), resume=opts["resume"], overwrite=opts["overwrite"],
+                        progress=not opts["no_progress"])
+    _report(result, out_dir)
+
+
+@train.command()
+@click.option("--checkpoint", "checkpoint_dir", required=True, type=click.Path(path_type=Path),
+              help="Base model folder (e.g. RUN/base/checkpoint).")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(path_type=Path),
+              help="tokenizer.json (default: the one inside --checkpoint).")
+@click.option("--input", "input_path", default=None, type=click.Path(path_type=Path), help="Chat JSONL.")
+@click.option("--dataset-pack", "pack_path", default=None, type=click.Path(path_type=Path),
+              help="Use the pack's chat file instead of --input.")
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--all-assistant-turns", is_flag=True, help="Train on every assistant turn, not only the last.")
+@train_flags
+@friendly_errors
+def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | None, pack_path: Path | None,
+        out_dir: Path, all_assistant_turns: bool, **opts: Any) -> None:
+    """Chat SFT of a native checkpoint; loss on the final assistant message only."""
+    select_device(opts["device"])
+    from picochat_jax.config import load_scale, with_overrides
+    from picochat_jax.data.pack import load_pack
+    from picochat_jax.data.records import read_chat_jsonl
+    from picochat_jax.parallel import parse_mesh
+    from picochat_jax.pipeline import sft_stage
+    from picochat_jax.tokenizer import ChatTokenizer
+    from picochat_jax.train.checkpoint import load_model_checkpoint
+
+    if (input_path is None) == (pack_path is None):
+        raise click.UsageError("give exactly one of --input or --dataset-pack")
+    chat_path = input_path or load_pack(pack_path).chat
+    if chat_path is None:
+        raise click.UsageError(f"{pack_path} names no chat file")
+    params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
+    tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
+    tok = ChatTokenizer.load(tokenizer_path)
+    cfg = with_overrides(_train_cfg(load_scale(opts["scale"]).sft, opts), all_assistant_turns=all_assistant_turns or None)
+    result = sft_stage(model_cfg, cfg, tok, tokenizer_path, read_chat_jsonl(chat_path), params, out_dir,
+                       parse_mesh(opts["mesh"]), resume=opts["resume"], overwrite=opts["overwrite"],
+                       progress=not opts["no_progress"])
+    _report(result, out_dir)
+
+
+def _report(result: Any, out_dir: Path) -> None:
+    s = result.summary
+    if result.status != "completed":
+        click.echo(f"interrupted at step {result.final_step}; continue with --resume", err=True)
+        raise SystemExit(3)
+    click.echo(f"{s['stage']}: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}, "
+               f"val {s['final_val_loss'] if s['final_val_loss'] is None else round(s['final_val_loss'], 3)}; "
+               f"model -> {out_dir / 'checkpoint'}")

@@ -1,0 +1,290 @@
+"""Dataset packs, corpus recipes and corpus import (manifest + report).
+
+A pack binds a corpus (a file, a folder, `{"path": ...}` or `{"recipe": ...}`), chat SFT rows, eval rows and
+optional preferences. Paths are relative to the file that names them. Unknown keys are kept and reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from picochat_jax.data.records import DataError, iter_jsonl, read_chat_jsonl, read_eval_jsonl, read_preference_jsonl
+from picochat_jax.fileio import save_json, save_text
+
+KNOWN_PACK_KEYS = {"name", "description", "corpus", "chat", "eval", "preferences", "external_eval", "sft_eval"}
+TEXT_SUFFIXES = {".txt", ".md", ".jsonl", ".parquet"}
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    path: Path
+    label: str
+
+
+@dataclass(frozen=True)
+class DatasetPack:
+    path: Path
+    name: str
+    description: str
+    sources: tuple[CorpusSource, ...]
+    exclude: tuple[str, ...]
+    chat: Path | None
+    eval: Path | None
+    preferences: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, None, f"invalid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, None, None, "expected a JSON object at the top level")
+    return obj
+
+
+def _optional_path(obj: dict[str, Any], key: str, root: Path, pack_path: Path) -> Path | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(pack_path, None, key, "must be a path string")
+    path = root / value
+    if not path.exists():
+        raise DataError(pack_path, None, key, f"points to a missing file: {path}")
+    return path
+
+
+def load_recipe(path: Path) -> tuple[list[CorpusSource], list[str]]:
+    recipe = _read_json_object(path)
+    sources = recipe.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise DataError(path, None, "sources", "must be a non-empty list")
+    out = []
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict) or not isinstance(src.get("path"), str):
+            raise DataError(path, None, f"sources[{i}].path", "is missing or not a string")
+        full = path.parent / src["path"]
+        if not full.exists():
+            raise DataError(path, None, f"sources[{i}].path", f"points to a missing file or folder: {full}")
+        out.append(CorpusSource(full, str(src.get("label", Path(src["path"]).stem))))
+    exclude = recipe.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+        raise DataError(path, None, "exclude", "must be a list of glob strings")
+    return out, exclude
+
+
+def load_pack(path: str | Path) -> DatasetPack:
+    path = Path(path)
+    obj = _read_json_object(path)
+    root = path.parent
+    corpus = obj.get("corpus")
+    exclude: list[str] = []
+    if corpus is None:
+        raise DataError(path, None, "corpus", "is missing")
+    if isinstance(corpus, str):
+        corpus = {"path": corpus}
+    if not isinstance(corpus, dict):
+        raise DataError(path, None, "corpus", "must be a path string or an object with 'recipe' or 'path'")
+    if "recipe" in corpus:
+        recipe_path = root / str(corpus["recipe"])
+        if not recipe_path.exists():
+            raise DataError(path, None, "corpus.recipe", f"points to a missing file: {recipe_path}")
+        sources, exclude = load_recipe(recipe_path)
+    elif "path" in corpus:
+        full = root / str(corpus["path"])
+        if not full.exists():
+            raise DataError(path, None, "corpus.path", f"points to a missing file or folder: {full}")
+        sources = [CorpusSource(full, str(corpus.get("label", full.stem)))]
+    else:
+        raise DataError(path, None, "corpus", "needs a 'recipe' or a 'path'")
+    return DatasetPack(
+        path=path,
+        name=str(obj.get("name", path.stem)),
+        description=str(obj.get("description", "")),
+        sources=tuple(sources),
+        exclude=tuple(exclude),
+        chat=_optional_path(obj, "chat", root, path),
+        eval=_optional_path(obj, "eval", root, path),
+        preferences=_optional_path(obj, "preferences", root, path),
+        extra={k: v for k, v in obj.items() if k not in KNOWN_PACK_KEYS},
+    )
+
+
+def _excluded(path: Path, base: Path, patterns: tuple[str, ...]) -> bool:
+    rel = path.relative_to(base).as_posix() if path != base else path.name
+    # "**/x" should also match "x" at the top of the walked folder.
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("./" + rel, p) or fnmatch.fnmatch(path.name, p.split("/")[-1])
+               for p in patterns)
+
+
+def source_files(pack: DatasetPack) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """Files to import (sorted, per source) and the files the exclude globs removed."""
+    files, skipped = [], []
+    for src in pack.sources:
+        if src.path.is_dir():
+            for f in sorted(p for p in src.path.rglob("*") if p.is_file()):
+                if _excluded(f, src.path, pack.exclude) or f.suffix not in TEXT_SUFFIXES:
+                    skipped.append(f)
+                else:
+                    files.append((f, src.label))
+        else:
+            files.append((src.path, src.label))
+    return files, skipped
+
+
+def read_documents(path: Path) -> list[str]:
+    """A .txt/.md file is one document; .jsonl rows give their `text`; .parquet rows their `text` column."""
+    if path.suffix in (".txt", ".md"):
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl":
+        docs = []
+        for line, obj in iter_jsonl(path):
+            text = obj.get("text")
+            if not isinstance(text, str):
+                raise DataError(path, line, "text", "is missing or not a string")
+            docs.append(text)
+        return docs
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path, columns=["text"])
+        return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+    raise DataError(path, None, None, f"unsupported corpus file type {path.suffix!r} (use .txt, .md, .jsonl, .parquet)")
+
+
+@dataclass
+class Corpus:
+    documents: list[str]
+    labels: list[str]
+    manifest: dict[str, Any]
+
+
+def load_corpus(pack: DatasetPack) -> Corpus:
+    files, skipped = source_files(pack)
+    if not files:
+        raise DataError(pack.path, None, "corpus", "no corpus files found after applying exclude globs")
+    docs, labels, entries = [], [], []
+    for f, label in files:
+        raw = f.read_bytes()
+        file_docs = [d for d in read_documents(f) if d.strip()]
+        docs.extend(file_docs)
+        labels.extend([label] * len(file_docs))
+        entries.append({"path": str(f), "label": label, "bytes": len(raw),
+                        "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(file_docs)})
+    manifest = {
+        "pack": pack.name,
+        "files": entries,
+        "excluded": [str(p) for p in skipped],
+        "exclude_globs": list(pack.exclude),
+        "total_files": len(entries),
+        "total_bytes": sum(e["bytes"] for e in entries),
+        "total_documents": len(docs),
+        "labels": dict(collections.Counter(labels)),
+    }
+    return Corpus(docs, labels, manifest)
+
+
+def corpus_stats(corpus: Corpus) -> dict[str, Any]:
+    text_bytes = [len(d.encode("utf-8")) for d in corpus.documents]
+    words = [w.lower() for d in corpus.documents for w in re.findall(r"[A-Za-z']+", d)]
+    counts = collections.Counter(words)
+    non_ascii = sum(sum(1 for ch in d if ord(ch) > 127) for d in corpus.documents)
+    total_chars = sum(len(d) for d in corpus.documents)
+    dupes = len(corpus.documents) - len(set(corpus.documents))
+    return {
+        "documents": len(corpus.documents),
+        "bytes": sum(text_bytes),
+        "chars": total_chars,
+        "words": len(words),
+        "unique_words": len(counts),
+        "mean_document_bytes": (sum(text_bytes) / len(text_bytes)) if text_bytes else 0,
+        "duplicate_documents": dupes,
+        "non_ascii_fraction": non_ascii / max(1, total_chars),
+        "top_words": counts.most_common(20),
+    }
+
+
+def import_corpus(pack: DatasetPack, out_dir: Path) -> Corpus:
+    """Write corpus_manifest.json and corpus_report.md under out_dir; return the documents."""
+    corpus = load_corpus(pack)
+    stats = corpus_stats(corpus)
+    corpus.manifest["stats"] = {k: v for k, v in stats.items() if k != "top_words"}
+    save_json(out_dir / "corpus_manifest.json", corpus.manifest)
+    lines = [
+        f"# Corpus report: {pack.name}",
+        "",
+        f"- files: {corpus.manifest['total_files']} ({len(corpus.manifest['excluded'])} excluded by globs)",
+        f"- documents: {stats['documents']} ({stats['duplicate_documents']} exact duplicates)",
+        f"- bytes: {stats['bytes']:,}  chars: {stats['chars']:,}  words: {stats['words']:,}"
+        f"  unique words: {stats['unique_words']:,}",
+        f"- mean document size: {stats['mean_document_bytes']:.0f} bytes; non-ASCII chars: "
+        f"{100 * stats['non_ascii_fraction']:.2f}%",
+        "",
+        "| file | label | bytes | documents | sha256 |",
+        "|---|---|---:|---:|---|",
+        *[f"| {Path(e['path']).name} | {e['label']} | {e['bytes']:,} | {e['documents']} | {e['sha256'][:12]} |"
+          for e in corpus.manifest["files"]],
+        "",
+        "Most frequent words: " + ", ".join(f"{w} ({c})" for w, c in stats["top_words"]),
+        "",
+    ]
+    save_text(out_dir / "corpus_report.md", "\n".join(lines))
+    return corpus
+
+
+def validate_pack(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """Read every file of a pack. Returns (summary, errors); errors name file, line and field."""
+    errors: list[str] = []
+    summary: dict[str, Any] = {}
+    try:
+        pack = load_pack(path)
+    except (DataError, FileNotFoundError) as exc:
+        return summary, [str(exc)]
+    summary["name"] = pack.name
+    if pack.extra:
+        summary["unknown_keys"] = sorted(pack.extra)
+    try:
+        corpus = load_corpus(pack)
+        summary["corpus"] = {"files": corpus.manifest["total_files"], "bytes": corpus.manifest["total_bytes"],
+                             "documents": corpus.manifest["total_documents"],
+                             "excluded": len(corpus.manifest["excluded"])}
+    except (DataError, FileNotFoundError, RuntimeError) as exc:
+        errors.append(str(exc))
+    if pack.chat is None:
+        errors.append(f"{pack.path}: field 'chat' is missing (SFT rows are required)")
+    else:
+        try:
+            rows = read_chat_jsonl(pack.chat)
+            summary["chat"] = {
+                "rows": len(rows),
+                "multi_turn": sum(1 for r in rows if sum(m.role == "assistant" for m in r.messages) > 1),
+                "with_system": sum(1 for r in rows if r.messages[0].role == "system"),
+                "categories": dict(collections.Counter(r.category for r in rows)),
+            }
+        except (DataError, FileNotFoundError) as exc:
+            errors.append(str(exc))
+    if pack.eval is not None:
+        try:
+            erows = read_eval_jsonl(pack.eval)
+            summary["eval"] = {"rows": len(erows), "categories": dict(collections.Counter(r.category for r in erows))}
+        except (DataError, FileNotFoundError) as exc:
+            errors.append(str(exc))
+    if pack.preferences is not None:
+        try:
+            summary["preferences"] = {"rows": len(read_preference_jsonl(pack.preferences))}
+        except (DataError, FileNotFoundError) as exc:
+            errors.append(str(exc))
+    return summary, errors

@@ -1,0 +1,238 @@
+"""Readers for chat (SFT), eval and preference JSONL, file-compatible with the original picochat.
+
+Every malformed row raises DataError naming the file, the 1-based line number and the field. Rows are
+never skipped silently; blank lines are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    def __init__(self, path: str | Path, line: int | None, field_name: str | None, problem: str):
+        self.path, self.line, self.field, self.problem = str(path), line, field_name, problem
+        where = f"{path}:{line}" if line is not None else str(path)
+        what = f" field '{field_name}'" if field_name else ""
+        super().__init__(f"{where}:{what} {problem}")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    category: str = "general"
+    group: str | None = None
+    source: str = ""
+    line: int = 0
+
+    @property
+    def prompt_messages(self) -> tuple[Message, ...]:
+        return self.messages[:-1]
+
+    @property
+    def target(self) -> str:
+        return self.messages[-1].content
+
+    @property
+    def last_user(self) -> str:
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    prompt: tuple[Message, ...]
+    category: str = "general"
+    answerable: bool = True
+    must_include: tuple[str, ...] = ()
+    must_include_any: tuple[tuple[str, ...], ...] = ()
+    must_not_include: tuple[str, ...] = ()
+    reference: str | None = None
+    source: str = ""
+    line: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user(self) -> str:
+        return next((m.content for m in reversed(self.prompt) if m.role == "user"), "")
+
+
+@dataclass(frozen=True)
+class PreferenceRow:
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    source: str = ""
+    line: int = 0
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"file not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _text(obj: dict[str, Any], key: str, path: Path, line: int, required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(path, line, key, "is missing")
+        return None
+    if not isinstance(value, str):
+        raise DataError(path, line, key, f"must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(path, line, key, "is empty")
+    return value
+
+
+def _system_message(obj: dict[str, Any], path: Path, line: int) -> Message | None:
+    """`system` and serialized `tools` merge into one leading system message."""
+    system = _text(obj, "system", path, line, required=False)
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(path, line, "tools", f"must be a list, got {type(tools).__name__}")
+    parts = [p for p in (system,) if p]
+    if tools:
+        parts.append("Tools:\n" + json.dumps(tools, ensure_ascii=False, sort_keys=True))
+    return Message("system", "\n\n".join(parts)) if parts else None
+
+
+def _messages(obj: dict[str, Any], path: Path, line: int) -> list[Message]:
+    raw = obj.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise DataError(path, line, "messages", "must be a non-empty list")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(path, line, where, "must be an object with role and content")
+        role = m.get("role")
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise DataError(path, line, f"{where}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise DataError(path, line, f"{where}.content", "must be a string")
+        out.append(Message(role.lower(), content))
+    return out
+
+
+def _prompt_and_maybe_answer(obj: dict[str, Any], path: Path, line: int) -> list[Message]:
+    msgs: list[Message] = []
+    system = _system_message(obj, path, line)
+    if system:
+        msgs.append(system)
+    if "messages" in obj:
+        msgs.extend(_messages(obj, path, line))
+    else:
+        msgs.append(Message("user", _text(obj, "user", path, line)))
+    return msgs
+
+
+def parse_chat_row(obj: dict[str, Any], path: Path, line: int) -> Conversation:
+    msgs = _prompt_and_maybe_answer(obj, path, line)
+    if "messages" not in obj:
+        msgs.append(Message("assistant", _text(obj, "assistant", path, line)))
+    if msgs[-1].role != "assistant":
+        raise DataError(path, line, "messages", f"last message must be from the assistant, got {msgs[-1].role!r}")
+    if not msgs[-1].content.strip():
+        raise DataError(path, line, f"messages[{len(msgs) - 1}].content", "final assistant message is empty")
+    if not any(m.role == "user" for m in msgs):
+        raise DataError(path, line, "messages", "needs at least one user message")
+    category = obj.get("category", "general")
+    if not isinstance(category, str):
+        raise DataError(path, line, "category", "must be a string")
+    return Conversation(tuple(msgs), category, obj.get("group"), str(path), line)
+
+
+def read_chat_jsonl(path: str | Path) -> list[Conversation]:
+    path = Path(path)
+    rows = [parse_chat_row(obj, path, line) for line, obj in iter_jsonl(path)]
+    if not rows:
+        raise DataError(path, None, None, "has no rows")
+    return rows
+
+
+def _str_list(obj: dict[str, Any], key: str, path: Path, line: int) -> tuple[str, ...]:
+    value = obj.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(path, line, key, "must be a list of strings")
+    return tuple(value)
+
+
+def parse_eval_row(obj: dict[str, Any], path: Path, line: int) -> EvalRow:
+    prompt = _prompt_and_maybe_answer(obj, path, line)
+    if prompt[-1].role == "assistant":  # a messages-style row that carries its reference answer
+        reference = prompt[-1].content
+        prompt = prompt[:-1]
+    else:
+        reference = obj.get("assistant") if isinstance(obj.get("assistant"), str) else None
+    groups = obj.get("must_include_any", [])
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list) and g and all(isinstance(s, str) for s in g) for g in groups
+    ):
+        raise DataError(path, line, "must_include_any", "must be a list of non-empty lists of strings")
+    answerable = obj.get("answerable", True)
+    if not isinstance(answerable, bool):
+        raise DataError(path, line, "answerable", "must be true or false")
+    known = {"user", "messages", "system", "tools", "assistant", "category", "answerable", "must_include",
+             "must_include_any", "must_not_include"}
+    return EvalRow(
+        prompt=tuple(prompt),
+        category=str(obj.get("category", "general")),
+        answerable=answerable,
+        must_include=_str_list(obj, "must_include", path, line),
+        must_include_any=tuple(tuple(g) for g in groups),
+        must_not_include=_str_list(obj, "must_not_include", path, line),
+        reference=reference,
+        source=str(path),
+        line=line,
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def read_eval_jsonl(path: str | Path) -> list[EvalRow]:
+    path = Path(path)
+    rows = [parse_eval_row(obj, path, line) for line, obj in iter_jsonl(path)]
+    if not rows:
+        raise DataError(path, None, None, "has no rows")
+    return rows
+
+
+def read_preference_jsonl(path: str | Path) -> list[PreferenceRow]:
+    path = Path(path)
+    rows = []
+    for line, obj in iter_jsonl(path):
+        key = "prompt" if "prompt" in obj else "user"
+        prompt = [Message("user", _text(obj, key, path, line))]
+        system = _system_message(obj, path, line)
+        if system:
+            prompt.insert(0, system)
+        rows.append(PreferenceRow(tuple(prompt), _text(obj, "chosen", path, line), _text(obj, "rejected", path, line),
+                                  str(path), line))
+    if not rows:
+        raise DataError(path, None, None, "has no rows")
+    return rows

@@ -1,0 +1,172 @@
+"""The picochat decoder: a pure-functional Flax module whose params are a plain pytree.
+
+Layers are stacked with `nn.scan` (one compiled block, a leading `layers` axis on every block param), which
+keeps compile time flat in depth and gives the HF bridge one tensor per weight kind.
+
+    model = Decoder(cfg)
+    params = init_params(model, jax.random.key(0))
+    logits = model.apply({"params": params}, tokens)                       # training / scoring
+    logits, cache = model.apply({"params": params}, tokens, cache=cache,     # KV-cache decoding
+                                cache_index=i, kv_valid=valid)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_policies
+
+from picochat_jax.config import ModelConfig
+from picochat_jax.model.layers import MLP, Attention, Norm
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": checkpoint_policies.nothing_saveable,
+    # Save matmul outputs, recompute the cheap elementwise work: most of remat's memory win for little time.
+    "dots": checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_index, cache):
+        cfg = self.cfg
+        h = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="input_norm")(x)
+        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, name="attn")(
+            h, positions, mask, cache, cache_index
+        )
+        if cfg.parallel_residual:
+            h2 = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="post_attention_norm")(x)
+            x = x + attn_out + MLP(cfg, self.dtype, name="mlp")(h2)
+        else:
+            x = x + attn_out
+            h2 = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="post_attention_norm")(x)
+            x = x + MLP(cfg, self.dtype, name="mlp")(h2)
+        return x, new_cache
+
+
+class Decoder(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32  # compute dtype; params are always float32 (master weights)
+    remat: str = "none"
+    attention_impl: str | None = None
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.embed_tokens = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+        )
+        if cfg.position == "learned":
+            self.embed_positions = self.param(
+                "embed_positions",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("pos", "embed")),
+                (cfg.max_seq_len, cfg.d_model),
+            )
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.dtype, self.attention_impl, name="layers")
+        self.final_norm = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                name="lm_head",
+            )
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+        kv_valid: Array | None = None,
+        return_hidden: bool = False,
+    ):
+        B, T = tokens.shape
+        offset = 0 if cache_index is None else cache_index
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = jnp.take(self.embed_tokens, tokens, axis=0).astype(self.dtype)
+        if self.cfg.position == "learned":
+            pos = jnp.clip(positions, 0, self.cfg.max_seq_len - 1)
+            x = x + jnp.take(self.embed_positions, pos, axis=0).astype(self.dtype)
+
+        mask = None
+        if cache is not None:
+            S = cache["k"].shape[2]
+            q_slot = offset + jnp.arange(T)
+            allowed = jnp.arange(S)[None, :] <= q_slot[:, None]  # (T, S)
+            valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
+            mask = allowed[None, None] & valid[:, None, None, :]
+        elif segment_ids is not None:
+            causal = jnp.tril(jnp.ones((T, T), bool))
+            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = (causal[None] & same_doc)[:, None]
+
+        x, new_cache = self.layers(x, positions, mask, cache_index, cache)
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        logits = self.logits_from_hidden(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def logits_from_hidden(self, x: Array) -> Array:
+        if self.cfg.tie_embeddings:
+            w = self.embed_tokens.astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+
+def compute_dtype(precision: str) -> Any:
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+def make_model(cfg: ModelConfig, precision: str = "fp32", remat: str = "none", attention_impl: str | None = None):
+    return Decoder(cfg, dtype=compute_dtype(precision), remat=remat, attention_impl=attention_impl)
+
+
+def _dummy_tokens(cfg: ModelConfig) -> Array:
+    return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
+
+
+def init_params(model: Decoder, rng: Array) -> dict[str, Any]:
+    """Plain (unboxed) float32 params."""
+    variables = model.init(rng, _dummy_tokens(model.cfg))
+    return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(model: Decoder) -> Any:
+    """Pytree of PartitionSpecs over *logical* axis names, matching the params tree."""
+    abstract = jax.eval_shape(lambda r: model.init(r, _dummy_tokens(model.cfg)), jax.random.key(0))
+    return nn.get_partition_spec(abstract["params"])
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict[str, Array]:
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def count_params(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

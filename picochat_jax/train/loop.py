@@ -1,0 +1,249 @@
+"""The training driver shared by base pretraining and SFT: metrics, progress, eval, checkpoints, resume.
+
+The loop only syncs with the device at log/eval/checkpoint steps; in between, steps are dispatched
+asynchronously while grain prefetches the next batches on background threads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from picochat_jax.config import ModelConfig, TrainConfig
+from picochat_jax.data.loader import BatchSource, eval_batches
+from picochat_jax.fileio import save_json
+from picochat_jax.model.transformer import count_params, make_model
+from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
+from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
+from picochat_jax.train.optim import make_optimizer
+from picochat_jax.train.step import build_trainer
+
+# Dense bf16 peak FLOP/s per chip, for the MFU estimate (vendor datasheet numbers).
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "tpu v4": 275e12,
+              "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+class OutDirInUse(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" or "interrupted"
+    final_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    params: Any = None
+
+
+class _StopRequest:
+    """SIGTERM sets a flag; the loop saves a resume checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto_step]
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def train(
+    *,
+    stage: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_examples: dict[str, np.ndarray],
+    val_examples: dict[str, np.ndarray] | None,
+    out_dir: Path,
+    mesh_shape: MeshShape,
+    token_bytes: np.ndarray,
+    tokenizer_path: Path | None,
+    init_params: Any = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    should_stop: Callable[[int], bool] | None = None,
+    progress: bool = True,
+    attention_impl: str | None = None,
+) -> TrainResult:
+    out_dir = Path(out_dir)
+    resume_dir = out_dir / "resume_checkpoint"
+    if resume_dir.exists() and any(resume_dir.iterdir()) and not (resume or overwrite):
+        raise OutDirInUse(f"{out_dir} already holds a {stage} run; pass --resume to continue it or "
+                          f"--overwrite to start over (or choose another --out-dir)")
+    if overwrite and not resume:
+        for name in ("resume_checkpoint", "checkpoint", "best_checkpoint", "metrics.jsonl"):
+            target = out_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    check_batch_fits(train_cfg.batch_size, mesh_shape)
+    mesh = make_mesh(mesh_shape)
+    model = make_model(model_cfg, train_cfg.precision, train_cfg.remat, attention_impl)
+    optimizer, schedule = make_optimizer(train_cfg)
+    trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh)
+    source = BatchSource(train_examples, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
+    val = eval_batches(val_examples, train_cfg.batch_size, train_cfg.eval_batches) if val_examples else []
+    seq_len = train_examples["inputs"].shape[1]
+
+    manager = ResumeManager(resume_dir, train_cfg.keep_checkpoints)
+    metrics_path = out_dir / "metrics.jsonl"
+    best_val = math.inf
+    if resume and manager.latest_step() is not None:
+        state, meta = manager.restore(trainer.abstract_state())
+        best_val = meta.get("best_val_loss", math.inf) or math.inf
+        history = _read_history(metrics_path, int(state.step))
+    else:
+        rng = jax.random.key_data(jax.random.key(train_cfg.seed))
+        state = trainer.init(rng, init_params)
+        history = []
+    start = int(state.step)
+    train_rows = [r for r in history if "loss" in r]
+    val_rows = [r for r in history if "val_loss" in r]
+    _write_rows(metrics_path, history)
+
+    n_params = count_params(state.params)
+    flops_per_token = model_cfg.flops_per_token(seq_len)
+    peak = peak_flops_per_device()
+    n_devices = mesh_shape.size
+
+    def meta(step: int) -> dict[str, Any]:
+        return {"stage": stage, "step": step, "data_position": step, "best_val_loss": best_val,
+                "model": model_cfg.to_dict(), "train": train_cfg.__dict__}
+
+    def run_eval(step: int) -> dict[str, Any] | None:
+        if not val:
+            return None
+        sums = np.zeros(3)
+        for vb in val:
+            sums += np.array(jax.device_get(trainer.evaluate(state.params, trainer.put_batch(vb))))
+        row = {"step": step, "val_loss": sums[0] / max(sums[1], 1), "val_bpb": sums[0] / (math.log(2) * max(sums[2], 1))}
+        return row
+
+    def append(row: dict[str, Any]) -> None:
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def save_best(row: dict[str, Any] | None, step: int) -> None:
+        nonlocal best_val
+        if row is not None and row["val_loss"] < best_val:
+            best_val = row["val_loss"]
+            save_model_checkpoint(out_dir / "best_checkpoint", state.params, model_cfg, tokenizer_path,
+                                  {"stage": stage, "step": step, "val_loss": best_val})
+
+    status = "completed"
+    total = train_cfg.steps
+    t_start = time.perf_counter()
+    t_last, last_log_step = t_start, start
+    tokens_per_step = seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps
+    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
+    batches = source.iterate(start)
+    with _StopRequest() as stop:
+        for step in range(start, total):
+            state, metrics = trainer.step(state, trainer.put_batch(next(batches)))
+            done = step + 1
+            bar.update(1)
+            if done % train_cfg.log_every == 0 or done == total or done == start + 1:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                # The first logged window holds the compile; the summary's throughput skips it.
+                tok_s = (done - last_log_step) * tokens_per_step / max(now - t_last, 1e-9)
+                t_last, last_log_step = now, done
+                row = {"step": done, "loss": m["loss"], "bpb": m["bpb"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                       "tokens_per_sec": tok_s, "elapsed_sec": now - t_start,
+                       "mfu": (tok_s * flops_per_token / (peak * n_devices)) if peak else None}
+                train_rows.append(row)
+                append(row)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
+            if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != total:
+                vrow = run_eval(done)
+                if vrow:
+                    val_rows.append(vrow)
+                    append(vrow)
+                    save_best(vrow, done)
+                    bar.write(f"[{stage}] step {done}: val_loss {vrow['val_loss']:.4f} val_bpb {vrow['val_bpb']:.3f}")
+            if train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 and done != total:
+                manager.save(done, state, meta(done))
+            if stop.requested or (should_stop is not None and should_stop(done)):
+                if done != total:
+                    manager.save(done, state, meta(done), force=True)
+                    status = "interrupted"
+                    bar.write(f"[{stage}] stopped at step {done}; resume checkpoint saved to {resume_dir}")
+                    break
+    bar.close()
+    wall = time.perf_counter() - t_start
+    final_step = int(state.step)
+    if status == "completed":
+        vrow = run_eval(final_step)
+        if vrow:
+            val_rows.append(vrow)
+            append(vrow)
+            save_best(vrow, final_step)
+        manager.save(final_step, state, meta(final_step), force=True)
+        save_model_checkpoint(out_dir / "checkpoint", state.params, model_cfg, tokenizer_path,
+                              {"stage": stage, "step": final_step,
+                               "val_loss": vrow["val_loss"] if vrow else None})
+        if not (out_dir / "best_checkpoint").exists():  # no val split: the final model is the best we know
+            save_model_checkpoint(out_dir / "best_checkpoint", state.params, model_cfg, tokenizer_path,
+                                  {"stage": stage, "step": final_step, "val_loss": None})
+    manager.close()
+
+    timed = [r for r in train_rows if r["step"] > start + 1]
+    mean_tok_s = float(np.mean([r["tokens_per_sec"] for r in timed])) if timed else None
+    summary = {
+        "stage": stage, "status": status, "steps": final_step, "params": n_params,
+        "tokens_seen": final_step * tokens_per_step,
+        "seq_len": seq_len, "train_examples": source.num_examples,
+        "val_examples": 0 if not val_examples else len(val_examples["inputs"]),
+        "first_loss": train_rows[0]["loss"] if train_rows else None,
+        "final_loss": train_rows[-1]["loss"] if train_rows else None,
+        "final_bpb": train_rows[-1]["bpb"] if train_rows else None,
+        "best_val_loss": None if math.isinf(best_val) else best_val,
+        "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
+        "final_val_bpb": val_rows[-1]["val_bpb"] if val_rows else None,
+        "tokens_per_sec": mean_tok_s,
+        "mfu": (mean_tok_s * flops_per_token / (peak * n_devices)) if (peak and mean_tok_s) else None,
+        "flops_per_token": flops_per_token, "wall_sec": wall, "mesh": str(mesh_shape),
+        "devices": n_devices, "device_kind": jax.devices()[0].device_kind, "precision": train_cfg.precision,
+    }
+    save_json(out_dir / "summary.json", summary)
+    return TrainResult(status, final_step, train_rows, val_rows, summary, state.params)
