@@ -1,0 +1,28 @@
+"""Test session setup: 8 fake CPU devices so mesh code runs in CI exactly as on 8 accelerators.
+
+XLA reads the flag when the backend starts, so it must be set before anything imports jax.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PACK = REPO / "examples" / "tiny_pack" / "dataset_pack.json"
+
+
+@pytest.fixture(scope="session")
+def example_pack() -> Path:
+    return EXAMPLE_PACK
