@@ -17,7 +17,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 tiny: setup
-	$(BIN)/picochat run tiny --dataset-pack examples/tiny_pack/dataset_pack.json --out-dir runs/tiny
+	$(BIN)/picochat run tiny --dataset-pack examples/tiny_pack/dataset_pack.json --out-dir runs/tiny --overwrite
 
 lint: setup
 	$(BIN)/ruff check picochat_jax tests tools
