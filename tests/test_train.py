@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import jax
 import numpy as np
@@ -98,3 +100,18 @@ def test_loss_falls_and_resume_continues_the_exact_trajectory(tmp_path):
     resumed_losses = [r["loss"] for r in resumed.history]  # history reloaded from metrics.jsonl + new steps
     np.testing.assert_allclose(resumed_losses, losses, rtol=1e-6)
     np.testing.assert_allclose(resumed.val_history[-1]["val_loss"], full.val_history[-1]["val_loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resume_checkpoint_and_stops(tmp_path):
+    def send_sigterm(step: int) -> bool:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a preempting scheduler does
+        return False
+
+    result = _run(tmp_path / "run", TRAIN, should_stop=send_sigterm)
+    # the flag is seen at the next step boundary: one more step runs, then the checkpoint is saved
+    assert result.status == "interrupted" and result.final_step == 3
+    from picochat_jax.train.checkpoint import ResumeManager
+
+    assert ResumeManager(tmp_path / "run" / "resume_checkpoint", 2).latest_step() == 3
