@@ -1,7 +1,10 @@
-"""Path A as a visible sequence of stages: import -> tokenizer -> base -> SFT (-> eval/honesty/gate).
+"""Path A as a visible sequence of stages:
+
+    import -> preflight -> tokenizer -> base -> sft -> [dpo] -> sft_fit -> eval -> honesty -> gate -> report
 
 Each stage is a plain function that the CLI and the tests call; `run_tiny` chains them into the spec's
-out-dir layout. Later stages (preflight, eval, honesty, release gate) hang off `run_tiny`'s end.
+out-dir layout. Training stages resume; the evidence stages after them are cheap and always re-run, so a
+resumed run's evidence describes the model it actually ended with.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from picochat_jax.config import ModelConfig, ScaleConfig, TrainConfig, load_scal
 from picochat_jax.data.chat import encode_conversations, pad_examples
 from picochat_jax.data.loader import base_examples, split_examples
 from picochat_jax.data.pack import Corpus, DatasetPack, import_corpus, load_pack
-from picochat_jax.data.records import Conversation, read_chat_jsonl
+from picochat_jax.data.records import (
+    Conversation,
+    DataError,
+    EvalRow,
+    PreferenceRow,
+    read_chat_jsonl,
+    read_eval_jsonl,
+    read_preference_jsonl,
+)
+from picochat_jax.eval.preflight import PreflightBlocked, blocked_message, run_preflight, write_preflight
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.parallel import MeshShape, parse_mesh
 from picochat_jax.tokenizer import ChatTokenizer, train_tokenizer
@@ -87,6 +99,15 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    allow_preflight_warnings: bool = False  # train even when preflight blocks (the gate still refuses)
+    dpo: bool = True  # run DPO when the pack names preferences
+    dpo_steps: int | None = None
+    dpo_beta: float = 0.1
+    canaries: int = 0  # random canary strings planted in the corpus to measure memorisation
+    memorization_canaries: int = 8  # corpus passages replayed to measure memorisation
+    eval_batch_size: int = 16
+    gate_profile: str | None = None
+    gate_overrides: tuple[tuple[str, str], ...] = ()
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -99,28 +120,110 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     def fmt(v: Any, spec: str) -> str:
         return "n/a" if v is None else format(v, spec)
 
-    for name in ("base", "sft"):
+    for name in ("base", "sft", "dpo"):
+        if name not in summary:
+            continue
         s = summary[name]
+        if name == "dpo":
+            lines.append(f"| dpo | {s['steps']} | {s['tokens_seen']:,} | {fmt(s['first_loss'], '.3f')} | "
+                         f"{fmt(s['final_loss'], '.3f')} | n/a | {fmt(s['best_val_loss'], '.3f')} | n/a | n/a |")
+            continue
         lines.append(f"| {name} | {s['steps']} | {s['tokens_seen']:,} | {fmt(s['first_loss'], '.3f')} | "
                      f"{fmt(s['final_loss'], '.3f')} | {fmt(s['final_bpb'], '.3f')} | {fmt(s['best_val_loss'], '.3f')} | "
                      f"{fmt(s['tokens_per_sec'], ',.0f')} | {fmt(s['mfu'], '.2%')} |")
     return "\n".join(lines) + "\n"
 
 
+def read_pack_extras(pack: DatasetPack) -> dict[str, Any]:
+    """Keys of the pack file that DatasetPack does not model (e.g. `external_eval`)."""
+    return json.loads(pack.path.read_text(encoding="utf-8"))
+
+
+def external_eval_path(pack: DatasetPack) -> Path | None:
+    value = read_pack_extras(pack).get("external_eval")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(pack.path, None, "external_eval", "must be a path string")
+    path = pack.path.parent / value
+    if not path.exists():
+        raise DataError(pack.path, None, "external_eval", f"points to a missing file: {path}")
+    return path
+
+
+def preflight_stage(pack: DatasetPack, corpus: Corpus, conversations: list[Conversation],
+                    eval_rows: list[EvalRow] | None, preferences: list[PreferenceRow] | None, scale: ScaleConfig,
+                    base_cfg: TrainConfig, sft_cfg: TrainConfig, options: RunOptions, out_dir: Path) -> dict[str, Any]:
+    """preflight.json|md; raises PreflightBlocked on a blocking problem unless the options allow it."""
+    report = run_preflight(pack=pack, corpus=corpus, conversations=conversations, eval_rows=eval_rows,
+                           scale=scale, base_cfg=base_cfg, sft_cfg=sft_cfg, mesh=options.mesh,
+                           eval_max_new_tokens=scale.eval_max_new_tokens, preferences=preferences)
+    report["overridden"] = bool(report["blocking"]) and options.allow_preflight_warnings
+    write_preflight(out_dir, report)
+    if report["blocking"] and not options.allow_preflight_warnings:
+        raise PreflightBlocked(blocked_message(report, out_dir))
+    return report
+
+
+def dpo_stage(model_cfg: ModelConfig, sft_cfg: TrainConfig, tok: ChatTokenizer, tokenizer_path: Path,
+              rows: list[PreferenceRow], init_params: Any, out_dir: Path, mesh_shape: MeshShape, steps: int | None,
+              beta: float, **train_kwargs: Any) -> Any:
+    from picochat_jax.train.dpo import DPOConfig, dpo_train_config, train_dpo
+
+    return train_dpo(model_cfg=model_cfg, train_cfg=dpo_train_config(sft_cfg, steps), dpo_cfg=DPOConfig(beta),
+                     tok=tok, rows=rows, init_params=init_params, out_dir=out_dir, mesh_shape=mesh_shape,
+                     tokenizer_path=tokenizer_path, **train_kwargs)
+
+
+def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, conversations: list[Conversation],
+                  eval_rows: list[EvalRow] | None, planted: list[tuple[str, str]], model_name: str,
+                  options: RunOptions, out_dir: Path) -> dict[str, Any]:
+    """Contamination scan plus memorisation canaries on the candidate model -> honesty/."""
+    from picochat_jax.eval.honesty import (
+        corpus_canaries,
+        memorization_check,
+        planted_canaries,
+        scan_contamination,
+        write_honesty_report,
+    )
+    from picochat_jax.generate import SamplingParams
+
+    labels = [f"{lab}#{i}" for i, lab in enumerate(corpus.labels)]
+    scan = scan_contamination(eval_rows or [], conversations, corpus.documents, labels)
+    prefix, cont = 32, 16
+    prefix = min(prefix, engine.max_len - cont - 1)
+    canaries = corpus_canaries(corpus.documents, labels, tok, options.memorization_canaries, prefix, cont)
+    canaries += planted_canaries(planted, tok)
+    mem = memorization_check(engine, tok, canaries, SamplingParams(max_new_tokens=cont), stop_ids=())
+    mem["model"] = model_name
+    inputs = {"chat": str(conversations[0].source) if conversations else None,
+              "eval": str(eval_rows[0].source) if eval_rows else None, "corpus_documents": len(corpus.documents)}
+    return write_honesty_report(out_dir, scan, mem, inputs)
+
+
 def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = RunOptions()) -> dict[str, Any]:
     """The whole factory on one pack. Returns the run summary (also written to summary.json|md)."""
+    from picochat_jax.eval.gate import evaluate_gate, load_gate_profile
+    from picochat_jax.eval.honesty import make_planted_canaries, plant_canaries
+    from picochat_jax.eval.report import write_run_report
+
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     scale = load_scale(options.scale)
     base_cfg = with_overrides(scale.base, steps=options.base_steps, precision=options.precision)
     sft_cfg = with_overrides(scale.sft, steps=options.sft_steps, precision=options.precision)
+    gate_profile = load_gate_profile(options.gate_profile, dict(options.gate_overrides))  # fail before training
     mesh_shape = parse_mesh(options.mesh)
     pack: DatasetPack = load_pack(pack_path)
     if pack.chat is None:
         raise ValueError(f"{pack.path}: the pack names no 'chat' file; run tiny needs SFT rows")
     conversations = read_chat_jsonl(pack.chat)
+    eval_rows = read_eval_jsonl(pack.eval) if pack.eval else None
+    preferences = read_preference_jsonl(pack.preferences) if (pack.preferences and options.dpo) else None
+    external = external_eval_path(pack)
+    external_rows = read_eval_jsonl(external) if external else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "run_config.json", {"pack": str(pack.path), "options": dataclasses.asdict(options),
+    save_json(out_dir / "run_config.json", {"pack": str(pack.path.absolute()), "options": dataclasses.asdict(options),
                                             "scale": scale.to_dict(), "base": dataclasses.asdict(base_cfg),
                                             "sft": dataclasses.asdict(sft_cfg), "mesh": str(mesh_shape)})
 
@@ -128,15 +231,23 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     corpus = import_corpus(pack, out_dir)
     print(f"[import] {corpus.manifest['total_documents']} documents, {corpus.manifest['total_bytes']:,} bytes")
 
+    pre = preflight_stage(pack, corpus, conversations, eval_rows, preferences, scale, base_cfg, sft_cfg, options,
+                          out_dir)
+    print(f"[preflight] {pre['status']}" + (f": warnings {', '.join(pre['warnings'])}" if pre["warnings"] else "")
+          + (f"; blocking {', '.join(pre['blocking'])} overridden" if pre["overridden"] else ""))
+
+    planted = make_planted_canaries(options.canaries, base_cfg.seed)
+    documents = plant_canaries(corpus.documents, planted, seed=base_cfg.seed) if planted else corpus.documents
     tokenizer_path = out_dir / "tokenizer.json"
     if options.resume and tokenizer_path.exists():
         tok = ChatTokenizer.load(tokenizer_path)
     else:
-        tok = train_tokenizer_stage(scale, tokenizer_texts(corpus, conversations), tokenizer_path)
+        tok = train_tokenizer_stage(scale, tokenizer_texts(Corpus(documents, corpus.labels, corpus.manifest),
+                                                           conversations), tokenizer_path)
     print(f"[tokenizer] {scale.tokenizer.kind} vocab {tok.vocab_size} -> {tokenizer_path}")
 
     train_kwargs = {"resume": options.resume, "overwrite": options.overwrite, "progress": options.progress}
-    base = base_stage(scale, base_cfg, tok, tokenizer_path, corpus.documents, out_dir / "base", mesh_shape,
+    base = base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape,
                       **train_kwargs)
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
@@ -145,16 +256,53 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
                     mesh_shape, **train_kwargs)
     if sft.status != "completed":
         return {"status": "interrupted", "stage": "sft", "step": sft.final_step}
+    candidate = "sft"
+    dpo = None
+    if preferences:
+        dpo = dpo_stage(model_cfg, sft_cfg, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
+                        mesh_shape, options.dpo_steps, options.dpo_beta, **train_kwargs)
+        candidate = "dpo"
+        print(f"[dpo] reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "
+              f"{dpo.summary['after']['reward_accuracy']:.2f}, log-prob margin "
+              f"{dpo.summary['before']['logp_margin']:.2f} -> {dpo.summary['after']['logp_margin']:.2f}")
+
+    # Evidence: every later stage judges the model a release would ship.
+    from picochat_jax.eval.chat import evaluate_chat
+    from picochat_jax.eval.fit import sft_fit_report
+    from picochat_jax.generate import SamplingParams, load_native
+
+    engine, fmt = load_native(out_dir / candidate / "checkpoint", tokenizer_path)
+    sampling = SamplingParams(max_new_tokens=scale.eval_max_new_tokens)
+    fit = sft_fit_report(engine, fmt, conversations, out_dir / "sft_fit", sampling, options.eval_batch_size)
+    print(f"[sft_fit] {candidate}: {fit['reproduced']}/{fit['rows']} rows reproduced, mean F1 {fit['mean_f1']:.3f}")
+    if eval_rows:
+        ev = evaluate_chat(engine, fmt, eval_rows, out_dir / "eval", sampling, options.eval_batch_size)
+        print(f"[eval] {ev['passed']}/{ev['rows']} passed; prompt echo {ev['prompt_echo_rate']:.2f}")
+    else:
+        print("[eval] the pack names no eval file: no held-out score (the gate will block)")
+    if external_rows:
+        ext = evaluate_chat(engine, fmt, external_rows, out_dir / "external_eval", sampling, options.eval_batch_size)
+        print(f"[external_eval] {ext['passed']}/{ext['rows']} passed")
+    hon = honesty_stage(engine, fmt, tok, corpus, conversations, eval_rows, planted, f"{candidate}/checkpoint",
+                        options, out_dir / "honesty")
+    print(f"[honesty] {hon['status']}: {hon['counts']['eval_rows_in_sft']} eval rows in SFT, "
+          f"{hon['counts']['eval_rows_in_corpus']} in corpus; memorised {hon['memorization']['memorized']}/"
+          f"{hon['memorization']['canaries']} canaries")
 
     summary = {"status": "completed", "pack": pack.name, "scale": scale.name, "params": base.summary["params"],
                "mesh": str(mesh_shape), "device_kind": base.summary["device_kind"],
                "tokenizer_vocab": tok.vocab_size, "base": base.summary, "sft": sft.summary,
+               **({"dpo": dpo.summary} if dpo else {}), "candidate": f"{candidate}/checkpoint",
                "wall_sec": time.perf_counter() - t0}
     save_json(out_dir / "summary.json", summary)
     save_text(out_dir / "summary.md", _summary_markdown(summary))
+    gate = evaluate_gate(out_dir, gate_profile)
+    report_path = write_run_report(out_dir)
     print(f"[done] {out_dir}: base loss {base.summary['first_loss']:.3f} -> {base.summary['final_loss']:.3f}, "
           f"sft loss {sft.summary['first_loss']:.3f} -> {sft.summary['final_loss']:.3f}")
-    return summary
+    print(f"[gate] {gate['decision'].upper()}" + (f": {', '.join(gate['blocking'])}" if gate["blocking"] else "")
+          + f" -> {out_dir / 'release' / 'gate.json'}; report {report_path}")
+    return {**summary, "release": gate["decision"]}
 
 
 def load_json(path: Path) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from picochat_jax.cli import data, run, tokenizer, train
+from picochat_jax.cli import dpo as dpo_cli, gate as gate_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,8 @@ main.add_command(data.data)
 main.add_command(tokenizer.tokenizer)
 main.add_command(train.train)
 main.add_command(run.run)
+main.add_command(gate_cli.gate)
+train.train.add_command(dpo_cli.dpo)
 
 if __name__ == "__main__":
     main()

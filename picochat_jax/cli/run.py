@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, mesh_option, precision_option, select_device
+from picochat_jax.cli.common import (
+    device_option,
+    friendly_errors,
+    mesh_option,
+    precision_option,
+    select_device,
+)
 from picochat_jax.config import available_scales
 
 
@@ -28,22 +34,40 @@ def run() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out-dir from its resume checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out-dir.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option("--allow-preflight-warnings", is_flag=True,
+              help="Train even when preflight finds blocking problems (the release gate still blocks).")
+@click.option("--dpo-steps", type=int, default=None, help="DPO steps when the pack names preferences (default 30).")
+@click.option("--dpo-beta", type=float, default=0.1, show_default=True, help="DPO beta.")
+@click.option("--no-dpo", is_flag=True, help="Skip DPO even when the pack names preferences.")
+@click.option("--canaries", type=int, default=0, show_default=True,
+              help="Plant N random canary strings in the corpus and report how many the model memorised.")
+@click.option("--gate-profile", default=None, metavar="NAME|PATH.yaml",
+              help="Release gate thresholds (default: configs/gate/default.yaml).")
+@click.option("--gate-set", "gate_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one gate threshold (repeatable).")
 @friendly_errors
 def tiny(pack_path: Path, out_dir: Path, scale: str, mesh: str | None, device: str | None, precision: str | None,
          max_steps: int | None, base_steps: int | None, sft_steps: int | None, resume: bool, overwrite: bool,
-         no_progress: bool) -> None:
-    """Import -> tokenizer -> base pretraining -> chat SFT, writing the spec's out-dir layout."""
+         no_progress: bool, allow_preflight_warnings: bool, dpo_steps: int | None, dpo_beta: float, no_dpo: bool,
+         canaries: int, gate_profile: str | None, gate_overrides: tuple[str, ...]) -> None:
+    """Import -> preflight -> tokenizer -> base -> SFT -> [DPO] -> SFT fit -> eval -> honesty -> release gate
+    -> report.md, writing the spec's out-dir layout. A finished run is not a release: see release/gate.json."""
     select_device(device)
     from picochat_jax.config import load_scale
+    from picochat_jax.eval.gate import parse_overrides
     from picochat_jax.pipeline import RunOptions, run_tiny
 
     if max_steps is not None:
         cfg = load_scale(scale)
         base_steps = min(base_steps or cfg.base.steps, max_steps)
         sft_steps = min(sft_steps or cfg.sft.steps, max_steps)
-    summary = run_tiny(pack_path, out_dir, RunOptions(scale=scale, mesh=mesh, base_steps=base_steps,
-                                                      sft_steps=sft_steps, precision=precision, resume=resume,
-                                                      overwrite=overwrite, progress=not no_progress))
+        dpo_steps = min(dpo_steps or max_steps, max_steps)
+    options = RunOptions(scale=scale, mesh=mesh, base_steps=base_steps, sft_steps=sft_steps, precision=precision,
+                         resume=resume, overwrite=overwrite, progress=not no_progress,
+                         allow_preflight_warnings=allow_preflight_warnings, dpo=not no_dpo, dpo_steps=dpo_steps,
+                         dpo_beta=dpo_beta, canaries=canaries, gate_profile=gate_profile,
+                         gate_overrides=tuple(parse_overrides(gate_overrides).items()))
+    summary = run_tiny(pack_path, out_dir, options)
     if summary.get("status") != "completed":
         click.echo(f"run interrupted during {summary['stage']} at step {summary['step']}; "
                    f"continue with --resume", err=True)

@@ -1,0 +1,35 @@
+"""`picochat gate RUN_DIR`: the release decision for a finished run, from its evidence files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from picochat_jax.cli.common import friendly_errors
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--profile", default="default", show_default=True, metavar="NAME|PATH.yaml",
+              help="Gate profile: configs/gate/NAME.yaml or a YAML file of thresholds.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one threshold, e.g. --set min_eval_pass_rate=0.5 (repeatable).")
+@click.option("--no-report", is_flag=True, help="Do not rebuild RUN_DIR/report.md.")
+@friendly_errors
+def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], no_report: bool) -> None:
+    """Read RUN_DIR's evidence, write release/gate.json and release/release_card.md.
+
+    Exits 0 when every check passes and 1 when the gate blocks (the reasons are printed).
+    """
+    from picochat_jax.eval.gate import evaluate_gate, load_gate_profile, parse_overrides
+    from picochat_jax.eval.report import write_run_report
+
+    result = evaluate_gate(run_dir, load_gate_profile(profile, parse_overrides(overrides)))
+    for c in result["checks"]:
+        click.echo(f"  {'PASS ' if c['verdict'] == 'pass' else 'BLOCK'} {c['name']}: {c['reason']}")
+    if not no_report:
+        write_run_report(run_dir)
+    click.echo(f"release gate: {result['decision'].upper()} -> {run_dir / 'release' / 'gate.json'}")
+    if result["decision"] != "pass":
+        raise SystemExit(1)

@@ -1,0 +1,378 @@
+"""The release gate: read a run's evidence files, decide pass or block, write the release card.
+
+A finished run is not a release. The gate reads what the run left on disk (never the run's memory), so it
+can be re-run later, with another profile, on any run folder:
+
+    preflight.json, summary.json, sft_fit/fit_report.json, eval/eval_report.json,
+    honesty/honesty_report.json, external_eval/eval_report.json (when the pack names a benchmark)
+
+Each check is `{name, value, threshold, verdict: pass|block, reason}`; missing or unreadable evidence is a
+block, never a silent pass. Thresholds come from a gate profile (`configs/gate/<name>.yaml`, a YAML path,
+plus `key=value` overrides). Outputs: `release/gate.json` and `release/release_card.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from picochat_jax.config import CONFIG_DIR
+from picochat_jax.data.records import DataError
+from picochat_jax.fileio import save_json, save_text
+
+GATE_CONFIG_DIR = CONFIG_DIR / "gate"
+
+EVIDENCE = {
+    "preflight": "preflight.json",
+    "summary": "summary.json",
+    "sft_fit": "sft_fit/fit_report.json",
+    "eval": "eval/eval_report.json",
+    "honesty": "honesty/honesty_report.json",
+    "external_eval": "external_eval/eval_report.json",
+}
+
+
+@dataclass(frozen=True)
+class GateProfile:
+    name: str = "default"
+    min_eval_rows: int = 10
+    min_eval_pass_rate: float = 0.6
+    max_prompt_echo_rate: float = 0.1
+    max_answerable_refusal_rate: float = 0.3
+    max_eval_rows_in_sft: int = 0
+    max_eval_rows_in_corpus: int = 0
+    max_memorization_rate: float = 0.5
+    min_sft_fit_f1: float = 0.5
+    min_external_pass_rate: float = 0.25
+    allow_preflight_override: bool = False
+
+    def thresholds(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+
+
+def _coerce(name: str, raw: Any, like: Any) -> Any:
+    if isinstance(like, bool):
+        if isinstance(raw, str):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"gate setting {name} must be true or false, got {raw!r}")
+            return raw.lower() in ("true", "1", "yes")
+        return bool(raw)
+    try:
+        return type(like)(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"gate setting {name} must be a {type(like).__name__}, got {raw!r}") from None
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in GATE_CONFIG_DIR.glob("*.yaml"))
+
+
+def load_gate_profile(profile: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GateProfile:
+    """A named profile (configs/gate/NAME.yaml) or a YAML path, then `overrides` (e.g. from --set)."""
+    profile = profile or "default"
+    path = Path(profile)
+    if path.suffix not in (".yaml", ".yml"):
+        path = GATE_CONFIG_DIR / f"{profile}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown gate profile {str(profile)!r}; available: {', '.join(available_profiles())} "
+                             f"(or give a .yaml path)")
+    if not path.exists():
+        raise FileNotFoundError(f"gate profile not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise DataError(path, None, None, "a gate profile is a mapping of threshold names to values")
+    raw.setdefault("name", path.stem)
+    raw.update(overrides or {})
+    defaults = GateProfile()
+    known = {f.name for f in fields(GateProfile)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown gate settings {unknown}; known: {', '.join(sorted(known - {'name'}))}")
+    return GateProfile(**{k: v if k == "name" else _coerce(k, v, getattr(defaults, k)) for k, v in raw.items()})
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _read(run_dir: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(parsed JSON, None) or (None, why it is unusable)."""
+    path = run_dir / EVIDENCE[key]
+    if not path.exists():
+        return None, f"missing evidence: {EVIDENCE[key]}"
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        return None, f"unreadable evidence: {EVIDENCE[key]} ({exc.msg})"
+    if not isinstance(obj, dict):
+        return None, f"unreadable evidence: {EVIDENCE[key]} is not a JSON object"
+    return obj, None
+
+
+def _line(name: str, value: Any, threshold: Any, ok: bool, reason: str) -> dict[str, Any]:
+    return {"name": name, "value": value, "threshold": threshold, "verdict": "pass" if ok else "block",
+            "reason": reason}
+
+
+def _missing(name: str, threshold: Any, why: str) -> dict[str, Any]:
+    return _line(name, None, threshold, False, why)
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _at_least(name: str, value: Any, threshold: float, what: str) -> dict[str, Any]:
+    v = _number(value)
+    if v is None:
+        return _missing(name, f">= {threshold}", f"{what} was not recorded")
+    ok = v >= threshold
+    return _line(name, round(v, 4), f">= {threshold}", ok,
+                 f"{what} {v:.3g} {'meets' if ok else 'is under'} the minimum {threshold}")
+
+
+def _at_most(name: str, value: Any, threshold: float, what: str) -> dict[str, Any]:
+    v = _number(value)
+    if v is None:
+        return _missing(name, f"<= {threshold}", f"{what} was not recorded")
+    ok = v <= threshold
+    return _line(name, round(v, 4), f"<= {threshold}", ok,
+                 f"{what} {v:.3g} {'is within' if ok else 'exceeds'} the maximum {threshold}")
+
+
+def _external_expected(run_dir: Path) -> bool:
+    cfg_path = run_dir / "run_config.json"
+    if (run_dir / EVIDENCE["external_eval"]).exists():
+        return True
+    if not cfg_path.exists():
+        return False
+    try:
+        pack_path = Path(json.loads(cfg_path.read_text()).get("pack", ""))
+        return bool(pack_path.is_file() and json.loads(pack_path.read_text()).get("external_eval"))
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+
+    pre, why = _read(run_dir, "preflight")
+    if pre is None:
+        checks.append(_missing("preflight", "no blocking checks", why))
+    else:
+        blocking = pre.get("blocking") or []
+        warnings = pre.get("warnings") or []
+        if blocking and not profile.allow_preflight_override:
+            how = " and was overridden with --allow-preflight-warnings" if pre.get("overridden") else ""
+            checks.append(_line("preflight", pre.get("status"), "no blocking checks", False,
+                                f"preflight blocked ({', '.join(blocking)}){how}"))
+        else:
+            checks.append(_line("preflight", pre.get("status"), "no blocking checks", True,
+                                "preflight passed" + (f" with warnings ({', '.join(warnings)})" if warnings else "")
+                                + (f"; blocking checks overridden ({', '.join(blocking)})" if blocking else "")))
+
+    summary, why = _read(run_dir, "summary")
+    if summary is None:
+        checks.append(_missing("training", "completed", why))
+    else:
+        losses = [summary.get(stage, {}).get("final_loss") for stage in ("base", "sft")]
+        finite = all(_number(x) is not None for x in losses)
+        ok = summary.get("status") == "completed" and finite
+        checks.append(_line("training", summary.get("status"), "completed", ok,
+                            "base and SFT finished with finite losses" if ok else
+                            f"training status {summary.get('status')!r}, final losses {losses}"))
+
+    fit, why = _read(run_dir, "sft_fit")
+    checks.append(_missing("sft_fit_f1", f">= {profile.min_sft_fit_f1}", why) if fit is None else
+                  _at_least("sft_fit_f1", fit.get("mean_f1"), profile.min_sft_fit_f1, "mean word F1 on replayed SFT rows"))
+
+    ev, why = _read(run_dir, "eval")
+    if ev is None:
+        for name, thr in (("eval_rows", f">= {profile.min_eval_rows}"),
+                          ("eval_pass_rate", f">= {profile.min_eval_pass_rate}"),
+                          ("prompt_echo_rate", f"<= {profile.max_prompt_echo_rate}"),
+                          ("answerable_refusal_rate", f"<= {profile.max_answerable_refusal_rate}")):
+            checks.append(_missing(name, thr, why))
+    else:
+        checks.append(_at_least("eval_rows", ev.get("rows"), profile.min_eval_rows, "held-out eval rows"))
+        checks.append(_at_least("eval_pass_rate", ev.get("pass_rate"), profile.min_eval_pass_rate,
+                                "held-out eval pass rate"))
+        checks.append(_at_most("prompt_echo_rate", ev.get("prompt_echo_rate"), profile.max_prompt_echo_rate,
+                               "prompt echo rate"))
+        answerable = ev.get("answerable") or {}
+        if answerable.get("rows", 0) == 0:
+            checks.append(_line("answerable_refusal_rate", None, f"<= {profile.max_answerable_refusal_rate}", True,
+                                "no answerable eval rows to over-refuse"))
+        else:
+            checks.append(_at_most("answerable_refusal_rate", answerable.get("refusal_rate"),
+                                   profile.max_answerable_refusal_rate, "refusal rate on answerable rows"))
+
+    hon, why = _read(run_dir, "honesty")
+    if hon is None:
+        for name, thr in (("eval_in_sft", f"<= {profile.max_eval_rows_in_sft}"),
+                          ("eval_in_corpus", f"<= {profile.max_eval_rows_in_corpus}"),
+                          ("memorization_rate", f"<= {profile.max_memorization_rate}")):
+            checks.append(_missing(name, thr, why))
+    else:
+        counts = hon.get("counts") or {}
+        lines = hon.get("contaminated_eval_lines") or []
+        for name, key, limit, where in (("eval_in_sft", "eval_rows_in_sft", profile.max_eval_rows_in_sft, "SFT rows"),
+                                        ("eval_in_corpus", "eval_rows_in_corpus", profile.max_eval_rows_in_corpus,
+                                         "corpus")):
+            n = counts.get(key)
+            if not isinstance(n, int):
+                checks.append(_missing(name, f"<= {limit}", f"honesty report has no {key} count"))
+                continue
+            ok = n <= limit
+            checks.append(_line(name, n, f"<= {limit}", ok,
+                                f"{n} eval rows found in the {where}" + ("" if ok else
+                                f" (eval lines {', '.join(map(str, lines[:10]))}): the score measures recall")))
+        mem = hon.get("memorization")
+        if not mem:
+            checks.append(_missing("memorization_rate", f"<= {profile.max_memorization_rate}",
+                                   "memorisation was not measured"))
+        else:
+            checks.append(_at_most("memorization_rate", mem.get("rate"), profile.max_memorization_rate,
+                                   f"share of {mem.get('canaries')} canaries completed verbatim"))
+
+    if _external_expected(run_dir):
+        ext, why = _read(run_dir, "external_eval")
+        checks.append(_missing("external_pass_rate", f">= {profile.min_external_pass_rate}", why) if ext is None else
+                      _at_least("external_pass_rate", ext.get("pass_rate"), profile.min_external_pass_rate,
+                                "external benchmark pass rate"))
+    return checks
+
+
+def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> dict[str, Any]:
+    """Decide pass/block for a run folder; write release/gate.json and release/release_card.md."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    profile = profile or load_gate_profile()
+    checks = gate_checks(run_dir, profile)
+    blocking = [c["name"] for c in checks if c["verdict"] != "pass"]
+    candidate = _candidate(run_dir)
+    gate = {
+        "decision": "block" if blocking else "pass",
+        "run_dir": str(run_dir.absolute()),
+        "model": candidate,
+        "profile": {"name": profile.name, **profile.thresholds()},
+        "checks": checks,
+        "blocking": blocking,
+        "evidence": {k: (v if (run_dir / v).exists() else None) for k, v in EVIDENCE.items()
+                     if k != "external_eval" or _external_expected(run_dir)},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    save_json(run_dir / "release" / "gate.json", gate)
+    save_text(run_dir / "release" / "release_card.md", release_card(run_dir, gate))
+    return gate
+
+
+def _candidate(run_dir: Path) -> str | None:
+    """The model a release would ship: DPO when the run made one, else SFT."""
+    for stage in ("dpo", "sft"):
+        if (run_dir / stage / "checkpoint" / "model_config.json").exists():
+            return f"{stage}/checkpoint"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- card
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def gate_table(gate: dict[str, Any]) -> list[str]:
+    lines = ["| check | verdict | value | threshold | reason |", "|---|---|---:|---:|---|"]
+    for c in gate["checks"]:
+        lines.append(f"| {c['name']} | {'PASS' if c['verdict'] == 'pass' else 'BLOCK'} | {_fmt(c['value'])} | "
+                     f"{c['threshold']} | {str(c['reason']).replace('|', '/')} |")
+    return lines
+
+
+def release_card(run_dir: Path, gate: dict[str, Any]) -> str:
+    summary = _load(run_dir / "summary.json")
+    cfg = _load(run_dir / "run_config.json")
+    manifest = _load(run_dir / "corpus_manifest.json")
+    ev = _load(run_dir / EVIDENCE["eval"])
+    hon = _load(run_dir / EVIDENCE["honesty"])
+    model_cfg = _load(run_dir / (gate["model"] or "sft/checkpoint") / "model_config.json")
+    decision = gate["decision"].upper()
+    lines = [f"# Release card: {summary.get('pack', cfg.get('pack', run_dir.name))}", "",
+             f"**Decision: {decision}** (gate profile `{gate['profile']['name']}`). "
+             + ("Every check passed." if gate["decision"] == "pass" else
+                f"Blocked by: {', '.join(gate['blocking'])}. A finished run is not a release."), "",
+             "## Model", "",
+             (f"- checkpoint: `{gate['model'] or 'none'}` (with `tokenizer.json` inside; "
+             f"`picochat eval chat --checkpoint {run_dir}/{gate['model'] or 'sft/checkpoint'}` loads it alone)")]
+    if model_cfg:
+        lines.append(f"- architecture: {model_cfg.get('n_layers')} layers, d_model {model_cfg.get('d_model')}, "
+                     f"{model_cfg.get('n_heads')} heads ({model_cfg.get('n_kv_heads')} kv), context "
+                     f"{model_cfg.get('max_seq_len')}, vocab {model_cfg.get('vocab_size')}, {model_cfg.get('norm')}, "
+                     f"{model_cfg.get('position')} positions, {model_cfg.get('activation')}")
+    if summary:
+        lines.append(f"- parameters: {summary.get('params', 0):,}; scale `{summary.get('scale')}`; "
+                     f"mesh {summary.get('mesh')} on {summary.get('device_kind')}")
+        for stage in ("base", "sft", "dpo"):
+            s = summary.get(stage)
+            if isinstance(s, dict):
+                lines.append(f"- {stage}: {s.get('steps')} steps, loss {_fmt(s.get('first_loss'))} -> "
+                             f"{_fmt(s.get('final_loss'))}" + (f", {s.get('tokens_seen', 0):,} tokens"
+                                                               if s.get('tokens_seen') else ""))
+    lines += ["", "## Data", ""]
+    if manifest:
+        lines.append(f"- corpus: {manifest.get('total_documents')} documents, {manifest.get('total_bytes', 0):,} "
+                     f"bytes from {manifest.get('total_files')} files (sha256 in corpus_manifest.json)")
+    counts = hon.get("counts") or {}
+    if counts:
+        lines.append(f"- SFT rows: {counts.get('sft_rows')}; eval rows: {counts.get('eval_rows')} "
+                     f"({counts.get('eval_rows_contaminated')} found in training data)")
+    lines += ["", "## Evaluation", ""]
+    if ev:
+        lines.append(f"- held-out pass rate {_fmt(ev.get('pass_rate'))} over {ev.get('rows')} rows; prompt echo "
+                     f"{_fmt(ev.get('prompt_echo_rate'))}; refusals {_fmt(ev.get('refusal_rate'))}")
+        for cat, g in (ev.get("by_category") or {}).items():
+            lines.append(f"  - {cat}: {g.get('passed')}/{g.get('rows')}")
+    else:
+        lines.append("- no held-out eval report")
+    mem = hon.get("memorization") or {}
+    if mem:
+        lines.append(f"- memorisation: {mem.get('memorized')} of {mem.get('canaries')} canaries completed verbatim")
+    lines += ["", "## Gate", "", *gate_table(gate), "",
+              "## Intended use and limits", "",
+              ("A small model trained from scratch for learning and experiments. It makes mistakes, can state "
+              "false things fluently and knows only what its corpus and SFT rows contained. Scores above are on "
+              "the pack's own held-out rows; they say nothing about other tasks."), "",
+              "## Evidence", ""]
+    for key, rel in gate["evidence"].items():
+        lines.append(f"- {key}: " + (f"[{rel}](../{rel})" if rel else "missing"))
+    return "\n".join(lines) + "\n"
