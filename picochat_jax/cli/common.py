@@ -12,11 +12,24 @@ from picochat_jax.data.records import DataError
 
 
 def select_device(device: str | None) -> None:
-    """Pin JAX to a platform before anything touches a backend."""
-    if device:
-        import jax
+    """Pin JAX to a platform before anything touches a backend; join a multi-host job when asked.
 
+    Multi-host (TPU pod slices, multi-node GPUs): start one process per host with PICOCHAT_DISTRIBUTED=1
+    (and, off TPU/SLURM, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); see docs/multihost.md.
+    """
+    import os
+
+    import jax
+
+    if device:
         jax.config.update("jax_platforms", {"cuda": "cuda", "gpu": "cuda", "tpu": "tpu", "cpu": "cpu"}[device])
+    if os.environ.get("PICOCHAT_DISTRIBUTED") == "1":
+        kwargs = {}
+        if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+                      "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+                      "process_id": int(os.environ["JAX_PROCESS_ID"])}
+        jax.distributed.initialize(**kwargs)
 
 
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda", "tpu"]), default=None,

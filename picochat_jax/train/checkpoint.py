@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,32 +51,47 @@ class ResumeManager:
         self.manager.close()
 
 
+def _sync(tag: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+
+
 def save_model_checkpoint(directory: Path, params: Any, model_cfg: ModelConfig, tokenizer_path: Path | None,
                           meta: dict[str, Any]) -> None:
-    """Write a self-contained model folder atomically (tmp folder, then rename over the old one)."""
+    """Write a self-contained model folder atomically: a `.partial` folder, then a rename over the old one.
+
+    Params are saved by orbax straight from their (possibly sharded, multi-host) device arrays; every
+    process takes part in that save, and process 0 alone writes the small files and does the rename.
+    """
     directory = Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = directory.with_name(f".{directory.name}.partial")
+    primary = jax.process_index() == 0
+    if primary:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _sync(f"picochat-ckpt-start-{directory.name}")
     try:
-        host_params = jax.device_get(params)
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", host_params)
+        ckptr.save(tmp / "params", params)
         ckptr.wait_until_finished()
-        save_json(tmp / "model_config.json", model_cfg.to_dict())
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        save_json(tmp / "checkpoint.json", {"format": "picochat-jax/1", **meta})
-        if directory.exists():
+        if primary:
+            save_json(tmp / "model_config.json", model_cfg.to_dict())
+            if tokenizer_path is not None:
+                shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+            save_json(tmp / "checkpoint.json", {"format": "picochat-jax/1", **meta})
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
+            if directory.exists():
+                directory.rename(old)
             tmp.rename(directory)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _sync(f"picochat-ckpt-done-{directory.name}")
 
 
 def load_model_checkpoint(directory: str | Path) -> tuple[Any, ModelConfig, dict[str, Any]]:
