@@ -75,7 +75,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         raw = dict(raw)
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known

@@ -26,7 +26,7 @@ SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS.values()]
 BYTE_ALPHABET_SIZE = 256
 
 
-def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, min_frequency: int = 2) -> "ChatTokenizer":
+def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, min_frequency: int = 2) -> ChatTokenizer:
     """Train on an iterator of documents. vocab_size counts the specials and the 256 byte tokens."""
     if kind not in ("bpe", "byte"):
         raise ValueError(f"tokenizer kind must be bpe|byte, got {kind!r}")
@@ -63,7 +63,7 @@ class ChatTokenizer:
         self.role_ids = {role: tok.token_to_id(t) for role, t in ROLE_TOKENS.items()}
 
     @classmethod
-    def load(cls, path: str | Path) -> "ChatTokenizer":
+    def load(cls, path: str | Path) -> ChatTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"

@@ -64,7 +64,8 @@ def test_remat_and_bf16_keep_the_math():
 
     g0 = jax.jit(jax.grad(lambda p: loss(base, p)))(params)
     for policy in ("full", "dots"):
-        g1 = jax.jit(jax.grad(lambda p, m=make_model(TINY, remat=policy): loss(m, p)))(params)
+        remat_model = make_model(TINY, remat=policy)
+        g1 = jax.jit(jax.grad(lambda p, m=remat_model: loss(m, p)))(params)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
     lo = jax.jit(make_model(TINY, precision="bf16").apply)({"params": params}, tokens)
     hi = jax.jit(base.apply)({"params": params}, tokens)

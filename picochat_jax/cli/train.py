@@ -7,7 +7,13 @@ from typing import Any
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, mesh_option, precision_option, select_device
+from picochat_jax.cli.common import (
+    device_option,
+    friendly_errors,
+    mesh_option,
+    precision_option,
+    select_device,
+)
 from picochat_jax.config import available_scales
 
 

@@ -41,7 +41,7 @@ def split_examples(examples: dict[str, np.ndarray], val_fraction: float, seed: i
     """Deterministic shuffled train/val split; val gets at least one example when there are two or more."""
     n = len(next(iter(examples.values())))
     order = np.random.default_rng(seed).permutation(n)
-    n_val = 0 if n < 2 or val_fraction <= 0 else max(1, int(round(n * val_fraction)))
+    n_val = 0 if n < 2 or val_fraction <= 0 else max(1, round(n * val_fraction))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     return ({k: v[train_idx] for k, v in examples.items()}, {k: v[val_idx] for k, v in examples.items()})
 

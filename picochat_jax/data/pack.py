@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picochat_jax.data.records import DataError, iter_jsonl, read_chat_jsonl, read_eval_jsonl, read_preference_jsonl
+from picochat_jax.data.records import (
+    DataError,
+    iter_jsonl,
+    read_chat_jsonl,
+    read_eval_jsonl,
+    read_preference_jsonl,
+)
 from picochat_jax.fileio import save_json, save_text
 
 KNOWN_PACK_KEYS = {"name", "description", "corpus", "chat", "eval", "preferences", "external_eval", "sft_eval"}
@@ -228,10 +234,10 @@ def import_corpus(pack: DatasetPack, out_dir: Path) -> Corpus:
         "",
         f"- files: {corpus.manifest['total_files']} ({len(corpus.manifest['excluded'])} excluded by globs)",
         f"- documents: {stats['documents']} ({stats['duplicate_documents']} exact duplicates)",
-        f"- bytes: {stats['bytes']:,}  chars: {stats['chars']:,}  words: {stats['words']:,}"
-        f"  unique words: {stats['unique_words']:,}",
-        f"- mean document size: {stats['mean_document_bytes']:.0f} bytes; non-ASCII chars: "
-        f"{100 * stats['non_ascii_fraction']:.2f}%",
+        (f"- bytes: {stats['bytes']:,}  chars: {stats['chars']:,}  words: {stats['words']:,}"
+        f"  unique words: {stats['unique_words']:,}"),
+        (f"- mean document size: {stats['mean_document_bytes']:.0f} bytes; non-ASCII chars: "
+        f"{100 * stats['non_ascii_fraction']:.2f}%"),
         "",
         "| file | label | bytes | documents | sha256 |",
         "|---|---|---:|---:|---|",

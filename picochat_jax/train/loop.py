@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from tqdm import tqdm
+from typing_extensions import Self
 
 from picochat_jax.config import ModelConfig, TrainConfig
 from picochat_jax.data.loader import BatchSource, eval_batches
@@ -61,7 +62,7 @@ class _StopRequest:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -69,7 +70,7 @@ class _StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -203,12 +204,12 @@ def train(
                     bar.write(f"[{stage}] step {done}: val_loss {vrow['val_loss']:.4f} val_bpb {vrow['val_bpb']:.3f}")
             if train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 and done != total:
                 manager.save(done, state, meta(done))
-            if stop.requested or (should_stop is not None and should_stop(done)):
-                if done != total:
-                    manager.save(done, state, meta(done), force=True)
-                    status = "interrupted"
-                    bar.write(f"[{stage}] stopped at step {done}; resume checkpoint saved to {resume_dir}")
-                    break
+            stop_now = stop.requested or (should_stop is not None and should_stop(done))
+            if stop_now and done != total:
+                manager.save(done, state, meta(done), force=True)
+                status = "interrupted"
+                bar.write(f"[{stage}] stopped at step {done}; resume checkpoint saved to {resume_dir}")
+                break
     bar.close()
     wall = time.perf_counter() - t_start
     final_step = int(state.step)
