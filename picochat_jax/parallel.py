@@ -89,7 +89,7 @@ def _mesh_axes_for(logical: str | None, mesh: Mesh, dim: int) -> tuple[str, ...]
 
 def logical_to_sharding(logical_spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     names = tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))
-    axes = [_mesh_axes_for(n, mesh, d) for n, d in zip(names, shape)]
+    axes = [_mesh_axes_for(n, mesh, d) for n, d in zip(names, shape, strict=True)]
     return NamedSharding(mesh, PartitionSpec(*axes))
 
 

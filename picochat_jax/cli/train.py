@@ -71,7 +71,8 @@ def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> N
 
     scale = load_scale(opts["scale"])
     tok = ChatTokenizer.load(tokenizer_path)
-    result = base_stage(scale, _train_cfg(scale.base, opts), tok, tokenizer_path, load_corpus(load_pack(pack_path)).documents,
+    documents = load_corpus(load_pack(pack_path)).documents
+    result = base_stage(scale, _train_cfg(scale.base, opts), tok, tokenizer_path, documents,
                         out_dir, parse_mesh(opts["mesh"]), resume=opts["resume"], overwrite=opts["overwrite"],
                         progress=not opts["no_progress"])
     _report(result, out_dir)
@@ -109,7 +110,8 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
     tok = ChatTokenizer.load(tokenizer_path)
-    cfg = with_overrides(_train_cfg(load_scale(opts["scale"]).sft, opts), all_assistant_turns=all_assistant_turns or None)
+    cfg = with_overrides(_train_cfg(load_scale(opts["scale"]).sft, opts),
+                         all_assistant_turns=all_assistant_turns or None)
     result = sft_stage(model_cfg, cfg, tok, tokenizer_path, read_chat_jsonl(chat_path), params, out_dir,
                        parse_mesh(opts["mesh"]), resume=opts["resume"], overwrite=opts["overwrite"],
                        progress=not opts["no_progress"])

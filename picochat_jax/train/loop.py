@@ -157,8 +157,8 @@ def train(
         sums = np.zeros(3)
         for vb in val:
             sums += np.array(jax.device_get(trainer.evaluate(state.params, trainer.put_batch(vb))))
-        row = {"step": step, "val_loss": sums[0] / max(sums[1], 1), "val_bpb": sums[0] / (math.log(2) * max(sums[2], 1))}
-        return row
+        return {"step": step, "val_loss": sums[0] / max(sums[1], 1),
+                "val_bpb": sums[0] / (math.log(2) * max(sums[2], 1))}
 
     def append(row: dict[str, Any]) -> None:
         with metrics_path.open("a") as fh:
