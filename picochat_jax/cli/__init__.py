@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from picochat_jax.cli import data, run, tokenizer, train
+from picochat_jax.cli import hf as hf_cli
 from picochat_jax.cli import dpo as dpo_cli, gate as gate_cli
 
 
@@ -21,6 +22,9 @@ main.add_command(data.data)
 main.add_command(tokenizer.tokenizer)
 main.add_command(train.train)
 main.add_command(run.run)
+main.add_command(hf_cli.export)
+main.add_command(hf_cli.import_group)
+train.train.add_command(hf_cli.hf_sft)
 main.add_command(gate_cli.gate)
 train.train.add_command(dpo_cli.dpo)
 

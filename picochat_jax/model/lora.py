@@ -1,0 +1,193 @@
+"""LoRA adapters for the scanned decoder, as a plain pytree next to the frozen base params.
+
+Every block kernel has a leading layer axis (L, in, out), so one adapter per target projection covers all
+layers: A (L, in, r), B (L, r, out). The effective kernel is W + (alpha / r) * A @ B, merged inside the
+jitted loss; gradients reach only the adapters, so the optimizer state holds only adapter moments and the
+base weights stay frozen (and may be stored in bf16). `merge` produces the same kernels for export.
+
+Adapter dropout would act on each projection's *input activations*, which the merged-kernel form never
+sees, so dropout > 0 is rejected rather than silently ignored.
+
+    lcfg = LoraConfig(rank=16, alpha=32, targets=parse_targets("q_proj,v_proj"))
+    adapters = init_adapters(base, lcfg, jax.random.key(0))
+    logits = model.apply({"params": merge(base, adapters, lcfg)}, tokens)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from picochat_jax.train.step import Batch, TrainState, loss_sums
+
+Array = jax.Array
+Adapters = dict[str, dict[str, Array]]
+
+# Our projection names are HF's; the short forms are accepted too.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_MODULE = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """'q_proj,v,down_proj' -> ('q_proj', 'v_proj', 'down_proj'); unknown names raise listing the valid ones."""
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for name in filter(None, names):
+        full = name if name.endswith("_proj") else f"{name}_proj"
+        if full not in TARGETS:
+            raise ValueError(f"unknown LoRA target {name!r}; choose from {', '.join(TARGETS)} "
+                             "(or q, k, v, o, gate, up, down)")
+        if full not in out:
+            out.append(full)
+    if not out:
+        raise ValueError("--lora-targets names no projection")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.dropout != 0.0:
+            raise ValueError(f"--lora-dropout {self.dropout}: LoRA dropout is not supported (adapters are merged "
+                             "into the kernels inside the loss, so there are no adapter-path activations to drop); "
+                             "use --lora-dropout 0")
+        parse_targets(self.targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def kernel_path(target: str) -> tuple[str, ...]:
+    return ("layers", _MODULE[target], target, "kernel")
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def present_targets(params: Any, cfg: LoraConfig) -> tuple[str, ...]:
+    """The configured targets this model has (non-gated MLPs have no gate_proj); none at all is an error."""
+    found = tuple(t for t in cfg.targets if _get(params, kernel_path(t)) is not None)
+    if not found:
+        raise ValueError(f"none of the LoRA targets {', '.join(cfg.targets)} exist in this model")
+    return found
+
+
+def init_adapters(params: Any, cfg: LoraConfig, rng: Array) -> Adapters:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform default), B = 0: the adapted model starts
+    exactly equal to the base. Only the kernels' shapes are read."""
+    shapes = tuple((t, tuple(_get(params, kernel_path(t)).shape)) for t in present_targets(params, cfg))
+    return _fresh_adapters(shapes, cfg.rank, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fresh_adapters(shapes: tuple[tuple[str, tuple[int, ...]], ...], rank: int, rng: Array) -> Adapters:
+    adapters: Adapters = {}
+    for i, (target, (L, d_in, d_out)) in enumerate(shapes):
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (L, d_in, rank), jnp.float32, -bound, bound)
+        adapters[target] = {"a": a, "b": jnp.zeros((L, rank, d_out), jnp.float32)}
+    return adapters
+
+
+def delta(adapter: dict[str, Array], scale: float) -> Array:
+    """(alpha / r) * A @ B per layer, float32, shape (L, in, out)."""
+    return scale * jnp.einsum("lir,lro->lio", adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
+
+
+def merge(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
+    """Base params with every adapted kernel replaced by W + (alpha/r) A B (float32). Pure: `params` is
+    not modified; untouched leaves are shared."""
+    def replace(tree: Any, path: tuple[str, ...], value: Array) -> Any:
+        if not path:
+            return value
+        return {**tree, path[0]: replace(tree[path[0]], path[1:], value)}
+
+    out = params
+    for target, adapter in adapters.items():
+        path = kernel_path(target)
+        out = replace(out, path, _get(params, path).astype(jnp.float32) + delta(adapter, cfg.scale))
+    return out
+
+
+def merge_host(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
+    """`merge` on host numpy arrays (export): no device memory, float32."""
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
+    adapters = jax.device_get(adapters)
+    for target, ab in adapters.items():
+        a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
+        layers = params["layers"][_MODULE[target]][target]
+        params["layers"][_MODULE[target]][target] = {**layers, "kernel": layers["kernel"] + cfg.scale * (a @ b)}
+    return params
+
+
+def make_lora_step_fn(model: Any, cfg: LoraConfig, optimizer: optax.GradientTransformation,
+                      schedule: optax.Schedule, token_bytes: np.ndarray,
+                      ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, Array]]]:
+    """`step(state, base, batch)`: like train.step.make_step_fn, but state.params are the adapters and the
+    frozen `base` params are an input, never differentiated nor updated."""
+    token_bytes = jnp.asarray(token_bytes, jnp.float32)
+
+    def step_fn(state: TrainState, base: Any, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def micro(carry, mb):
+            grads_acc, ce_acc = carry
+
+            def objective(adapters):
+                ce_sum, _, _ = loss_sums(model, merge(base, adapters, cfg), mb, token_bytes)
+                return ce_sum / total_tokens, ce_sum
+
+            grads, ce_sum = jax.grad(objective, has_aux=True)(state.params)
+            return (jax.tree_util.tree_map(jnp.add, grads_acc, grads), ce_acc + ce_sum), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, ce_sum), _ = jax.lax.scan(micro, (zeros, 0.0), batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = {"loss": ce_sum / total_tokens, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state.step), "tokens": total_tokens}
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.rng), metrics
+
+    return step_fn
+
+
+def make_lora_eval_fn(model: Any, cfg: LoraConfig, token_bytes: np.ndarray,
+                      ) -> Callable[[Adapters, Any, Batch], tuple[Array, Array, Array]]:
+    token_bytes = jnp.asarray(token_bytes, jnp.float32)
+
+    def eval_fn(adapters: Adapters, base: Any, batch: Batch) -> tuple[Array, Array, Array]:
+        merged = merge(base, adapters, cfg)
+
+        def micro(carry, mb):
+            sums = loss_sums(model, merged, mb, token_bytes)
+            return tuple(c + s for c, s in zip(carry, sums, strict=True)), None
+
+        sums, _ = jax.lax.scan(micro, (0.0, 0.0, 0.0), batch)
+        return sums
+
+    return eval_fn
+
+
+def count_adapter_params(adapters: Adapters) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(adapters)))

@@ -1,0 +1,220 @@
+"""Path B end to end on a tiny random Llama with a ChatML chat template, built locally (no hub).
+
+One LoRA run (module fixture) feeds several checks: held-out loss goes down, the merged final_model loads in
+transformers and equals PEFT's base + adapter, the adapter is in PEFT's format, the done file comes last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from picochat_jax.cli import main
+from picochat_jax.data.records import read_chat_jsonl
+from picochat_jax.hf.chat_format import HFChatFormat
+from picochat_jax.hf.convert import load_hf_model
+from picochat_jax.hf.sft import HFSFTOptions, build_examples, encode_chat_rows, run_hf_sft
+from picochat_jax.model.lora import LoraConfig
+from picochat_jax.model.transformer import make_model
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NAMES = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max", "Ned", "Oz", "Pia",
+         "Quin", "Rex", "Sue", "Tom", "Uma", "Vic", "Wes", "Xia", "Yul", "Zed", "Al", "Bea", "Cal", "Dot", "Eli", "Flo",
+         "Gil", "Hana", "Ike", "Jan", "Kai", "Liv", "Mo", "Nia"]
+LORA = LoraConfig(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"))
+
+
+def _make_model_folder(root: Path) -> tuple[Path, Path]:
+    """A tiny random Llama + byte-level BPE tokenizer with a ChatML template, and a learnable chat file."""
+    rows = [{"user": f"Say hello to {n}.", "assistant": f"Hello, {n}! Nice to meet you."} for n in NAMES]
+    rows[3] = {"system": "Be brief.", "messages": [{"role": "user", "content": "Hi"},
+                                                    {"role": "assistant", "content": "Hi."},
+                                                    {"role": "user", "content": "Say hello to Dee."},
+                                                    {"role": "assistant", "content": "Hello, Dee! Nice to meet you."}]}
+    chat = root / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([f"{r.get('user', '')} {r.get('assistant', '')}" for r in rows] + ["user assistant"],
+                            trainer)
+    model_dir = root / "tiny-llama"
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                     chat_template=CHATML)
+    hf_tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=tok.get_vocab_size(), max_position_embeddings=256,
+                      eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    return model_dir, chat
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _make_model_folder(tmp_path_factory.mktemp("hf_sft"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory):
+    model_dir, chat = tiny
+    out = tmp_path_factory.mktemp("lora_out")
+    opts = HFSFTOptions(model=str(model_dir), input=chat, out_dir=out / "run", max_steps=24, max_length=64,
+                        peft="lora", lora=LORA, learning_rate=2e-2, batch_size=8, val_fraction=0.2,
+                        done_file=out / "done.json")
+    return run_hf_sft(opts, log=lambda _: None), out
+
+
+def test_target_is_what_the_full_render_adds_beyond_the_prompt(tiny):
+    model_dir, chat = tiny
+    fmt = HFChatFormat.load(model_dir)
+    rows = read_chat_jsonl(chat)
+    encoded, mismatched = encode_chat_rows(rows, fmt)
+    assert mismatched == 0
+    for row, (ids, mask) in zip(rows, encoded, strict=True):
+        assert fmt.tokenizer.decode(ids[mask]) == f"{row.messages[-1].content}<|im_end|>\n"
+        # everything before the target is exactly the generation prompt
+        assert ids[~mask].tolist() == fmt.encode_prompt(row.messages[:-1])
+    examples, stats = build_examples(rows, fmt, max_length=128)
+    assert stats["rows"] == len(rows) and stats["truncated_rows"] == 0
+    assert examples["inputs"].shape == (len(rows), stats["seq_len"])
+    examples, stats = build_examples(rows, fmt, max_length=32)  # too long rows lose their start, not the target
+    assert stats["truncated_rows"] > 0 and examples["inputs"].shape[1] == 32
+    np.testing.assert_array_equal(examples["loss_mask"].sum(1), [m[1:].sum() for _, m in encoded])
+
+
+def test_template_whose_prompt_is_not_a_prefix(tiny):
+    model_dir, chat = tiny
+    fmt = HFChatFormat.load(model_dir)
+    # A template that closes the generation prompt differently from a rendered assistant turn.
+    fmt.tokenizer.chat_template = CHATML.replace("<|im_start|>assistant\n{% endif %}",
+                                                 "<|im_start|>assistant:{% endif %}")
+    rows = read_chat_jsonl(chat)[:4]
+    encoded, mismatched = encode_chat_rows(rows, fmt)
+    assert mismatched == len(rows)
+    ids, mask = encoded[0]
+    # The target starts where the renderings part ways ('\n' vs ':' after the shared 'assistant' token).
+    assert fmt.tokenizer.decode(ids[mask]) == f"\n{rows[0].messages[-1].content}<|im_end|>\n"
+    assert fmt.tokenizer.decode(ids[~mask]).endswith("<|im_start|>assistant")
+
+
+def test_hf_chat_format_protocol(tiny):
+    model_dir, _ = tiny
+    fmt = HFChatFormat.load(model_dir)
+    end = fmt.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fmt.stop_ids == (end,) and fmt.pad_id == fmt.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    prompt = fmt.encode_prompt([{"role": "user", "content": "Say hello to Bob."}])
+    assert fmt.tokenizer.decode(prompt) == "<|im_start|>user\nSay hello to Bob.<|im_end|>\n<|im_start|>assistant\n"
+    assert fmt.decode(fmt.encode_text("Hello, Bob!") + [end]) == "Hello, Bob!"
+
+
+@pytest.mark.slow
+def test_lora_sft_lowers_held_out_loss(lora_run):
+    report, out = lora_run
+    assert report["split"] == {"train": 32, "val": 8, "val_fraction": 0.2}
+    assert report["best_val_loss"] < report["initial_val_loss"] - 0.5
+    assert report["peft"]["rank"] == 4 and report["trainable_params"] < report["params"] / 10
+    rows = report["loss_curve"]
+    assert set(rows[-1]) == {"step", "train_loss", "val_loss", "lr", "grad_norm", "elapsed_sec"}
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 24 and rows[-1]["val_loss"] is not None
+    assert report["tokens_per_sec"] > 0
+    saved = json.loads((out / "run" / "hf_sft_report.json").read_text())
+    assert saved["best_step"] == report["best_step"]
+    assert "held-out loss" in (out / "run" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_done_file_is_written_last(lora_run):
+    _, out = lora_run
+    done = json.loads((out / "done.json").read_text())
+    assert done["status"] == "completed"
+    for key in ("final_model", "best_model", "final_adapter", "best_adapter", "report"):
+        assert Path(done[key]).exists(), key
+    newest_output = max(p.stat().st_mtime for p in (out / "run").rglob("*") if p.is_file())
+    assert (out / "done.json").stat().st_mtime >= newest_output
+
+
+@pytest.mark.slow
+def test_merged_model_equals_peft_base_plus_adapter(lora_run, tiny):
+    from peft import PeftModel
+
+    model_dir, _ = tiny
+    _, out = lora_run
+    tokens = torch.tensor(np.random.default_rng(0).integers(0, 300, (2, 24)))
+    merged = AutoModelForCausalLM.from_pretrained(out / "run" / "final_model").eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        merged_logits = merged(tokens).logits.numpy()
+        base_logits = base(tokens).logits.numpy()
+        peft_logits = PeftModel.from_pretrained(base, out / "run" / "final_adapter").eval()(tokens).logits.numpy()
+    np.testing.assert_allclose(peft_logits, merged_logits, atol=1e-4, rtol=0)
+    assert np.abs(merged_logits - base_logits).max() > 1e-2  # the adapter changed the model
+    ours = load_hf_model(out / "run" / "final_model")  # and our side reads the same merged model
+    np.testing.assert_allclose(np.asarray(make_model(ours.config).apply({"params": ours.params},
+                                                                        jnp.asarray(tokens.numpy()))),
+                               merged_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_outputs_are_complete_hf_and_peft_folders(lora_run):
+    _, out = lora_run
+    for name in ("final_model", "best_model"):
+        files = {p.name for p in (out / "run" / name).iterdir()}
+        assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "chat_template.jinja"} <= files, name
+    config = json.loads((out / "run" / "final_adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+    assert sorted(config["target_modules"]) == sorted(LORA.targets)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(out / "run" / "final_adapter" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 4)
+
+
+@pytest.mark.slow
+def test_cli_full_finetune(tiny, tmp_path):
+    model_dir, chat = tiny
+    done = tmp_path / "done.json"
+    result = CliRunner().invoke(main, [
+        "train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(tmp_path / "o"),
+        "--max-steps", "3", "--max-length", "64", "--device", "cpu", "--precision", "fp32", "--peft", "none",
+        "--learning-rate", "1e-3", "--batch-size", "8", "--val-fraction", "0.2", "--gradient-checkpointing",
+        "--done-file", str(done)])
+    assert result.exit_code == 0, result.output
+    status = json.loads(done.read_text())
+    assert status["status"] == "completed" and "final_adapter" not in status
+    assert not (tmp_path / "o" / "final_adapter").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "best_model")
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_cli_rejects_lora_dropout_and_bad_targets(tiny, tmp_path):
+    model_dir, chat = tiny
+    args = ["train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args + ["--lora-dropout", "0.1"])
+    assert result.exit_code != 0 and "--lora-dropout 0" in result.output
+    result = CliRunner().invoke(main, args + ["--lora-targets", "qkv_proj"])
+    assert result.exit_code != 0 and "unknown LoRA target" in result.output
+
+
+def test_failure_still_writes_the_done_file(tiny, tmp_path):
+    model_dir, _ = tiny
+    opts = HFSFTOptions(model=str(model_dir), input=tmp_path / "missing.jsonl", out_dir=tmp_path / "o",
+                        done_file=tmp_path / "done.json")
+    with pytest.raises(FileNotFoundError):
+        run_hf_sft(opts, log=lambda _: None)
+    done = json.loads((tmp_path / "done.json").read_text())
+    assert done["status"] == "failed" and "missing.jsonl" in done["error"]
