@@ -10,6 +10,7 @@ import click
 from picochat_jax.cli import data, run, tokenizer, train
 from picochat_jax.cli import hf as hf_cli
 from picochat_jax.cli import dpo as dpo_cli, gate as gate_cli
+from picochat_jax.cli import serve as serve_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +28,7 @@ main.add_command(hf_cli.import_group)
 train.train.add_command(hf_cli.hf_sft)
 main.add_command(gate_cli.gate)
 train.train.add_command(dpo_cli.dpo)
+main.add_command(serve_cli.serve)
 
 if __name__ == "__main__":
     main()

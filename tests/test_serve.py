@@ -1,0 +1,327 @@
+"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1 in a background thread, driven by the official
+`openai` client and raw httpx, over a tiny random native checkpoint saved in-test.
+
+Replies are compared with `generate.Engine` (the eval engine) on the same prompts: greedy replies must be
+the same tokens whether a request runs alone, streamed, or batched with 15 others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from picochat_jax.config import ModelConfig
+from picochat_jax.data.records import Message
+from picochat_jax.generate import Engine, SamplingParams
+from picochat_jax.model.transformer import init_params, make_model
+from picochat_jax.serve.app import StopText, create_app, load_backend
+from picochat_jax.serve.engine import ChunkedEngine, RowSampling
+from picochat_jax.tokenizer import train_tokenizer
+from picochat_jax.train.checkpoint import save_model_checkpoint
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello there, how are you today?",
+         "picochat serves tiny models over http", "streaming tokens as server-sent events"] * 20
+CTX = 128
+MAX_BATCH = 8
+MODEL_ID = "pico-test"
+# A large init_std keeps logits far apart, so greedy argmax is the model's choice, not float rounding.
+CFG_KW = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=CTX, norm="rmsnorm",
+              position="rope", activation="swiglu", init_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tok = train_tokenizer(TEXTS, "bpe", 300)
+    tok.save(root / "tokenizer.json")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, **CFG_KW)
+    params = init_params(make_model(cfg), jax.random.key(3))
+    save_model_checkpoint(root / "ckpt", params, cfg, root / "tokenizer.json", {"stage": "test"})
+    return root, params, cfg
+
+
+@pytest.fixture(scope="module")
+def server(native):
+    """(base_url, backend): uvicorn serving the checkpoint on a free 127.0.0.1 port, stopped after the module."""
+    root, _, _ = native
+    backend = load_backend(root / "ckpt", root / "tokenizer.json", model_name=MODEL_ID, max_batch=MAX_BATCH,
+                           chunk_tokens=4, batch_wait_ms=50.0, default_max_tokens=16, warmup=False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(backend), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "uvicorn did not start within 30 s"
+    yield f"http://127.0.0.1:{port}", backend
+    srv.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    base, _ = server
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120,
+                         http_client=openai.DefaultHttpxClient(trust_env=False))
+
+
+@pytest.fixture(scope="module")
+def reference(native, server):
+    """Greedy replies of the eval engine: reference(prompt_ids, max_new) -> text."""
+    _, params, cfg = native
+    engine = Engine(params, cfg)
+    fmt = server[1].fmt
+
+    def run(prompts: list[list[int]], max_new: int) -> list[str]:
+        out = engine.generate(prompts, SamplingParams(max_new_tokens=max_new), fmt.stop_ids)
+        return [fmt.decode(ids) for ids in out]
+
+    return run
+
+
+def http(base: str) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=120, trust_env=False)
+
+
+# -------------------------------------------------------------------------------------------- engine
+
+
+def test_chunked_engine_matches_eval_engine_and_never_recompiles_per_token(native):
+    _, params, cfg = native
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (1, 5, 9, 30)]
+    limits = (12, 3, 7, 12)
+    ref = Engine(params, cfg).generate(prompts, SamplingParams(max_new_tokens=12), stop_ids=[])
+    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=5)
+    got, finished, chunks = [[] for _ in prompts], [None] * 4, 0
+    for res in engine.run(prompts, [RowSampling(m) for m in limits], stop_ids=[]):
+        chunks += 1
+        for i in range(4):
+            got[i] += res.tokens[i]
+            finished[i] = res.finished[i] or finished[i]
+    assert got == [r[:m] for r, m in zip(ref, limits, strict=True)]  # per-row max_tokens in one batch
+    assert finished == ["length"] * 4 and chunks == 3  # 12 tokens in chunks of 5
+    programs = engine.compiled_programs
+    # Longer replies in the same cache bucket reuse the same prefill and chunk programs.
+    for m in (10, 11):
+        list(engine.run(prompts, [RowSampling(m)] * 4, stop_ids=[]))
+    assert engine.compiled_programs == programs
+
+
+def test_chunked_engine_stop_token_cancel_and_sampling(native):
+    _, params, cfg = native
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, cfg.vocab_size, 6).tolist() for _ in range(3)]
+    ref = Engine(params, cfg).generate(prompts, SamplingParams(max_new_tokens=10), stop_ids=[])
+    engine = ChunkedEngine(params, cfg, max_batch=4, chunk_tokens=2)
+    stop = ref[0][3]
+    cut = ref[0].index(stop)
+    flags = [False, False, False]
+    out, reasons = [[] for _ in prompts], [None] * 3
+    for res in engine.run(prompts, [RowSampling(10)] * 3, stop_ids=[stop], cancelled=lambda: flags):
+        flags[2] = True  # cancel row 2 after its first chunk
+        for i in range(3):
+            out[i] += res.tokens[i]
+            reasons[i] = res.finished[i] or reasons[i]
+    assert out[0] == ref[0][:cut] and reasons[0] == "stop"
+    assert reasons[2] == "cancelled" and out[2] == ref[2][:2]
+    assert reasons[1] == ("stop" if stop in ref[1] else "length")
+    # Sampling: a row's draws depend on its seed only, not on the batch it shares.
+    sampled = RowSampling(8, temperature=1.0, top_p=0.9, seed=5)
+
+    def tokens(rows):
+        acc = [[] for _ in rows]
+        for res in engine.run(prompts[: len(rows)], rows, stop_ids=[]):
+            for i, t in enumerate(res.tokens):
+                acc[i] += t
+        return acc
+
+    alone = tokens([sampled])[0]
+    assert tokens([sampled, RowSampling(8), RowSampling(3, temperature=0.7, seed=9)])[0] == alone
+    assert tokens([RowSampling(8, temperature=1.0, top_p=0.9, seed=6)])[0] != alone
+
+
+def test_stop_text_deltas_add_up_to_the_cut_reply():
+    text = "naïve café: the END is near, END again"
+    stops = ["END", "zzz"]
+    ids = list(text.encode())
+
+    def decode(b):
+        return bytes(b).decode("utf-8", errors="replace")
+
+    whole = StopText(decode, stops)
+    expected = whole.add(ids) + whole.finish()
+    assert expected == "naïve café: the "
+    for size in (1, 2, 3, 7):
+        stream = StopText(decode, stops)
+        pieces = [stream.add(ids[i:i + size]) for i in range(0, len(ids), size)]
+        pieces.append(stream.finish())
+        assert "".join(pieces) == expected
+        assert all("\ufffd" not in p for p in pieces)  # split multi-byte characters are held back
+        assert stream.stopped
+
+
+# -------------------------------------------------------------------------------------------- HTTP
+
+
+def test_models_and_completion_via_openai_client(client, server, reference):
+    _, backend = server
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    resp = client.completions.create(model=MODEL_ID, prompt="the quick brown", max_tokens=12, temperature=0)
+    prompt_ids = backend.fmt.encode_text("the quick brown")
+    assert resp.choices[0].text == reference([prompt_ids], 12)[0]
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    assert 1 <= resp.usage.completion_tokens <= 12
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_streamed_chat_equals_non_streamed_reply(client, server, reference):
+    _, backend = server
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    full = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0)
+    reply = full.choices[0].message.content
+    prompt = backend.fmt.encode_prompt([Message(m["role"], m["content"]) for m in messages])
+    assert reply == reference([prompt], 24)[0]
+    assert full.usage.prompt_tokens == len(prompt)
+
+    stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == reply
+    assert sum(1 for d in deltas if d) >= 2  # really streamed: 24 tokens arrive in chunks of 4
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_stop_strings_cut_streamed_and_plain_replies(client):
+    messages = [{"role": "user", "content": "hello there"}]
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24,
+                                           temperature=0).choices[0].message.content
+    # A stop string taken from the middle of the reply (two printable characters, first occurrence).
+    start = next(i for i in range(2, len(reply) - 1) if reply[i:i + 2].isprintable() and reply[i:i + 2].strip())
+    stop = reply[start:start + 2]
+    expected = reply[:reply.index(stop)]
+    plain = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+                                           stop=[stop])
+    assert plain.choices[0].message.content == expected
+    assert plain.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+
+
+def test_bad_requests_get_openai_errors_and_the_server_survives(client, server):
+    base, _ = server
+    chat = "/v1/chat/completions"
+    ok_messages = [{"role": "user", "content": "hi"}]
+    with http(base) as h:
+        def error(resp, status):
+            assert resp.status_code == status, resp.text
+            body = resp.json()["error"]
+            assert set(body) == {"message", "type", "param", "code"} and body["message"]
+            return body
+
+        bad_json = error(h.post(chat, content=b'{"model": "x", "messages": [', headers={
+            "content-type": "application/json"}), 400)
+        assert "JSON" in bad_json["message"]
+        error(h.post(chat, json=[1, 2]), 400)
+        missing = error(h.post(chat, json={"model": MODEL_ID}), 400)
+        assert missing["param"] == "messages" and "messages" in missing["message"]
+        hot = error(h.post(chat, json={"model": MODEL_ID, "messages": ok_messages, "temperature": 9}), 400)
+        assert hot["param"] == "temperature"
+        role = error(h.post(chat, json={"model": MODEL_ID, "messages": [{"role": "robot", "content": "x"}]}), 400)
+        assert role["param"] == "messages[0].role"
+        n2 = error(h.post(chat, json={"model": MODEL_ID, "messages": ok_messages, "n": 2}), 400)
+        assert n2["param"] == "n"
+        unknown = error(h.post(chat, json={"model": "gpt-4o", "messages": ok_messages}), 404)
+        assert unknown["code"] == "model_not_found" and "gpt-4o" in unknown["message"]
+        long_prompt = error(h.post("/v1/completions", json={"model": MODEL_ID, "prompt": "fox jumps " * 200}), 400)
+        assert long_prompt["code"] == "context_length_exceeded" and str(CTX) in long_prompt["message"]
+        too_many = error(h.post(chat, json={"model": MODEL_ID, "messages": ok_messages, "max_tokens": CTX}), 400)
+        assert too_many["param"] == "max_tokens" and str(CTX) in too_many["message"]
+        error(h.post("/v1/completions", json={"model": MODEL_ID, "prompt": [10**9]}), 400)
+        error(h.get("/v1/nothing-here"), 404)
+        assert h.get("/health").json()["status"] == "ok"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=ok_messages)
+    with pytest.raises(openai.BadRequestError, match=str(CTX)):
+        client.completions.create(model=MODEL_ID, prompt="hi", max_tokens=CTX + 5)
+    # Still serving after all of that.
+    assert client.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2, temperature=0).choices
+
+
+def test_concurrent_requests_are_batched(server, reference):
+    base, backend = server
+    prompts = [f"question {i}: the lazy dog" for i in range(16)]
+    before = backend.batcher.stats()
+
+    async def one(h: httpx.AsyncClient, prompt: str) -> dict:
+        resp = await h.post("/v1/completions", json={"model": MODEL_ID, "prompt": prompt, "max_tokens": 8,
+                                                     "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    async def all_at_once() -> list[dict]:
+        async with httpx.AsyncClient(base_url=base, timeout=120, trust_env=False) as h:
+            return await asyncio.gather(*(one(h, p) for p in prompts))
+
+    results = asyncio.run(all_at_once())
+    after = backend.batcher.stats()
+    expected = reference([backend.fmt.encode_text(p) for p in prompts], 8)
+    assert [r["choices"][0]["text"] for r in results] == expected
+    batches = after.batches_run - before.batches_run
+    assert after.requests_done - before.requests_done == 16
+    assert batches < 16 and after.max_batch_seen > 1, f"{batches} batches for 16 requests"
+
+
+def test_streaming_completion_sse_format(server):
+    base, _ = server
+    with http(base) as h, h.stream("POST", "/v1/completions", json={
+            "model": MODEL_ID, "prompt": ["hello", "the fox"], "max_tokens": 6, "temperature": 0,
+            "stream": True}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all(e["object"] == "text_completion" for e in events)
+    finished = sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"])
+    assert finished == [0, 1]  # one finishing chunk per prompt
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_serve_needs_exactly_one_model(native):
+    from picochat_jax.cli import main
+
+    root, _, _ = native
+    runner = CliRunner()
+    assert "--hf-model" in runner.invoke(main, ["serve", "--help"]).output
+    neither = runner.invoke(main, ["serve"])
+    assert neither.exit_code == 2 and "exactly one" in neither.output
+    both = runner.invoke(main, ["serve", "--checkpoint", str(root / "ckpt"), "--hf-model", str(root)])
+    assert both.exit_code == 2 and "exactly one" in both.output
+    missing = runner.invoke(main, ["serve", "--checkpoint", str(root / "nope"), "--no-warmup"])
+    assert missing.exit_code != 0 and "nope" in missing.output
