@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import click
 
+from picochat_jax.cli import chat as chat_cli
 from picochat_jax.cli import data, run, tokenizer, train
+from picochat_jax.cli import dpo as dpo_cli
+from picochat_jax.cli import eval as eval_cli
+from picochat_jax.cli import gate as gate_cli
 from picochat_jax.cli import hf as hf_cli
-from picochat_jax.cli import dpo as dpo_cli, gate as gate_cli
-from picochat_jax.cli import serve as serve_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +30,8 @@ main.add_command(hf_cli.import_group)
 train.train.add_command(hf_cli.hf_sft)
 main.add_command(gate_cli.gate)
 train.train.add_command(dpo_cli.dpo)
-main.add_command(serve_cli.serve)
+main.add_command(eval_cli.eval_group)
+main.add_command(chat_cli.chat)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,171 @@
+"""`picochat eval chat|fit|loss`: score a native checkpoint on eval rows, its SFT rows, or chat loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from picochat_jax.cli.common import device_option, friendly_errors, select_device
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Evaluate a checkpoint: held-out chat scoreboard, SFT fit, teacher-forced loss."""
+
+
+def sampling_options(max_new_default: int = 64) -> Any:
+    """Generation flags shared by `eval chat`, `eval fit` and `picochat chat`."""
+
+    def decorate(fn: Any) -> Any:
+        for opt in reversed([
+            click.option("--max-new-tokens", type=click.IntRange(min=1), default=max_new_default, show_default=True),
+            click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                         help="0 = greedy."),
+            click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+            click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0,
+                         show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+        ]):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def sampling_from(opts: dict[str, Any]) -> Any:
+    from picochat_jax.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
+                          top_k=opts["top_k"], top_p=opts["top_p"], seed=opts["seed"])
+
+
+precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+                                show_default=True, help="Compute precision for generation.")
+
+
+def model_options(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("--checkpoint", "checkpoint_dir", required=True,
+                     type=click.Path(path_type=Path, file_okay=False),
+                     help="Model folder, e.g. RUN/sft/checkpoint."),
+        click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(path_type=Path),
+                     help="tokenizer.json (default: the copy inside --checkpoint)."),
+        device_option, precision_option,
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _input_path(input_path: Path | None, pack_path: Path | None, key: str) -> Path:
+    from picochat_jax.data.pack import load_pack
+
+    if (input_path is None) == (pack_path is None):
+        raise click.UsageError("give exactly one of --input or --dataset-pack")
+    if input_path is not None:
+        return input_path
+    path = getattr(load_pack(pack_path), key)
+    if path is None:
+        raise click.UsageError(f"{pack_path} names no '{key}' file")
+    return path
+
+
+input_options = [
+    click.option("--input", "input_path", default=None, type=click.Path(path_type=Path)),
+    click.option("--dataset-pack", "pack_path", default=None, type=click.Path(path_type=Path),
+                 help="Read the pack's file instead of --input."),
+]
+
+
+def _with(options: list[Any]) -> Any:
+    def decorate(fn: Any) -> Any:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+@eval_group.command()
+@model_options
+@_with(input_options)
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@sampling_options()
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@friendly_errors
+def chat(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, precision: str,
+         input_path: Path | None, pack_path: Path | None, out_dir: Path, batch_size: int, **opts: Any) -> None:
+    """Answer every eval row and score it (must_include / must_include_any / must_not_include)."""
+    select_device(device)
+    from picochat_jax.data.records import read_eval_jsonl
+    from picochat_jax.eval.chat import evaluate_chat
+    from picochat_jax.generate import load_native
+
+    path = _input_path(input_path, pack_path, "eval")
+    rows = read_eval_jsonl(path)
+    engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
+    report = evaluate_chat(engine, fmt, rows, out_dir, sampling_from(opts), batch_size=batch_size,
+                           input_name=str(path))
+    click.echo(f"eval: {report['passed']}/{report['rows']} passed ({report['pass_rate']:.1%}); "
+               f"prompt echo {report['prompt_echo_rate']:.1%}, refusals {report['refusal_rate']:.1%}")
+    for cat, g in report["by_category"].items():
+        click.echo(f"  {cat}: {g['passed']}/{g['rows']}")
+    click.echo(f"report -> {out_dir / 'eval_report.md'}")
+
+
+@eval_group.command()
+@model_options
+@_with(input_options)
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@sampling_options()
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Replay only the first N rows.")
+@friendly_errors
+def fit(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, precision: str,
+        input_path: Path | None, pack_path: Path | None, out_dir: Path, batch_size: int, max_rows: int | None,
+        **opts: Any) -> None:
+    """Replay SFT rows through the model: how many trained answers does it reproduce?"""
+    select_device(device)
+    from picochat_jax.data.records import read_chat_jsonl
+    from picochat_jax.eval.fit import sft_fit_report
+    from picochat_jax.generate import load_native
+
+    conversations = read_chat_jsonl(_input_path(input_path, pack_path, "chat"))
+    engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
+    report = sft_fit_report(engine, fmt, conversations, out_dir, sampling_from(opts), batch_size=batch_size,
+                            max_rows=max_rows)
+    click.echo(f"sft fit: {report['reproduced']}/{report['rows']} reproduced ({report['reproduced_rate']:.1%}), "
+               f"mean F1 {report['mean_f1']:.3f}; report -> {out_dir / 'fit_report.md'}")
+
+
+@eval_group.command()
+@model_options
+@_with(input_options)
+@click.option("--out-dir", default=None, type=click.Path(path_type=Path, file_okay=False),
+              help="Also write loss_report.json here.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--all-assistant-turns", is_flag=True, help="Score every assistant turn, not only the last.")
+@friendly_errors
+def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, precision: str,
+         input_path: Path | None, pack_path: Path | None, out_dir: Path | None, batch_size: int,
+         all_assistant_turns: bool) -> None:
+    """Teacher-forced loss and bits per byte on the assistant targets of chat JSONL."""
+    select_device(device)
+    from picochat_jax.data.records import read_chat_jsonl
+    from picochat_jax.eval.fit import assistant_loss
+    from picochat_jax.fileio import save_json
+    from picochat_jax.tokenizer import ChatTokenizer
+    from picochat_jax.train.checkpoint import load_model_checkpoint
+
+    conversations = read_chat_jsonl(_input_path(input_path, pack_path, "chat"))
+    tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
+    tok = ChatTokenizer.load(tokenizer_path)
+    params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
+    result = assistant_loss(params, model_cfg, tok, conversations, batch_size, precision,
+                            all_assistant_turns)
+    click.echo(f"loss {result['loss']:.4f}, bpb {result['bpb']:.4f} over {result['tokens']:,} target tokens "
+               f"in {result['rows']} rows" + (f" ({result['truncated_rows']} left-truncated)"
+                                               if result["truncated_rows"] else ""))
+    if out_dir is not None:
+        save_json(Path(out_dir) / "loss_report.json", result)

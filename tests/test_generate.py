@@ -1,0 +1,178 @@
+"""The generation engine: KV-cache decoding against full recomputation, sampling, buckets, context limits."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from picochat_jax.config import ModelConfig
+from picochat_jax.data.records import Message
+from picochat_jax.generate import (
+    Engine,
+    NativeChatFormat,
+    SamplingParams,
+    bucket_length,
+    filter_logits,
+)
+from picochat_jax.model.transformer import init_params, make_model
+from picochat_jax.tokenizer import train_tokenizer
+
+# Two families that exercise different code paths: RoPE + GQA + qk-norm + SwiGLU, and GPT-2 style learned
+# positions + LayerNorm + biases + tied embeddings. A large init_std keeps the logits far apart, so greedy
+# argmax is decided by the model, not by float rounding.
+CONFIGS = {
+    "rope_gqa": ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                            norm="rmsnorm", position="rope", activation="swiglu", qk_norm=True, init_std=0.3),
+    "learned_gpt2": ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64,
+                                max_seq_len=64, norm="layernorm", position="learned", activation="gelu",
+                                tie_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True, init_std=0.3),
+}
+PROMPT_LENGTHS = (1, 4, 9, 17, 30)
+
+
+class Family:
+    """One model family under test: config, module, params, a shared engine and a cache-free reference."""
+
+    def __init__(self, name: str):
+        self.cfg = CONFIGS[name]
+        self.model = make_model(self.cfg)
+        self.params = init_params(self.model, jax.random.key(7))
+        self.engine = Engine(self.params, self.cfg)
+        self._forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t)[0])
+
+    def reference(self, prompt: list[int], steps: int) -> list[int]:
+        """Greedy decoding without a cache: the whole sequence re-run for every new token.
+
+        Sequences are right-padded to the full context so one compiled forward serves every length;
+        causal attention keeps the padding after a position from touching its logits.
+        """
+        ids = list(prompt)
+        for _ in range(steps):
+            padded = np.zeros((1, self.cfg.max_seq_len), np.int32)
+            padded[0, : len(ids)] = ids
+            ids.append(int(jnp.argmax(self._forward(self.params, padded)[len(ids) - 1])))
+        return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def families() -> dict[str, Family]:
+    return {name: Family(name) for name in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def engine(families) -> Engine:
+    """Engine-level behaviour (sampling, buckets, limits) does not depend on the family: test it once."""
+    return families["rope_gqa"].engine
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(1, 97, n).tolist() for n in PROMPT_LENGTHS]
+
+
+GREEDY = SamplingParams(max_new_tokens=10)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_kv_cache_greedy_matches_full_recomputation(families, family, prompts):
+    engine, reference = families[family].engine, families[family].reference
+    # One batch holding prompts of 1..30 tokens: all but the longest are left-padded.
+    out = engine.generate(prompts, GREEDY, stop_ids=[])
+    expected = [reference(p, 10) for p in prompts]
+    assert out == expected
+    # Batches of two (other buckets, other neighbours, a filler row): the same tokens.
+    assert engine.generate(prompts, GREEDY, stop_ids=[], batch_size=2) == expected
+
+
+def test_stops_at_stop_token_and_drops_it(families, prompts):
+    engine, ref = families["learned_gpt2"].engine, families["learned_gpt2"].reference(prompts[2], 10)
+    cut = next(i for i in range(1, 10) if ref[i] not in ref[:i])
+    out = engine.generate([prompts[2], prompts[3]], GREEDY, stop_ids=[ref[cut]])
+    assert out[0] == ref[:cut]
+    assert ref[cut] not in out[1]
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(engine, prompts):
+    greedy = engine.generate(prompts, GREEDY, [])
+    hot = SamplingParams(max_new_tokens=10, temperature=1.5, seed=3)
+    first = engine.generate(prompts, hot, [])
+    assert engine.generate(prompts, hot, []) == first
+    # A row's sample does not depend on its batch neighbours.
+    assert engine.generate(prompts[:2], hot, []) == first[:2]
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=1.5, seed=4), []) != first
+    assert first != greedy
+    top_k_one = SamplingParams(max_new_tokens=10, temperature=1.5, top_k=1, seed=9)
+    assert engine.generate(prompts, top_k_one, []) == greedy
+    tiny_nucleus = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=1e-4, seed=9)
+    assert engine.generate(prompts, tiny_nucleus, []) == greedy
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(2), jnp.float32(1.0))))
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    # Nucleus 0.7: 0.5 alone is under 0.7, so 0.3 joins; 0.8 is past it, so 0.15 stays out.
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(0), jnp.float32(0.7))))
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(0), jnp.float32(1.0))))
+    assert kept.all()
+
+
+def test_prompt_buckets_bound_the_number_of_compiles(engine):
+    sampling = SamplingParams(max_new_tokens=3)  # a budget no other test uses: a program of its own
+    before = engine.compiled_programs
+    for n in (3, 7, 12, 16):  # all in the 16-token bucket, batch of one
+        engine.generate([list(range(1, n + 1))], sampling, [])
+    assert engine.compiled_programs == before + 1
+    engine.generate([list(range(1, 21))], sampling, [])  # 32-token bucket
+    assert engine.compiled_programs == before + 2
+    assert bucket_length(1, 64) == 16 and bucket_length(17, 64) == 32 and bucket_length(40, 48) == 48
+
+
+def test_context_limit_truncates_prompts_from_the_left(families, engine):
+    cfg, params = families["rope_gqa"].cfg, families["rope_gqa"].params
+    sampling = GREEDY
+    long_prompt = [int(t) for t in np.random.default_rng(1).integers(1, 97, 80)]
+    with pytest.warns(UserWarning, match="lost their oldest tokens"):
+        out = engine.generate([long_prompt], sampling, [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.generate([long_prompt[-(64 - 10):]], sampling, []) == out
+    with pytest.raises(ValueError, match="below the context"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=64), [])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Engine(params, cfg, max_len=65)
+    small = Engine(params, cfg, max_len=24)
+    with pytest.warns(UserWarning):
+        assert len(small.generate([long_prompt], sampling, [])[0]) == 10
+
+
+def test_bf16_engine_generates_in_vocab_tokens(families, prompts):
+    cfg, params = families["rope_gqa"].cfg, families["rope_gqa"].params
+    out = Engine(params, cfg, precision="bf16").generate(prompts, SamplingParams(max_new_tokens=6), [])
+    assert [len(o) for o in out] == [6] * len(prompts)
+    assert all(0 <= t < cfg.vocab_size for o in out for t in o)
+
+
+def test_native_chat_format_round_trip():
+    tok = train_tokenizer(["hello there, general chat"], "byte", 0)
+    fmt = NativeChatFormat(tok)
+    ids = fmt.encode_prompt([Message("system", "Be brief."), Message("user", "hi")])
+    assert ids[0] == tok.bos_id and ids[-1] == tok.role_ids["assistant"]
+    assert fmt.stop_ids == (tok.end_id,) and fmt.pad_id == tok.pad_id
+    assert fmt.encode_text("hi")[0] == tok.bos_id
+    assert fmt.decode(tok.encode("hello") + [tok.end_id]) == "hello"
+
+
+def test_sampling_params_validate():
+    with pytest.raises(ValueError):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
