@@ -263,10 +263,38 @@ def test_import_cli_writes_a_native_checkpoint(tmp_path):
 def test_peft_names_and_family_check():
     adapters = {"q_proj": {"a": np.ones((2, 8, 4)), "b": np.zeros((2, 4, 16))},
                 "down_proj": {"a": np.ones((2, 32, 4)), "b": np.zeros((2, 4, 8))}}
-    tensors = convert.peft_tensors(adapters, n_layers=2)
+    tensors, config = convert.peft_adapter(adapters, n_layers=2, family="qwen3", rank=4, alpha=8)
     assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 8)
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (16, 4)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 32)
-    assert len(tensors) == 2 * 2 * 2
+    assert len(tensors) == 2 * 2 * 2 and config["target_modules"] == ["down_proj", "q_proj"]
     with pytest.raises(ValueError, match="--peft none"):
-        convert.check_peft_family("gpt2")
+        convert.check_peft_family("falcon")
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+                                     ("v_proj",), ("q_proj", "v_proj", "down_proj")])
+def test_gpt2_peft_adapter_equals_our_merge(targets, tmp_path):
+    """GPT-2 fuses q/k/v into c_attn: our separate adapters become one block-structured PEFT adapter."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from picochat_jax.model import lora
+
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=100, n_positions=32,
+                     activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base_model = _save_random(GPT2LMHeadModel, cfg, tmp_path / "base")
+    hf = convert.load_hf_model(tmp_path / "base")
+    lcfg = lora.LoraConfig(rank=3, alpha=6, targets=targets)
+    rng = np.random.default_rng(0)
+    adapters = {t: {k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in ab.items()}
+                for t, ab in lora.init_adapters(hf.params, lcfg, jax.random.key(0)).items()}
+    convert.save_peft_adapter(tmp_path / "adapter", adapters, 3, 6.0, 0.0, 2, "gpt2", str(tmp_path / "base"))
+    merged = lora.merge_host(hf.params, adapters, lcfg)
+    convert.save_hf_model(tmp_path / "merged", merged, hf.config, "gpt2", hf.hf_config)
+    tokens = np.random.default_rng(1).integers(0, 100, (2, 20))
+    merged_logits = _torch_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokens)
+    base_logits = _torch_logits(base_model, tokens)  # before PEFT wraps (and so changes) the base in place
+    peft_model = PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(_torch_logits(peft_model, tokens), merged_logits, atol=1e-4, rtol=0)
+    assert np.abs(merged_logits - base_logits).max() > 1e-2

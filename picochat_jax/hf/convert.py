@@ -40,7 +40,7 @@ ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
 }
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-PEFT_FAMILIES = LLAMA_LIKE
+PEFT_FAMILIES = (*LLAMA_LIKE, "gpt2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -615,30 +615,64 @@ def check_peft_family(family: str) -> None:
                          "(use --peft none for full fine-tuning)")
 
 
-def peft_tensors(adapters: dict[str, dict[str, Any]], n_layers: int) -> dict[str, np.ndarray]:
-    """PEFT's saved key names: lora_A.weight (r, in) = A[i].T, lora_B.weight (out, r) = B[i].T."""
+# GPT-2 modules for our targets; q, k and v share the fused c_attn.
+_GPT2_PEFT_MODULES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def peft_adapter(adapters: dict[str, dict[str, Any]], n_layers: int, family: str, rank: int,
+                 alpha: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(tensors in PEFT's saved key names, the family-specific adapter_config.json entries).
+
+    PEFT computes lora_B(lora_A(x)) * alpha / r with lora_A.weight (r, in) = A[i].T and lora_B.weight
+    (out, r) = B[i].T. GPT-2 fuses q, k, v into one c_attn; their adapters become one adapter of rank
+    n*r whose A stacks the A's and whose B is block-diagonal, with alpha scaled by n so alpha/r is unchanged.
+    """
+    check_peft_family(family)
+    host = {t: (np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)) for t, ab in adapters.items()}
     out: dict[str, np.ndarray] = {}
-    for target, ab in adapters.items():
-        a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
-        for i in range(n_layers):
-            prefix = f"base_model.model.model.layers.{i}.{peft_module_path(target)}"
-            out[f"{prefix}.lora_A.weight"] = a[i].T
-            out[f"{prefix}.lora_B.weight"] = b[i].T
-    return out
+    if family in LLAMA_LIKE:
+        for target, (a, b) in host.items():
+            for i in range(n_layers):
+                prefix = f"base_model.model.model.layers.{i}.{peft_module_path(target)}"
+                out[f"{prefix}.lora_A.weight"] = a[i].T
+                out[f"{prefix}.lora_B.weight"] = b[i].T
+        return out, {"target_modules": sorted(host), "fan_in_fan_out": False}
+    modules = {_GPT2_PEFT_MODULES[t]: t for t in host if t in _GPT2_PEFT_MODULES}
+    qkv = [t for t in _QKV if t in host]
+    for i in range(n_layers):
+        prefix = f"base_model.model.transformer.h.{i}"
+        for module, target in modules.items():
+            out[f"{prefix}.{module}.lora_A.weight"] = host[target][0][i].T
+            out[f"{prefix}.{module}.lora_B.weight"] = host[target][1][i].T
+        if qkv:
+            d = host[qkv[0]][0].shape[1]  # q, k and v all map d_model -> d_model in an MHA GPT-2
+            fused_b = np.zeros((3 * d, len(qkv) * rank), np.float32)
+            for j, target in enumerate(qkv):
+                row = _QKV.index(target) * d
+                fused_b[row:row + d, j * rank:(j + 1) * rank] = host[target][1][i].T
+            out[f"{prefix}.attn.c_attn.lora_A.weight"] = np.concatenate([host[t][0][i].T for t in qkv])
+            out[f"{prefix}.attn.c_attn.lora_B.weight"] = fused_b
+    config: dict[str, Any] = {"target_modules": sorted(modules) + (["attn.c_attn"] if qkv else []),
+                              "fan_in_fan_out": True}  # GPT-2's Conv1D stores weights as (in, out)
+    if len(qkv) > 1:
+        config["rank_pattern"] = {"attn.c_attn": len(qkv) * rank}
+        config["alpha_pattern"] = {"attn.c_attn": len(qkv) * alpha}
+    return out, config
 
 
 def save_peft_adapter(out_dir: Path, adapters: dict[str, dict[str, Any]], rank: int, alpha: float,
                       dropout: float, n_layers: int, family: str, base_model: str) -> Path:
-    check_peft_family(family)
+    """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
+    tensors, family_config = peft_adapter(adapters, n_layers, family, rank, alpha)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(adapters),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, **family_config,
     }
     with atomic_dir(Path(out_dir)) as tmp:
         save_json(tmp / "adapter_config.json", config)
-        save_file({k: np.ascontiguousarray(v) for k, v in peft_tensors(adapters, n_layers).items()},
-                  str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
     return Path(out_dir)
