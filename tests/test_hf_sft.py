@@ -218,3 +218,28 @@ def test_failure_still_writes_the_done_file(tiny, tmp_path):
         run_hf_sft(opts, log=lambda _: None)
     done = json.loads((tmp_path / "done.json").read_text())
     assert done["status"] == "failed" and "missing.jsonl" in done["error"]
+
+
+@pytest.mark.slow
+def test_eval_chat_with_hf_model_matches_transformers_greedy(tiny, tmp_path):
+    """`eval chat --hf-model`: our engine + HFChatFormat decode exactly what transformers' greedy generate does."""
+    model_dir, _ = tiny
+    prompts = ["Say hello to Bob.", "Say hello to Zed."]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"user": p, "must_include": ["Hello"]}) + "\n"
+                                                 for p in prompts))
+    result = CliRunner().invoke(main, ["eval", "chat", "--hf-model", str(model_dir), "--input",
+                                       str(tmp_path / "eval.jsonl"), "--out-dir", str(tmp_path / "ev"),
+                                       "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    replies = [json.loads(line)["reply"] for line in (tmp_path / "ev" / "eval_results.jsonl").read_text().splitlines()]
+    fmt = HFChatFormat.load(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = fmt.encode_prompt([{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=list(fmt.stop_ids), pad_token_id=fmt.pad_id)
+        assert fmt.decode(out[0, len(ids):].tolist()) == reply
+    both = CliRunner().invoke(main, ["eval", "chat", "--hf-model", str(model_dir), "--checkpoint", str(tmp_path),
+                                     "--input", str(tmp_path / "eval.jsonl"), "--out-dir", str(tmp_path / "x")])
+    assert both.exit_code != 0 and "exactly one of --checkpoint or --hf-model" in both.output

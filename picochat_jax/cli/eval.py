@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,37 @@ precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16"
                                 show_default=True, help="Compute precision for generation.")
 
 
-def model_options(fn: Any) -> Any:
+def model_options(fn: Any, allow_hf: bool = False) -> Any:
+    hf_option = [click.option("--hf-model", default=None,
+                              help="Instead of --checkpoint: an HF model folder or a hub id in the local HF cache "
+                                   "(prompts use its own chat template).")]
     for opt in reversed([
-        click.option("--checkpoint", "checkpoint_dir", required=True,
+        click.option("--checkpoint", "checkpoint_dir", required=not allow_hf,
                      type=click.Path(path_type=Path, file_okay=False),
                      help="Model folder, e.g. RUN/sft/checkpoint."),
         click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(path_type=Path),
                      help="tokenizer.json (default: the copy inside --checkpoint)."),
+        *(hf_option if allow_hf else []),
         device_option, precision_option,
     ]):
         fn = opt(fn)
     return fn
+
+
+def _load_engine(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str | None,
+                 precision: str) -> Any:
+    """(Engine, ChatFormat) for exactly one of --checkpoint or --hf-model."""
+    if (checkpoint_dir is None) == (hf_model is None):
+        raise click.UsageError("give exactly one of --checkpoint or --hf-model")
+    if hf_model is not None:
+        if tokenizer_path is not None:
+            raise click.UsageError("--tokenizer goes with --checkpoint; --hf-model uses the model's own tokenizer")
+        from picochat_jax.hf.chat_format import load_hf_chat
+
+        return load_hf_chat(hf_model, precision=precision)
+    from picochat_jax.generate import load_native
+
+    return load_native(checkpoint_dir, tokenizer_path, precision=precision)
 
 
 def _input_path(input_path: Path | None, pack_path: Path | None, key: str) -> Path:
@@ -88,23 +109,23 @@ def _with(options: list[Any]) -> Any:
 
 
 @eval_group.command()
-@model_options
+@functools.partial(model_options, allow_hf=True)
 @_with(input_options)
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 @sampling_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @friendly_errors
-def chat(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, precision: str,
-         input_path: Path | None, pack_path: Path | None, out_dir: Path, batch_size: int, **opts: Any) -> None:
+def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str | None, device: str | None,
+         precision: str, input_path: Path | None, pack_path: Path | None, out_dir: Path, batch_size: int,
+         **opts: Any) -> None:
     """Answer every eval row and score it (must_include / must_include_any / must_not_include)."""
     select_device(device)
     from picochat_jax.data.records import read_eval_jsonl
     from picochat_jax.eval.chat import evaluate_chat
-    from picochat_jax.generate import load_native
 
     path = _input_path(input_path, pack_path, "eval")
     rows = read_eval_jsonl(path)
-    engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
+    engine, fmt = _load_engine(checkpoint_dir, tokenizer_path, hf_model, precision)
     report = evaluate_chat(engine, fmt, rows, out_dir, sampling_from(opts), batch_size=batch_size,
                            input_name=str(path))
     click.echo(f"eval: {report['passed']}/{report['rows']} passed ({report['pass_rate']:.1%}); "
