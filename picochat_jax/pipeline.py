@@ -113,7 +113,9 @@ class RunOptions:
 def _summary_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Training summary: {summary['pack']} ({summary['scale']})", "",
              f"- model parameters: {summary['params']:,}", f"- mesh: {summary['mesh']} on {summary['device_kind']}",
-             f"- wall time: {summary['wall_sec']:.1f} s", "",
+             f"- wall time: {summary['wall_sec']:.1f} s"
+             + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in summary["stage_sec"].items()) + ")"
+                if summary.get("stage_sec") else ""), "",
              "| stage | steps | tokens | first loss | final loss | final BPB | best val loss | tokens/s | MFU |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -129,7 +131,8 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
                          f"{fmt(s['final_loss'], '.3f')} | n/a | {fmt(s['best_val_loss'], '.3f')} | n/a | n/a |")
             continue
         lines.append(f"| {name} | {s['steps']} | {s['tokens_seen']:,} | {fmt(s['first_loss'], '.3f')} | "
-                     f"{fmt(s['final_loss'], '.3f')} | {fmt(s['final_bpb'], '.3f')} | {fmt(s['best_val_loss'], '.3f')} | "
+                     f"{fmt(s['final_loss'], '.3f')} | {fmt(s['final_bpb'], '.3f')} | "
+                     f"{fmt(s['best_val_loss'], '.3f')} | "
                      f"{fmt(s['tokens_per_sec'], ',.0f')} | {fmt(s['mfu'], '.2%')} |")
     return "\n".join(lines) + "\n"
 
@@ -201,13 +204,26 @@ def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, con
     return write_honesty_report(out_dir, scan, mem, inputs)
 
 
+class _Laps:
+    """Seconds per stage, so the summary shows where a run's wall time went."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.sec: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.sec[stage] = round(now - self.last, 2)
+        self.last = now
+
+
 def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = RunOptions()) -> dict[str, Any]:
     """The whole factory on one pack. Returns the run summary (also written to summary.json|md)."""
     from picochat_jax.eval.gate import evaluate_gate, load_gate_profile
     from picochat_jax.eval.honesty import make_planted_canaries, plant_canaries
     from picochat_jax.eval.report import write_run_report
 
-    t0 = time.perf_counter()
+    lap = _Laps()
     out_dir = Path(out_dir)
     scale = load_scale(options.scale)
     base_cfg = with_overrides(scale.base, steps=options.base_steps, precision=options.precision)
@@ -230,11 +246,13 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     print(f"[import] {pack.name}: reading corpus")
     corpus = import_corpus(pack, out_dir)
     print(f"[import] {corpus.manifest['total_documents']} documents, {corpus.manifest['total_bytes']:,} bytes")
+    lap("import")
 
     pre = preflight_stage(pack, corpus, conversations, eval_rows, preferences, scale, base_cfg, sft_cfg, options,
                           out_dir)
     print(f"[preflight] {pre['status']}" + (f": warnings {', '.join(pre['warnings'])}" if pre["warnings"] else "")
           + (f"; blocking {', '.join(pre['blocking'])} overridden" if pre["overridden"] else ""))
+    lap("preflight")
 
     planted = make_planted_canaries(options.canaries, base_cfg.seed)
     documents = plant_canaries(corpus.documents, planted, seed=base_cfg.seed) if planted else corpus.documents
@@ -245,17 +263,20 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
         tok = train_tokenizer_stage(scale, tokenizer_texts(Corpus(documents, corpus.labels, corpus.manifest),
                                                            conversations), tokenizer_path)
     print(f"[tokenizer] {scale.tokenizer.kind} vocab {tok.vocab_size} -> {tokenizer_path}")
+    lap("tokenizer")
 
     train_kwargs = {"resume": options.resume, "overwrite": options.overwrite, "progress": options.progress}
     base = base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape,
                       **train_kwargs)
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
+    lap("base")
     model_cfg = model_config_for(scale, tok)
     sft = sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
                     mesh_shape, **train_kwargs)
     if sft.status != "completed":
         return {"status": "interrupted", "stage": "sft", "step": sft.final_step}
+    lap("sft")
     candidate = "sft"
     dpo = None
     if preferences:
@@ -265,6 +286,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
         print(f"[dpo] reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "
               f"{dpo.summary['after']['reward_accuracy']:.2f}, log-prob margin "
               f"{dpo.summary['before']['logp_margin']:.2f} -> {dpo.summary['after']['logp_margin']:.2f}")
+        lap("dpo")
 
     # Evidence: every later stage judges the model a release would ship.
     from picochat_jax.eval.chat import evaluate_chat
@@ -275,6 +297,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     sampling = SamplingParams(max_new_tokens=scale.eval_max_new_tokens)
     fit = sft_fit_report(engine, fmt, conversations, out_dir / "sft_fit", sampling, options.eval_batch_size)
     print(f"[sft_fit] {candidate}: {fit['reproduced']}/{fit['rows']} rows reproduced, mean F1 {fit['mean_f1']:.3f}")
+    lap("sft_fit")
     if eval_rows:
         ev = evaluate_chat(engine, fmt, eval_rows, out_dir / "eval", sampling, options.eval_batch_size)
         print(f"[eval] {ev['passed']}/{ev['rows']} passed; prompt echo {ev['prompt_echo_rate']:.2f}")
@@ -283,17 +306,19 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     if external_rows:
         ext = evaluate_chat(engine, fmt, external_rows, out_dir / "external_eval", sampling, options.eval_batch_size)
         print(f"[external_eval] {ext['passed']}/{ext['rows']} passed")
+    lap("eval")
     hon = honesty_stage(engine, fmt, tok, corpus, conversations, eval_rows, planted, f"{candidate}/checkpoint",
                         options, out_dir / "honesty")
     print(f"[honesty] {hon['status']}: {hon['counts']['eval_rows_in_sft']} eval rows in SFT, "
           f"{hon['counts']['eval_rows_in_corpus']} in corpus; memorised {hon['memorization']['memorized']}/"
           f"{hon['memorization']['canaries']} canaries")
+    lap("honesty")
 
     summary = {"status": "completed", "pack": pack.name, "scale": scale.name, "params": base.summary["params"],
                "mesh": str(mesh_shape), "device_kind": base.summary["device_kind"],
                "tokenizer_vocab": tok.vocab_size, "base": base.summary, "sft": sft.summary,
                **({"dpo": dpo.summary} if dpo else {}), "candidate": f"{candidate}/checkpoint",
-               "wall_sec": time.perf_counter() - t0}
+               "stage_sec": lap.sec, "wall_sec": time.perf_counter() - lap.start}
     save_json(out_dir / "summary.json", summary)
     save_text(out_dir / "summary.md", _summary_markdown(summary))
     gate = evaluate_gate(out_dir, gate_profile)

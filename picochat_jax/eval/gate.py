@@ -200,7 +200,8 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
 
     fit, why = _read(run_dir, "sft_fit")
     checks.append(_missing("sft_fit_f1", f">= {profile.min_sft_fit_f1}", why) if fit is None else
-                  _at_least("sft_fit_f1", fit.get("mean_f1"), profile.min_sft_fit_f1, "mean word F1 on replayed SFT rows"))
+                  _at_least("sft_fit_f1", fit.get("mean_f1"), profile.min_sft_fit_f1,
+                            "mean word F1 on replayed SFT rows"))
 
     ev, why = _read(run_dir, "eval")
     if ev is None:
@@ -231,10 +232,10 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
             checks.append(_missing(name, thr, why))
     else:
         counts = hon.get("counts") or {}
-        lines = hon.get("contaminated_eval_lines") or []
-        for name, key, limit, where in (("eval_in_sft", "eval_rows_in_sft", profile.max_eval_rows_in_sft, "SFT rows"),
-                                        ("eval_in_corpus", "eval_rows_in_corpus", profile.max_eval_rows_in_corpus,
-                                         "corpus")):
+        for name, part, limit, where in (("eval_in_sft", "sft", profile.max_eval_rows_in_sft, "SFT rows"),
+                                         ("eval_in_corpus", "corpus", profile.max_eval_rows_in_corpus, "corpus")):
+            key = f"eval_rows_in_{part}"
+            lines = hon.get(f"eval_lines_in_{part}") or hon.get("contaminated_eval_lines") or []
             n = counts.get(key)
             if not isinstance(n, int):
                 checks.append(_missing(name, f"<= {limit}", f"honesty report has no {key} count"))

@@ -164,7 +164,7 @@ def scan_contamination(eval_rows: Sequence[EvalRow], conversations: Sequence[Con
     corpus = TextIndex.build("corpus", list(documents), list(doc_labels or [f"document {i}" for i in
                                                                             range(len(documents))]), n, cache)
     exact_prompts: dict[str, str] = {}
-    for c, label in zip(conversations, conv_labels):
+    for c, label in zip(conversations, conv_labels, strict=True):
         exact_prompts.setdefault(normalize(_user_text(c.messages)), label)
 
     findings: list[dict[str, Any]] = []
@@ -212,7 +212,7 @@ def scan_contamination(eval_rows: Sequence[EvalRow], conversations: Sequence[Con
     # SFT answers copied from the corpus are not an eval leak, but they make "SFT fit" look like skill.
     sft_in_corpus = []
     answer_ngrams = total_ngrams = 0
-    for c, label in zip(conversations, conv_labels):
+    for c, label in zip(conversations, conv_labels, strict=True):
         hashes = ngram_hashes(word_ids(normalize(c.target).split(), cache), n)
         rate, owner = corpus.overlap(hashes)
         answer_ngrams += round(rate * len(hashes))
@@ -235,6 +235,8 @@ def scan_contamination(eval_rows: Sequence[EvalRow], conversations: Sequence[Con
     return {
         "ngram": n, "near_overlap": NEAR_OVERLAP, "counts": counts,
         "contaminated_eval_lines": sorted(eval_rows[i].line for i in in_sft | in_corpus),
+        "eval_lines_in_sft": sorted(eval_rows[i].line for i in in_sft),
+        "eval_lines_in_corpus": sorted(eval_rows[i].line for i in in_corpus),
         "sft_corpus": {"rows_in_corpus": len(sft_in_corpus), "answer_ngrams": total_ngrams,
                        "answer_ngram_overlap": (answer_ngrams / total_ngrams) if total_ngrams else 0.0,
                        "examples": sft_in_corpus[:20]},
@@ -273,7 +275,7 @@ def corpus_canaries(documents: Sequence[str], labels: Sequence[str], tok: TokenC
     # Round-robin over documents so canaries spread over the corpus; tokenize only what we draw from.
     chosen = order[: max(count, 1) * 2]
     encoded = tok.encode_batch([documents[i] for i in chosen])
-    usable = [(int(d), ids) for d, ids in zip(chosen, encoded) if len(ids) >= need]
+    usable = [(int(d), ids) for d, ids in zip(chosen, encoded, strict=True) if len(ids) >= need]
     for k in range(count):
         if not usable:
             break
@@ -316,7 +318,8 @@ def planted_canaries(canaries: Sequence[tuple[str, str]], tok: TokenCodec) -> li
     for i in range(k):
         prefix, full = enc[i], enc[k + i]
         # BPE may merge across the boundary; keep the shared token prefix as the prompt.
-        cut = next((j for j, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
+        same = [a == b for a, b in zip(prefix, full, strict=False)]
+        cut = same.index(False) if False in same else len(same)
         out.append(Canary("planted", canaries[i][0], tuple(full[:cut]), tuple(full[cut:])))
     return out
 
@@ -328,7 +331,7 @@ def memorization_check(engine: Generator, tok: TokenCodec, canaries: Sequence[Ca
         return {"canaries": 0, "memorized": 0, "rate": 0.0, "mean_token_match": 0.0, "examples": []}
     outputs = engine.generate([list(c.prefix_ids) for c in canaries], sampling, list(stop_ids))
     rows, by_kind = [], {}
-    for c, got in zip(canaries, outputs):
+    for c, got in zip(canaries, outputs, strict=True):
         want = np.asarray(c.continuation_ids)
         got_arr = np.asarray(list(got[: len(want)]) + [-1] * max(0, len(want) - len(got)))
         agree = got_arr == want

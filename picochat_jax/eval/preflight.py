@@ -162,15 +162,15 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
         scan = scan_contamination(eval_rows, conversations, corpus.documents,
                                   [f"{lab}#{i}" for i, lab in enumerate(corpus.labels)])
         c = scan["counts"]
-        lines = ", ".join(str(x) for x in scan["contaminated_eval_lines"][:10])
 
         def leak_level(count: int) -> str:
             if not count:
                 return "ok"
             return "block" if long_run or count / n_eval > MAX_CONTAMINATED_SHARE else "warn"
 
-        for name, key, where in (("eval_in_sft", "eval_rows_in_sft", "SFT rows"),
-                                 ("eval_in_corpus", "eval_rows_in_corpus", "corpus")):
+        for name, part, where in (("eval_in_sft", "sft", "SFT rows"), ("eval_in_corpus", "corpus", "corpus")):
+            key = f"eval_rows_in_{part}"
+            lines = ", ".join(str(x) for x in scan[f"eval_lines_in_{part}"][:10])
             level = leak_level(c[key])
             why = ("" if level != "block" else " (a long run)" if long_run else
                    f" (more than {MAX_CONTAMINATED_SHARE:.0%} of the eval)")
@@ -202,7 +202,8 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
     checks.append(_check("sft_context", too_long, 0, "warn" if too_long else "ok",
                          f"{too_long} of {n_sft} SFT rows look longer than the {sft_seq}-token context "
                          f"(their start is cut; the target is kept)" if too_long else
-                         f"every SFT row fits the {sft_seq}-token context (longest ~{int(max(sft_lengths, default=0))})"))
+                         f"every SFT row fits the {sft_seq}-token context "
+                         f"(longest ~{int(max(sft_lengths, default=0))})"))
     if eval_rows:
         longest = max(sum(len(m.content.encode("utf-8")) for m in r.prompt) / bpt
                       + CHAT_OVERHEAD_TOKENS * len(r.prompt) for r in eval_rows)
@@ -215,8 +216,8 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
     for stage, cfg in (("base", base_cfg), ("sft", sft_cfg)):
         if cfg.warmup_steps >= cfg.steps:
             checks.append(_check(f"{stage}_warmup", cfg.warmup_steps, cfg.steps, "warn",
-                                 f"{stage} warmup ({cfg.warmup_steps}) is not shorter than the run ({cfg.steps} steps): "
-                                 f"the learning rate never reaches its peak"))
+                                 f"{stage} warmup ({cfg.warmup_steps}) is not shorter than the run "
+                                 f"({cfg.steps} steps): the learning rate never reaches its peak"))
 
     # --- devices -----------------------------------------------------------------------------------
     n_dev = jax.device_count() if n_devices is None else n_devices
@@ -230,8 +231,8 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
             bad = cfg.batch_size % mesh_shape.batch_parallelism
             checks.append(_check(f"{stage}_batch_divisible", cfg.batch_size, mesh_shape.batch_parallelism,
                                  "block" if bad else "ok",
-                                 f"{stage} batch {cfg.batch_size} "
-                                 f"{'is not' if bad else 'is'} divisible by data*fsdp = {mesh_shape.batch_parallelism}"))
+                                 f"{stage} batch {cfg.batch_size} {'is not' if bad else 'is'} divisible by "
+                                 f"data*fsdp = {mesh_shape.batch_parallelism}"))
         mem = estimate_train_memory(model_cfg, base_cfg, mesh_shape, base_seq)
         limit, source = (device_memory, "given") if device_memory else device_memory_bytes()
         need_gib = mem["total_bytes"] / 2**30

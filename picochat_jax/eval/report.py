@@ -38,7 +38,7 @@ def plot_losses(run_dir: Path, out_path: Path) -> list[str]:
     if not stages:
         return []
     fig, axes = plt.subplots(1, len(stages), figsize=(4.6 * len(stages), 3.6), dpi=110, squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    for ax, stage in zip(axes[0], stages, strict=True):
         train, val = curves[stage]
         if train:
             ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", color="tab:blue", lw=1.6)
@@ -82,7 +82,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     hon = _load(run_dir / EVIDENCE["honesty"])
     pre = _load(run_dir / EVIDENCE["preflight"])
 
-    title = f"# Run report: {summary.get('pack', run_dir.name)}" + (f" ({summary['scale']})" if summary.get("scale") else "")
+    title = f"# Run report: {summary.get('pack', run_dir.name)}"
+    title += f" ({summary['scale']})" if summary.get("scale") else ""
     lines = [title, ""]
     if gate:
         lines += [f"**Release gate: {gate['decision'].upper()}**"
@@ -113,8 +114,9 @@ def write_run_report(run_dir: str | Path) -> Path:
         lines.append(f"- SFT fit: {fit.get('reproduced')}/{fit.get('rows')} rows reproduced exactly, mean F1 "
                      f"{_f(fit.get('mean_f1'))}")
     if ev:
-        lines.append(f"- held-out eval: {ev.get('passed')}/{ev.get('rows')} passed ({_f(ev.get('pass_rate'), '.1%')}), "
-                     f"prompt echo {_f(ev.get('prompt_echo_rate'), '.1%')}, refusals {_f(ev.get('refusal_rate'), '.1%')}")
+        lines.append(f"- held-out eval: {ev.get('passed')}/{ev.get('rows')} passed "
+                     f"({_f(ev.get('pass_rate'), '.1%')}), prompt echo {_f(ev.get('prompt_echo_rate'), '.1%')}, "
+                     f"refusals {_f(ev.get('refusal_rate'), '.1%')}")
     dpo = summary.get("dpo") if summary else None
     if isinstance(dpo, dict) and dpo.get("after"):
         lines.append(f"- DPO: reward accuracy {_f(dpo['before']['reward_accuracy'], '.2f')} -> "
