@@ -139,8 +139,9 @@ def trained(tmp_path_factory) -> dict:
     (root / "dataset_pack.json").write_text(json.dumps({"name": "eval-test", "corpus": "corpus.txt",
                                                         "chat": "chat.jsonl"}))
     run = root / "run"
+    # No corpus canaries: the honesty stage's memorisation replay is not what these tests are about.
     run_tiny(root / "dataset_pack.json", run, RunOptions(scale=SCALE, base_steps=BASE_STEPS, sft_steps=SFT_STEPS,
-                                                         progress=False))
+                                                         progress=False, memorization_canaries=0))
     # The SFT stage holds rows out for validation; ask the same split which rows were really taught.
     sft = load_scale(SCALE).sft
     train_idx, val_idx = split_examples({"i": np.arange(len(TAUGHT))}, sft.val_fraction, sft.seed)
