@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from picochat_jax.cli.common import device_option, friendly_errors, select_device
-from picochat_jax.cli.eval import precision_option, sampling_from, sampling_options
+from picochat_jax.cli.eval import plain_warnings, precision_option, sampling_from, sampling_options
 
 HELP = "commands: /reset clears the conversation, /quit (or Ctrl-D) leaves"
 
@@ -85,5 +85,6 @@ def chat(checkpoint_dir: Path, tokenizer_path: Path | None, system: str | None, 
         return line if line else None
 
     click.echo(f"picochat: {checkpoint_dir} (context {engine.max_len} tokens). {HELP}")
-    repl(engine, fmt, sampling, system, read_line, click.echo)
+    with plain_warnings():
+        repl(engine, fmt, sampling, system, read_line, click.echo)
     click.echo("")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,19 @@ from picochat_jax.cli.common import device_option, friendly_errors, select_devic
 @click.group(name="eval")
 def eval_group() -> None:
     """Evaluate a checkpoint: held-out chat scoreboard, SFT fit, teacher-forced loss."""
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Show library warnings (e.g. prompts cut to fit the context) as one `warning:` line each."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def sampling_options(max_new_default: int = 64) -> Any:
@@ -126,8 +142,9 @@ def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str
     path = _input_path(input_path, pack_path, "eval")
     rows = read_eval_jsonl(path)
     engine, fmt = _load_engine(checkpoint_dir, tokenizer_path, hf_model, precision)
-    report = evaluate_chat(engine, fmt, rows, out_dir, sampling_from(opts), batch_size=batch_size,
-                           input_name=str(path))
+    with plain_warnings():
+        report = evaluate_chat(engine, fmt, rows, out_dir, sampling_from(opts), batch_size=batch_size,
+                               input_name=str(path))
     click.echo(f"eval: {report['passed']}/{report['rows']} passed ({report['pass_rate']:.1%}); "
                f"prompt echo {report['prompt_echo_rate']:.1%}, refusals {report['refusal_rate']:.1%}")
     for cat, g in report["by_category"].items():
@@ -154,8 +171,9 @@ def fit(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, p
 
     conversations = read_chat_jsonl(_input_path(input_path, pack_path, "chat"))
     engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
-    report = sft_fit_report(engine, fmt, conversations, out_dir, sampling_from(opts), batch_size=batch_size,
-                            max_rows=max_rows)
+    with plain_warnings():
+        report = sft_fit_report(engine, fmt, conversations, out_dir, sampling_from(opts), batch_size=batch_size,
+                                max_rows=max_rows)
     click.echo(f"sft fit: {report['reproduced']}/{report['rows']} reproduced ({report['reproduced_rate']:.1%}), "
                f"mean F1 {report['mean_f1']:.3f}; report -> {out_dir / 'fit_report.md'}")
 
