@@ -82,6 +82,7 @@ def test_absent_targets_are_skipped_but_none_is_an_error():
         lora.present_targets(params, lora.LoraConfig(targets=("gate_proj",)))
 
 
+@pytest.mark.slow
 def test_lora_step_trains_adapters_only(base):
     cfg = lora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj"))
     model = make_model(CFG)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
@@ -30,6 +31,7 @@ from safetensors.numpy import save_file
 
 from picochat_jax.config import ModelConfig
 from picochat_jax.fileio import save_json
+from picochat_jax.model.transformer import _dummy_tokens, make_model
 
 # model_type -> the architecture class name transformers needs in config.json.
 ARCHITECTURES = {
@@ -287,12 +289,8 @@ def hf_config_from_native(cfg: ModelConfig, family: str, token_ids: dict[str, in
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """The Decoder's param tree as shapes (traced abstractly: nothing is compiled or allocated)."""
-    from picochat_jax.model.transformer import _dummy_tokens, make_model
-
     model = make_model(cfg)
     abstract = jax.eval_shape(lambda r: model.init(r, _dummy_tokens(cfg)), jax.random.key(0))
-    import flax.linen as nn
-
     return jax.tree_util.tree_map(lambda s: tuple(s.shape), nn.meta.unbox(abstract["params"]))
 
 
