@@ -34,7 +34,8 @@ uvicorn = pytest.importorskip("uvicorn")
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello there, how are you today?",
          "picochat serves tiny models over http", "streaming tokens as server-sent events"] * 20
 CTX = 128
-MAX_BATCH = 8
+MAX_BATCH = 4  # the engine tests already compiled batch-4 programs; the server reuses them
+CHUNK = 4  # tokens per decode chunk; one value everywhere, so every test reuses the same programs
 MODEL_ID = "pico-test"
 # A large init_std keeps logits far apart, so greedy argmax is the model's choice, not float rounding.
 CFG_KW = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=CTX, norm="rmsnorm",
@@ -57,7 +58,7 @@ def server(native):
     """(base_url, backend): uvicorn serving the checkpoint on a free 127.0.0.1 port, stopped after the module."""
     root, _, _ = native
     backend = load_backend(root / "ckpt", root / "tokenizer.json", model_name=MODEL_ID, max_batch=MAX_BATCH,
-                           chunk_tokens=4, batch_wait_ms=50.0, default_max_tokens=16, warmup=False)
+                           chunk_tokens=CHUNK, batch_wait_ms=50.0, default_max_tokens=16, warmup=False)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -84,14 +85,25 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def reference(native, server):
-    """Greedy replies of the eval engine: reference(prompt_ids, max_new) -> text."""
+    """Greedy reply texts outside the server: reference(prompts_ids, max_new) -> texts.
+
+    It runs the serving engine's programs outside the server (test_chunked_engine_* ties those to the
+    eval engine), so the HTTP tests check batching, streaming and text handling, and compile nothing new.
+    """
     _, params, cfg = native
-    engine = Engine(params, cfg)
+    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
     fmt = server[1].fmt
 
     def run(prompts: list[list[int]], max_new: int) -> list[str]:
-        out = engine.generate(prompts, SamplingParams(max_new_tokens=max_new), fmt.stop_ids)
-        return [fmt.decode(ids) for ids in out]
+        ids: list[list[int]] = []
+        for start in range(0, len(prompts), MAX_BATCH):
+            group = prompts[start:start + MAX_BATCH]
+            out: list[list[int]] = [[] for _ in group]
+            for res in engine.run(group, [RowSampling(max_new)] * len(group), fmt.stop_ids):
+                for i, toks in enumerate(res.tokens):
+                    out[i] += toks
+            ids += out
+        return [fmt.decode(x) for x in ids]
 
     return run
 
@@ -109,7 +121,7 @@ def test_chunked_engine_matches_eval_engine_and_never_recompiles_per_token(nativ
     prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (1, 5, 9, 30)]
     limits = (12, 3, 7, 12)
     ref = Engine(params, cfg).generate(prompts, SamplingParams(max_new_tokens=12), stop_ids=[])
-    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=5)
+    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
     got, finished, chunks = [[] for _ in prompts], [None] * 4, 0
     for res in engine.run(prompts, [RowSampling(m) for m in limits], stop_ids=[]):
         chunks += 1
@@ -117,7 +129,7 @@ def test_chunked_engine_matches_eval_engine_and_never_recompiles_per_token(nativ
             got[i] += res.tokens[i]
             finished[i] = res.finished[i] or finished[i]
     assert got == [r[:m] for r, m in zip(ref, limits, strict=True)]  # per-row max_tokens in one batch
-    assert finished == ["length"] * 4 and chunks == 3  # 12 tokens in chunks of 5
+    assert finished == ["length"] * 4 and chunks == 3  # 12 tokens in chunks of 4
     programs = engine.compiled_programs
     # Longer replies in the same cache bucket reuse the same prefill and chunk programs.
     for m in (10, 11):
@@ -130,7 +142,7 @@ def test_chunked_engine_stop_token_cancel_and_sampling(native):
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, cfg.vocab_size, 6).tolist() for _ in range(3)]
     ref = Engine(params, cfg).generate(prompts, SamplingParams(max_new_tokens=10), stop_ids=[])
-    engine = ChunkedEngine(params, cfg, max_batch=4, chunk_tokens=2)
+    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
     stop = ref[0][3]
     cut = ref[0].index(stop)
     flags = [False, False, False]
@@ -141,7 +153,7 @@ def test_chunked_engine_stop_token_cancel_and_sampling(native):
             out[i] += res.tokens[i]
             reasons[i] = res.finished[i] or reasons[i]
     assert out[0] == ref[0][:cut] and reasons[0] == "stop"
-    assert reasons[2] == "cancelled" and out[2] == ref[2][:2]
+    assert reasons[2] == "cancelled" and out[2] == ref[2][:CHUNK]
     assert reasons[1] == ("stop" if stop in ref[1] else "length")
     # Sampling: a row's draws depend on its seed only, not on the batch it shares.
     sampled = RowSampling(8, temperature=1.0, top_p=0.9, seed=5)
@@ -195,19 +207,19 @@ def test_models_and_completion_via_openai_client(client, server, reference):
 
 def test_streamed_chat_equals_non_streamed_reply(client, server, reference):
     _, backend = server
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    full = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0)
+    messages = [{"role": "system", "content": "brief"}, {"role": "user", "content": "hello there"}]
+    full = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
     reply = full.choices[0].message.content
     prompt = backend.fmt.encode_prompt([Message(m["role"], m["content"]) for m in messages])
-    assert reply == reference([prompt], 24)[0]
+    assert reply == reference([prompt], 12)[0]
     assert full.usage.prompt_tokens == len(prompt)
 
-    stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+    stream = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(deltas) == reply
-    assert sum(1 for d in deltas if d) >= 2  # really streamed: 24 tokens arrive in chunks of 4
+    assert sum(1 for d in deltas if d) >= 2  # really streamed: 12 tokens arrive in chunks of 4
     assert chunks[0].choices[0].delta.role == "assistant"
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert reasons == [full.choices[0].finish_reason]
@@ -216,17 +228,17 @@ def test_streamed_chat_equals_non_streamed_reply(client, server, reference):
 
 def test_stop_strings_cut_streamed_and_plain_replies(client):
     messages = [{"role": "user", "content": "hello there"}]
-    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24,
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12,
                                            temperature=0).choices[0].message.content
     # A stop string taken from the middle of the reply (two printable characters, first occurrence).
     start = next(i for i in range(2, len(reply) - 1) if reply[i:i + 2].isprintable() and reply[i:i + 2].strip())
     stop = reply[start:start + 2]
     expected = reply[:reply.index(stop)]
-    plain = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+    plain = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0,
                                            stop=[stop])
     assert plain.choices[0].message.content == expected
     assert plain.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0,
+    streamed = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0,
                                               stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
 
@@ -298,7 +310,7 @@ def test_concurrent_requests_are_batched(server, reference):
 def test_streaming_completion_sse_format(server):
     base, _ = server
     with http(base) as h, h.stream("POST", "/v1/completions", json={
-            "model": MODEL_ID, "prompt": ["hello", "the fox"], "max_tokens": 6, "temperature": 0,
+            "model": MODEL_ID, "prompt": ["hello", "the fox", "a dog", "http"], "max_tokens": 6, "temperature": 0,
             "stream": True}) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
@@ -307,7 +319,7 @@ def test_streaming_completion_sse_format(server):
     events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
     assert all(e["object"] == "text_completion" for e in events)
     finished = sorted(e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"])
-    assert finished == [0, 1]  # one finishing chunk per prompt
+    assert finished == [0, 1, 2, 3]  # one finishing chunk per prompt
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -325,3 +337,25 @@ def test_cli_serve_needs_exactly_one_model(native):
     assert both.exit_code == 2 and "exactly one" in both.output
     missing = runner.invoke(main, ["serve", "--checkpoint", str(root / "nope"), "--no-warmup"])
     assert missing.exit_code != 0 and "nope" in missing.output
+
+
+def test_hf_model_folder_serves_the_same_replies(native, client, tmp_path):
+    """--hf-model: the native checkpoint exported as a stock transformers folder answers like the native one."""
+    convert = pytest.importorskip("picochat_jax.hf.convert")
+    from starlette.testclient import TestClient
+
+    root, _, _ = native
+    _, folder = convert.export_native(root / "ckpt", root / "tokenizer.json", tmp_path / "hf")
+    backend = load_backend(hf_model=folder, model_name="hf-test", max_batch=1, chunk_tokens=CHUNK, warmup=False)
+    assert backend.max_context == CTX
+    messages = [{"role": "user", "content": "hello there"}]
+    native_reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
+    with TestClient(create_app(backend)) as hf_client:  # in-process ASGI: no socket
+        assert hf_client.get("/v1/models").json()["data"][0]["id"] == "hf-test"
+        resp = hf_client.post("/v1/chat/completions", json={"model": "hf-test", "messages": messages,
+                                                             "max_tokens": 12, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["usage"] == native_reply.usage.model_dump(include={"prompt_tokens", "completion_tokens",
+                                                                    "total_tokens"})
+    assert body["choices"][0]["message"]["content"] == native_reply.choices[0].message.content

@@ -137,6 +137,18 @@ def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
     return out, t, tok, cache, done
 
 
+# The model is a static argument: engines serving the same architecture share compiled programs.
+_PREFILL = jax.jit(_prefill, static_argnames=("model", "cache_len"))
+
+
+@functools.cache
+def _chunk_program(donate_cache: bool) -> Any:
+    # The cache is rewritten every chunk: donating it saves a copy per chunk where the backend can
+    # (CPU cannot, and would warn on every call).
+    return jax.jit(_decode_chunk, static_argnames=("model", "steps"),
+                   donate_argnames=("cache",) if donate_cache else ())
+
+
 class ChunkedEngine:
     """Batched generation that yields after every chunk of tokens. Call it from one thread only."""
 
@@ -155,14 +167,13 @@ class ChunkedEngine:
         self.pad_id = pad_id
         self.model = make_model(model_cfg, precision)
         dtype = self.model.dtype
+        # Committed to one device however they were loaded, so every engine of this model calls the
+        # shared programs with the same argument placement (a different one would compile them again).
         self.params = jax.device_put(jax.tree_util.tree_map(
-            lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, params))
-        self._prefill = jax.jit(functools.partial(_prefill, self.model), static_argnames=("cache_len",))
-        # The cache is rewritten every chunk: donating it avoids a copy per chunk where the backend can
-        # (CPU cannot, and would warn on every call).
-        donate = ("cache",) if jax.default_backend() != "cpu" else ()
-        self._chunk = jax.jit(functools.partial(_decode_chunk, self.model), static_argnames=("steps",),
-                              donate_argnames=donate)
+            lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, params),
+            jax.devices()[0])
+        self._prefill = functools.partial(_PREFILL, self.model)
+        self._chunk = functools.partial(_chunk_program(jax.default_backend() != "cpu"), self.model)
 
     @classmethod
     def from_engine(cls, engine: Engine, *, chunk_tokens: int = 8, max_batch: int | None = None,
@@ -173,8 +184,11 @@ class ChunkedEngine:
 
     @property
     def compiled_programs(self) -> int:
-        """Programs compiled so far: one prefill per shape bucket, one chunk per (batch, cache) bucket."""
-        return self._prefill._cache_size() + self._chunk._cache_size()
+        """Programs compiled so far: one prefill per shape bucket, one chunk per (batch, cache) bucket.
+
+        The programs are cached per model config, so engines of the same model (a reload, tests) share them.
+        """
+        return _PREFILL._cache_size() + _chunk_program(jax.default_backend() != "cpu")._cache_size()
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len < 1:
@@ -214,14 +228,15 @@ class ChunkedEngine:
             temps[i], top_p[i], top_k[i], seeds[i] = r.temperature, r.top_p, r.top_k, r.seed % (1 << 32)
         stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
         stop_set = {int(s) for s in stop_ids}
-        lens_d, temps_d, top_k_d, top_p_d, seeds_d = map(jnp.asarray, (lens, temps, top_k, top_p, seeds))
+        lens_d, limits_d, temps_d, top_k_d, top_p_d, seeds_d = (
+            jnp.asarray(a) for a in (lens, limits, temps, top_k, top_p, seeds))
 
         tok, cache = self._prefill(self.params, jnp.asarray(tokens), lens_d, temps_d, top_k_d, top_p_d, seeds_d,
                                    cache_len=S)
         done = np.zeros((B,), bool)
         done[n:] = True
         finished: list[str | None] = [None] * n
-        t = jnp.int32(0)
+        t = 0  # kept on the host: a device scalar fed back would flip committed-ness and recompile once
         while True:
             reasons: list[str | None] = [None] * n
             flags = list(cancelled()) if cancelled is not None else [False] * n
@@ -233,10 +248,10 @@ class ChunkedEngine:
                 if any(reasons):
                     yield ChunkResult([[] for _ in range(n)], reasons)
                 return
-            out, t, tok, cache, done_d = self._chunk(
-                self.params, cache, tok, t, jnp.asarray(done), lens_d, jnp.int32(P), jnp.asarray(limits), temps_d,
+            out, t_d, tok, cache, done_d = self._chunk(
+                self.params, cache, tok, np.int32(t), jnp.asarray(done), lens_d, np.int32(P), limits_d, temps_d,
                 top_k_d, top_p_d, seeds_d, stops, steps=self.chunk_tokens)
-            out, done = np.asarray(out), np.array(done_d)
+            out, done, t = np.asarray(out), np.array(done_d), int(t_d)
             new_tokens: list[list[int]] = []
             for i in range(n):
                 row, hit_stop = [], False
