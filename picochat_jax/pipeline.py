@@ -105,7 +105,7 @@ class RunOptions:
     dpo_beta: float = 0.1
     canaries: int = 0  # random canary strings planted in the corpus to measure memorisation
     memorization_canaries: int = 8  # corpus passages replayed to measure memorisation
-    eval_batch_size: int = 16
+    eval_batch_size: int = 64  # rows per generation batch: fewer, larger batches compile fewer programs
     gate_profile: str | None = None
     gate_overrides: tuple[tuple[str, str], ...] = ()
 
@@ -293,7 +293,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     from picochat_jax.eval.fit import sft_fit_report
     from picochat_jax.generate import SamplingParams, load_native
 
-    engine, fmt = load_native(out_dir / candidate / "checkpoint", tokenizer_path)
+    engine, fmt = load_native(out_dir / candidate / "checkpoint", tokenizer_path, max_batch=options.eval_batch_size)
     sampling = SamplingParams(max_new_tokens=scale.eval_max_new_tokens)
     fit = sft_fit_report(engine, fmt, conversations, out_dir / "sft_fit", sampling, options.eval_batch_size)
     print(f"[sft_fit] {candidate}: {fit['reproduced']}/{fit['rows']} rows reproduced, mean F1 {fit['mean_f1']:.3f}")

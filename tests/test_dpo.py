@@ -69,18 +69,19 @@ def test_sequence_logps_sum_response_tokens_only(tok, tiny_cfg):
     params = init_params(model, jax.random.key(1))
     ex, _ = preference_examples(_rows()[:2], tok, 96)
     batch = {k: jnp.asarray(v) for k, v in ex.items()}
-    chosen, rejected = pair_logps(model, params, batch)
-    logits = np.asarray(model.apply({"params": params}, batch["chosen_inputs"]), np.float64)
+    chosen, rejected = jax.jit(lambda p, b: pair_logps(model, p, b))(params, batch)
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, batch["chosen_inputs"]), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     picked = np.take_along_axis(logp, ex["chosen_targets"][..., None], -1)[..., 0]
     np.testing.assert_allclose(chosen, (picked * ex["chosen_mask"]).sum(-1), rtol=1e-4)
-    direct = sequence_logps(model, params, batch["rejected_inputs"], batch["rejected_targets"], batch["rejected_mask"])
+    direct = jax.jit(lambda p, b: sequence_logps(model, p, b["rejected_inputs"], b["rejected_targets"],
+                                                 b["rejected_mask"]))(params, batch)
     np.testing.assert_allclose(rejected, direct, rtol=1e-5)
 
 
 def _margin(model, params, ex) -> float:
-    c, r = pair_logps(model, params, {k: jnp.asarray(v) for k, v in ex.items()})
+    c, r = jax.jit(lambda p, b: pair_logps(model, p, b))(params, {k: jnp.asarray(v) for k, v in ex.items()})
     return float(jnp.mean(c - r))
 
 

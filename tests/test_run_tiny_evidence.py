@@ -101,7 +101,7 @@ def write_original_style_pack(root: Path, contaminate: bool = False) -> Path:
 # zero contamination, memorisation, SFT fit) is the release default.
 TINY_PROFILE = {"min_eval_rows": "6"}
 # pico (BPE) learns the behaviour in ~80 SFT steps; the base stage only has to exist.
-CLEAN = {"scale": "pico", "base_steps": 10, "sft_steps": 80, "dpo_steps": 6}
+CLEAN = {"scale": "pico", "base_steps": 10, "sft_steps": 80, "dpo_steps": 6, "canaries": 2}
 
 SPEC_LAYOUT = [
     "corpus_manifest.json", "corpus_report.md", "tokenizer.json", "preflight.json", "preflight.md",
@@ -136,6 +136,9 @@ def test_run_tiny_writes_every_evidence_file_of_the_spec(clean_run):
     assert gate["model"] == "dpo/checkpoint"
     honesty = json.loads((run / "honesty" / "honesty_report.json").read_text())
     assert honesty["memorization"]["model"] == "dpo/checkpoint"
+    # --canaries: planted strings are checked next to the corpus passages
+    assert honesty["memorization"]["by_kind"]["planted"]["canaries"] == 2
+    assert honesty["memorization"]["by_kind"]["corpus"]["canaries"] == 8
     report = (run / "report.md").read_text()
     assert all(f"| {c['name']} |" in report for c in gate["checks"]) and "loss_curves.png" in report
 

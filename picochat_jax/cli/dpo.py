@@ -29,7 +29,7 @@ def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
         out_dir: Path, beta: float, **opts: Any) -> None:
     """DPO on preference pairs; writes checkpoint/, best_checkpoint/, metrics.jsonl, summary.json like SFT.
 
-    Defaults: the scale's SFT settings with a tenth of its learning rate, 30 steps, no weight decay.
+    Defaults: the scale's SFT settings with a tenth of its learning rate, 20 steps, no weight decay.
     """
     select_device(opts["device"])
     from picochat_jax.config import load_scale

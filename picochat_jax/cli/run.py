@@ -36,7 +36,7 @@ def run() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @click.option("--allow-preflight-warnings", is_flag=True,
               help="Train even when preflight finds blocking problems (the release gate still blocks).")
-@click.option("--dpo-steps", type=int, default=None, help="DPO steps when the pack names preferences (default 30).")
+@click.option("--dpo-steps", type=int, default=None, help="DPO steps when the pack names preferences (default 20).")
 @click.option("--dpo-beta", type=float, default=0.1, show_default=True, help="DPO beta.")
 @click.option("--no-dpo", is_flag=True, help="Skip DPO even when the pack names preferences.")
 @click.option("--canaries", type=int, default=0, show_default=True,

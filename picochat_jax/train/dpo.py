@@ -48,7 +48,7 @@ SIDES = ("chosen", "rejected")
 
 # DPO moves a converged SFT model: a fraction of its learning rate and a short run are enough, and more
 # drifts the policy away from the reference (the beta term only slows that down).
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = 20
 DEFAULT_LR_FRACTION = 0.1
 
 
