@@ -281,14 +281,14 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if t_first is None:
             t_first = time.perf_counter()
-        t_eval = time.perf_counter()
+        t_eval = time.perf_counter()  # evaluation and the host copy of a new best are not training throughput
         val_loss = held_out_loss() if evaluate_now else None
-        eval_sec += time.perf_counter() - t_eval if done > 1 else 0.0
+        if val_loss is not None and (best["val_loss"] is None or val_loss < best["val_loss"]):
+            best = {"step": done, "val_loss": val_loss, "params": jax.device_get(state.params)}
+        eval_sec += time.perf_counter() - t_eval
         row = {"step": done, "train_loss": m["loss"], "val_loss": val_loss, "lr": m["lr"], "grad_norm": m["grad_norm"],
                "elapsed_sec": time.perf_counter() - t_train}
         curve.append(row)
-        if val_loss is not None and (best["val_loss"] is None or val_loss < best["val_loss"]):
-            best = {"step": done, "val_loss": val_loss, "params": jax.device_get(state.params)}
         log(f"[hf-sft] step {done}/{opts.max_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
             f"grad_norm {m['grad_norm']:.3f}" + ("" if val_loss is None else f" held-out {val_loss:.4f}"))
     jax.block_until_ready(state)
