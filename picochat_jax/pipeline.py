@@ -204,6 +204,27 @@ def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, con
     return write_honesty_report(out_dir, scan, mem, inputs)
 
 
+def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | None:
+    """(params, summary) of a training stage that already completed `steps`, else None.
+
+    `--resume` after an interruption in a *later* stage (e.g. during eval) reuses finished stages instead of
+    re-entering their training loops.
+    """
+    from picochat_jax.train.checkpoint import load_model_checkpoint
+
+    summary_path = stage_dir / "summary.json"
+    if not (stage_dir / "checkpoint" / "model_config.json").exists() or not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "completed" or summary.get("steps") != steps:
+        return None
+    params, _, meta = load_model_checkpoint(stage_dir / "checkpoint")
+    if meta.get("step") != steps:
+        return None
+    print(f"[{summary.get('stage', stage_dir.name)}] already completed {steps} steps: reusing {stage_dir}/checkpoint")
+    return params, summary
+
+
 class _Laps:
     """Seconds per stage, so the summary shows where a run's wall time went."""
 
@@ -266,22 +287,29 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     lap("tokenizer")
 
     train_kwargs = {"resume": options.resume, "overwrite": options.overwrite, "progress": options.progress}
-    base = base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape,
-                      **train_kwargs)
+    done = finished_stage(out_dir / "base", base_cfg.steps) if options.resume else None
+    base = (TrainResult("completed", base_cfg.steps, summary=done[1], params=done[0]) if done else
+            base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape, **train_kwargs))
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
     lap("base")
     model_cfg = model_config_for(scale, tok)
-    sft = sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
-                    mesh_shape, **train_kwargs)
+    done = finished_stage(out_dir / "sft", sft_cfg.steps) if options.resume else None
+    sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else
+           sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
+                     mesh_shape, **train_kwargs))
     if sft.status != "completed":
         return {"status": "interrupted", "stage": "sft", "step": sft.final_step}
     lap("sft")
     candidate = "sft"
     dpo = None
     if preferences:
-        dpo = dpo_stage(model_cfg, sft_cfg, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
-                        mesh_shape, options.dpo_steps, options.dpo_beta, **train_kwargs)
+        from picochat_jax.train.dpo import DEFAULT_STEPS, DPOResult
+
+        done = finished_stage(out_dir / "dpo", options.dpo_steps or DEFAULT_STEPS) if options.resume else None
+        dpo = (DPOResult("completed", done[1]["steps"], done[1], done[0]) if done else
+               dpo_stage(model_cfg, sft_cfg, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
+                         mesh_shape, options.dpo_steps, options.dpo_beta, **train_kwargs))
         candidate = "dpo"
         print(f"[dpo] reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "
               f"{dpo.summary['after']['reward_accuracy']:.2f}, log-prob margin "

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from picochat_jax.cli import main
 from picochat_jax.eval.gate import evaluate_gate, load_gate_profile
-from picochat_jax.pipeline import RunOptions, run_tiny
+from picochat_jax.pipeline import RunOptions, finished_stage, run_tiny
 
 TOPICS = {
     "rivers": "Rivers gather rain from hills and carry it to the sea. Along the way they cut valleys, feed "
@@ -187,3 +187,12 @@ def test_contaminated_pack_is_let_through_by_the_flag_and_blocked_by_the_gate(tm
     assert "overridden with --allow-preflight-warnings" in lines["preflight"]["reason"]
     # The same thresholds let the clean twin through: contamination is what blocks this one.
     assert evaluate_gate(clean_run[0], load_gate_profile("default", TINY_PROFILE))["decision"] == "pass"
+
+
+@pytest.mark.slow
+def test_resume_reuses_finished_stages(clean_run):
+    run, summary = clean_run
+    for stage, steps in (("base", CLEAN["base_steps"]), ("sft", CLEAN["sft_steps"]), ("dpo", CLEAN["dpo_steps"])):
+        params, stage_summary = finished_stage(run / stage, steps)
+        assert stage_summary == summary[stage] and params is not None
+        assert finished_stage(run / stage, steps + 1) is None  # a longer run must train, not reuse

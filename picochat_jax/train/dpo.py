@@ -353,7 +353,8 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
 
     final_step = int(state.step)
     maybe_best(final_step)
-    manager.save(final_step, state, meta(final_step), force=True)
+    if manager.latest_step() != final_step:  # resuming a finished run has nothing new to save
+        manager.save(final_step, state, meta(final_step), force=True)
     manager.close()
     after = evaluate(state.params, examples)
     save_model_checkpoint(out_dir / "checkpoint", state.params, model_cfg, tokenizer_path,
