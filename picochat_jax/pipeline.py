@@ -184,6 +184,7 @@ def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, con
     """Contamination scan plus memorisation canaries on the candidate model -> honesty/."""
     from picochat_jax.eval.honesty import (
         corpus_canaries,
+        document_sources,
         memorization_check,
         planted_canaries,
         scan_contamination,
@@ -191,7 +192,7 @@ def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, con
     )
     from picochat_jax.generate import SamplingParams
 
-    labels = [f"{lab}#{i}" for i, lab in enumerate(corpus.labels)]
+    labels = document_sources(corpus)
     scan = scan_contamination(eval_rows or [], conversations, corpus.documents, labels)
     prefix, cont = 32, 16
     prefix = min(prefix, engine.max_len - cont - 1)

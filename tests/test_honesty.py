@@ -14,6 +14,7 @@ from picochat_jax.data.records import Conversation, EvalRow, Message, read_chat_
 from picochat_jax.eval.honesty import (
     Canary,
     corpus_canaries,
+    document_sources,
     make_planted_canaries,
     memorization_check,
     ngram_hashes,
@@ -30,8 +31,9 @@ from picochat_jax.tokenizer import train_tokenizer
 def _scan(pack_path: Path) -> dict:
     pack = load_pack(pack_path)
     corpus = load_corpus(pack)
-    return scan_contamination(read_eval_jsonl(pack.eval), read_chat_jsonl(pack.chat), corpus.documents,
-                              [Path(f["path"]).name for f in corpus.manifest["files"]])
+    sources = document_sources(corpus)
+    assert sources == [Path(f["path"]).name for f in corpus.manifest["files"]]  # one .txt = one document
+    return scan_contamination(read_eval_jsonl(pack.eval), read_chat_jsonl(pack.chat), corpus.documents, sources)
 
 
 def _conv(user: str, assistant: str, line: int) -> Conversation:

@@ -191,11 +191,12 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
     if summary is None:
         checks.append(_missing("training", "completed", why))
     else:
-        losses = [summary.get(stage, {}).get("final_loss") for stage in ("base", "sft")]
-        finite = all(_number(x) is not None for x in losses)
+        stages = [s for s in ("base", "sft", "dpo") if s in summary or s != "dpo"]
+        losses = {s: (summary.get(s) or {}).get("final_loss") for s in stages}
+        finite = all(_number(x) is not None for x in losses.values())
         ok = summary.get("status") == "completed" and finite
         checks.append(_line("training", summary.get("status"), "completed", ok,
-                            "base and SFT finished with finite losses" if ok else
+                            f"{', '.join(stages)} finished with finite losses" if ok else
                             f"training status {summary.get('status')!r}, final losses {losses}"))
 
     fit, why = _read(run_dir, "sft_fit")
@@ -333,8 +334,8 @@ def release_card(run_dir: Path, gate: dict[str, Any]) -> str:
              + ("Every check passed." if gate["decision"] == "pass" else
                 f"Blocked by: {', '.join(gate['blocking'])}. A finished run is not a release."), "",
              "## Model", "",
-             (f"- checkpoint: `{gate['model'] or 'none'}` (with `tokenizer.json` inside; "
-             f"`picochat eval chat --checkpoint {run_dir}/{gate['model'] or 'sft/checkpoint'}` loads it alone)")]
+             (f"- checkpoint: `{gate['model'] or 'none'}` (self-contained: params, `model_config.json` and "
+              f"`tokenizer.json`; `picochat eval chat --checkpoint` and `picochat serve` load it alone)")]
     if model_cfg:
         lines.append(f"- architecture: {model_cfg.get('n_layers')} layers, d_model {model_cfg.get('d_model')}, "
                      f"{model_cfg.get('n_heads')} heads ({model_cfg.get('n_kv_heads')} kv), context "

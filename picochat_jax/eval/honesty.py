@@ -152,6 +152,17 @@ def _label(source: str, line: int) -> str:
     return f"{Path(source).name}:{line}" if source else f"row {line}"
 
 
+def document_sources(corpus: Any) -> list[str]:
+    """A readable source per corpus document ("05_overfitting.txt", "rows.jsonl#12"), from the manifest."""
+    names: list[str] = []
+    for entry in corpus.manifest.get("files", []):
+        n, name = int(entry.get("documents", 0)), Path(entry["path"]).name
+        names += [name] if n == 1 else [f"{name}#{k + 1}" for k in range(n)]
+    if len(names) != len(corpus.documents):  # documents not loaded by load_corpus: fall back to labels
+        return [f"{label}#{i}" for i, label in enumerate(corpus.labels)]
+    return names
+
+
 def scan_contamination(eval_rows: Sequence[EvalRow], conversations: Sequence[Conversation],
                        documents: Sequence[str], doc_labels: Sequence[str] | None = None,
                        n: int = NGRAM) -> dict[str, Any]:

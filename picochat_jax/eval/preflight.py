@@ -18,7 +18,7 @@ from typing import Any
 from picochat_jax.config import ModelConfig, ScaleConfig, TrainConfig
 from picochat_jax.data.pack import Corpus, DatasetPack
 from picochat_jax.data.records import Conversation, EvalRow, PreferenceRow
-from picochat_jax.eval.honesty import NGRAM, scan_contamination
+from picochat_jax.eval.honesty import NGRAM, document_sources, scan_contamination
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.parallel import MeshShape
 from picochat_jax.tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS
@@ -160,7 +160,7 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
     long_run = params >= LONG_RUN_PARAMS or base_tokens >= LONG_RUN_TOKENS
     if eval_rows:
         scan = scan_contamination(eval_rows, conversations, corpus.documents,
-                                  [f"{lab}#{i}" for i, lab in enumerate(corpus.labels)])
+                                  document_sources(corpus))
         c = scan["counts"]
 
         def leak_level(count: int) -> str:
