@@ -178,7 +178,7 @@ def dpo_stage(model_cfg: ModelConfig, sft_cfg: TrainConfig, tok: ChatTokenizer, 
                      tokenizer_path=tokenizer_path, **train_kwargs)
 
 
-def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, conversations: list[Conversation],
+def honesty_stage(engine: Any, tok: ChatTokenizer, corpus: Corpus, conversations: list[Conversation],
                   eval_rows: list[EvalRow] | None, planted: list[tuple[str, str]], model_name: str,
                   options: RunOptions, out_dir: Path) -> dict[str, Any]:
     """Contamination scan plus memorisation canaries on the candidate model -> honesty/."""
@@ -194,8 +194,8 @@ def honesty_stage(engine: Any, fmt: Any, tok: ChatTokenizer, corpus: Corpus, con
 
     labels = document_sources(corpus)
     scan = scan_contamination(eval_rows or [], conversations, corpus.documents, labels)
-    prefix, cont = 32, 16
-    prefix = min(prefix, engine.max_len - cont - 1)
+    cont = 16  # tokens a canary must reproduce; the 32-token prefix shrinks only for tiny contexts
+    prefix = min(32, engine.max_len - cont - 1)
     canaries = corpus_canaries(corpus.documents, labels, tok, options.memorization_canaries, prefix, cont)
     canaries += planted_canaries(planted, tok)
     mem = memorization_check(engine, tok, canaries, SamplingParams(max_new_tokens=cont), stop_ids=())
@@ -336,7 +336,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
         ext = evaluate_chat(engine, fmt, external_rows, out_dir / "external_eval", sampling, options.eval_batch_size)
         print(f"[external_eval] {ext['passed']}/{ext['rows']} passed")
     lap("eval")
-    hon = honesty_stage(engine, fmt, tok, corpus, conversations, eval_rows, planted, f"{candidate}/checkpoint",
+    hon = honesty_stage(engine, tok, corpus, conversations, eval_rows, planted, f"{candidate}/checkpoint",
                         options, out_dir / "honesty")
     print(f"[honesty] {hon['status']}: {hon['counts']['eval_rows_in_sft']} eval rows in SFT, "
           f"{hon['counts']['eval_rows_in_corpus']} in corpus; memorised {hon['memorization']['memorized']}/"

@@ -191,7 +191,7 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
     if summary is None:
         checks.append(_missing("training", "completed", why))
     else:
-        stages = [s for s in ("base", "sft", "dpo") if s in summary or s != "dpo"]
+        stages = ["base", "sft"] + (["dpo"] if "dpo" in summary else [])
         losses = {s: (summary.get(s) or {}).get("final_loss") for s in stages}
         finite = all(_number(x) is not None for x in losses.values())
         ok = summary.get("status") == "completed" and finite
