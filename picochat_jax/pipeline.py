@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,10 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     external = external_eval_path(pack)
     external_rows = read_eval_jsonl(external) if external else None
     out_dir.mkdir(parents=True, exist_ok=True)
+    if options.overwrite:  # outputs this run will not rewrite must not pass for its evidence
+        for stale, keep in (("dpo", preferences), ("external_eval", external_rows), ("eval", eval_rows)):
+            if not keep:
+                shutil.rmtree(out_dir / stale, ignore_errors=True)
     save_json(out_dir / "run_config.json", {"pack": str(pack.path.absolute()), "options": dataclasses.asdict(options),
                                             "scale": scale.to_dict(), "base": dataclasses.asdict(base_cfg),
                                             "sft": dataclasses.asdict(sft_cfg), "mesh": str(mesh_shape)})

@@ -287,7 +287,10 @@ def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> di
 
 
 def _candidate(run_dir: Path) -> str | None:
-    """The model a release would ship: DPO when the run made one, else SFT."""
+    """The model a release would ship: the one the run judged (summary.json), else DPO if present, else SFT."""
+    named = _load(run_dir / "summary.json").get("candidate")
+    if isinstance(named, str) and (run_dir / named / "model_config.json").exists():
+        return named
     for stage in ("dpo", "sft"):
         if (run_dir / stage / "checkpoint" / "model_config.json").exists():
             return f"{stage}/checkpoint"
