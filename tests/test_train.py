@@ -115,3 +115,12 @@ def test_sigterm_saves_a_resume_checkpoint_and_stops(tmp_path):
     from picochat_jax.train.checkpoint import ResumeManager
 
     assert ResumeManager(tmp_path / "run" / "resume_checkpoint", 2).latest_step() == 3
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_is_a_no_op(tmp_path):
+    first = _run(tmp_path / "run", TRAIN)
+    again = _run(tmp_path / "run", TRAIN, resume=True)
+    assert again.status == "completed" and again.final_step == TRAIN.steps
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in first.history]
+    assert len(again.val_history) == len(first.val_history)  # no duplicate evaluation rows

@@ -213,13 +213,16 @@ def train(
     bar.close()
     wall = time.perf_counter() - t_start
     final_step = int(state.step)
-    if status == "completed":
+    # Resuming a stage that had already finished: its final folders exist, nothing new to evaluate or save.
+    already_finished = start >= total
+    if status == "completed" and not already_finished:
         vrow = run_eval(final_step)
         if vrow:
             val_rows.append(vrow)
             append(vrow)
             save_best(vrow, final_step)
-        manager.save(final_step, state, meta(final_step), force=True)
+        if manager.latest_step() != final_step:
+            manager.save(final_step, state, meta(final_step), force=True)
         save_model_checkpoint(out_dir / "checkpoint", state.params, model_cfg, tokenizer_path,
                               {"stage": stage, "step": final_step,
                                "val_loss": vrow["val_loss"] if vrow else None})
