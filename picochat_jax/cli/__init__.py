@@ -13,6 +13,7 @@ from picochat_jax.cli import dpo as dpo_cli
 from picochat_jax.cli import eval as eval_cli
 from picochat_jax.cli import gate as gate_cli
 from picochat_jax.cli import hf as hf_cli
+from picochat_jax.cli import serve as serve_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,13 +26,14 @@ main.add_command(data.data)
 main.add_command(tokenizer.tokenizer)
 main.add_command(train.train)
 main.add_command(run.run)
+main.add_command(gate_cli.gate)
+train.train.add_command(dpo_cli.dpo)
 main.add_command(hf_cli.export)
 main.add_command(hf_cli.import_group)
 train.train.add_command(hf_cli.hf_sft)
-main.add_command(gate_cli.gate)
-train.train.add_command(dpo_cli.dpo)
 main.add_command(eval_cli.eval_group)
 main.add_command(chat_cli.chat)
+main.add_command(serve_cli.serve)
 
 if __name__ == "__main__":
     main()
