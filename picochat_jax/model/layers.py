@@ -96,10 +96,71 @@ def dense(features: int, axes: tuple[str, str], use_bias: bool, std: float, dtyp
     )
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+# Large-but-finite additive bias for masked logits: -inf would make a fully masked row NaN in bf16.
+_MASKED_BIAS = -1e9
+
+
+def resolve_attention_impl(impl: str | None, dtype: Dtype, head_dim: int, platform: str | None = None) -> str:
+    """The attention kernel a Decoder will use: explicit choices stand; None/"auto" picks for the chip.
+
+    "auto" means cuDNN flash attention on an NVIDIA GPU when it supports the call (bf16/fp16 operands,
+    head_dim a multiple of 8 up to 128) and XLA's einsum/softmax otherwise (CPU, TPU, float32), so float32
+    CPU results are bit-for-bit what the plain XLA path gives.
+    """
+    if impl not in (None, *ATTENTION_IMPLS):
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl not in (None, "auto"):
+        return impl
+    platform = platform or jax.default_backend()
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform in ("gpu", "cuda") and low_precision and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def _pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
+    """Causal flash attention with in-kernel document masking (Pallas/Triton), for packed GPU batches.
+
+    The kernel wants as many K/V heads as query heads, so GQA heads are repeated first (the repeat's
+    gradient sums them back).
+    """
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
+                          interpret=jax.default_backend() == "cpu")
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str) -> Array:
+    """Scaled dot-product attention, causal unless `mask` (B|1, 1, T, S) is given.
+
+    `segment_ids` (B, T) restricts attention to the query's own packed document. The XLA path takes that
+    restriction as a boolean `mask` built by the caller; the fused kernels take the ids themselves and
+    never materialise a (B, H, T, T) score tensor.
+    """
+    if mask is not None or impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="xla")
+    if impl == "cudnn":
+        bias = None
+        if segment_ids is not None:
+            # cuDNN keeps its causal tile skipping; the document boundary is an additive (B, 1, T, T) bias,
+            # which is a few MB per layer against the ~0.8 GB of fp32 scores the XLA path writes.
+            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+            bias = jnp.where(same_doc, 0.0, _MASKED_BIAS).astype(q.dtype)[:, None]
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="cudnn")
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, segment_ids)
+    raise ValueError(f"unknown attention implementation {impl!r}")
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
-    attention_impl: str | None = None  # None = let JAX pick (cuDNN flash on GPU when it can), "xla", "cudnn"
+    attention_impl: str | None = None  # None/"auto" = cuDNN flash on GPU when it can, else XLA; see attend()
 
     @nn.compact
     def __call__(
@@ -109,6 +170,7 @@ class Attention(nn.Module):
         mask: Array | None,
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, dict[str, Array] | None]:
         cfg = self.cfg
         hd = cfg.resolved_head_dim
@@ -136,10 +198,8 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
 
-        is_causal = mask is None
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, implementation=self.attention_impl
-        )
+        impl = resolve_attention_impl(self.attention_impl, self.dtype, hd)
+        out = attend(q, k, v, mask, segment_ids, impl)
         out = out.reshape(B, T, cfg.n_heads * hd)
         out = dense(cfg.d_model, ("heads", "embed"), cfg.out_bias, out_std, self.dtype, "o_proj")(out)
         return out, new_cache

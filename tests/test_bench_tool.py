@@ -1,0 +1,203 @@
+"""tools/bench_train.py on CPU with tiny shapes, plus the numerics of the speed work it measures.
+
+Nothing here needs a GPU: the GPU figures live in docs/performance.md with the commands that produced them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from picochat_jax.config import ModelConfig
+from picochat_jax.model.layers import attend, resolve_attention_impl
+from picochat_jax.model.transformer import default_scan_unroll, init_params, make_model, vocab_logits
+from picochat_jax.train.step import apply_gpu_xla_flags, ce_chunk_rows, loss_sums
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64", "--vocab", "128",
+        "--seq-len", "32", "--batch-size", "8", "--steps", "3", "--warmup", "2", "--matmul-size", "128"]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_tool("bench_train")
+
+
+def _tiny_cfg(tie: bool) -> ModelConfig:
+    return ModelConfig(vocab_size=97, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
+                       tie_embeddings=tie, qk_norm=True)
+
+
+@pytest.mark.slow
+def test_bench_times_a_tiny_step_on_cpu(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    report = bench.main([*TINY, "--precision", "fp32", "--segments", "8", "--json-out", str(out)])
+    saved = json.loads(out.read_text())
+    (r,) = saved["results"]
+    assert r == json.loads(json.dumps(report["results"][0]))
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                      norm_eps=1e-6, tie_embeddings=True, qk_norm=True)
+    assert r["platform"] == "cpu" and r["options"]["attention_resolved"] == "xla"
+    assert r["options"]["scan_unroll"] == 1  # the rolled scan off-GPU, as training uses
+    assert r["shape"]["params"] == cfg.num_params()
+    assert r["flops_per_token"] == cfg.flops_per_token(32)
+    assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+    tokens = 8 * 32
+    assert r["tokens_per_sec"] == pytest.approx(tokens / (r["step_ms"] / 1e3))
+    assert r["model_tflops_per_device"] == pytest.approx(r["tokens_per_sec"] * r["flops_per_token"] / 1e12 / 8)
+    assert r["matmul_tflops"] > 0 and r["mfu"] == pytest.approx(r["model_tflops_per_device"] / r["matmul_tflops"])
+    assert np.isfinite(r["first_loss"]) and np.isfinite(r["last_loss"])
+    assert r["first_loss"] == pytest.approx(np.log(128), rel=0.05)  # random init predicts ~uniformly
+
+
+def test_variant_specs_become_child_flags(bench):
+    name, argv = bench.parse_variant("fast:attention=cudnn,ce_chunk=8192, scan-unroll=2,profile=1")
+    assert name == "fast"
+    assert argv == ["--attention", "cudnn", "--ce-chunk", "8192", "--scan-unroll", "2", "--profile"]
+    assert bench.parse_variant("slow:profile=0") == ("slow", [])
+    with pytest.raises(SystemExit):
+        bench.parse_variant("bad:no_such_option=1")
+    with pytest.raises(SystemExit):
+        bench.parse_variant("bad:attention")
+    kept = bench.base_argv(["--scale", "x", "--variant", "a:b=c", "--peer", "torch", "--peer-clip",
+                            "--json-out=o.json", "--steps", "5"])
+    assert kept == ["--scale", "x", "--steps", "5"]
+
+
+@pytest.mark.slow
+def test_torch_peer_runs_eager_on_cpu(tmp_path):
+    peer = _load_tool("torch_baseline")
+    out = tmp_path / "peer.json"
+    r = peer.main(["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64",
+                   "--vocab", "128", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                   "--precision", "fp32", "--no-compile", "--matmul-size", "64", "--json-out", str(out)])
+    assert json.loads(out.read_text())["tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])
+    assert r["tokens_per_sec"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
+    # Our parameter count and FLOP convention for the same Llama shape (QK-norm is ours alone).
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                      tie_embeddings=True)
+    assert r["params"] == cfg.num_params()
+    assert r["flops_per_token"] == cfg.flops_per_token(32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie,chunks", [(True, (16, 40)), (False, (40,))])
+def test_chunked_cross_entropy_matches_whole_batch_logits(tie, chunks):
+    cfg = _tiny_cfg(tie)
+    model = make_model(cfg)
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    B, T = 6, 16
+    batch = {"inputs": rng.integers(0, 97, (B, T)).astype(np.int32),
+             "targets": rng.integers(0, 97, (B, T)).astype(np.int32),
+             "loss_mask": (rng.random((B, T)) < 0.8).astype(np.float32),
+             "segment_ids": np.cumsum(rng.random((B, T)) < 0.2, axis=1).astype(np.int32)}
+    token_bytes = jnp.asarray(rng.integers(1, 4, 97), jnp.float32)
+    grad = jax.jit(jax.value_and_grad(lambda p, c: loss_sums(model, p, batch, token_bytes, c)[0]),
+                   static_argnums=1)
+    ref_loss, ref_grads = grad(params, 0)
+    for chunk in chunks:  # 1 row per chunk; 40 tokens = 2.5 rows, rounded down to 2 (a divisor of B)
+        loss, grads = grad(params, chunk)
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * max(float(jnp.max(jnp.abs(b))), 1e-3)
+
+
+def test_ce_chunk_rows_divides_the_batch():
+    assert ce_chunk_rows(64, 512, 8192) == 16
+    assert ce_chunk_rows(6, 16, 40) == 2
+    assert ce_chunk_rows(7, 16, 40) == 1
+    assert ce_chunk_rows(4, 512, 1) == 1
+    assert ce_chunk_rows(4, 16, 10**6) == 4
+
+
+def test_layers_unroll_on_gpu_only():
+    cfg = _tiny_cfg(True)
+    assert default_scan_unroll(cfg) == 1  # CPU here
+    assert default_scan_unroll(cfg, platform="gpu") == cfg.n_layers
+    assert default_scan_unroll(cfg, platform="tpu") == 1
+
+
+def test_unrolled_decoder_computes_the_same_function():
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
+                      qk_norm=True)
+    rolled, unrolled = make_model(cfg), make_model(cfg, scan_unroll=3)
+    params = init_params(rolled, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 16)), jnp.int32)
+    a = rolled.apply({"params": params}, tokens)
+    b = unrolled.apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(a)))
+
+
+def test_attention_choice_follows_platform_and_dtype():
+    assert resolve_attention_impl(None, jnp.bfloat16, 64) == "xla"  # these tests run on CPU
+    assert resolve_attention_impl("auto", jnp.bfloat16, 64, platform="gpu") == "cudnn"
+    assert resolve_attention_impl(None, jnp.float32, 64, platform="gpu") == "xla"
+    assert resolve_attention_impl(None, jnp.bfloat16, 20, platform="gpu") == "xla"
+    assert resolve_attention_impl(None, jnp.bfloat16, 256, platform="gpu") == "xla"
+    assert resolve_attention_impl("pallas", jnp.float32, 64) == "pallas"
+    with pytest.raises(ValueError, match="attention implementation"):
+        resolve_attention_impl("flash", jnp.bfloat16, 64)
+
+
+def test_vocab_logits_backward_stays_in_bf16_and_float32_is_untouched():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
+    plain = lambda x, w: jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+    assert jnp.array_equal(vocab_logits(x, w), plain(x, w))
+    g_ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w))), argnums=(0, 1))(x, w)
+    g_ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(vocab_logits(x, w))), argnums=(0, 1))(x, w)
+    for a, b in zip(g_ours, g_ref, strict=True):
+        assert jnp.array_equal(a, b)
+
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    loss = lambda x, w: jnp.sum(jnp.sin(vocab_logits(x, w)))  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(xb, wb).as_text()
+    dots = [ln for ln in hlo.splitlines() if "dot_general" in ln]
+    assert len(dots) == 3 and not any("xf32>, tensor<" in ln.split("->")[0] for ln in dots), dots
+    gb = jax.grad(loss, argnums=(0, 1))(xb, wb)
+    for a, b in zip(gb, g_ref, strict=True):
+        rel = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+        assert rel < 3e-2
+
+
+@pytest.mark.slow
+def test_segment_masked_flash_kernel_matches_xla():
+    """The Pallas kernel (interpreted on CPU) masks documents exactly as the XLA path's boolean mask does."""
+    rng = np.random.default_rng(3)
+    B, T, H, K, D = 2, 32, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, D)), jnp.float32) for n in (H, K, K))
+    seg = jnp.asarray(np.cumsum(rng.random((B, T)) < 0.15, axis=1), jnp.int32)
+    mask = (jnp.tril(jnp.ones((T, T), bool))[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+    ref = attend(q, k, v, mask, None, "xla")
+    out = attend(q, k, v, None, seg, "pallas")
+    assert float(jnp.max(jnp.abs(out - ref))) < 1e-5
+    g_ref = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, mask, None, "xla") ** 2), argnums=(0, 1, 2))(q, k, v)
+    g_out = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, None, seg, "pallas") ** 2), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_out, g_ref, strict=True):
+        assert float(jnp.max(jnp.abs(a - b))) < 1e-4
+
+
+def test_gpu_xla_flags_are_opt_in_and_not_duplicated():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_gpu_enable_latency_hiding_scheduler=false"}
+    value = apply_gpu_xla_flags(("--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_foo=1"), env)
+    assert value == ("--xla_force_host_platform_device_count=8 --xla_gpu_enable_latency_hiding_scheduler=false "
+                     "--xla_gpu_foo=1")  # a flag the user set wins over ours
+    assert apply_gpu_xla_flags(("--xla_gpu_foo=1",), env) == value
+    assert apply_gpu_xla_flags(("--a=1",), {}) == "--a=1"

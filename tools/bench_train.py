@@ -1,0 +1,585 @@
+#!/usr/bin/env python
+"""Time picochat-jax's jitted train step on one shape, optionally against a PyTorch peer on the same card.
+
+One measurement = `build_trainer` on a mesh, synthetic random tokens, warm-up steps (compilation) excluded,
+every timed step synchronised with `block_until_ready`, the median step reported as tokens/s, model TFLOP/s
+(ModelConfig.flops_per_token) and MFU against a bf16 matmul rate measured in the same process, plus the
+device's peak memory.
+
+    python tools/bench_train.py --scale h100-100m --peer torch --json-out bench.json
+    python tools/bench_train.py --scale h100-100m --variant xla:attention=xla --variant cudnn:attention=cudnn
+    python tools/bench_train.py --d-model 64 --layers 2 --heads 4 --kv-heads 2 --d-ff 128 --vocab 256 \\
+        --seq-len 64 --batch-size 8 --steps 3          # CPU smoke run
+
+With several `--variant NAME:key=value,...` (keys: any option below, dashes or underscores) or `--peer`,
+each measurement runs in its own process: XLA_FLAGS take effect per variant, peak memory is per variant,
+a variant that crashes is reported rather than ending the sweep, and the torch peer never shares the
+card's memory with XLA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHAPE_FLAGS = {  # flag -> ModelConfig field
+    "d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "kv_heads": "n_kv_heads",
+    "d_ff": "d_ff", "vocab": "vocab_size", "seq_len": "max_seq_len",
+}
+DATASHEET_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape = p.add_argument_group("shape (a --scale, then these override it)")
+    shape.add_argument("--scale", default=None, help="named scale from configs/ (e.g. h100-100m, h200-1b)")
+    for flag in SHAPE_FLAGS:
+        shape.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
+    shape.add_argument("--batch-size", type=int, default=None, help="global batch (default: the scale's base batch)")
+    shape.add_argument("--grad-accum", type=int, default=1)
+    opt = p.add_argument_group("optimisations (each can be switched to measure what it buys)")
+    opt.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    opt.add_argument("--remat", choices=["none", "full", "dots", "dots_all"], default="none")
+    opt.add_argument("--attention", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
+                     help="auto = cuDNN flash attention on GPU in bf16, XLA elsewhere")
+    opt.add_argument("--ce-chunk", type=int, default=0,
+                     help="cross-entropy from the hidden state in chunks of ~N tokens (0 = whole-batch logits)")
+    opt.add_argument("--scan-unroll", type=int, default=0,
+                     help="decoder layers per scan iteration (0 = what training uses: all of them on GPU, 1 elsewhere)")
+    opt.add_argument("--segments", type=int, default=0,
+                     help="pack documents of mean length N per row (segment-masked attention, as base "
+                          "pretraining does); 0 = plain causal rows like the torch peer")
+    opt.add_argument("--xla-flags", choices=["none", "gpu"], default="none",
+                     help="gpu = picochat_jax.train.step.GPU_XLA_FLAGS added to XLA_FLAGS")
+    opt.add_argument("--extra-xla-flags", default="", help="more XLA flags, verbatim")
+    run = p.add_argument_group("run")
+    run.add_argument("--mode", choices=["step", "loop", "check-attention"], default="step",
+                     help="step = time the jitted step alone; loop = run the real train() driver (grain "
+                          "prefetch, host->device copies, metrics) and report its own tokens/s; "
+                          "check-attention = compare every attention kernel against float32 XLA, then exit")
+    run.add_argument("--steps", type=int, default=20, help="timed steps")
+    run.add_argument("--profile", action="store_true",
+                     help="trace 3 more steps with jax.profiler and add GPU kernel time by kernel and category")
+    run.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
+    run.add_argument("--mesh", default=None, help="DATAxFSDP[xTENSOR] (default: all devices on the data axis)")
+    run.add_argument("--matmul-size", type=int, default=None,
+                     help="n of the n^3 bf16 matmul that calibrates MFU (default 8192 on GPU, 512 elsewhere; 0 = skip)")
+    run.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                     help="measure this variant (repeatable); keys are the options above")
+    run.add_argument("--peer", choices=["none", "torch"], default="none",
+                     help="torch = also time transformers' LlamaForCausalLM "
+                          "(torch.compile, bf16 autocast, fused AdamW)")
+    run.add_argument("--peer-no-compile", action="store_true", help="eager peer (CPU smoke runs)")
+    run.add_argument("--peer-clip", action="store_true", help="peer also clips grad norm (our step always does)")
+    run.add_argument("--timeout", type=int, default=600, help="seconds per child process")
+    run.add_argument("--json-out", type=Path, default=None)
+    run.add_argument("--label", default=None, help="name of the single measurement in the table")
+    run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # write the bare result JSON
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- one measurement
+
+
+def model_config(args: argparse.Namespace) -> Any:
+    from picochat_jax.config import ModelConfig, load_scale, with_overrides
+
+    overrides = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
+    if args.scale:
+        return with_overrides(load_scale(args.scale).model, **overrides)
+    missing = [f"--{f.replace('_', '-')}" for f, v in overrides.items() if v is None]
+    if missing:
+        raise SystemExit(f"without --scale, give the whole shape; missing {' '.join(missing)}")
+    return ModelConfig(**overrides, norm="rmsnorm", norm_eps=1e-6, activation="swiglu", tie_embeddings=True,
+                       qk_norm=True)
+
+
+def default_batch(args: argparse.Namespace) -> int:
+    if args.batch_size:
+        return args.batch_size
+    if args.scale:
+        from picochat_jax.config import load_scale
+
+        return load_scale(args.scale).base.batch_size
+    return 8
+
+
+def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int, count: int = 4,
+                      seed: int = 0) -> list[dict[str, Any]]:
+    """Random tokens (never zeros: they can run faster than real data), optional packed-document ids."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        shape = (accum, batch, seq)
+        b = {"inputs": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
+             "targets": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
+             "loss_mask": np.ones(shape, np.float32)}
+        if segments > 0:
+            starts = rng.random(shape) < 1.0 / segments
+            starts[..., 0] = True
+            b["segment_ids"] = np.cumsum(starts, axis=-1).astype(np.int32)
+        out.append(b)
+    return out
+
+
+def matmul_tflops(n: int, reps: int = 20) -> float | None:
+    """bf16 n^3 matmul rate through a jitted jnp.dot, launches queued back to back, synchronised once.
+
+    bf16 in, bf16 out (cuBLAS accumulates in float32 either way), like the torch peer's `a @ b`. An earlier
+    version asked for a float32 result and cast it down; it read 697-718 TFLOP/s where the peer's read
+    772-788 on the same H100 (docs/performance.md), most likely that extra pass over the output.
+    """
+    if n <= 0:
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    mm = jax.jit(jnp.dot)
+    mm(a, b).block_until_ready()
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        outs = [mm(a, b) for _ in range(reps)]
+        jax.block_until_ready(outs)
+        rates.append(2 * n**3 * reps / (time.perf_counter() - t) / 1e12)
+        del outs
+    return max(rates)
+
+
+def device_info() -> dict[str, Any]:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "jax_version": jax.__version__}
+
+
+def peak_memory_gib() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None  # CPU backends keep no allocator statistics
+    return stats["peak_bytes_in_use"] / 2**30
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Build, compile and time the train step for one configuration, in this process."""
+    import jax
+    import numpy as np
+
+    from picochat_jax.config import TrainConfig, load_scale
+    from picochat_jax.model.layers import resolve_attention_impl
+    from picochat_jax.model.transformer import compute_dtype, count_params, default_scan_unroll, make_model
+    from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
+    from picochat_jax.train.optim import make_optimizer
+    from picochat_jax.train.step import build_trainer
+
+    cfg = model_config(args)
+    seq = cfg.max_seq_len
+    batch = default_batch(args)
+    mesh_shape = parse_mesh(args.mesh)
+    check_batch_fits(batch, mesh_shape)
+    info = device_info()
+    n = args.matmul_size if args.matmul_size is not None else (8192 if info["platform"] == "gpu" else 512)
+    mm_rate = matmul_tflops(n)
+
+    base = load_scale(args.scale).base if args.scale else load_scale("smoke").base
+    train_cfg = TrainConfig(**{**base.__dict__, "steps": 10_000, "warmup_steps": 10, "batch_size": batch,
+                               "grad_accum_steps": args.grad_accum, "precision": args.precision,
+                               "remat": "none"})
+    unroll = args.scan_unroll or default_scan_unroll(cfg)
+    model = make_model(cfg, args.precision, args.remat, None if args.attention == "auto" else args.attention,
+                       scan_unroll=unroll)
+    optimizer, schedule = make_optimizer(train_cfg)
+    trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
+                            ce_chunk_tokens=args.ce_chunk)
+    batches = [trainer.put_batch(b) for b in synthetic_batches(cfg, batch, args.grad_accum, seq, args.segments)]
+
+    t0 = time.perf_counter()
+    state = trainer.init(jax.random.key_data(jax.random.key(0)))
+    state, metrics = trainer.step(state, batches[0])
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - t0
+    first_loss = float(metrics["loss"])
+    for i in range(1, args.warmup):
+        state, metrics = trainer.step(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        state, metrics = trainer.step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    last_loss = float(metrics["loss"])
+    profile = None
+    if args.profile:
+        state, profile = profile_steps(trainer.step, state, batches)
+    if not np.isfinite(last_loss):
+        raise RuntimeError(f"loss is {last_loss}: this configuration does not train")
+
+    step_s = statistics.median(times)
+    tokens = batch * args.grad_accum * seq
+    fpt = cfg.flops_per_token(seq)
+    model_tflops = tokens / step_s * fpt / 1e12 / mesh_shape.size
+    kind = info["device_kind"].lower()
+    sheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in kind), None)
+    return {
+        "label": args.label or "jax",
+        **info,
+        "shape": {"scale": args.scale, **{f: getattr(cfg, f) for f in SHAPE_FLAGS.values()},
+                  "batch_size": batch, "grad_accum": args.grad_accum, "params": count_params(state.params)},
+        "options": {"precision": args.precision, "remat": args.remat, "attention": args.attention,
+                    "attention_resolved": resolve_attention_impl(
+                        None if args.attention == "auto" else args.attention,
+                        compute_dtype(args.precision), cfg.resolved_head_dim),
+                    "ce_chunk": args.ce_chunk, "scan_unroll": unroll, "segments": args.segments,
+                    "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
+        "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
+        "tokens_per_sec": tokens / step_s, "flops_per_token": fpt,
+        "model_tflops_per_device": model_tflops, "matmul_size": n, "matmul_tflops": mm_rate,
+        "mfu": (model_tflops / mm_rate) if mm_rate else None,
+        "mfu_datasheet": (model_tflops / sheet) if sheet else None,
+        "peak_mem_gib": peak_memory_gib(), "first_loss": first_loss, "last_loss": last_loss,
+        "profile": profile,
+    }
+
+
+KERNEL_CATEGORIES = (  # first match wins; kernel names as cuBLAS/cuDNN/XLA/Triton emit them
+    ("attention", re.compile(r"cudnn|fmha|flash|attention|mha", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|gmma|sm90_|dot", re.I)),
+    ("scatter/gather", re.compile(r"scatter|gather", re.I)),
+    ("copy/memset", re.compile(r"memcpy|memset|copy|dynamic_update_slice|dynamic_slice", re.I)),
+    ("reduce", re.compile(r"reduce|reduction", re.I)),
+    ("elementwise fusion", re.compile(r"fusion|loop_|input_|triton|convert|add|multiply", re.I)),
+)
+
+
+def profile_steps(step: Any, state: Any, batches: list[Any], n: int = 3) -> tuple[Any, dict[str, Any]]:
+    """Trace `n` steps; GPU kernel time per step by kernel name and by coarse category."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for i in range(n):
+                state, metrics = step(state, batches[i % len(batches)])
+            jax.block_until_ready((state, metrics))
+        traces = sorted(Path(tmp).rglob("perfetto_trace.json.gz"))
+        summary = summarize_trace(traces[-1], n) if traces else {"note": "no trace written"}
+    return state, summary
+
+
+def summarize_trace(path: Path, steps: int) -> dict[str, Any]:
+    import gzip
+
+    with gzip.open(path, "rt") as fh:
+        data = json.load(fh)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and re.search(r"GPU|device", str(e.get("args", {}).get("name", "")), re.I)}
+    by_name: dict[str, list[float]] = {}
+    first, last = float("inf"), 0.0
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device_pids:
+            continue
+        entry = by_name.setdefault(str(e.get("name", "?")), [0.0, 0])
+        entry[0] += float(e.get("dur", 0.0))
+        entry[1] += 1
+        first, last = min(first, float(e["ts"])), max(last, float(e["ts"]) + float(e.get("dur", 0.0)))
+    if not by_name:
+        return {"note": "no device kernel events in the trace (CPU backend?)"}
+    categories: dict[str, float] = {}
+    for name, (dur, _) in by_name.items():
+        cat = next((c for c, rx in KERNEL_CATEGORIES if rx.search(name)), "other")
+        categories[cat] = categories.get(cat, 0.0) + dur / steps / 1e3
+    busy = sum(d for d, _ in by_name.values()) / steps / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
+    return {"kernel_ms_per_step": busy, "span_ms_per_step": (last - first) / steps / 1e3,
+            "by_category_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:160], "ms_per_step": d / steps / 1e3, "calls_per_step": c / steps}
+                            for n, (d, c) in top]}
+
+
+def measure_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """Run `picochat_jax.train.loop.train` on synthetic packed rows: throughput as a real run sees it.
+
+    Logged every 10 steps; the driver's summary averages the windows after the first (which compiles).
+    """
+    import numpy as np
+
+    from picochat_jax.config import TrainConfig, load_scale
+    from picochat_jax.parallel import parse_mesh
+    from picochat_jax.train.loop import train
+
+    cfg = model_config(args)
+    batch, seq = default_batch(args), cfg.max_seq_len
+    rows = synthetic_batches(cfg, batch * 8, 1, seq, args.segments, count=1)[0]
+    examples = {k: v[0] for k, v in rows.items()}
+    if "segment_ids" not in examples:
+        examples["segment_ids"] = np.ones_like(examples["inputs"])
+    windows = max(1, -(-args.steps // 10))
+    base = load_scale(args.scale).base if args.scale else load_scale("smoke").base
+    train_cfg = TrainConfig(**{**base.__dict__, "steps": 1 + 10 * windows, "warmup_steps": 10, "batch_size": batch,
+                               "grad_accum_steps": args.grad_accum, "precision": args.precision,
+                               "remat": args.remat if args.remat in ("none", "full", "dots") else "none",
+                               "log_every": 10, "eval_every": 0, "checkpoint_every": 0})
+    with tempfile.TemporaryDirectory() as out:
+        result = train(stage="bench", model_cfg=cfg, train_cfg=train_cfg, train_examples=examples,
+                       val_examples=None, out_dir=Path(out), mesh_shape=parse_mesh(args.mesh),
+                       token_bytes=np.ones(cfg.vocab_size, np.float32), tokenizer_path=None, progress=False,
+                       attention_impl=None if args.attention == "auto" else args.attention,
+                       ce_chunk_tokens=args.ce_chunk)
+    summary = result.summary
+    fpt = cfg.flops_per_token(seq)
+    tok_s = summary["tokens_per_sec"]
+    info = device_info()
+    n = args.matmul_size if args.matmul_size is not None else (8192 if info["platform"] == "gpu" else 512)
+    mm_rate = matmul_tflops(n)
+    tflops = tok_s * fpt / 1e12 / summary["devices"]
+    return {"label": args.label or "loop", **info, "mode": "loop", "steps": summary["steps"],
+            "options": {"precision": args.precision, "remat": train_cfg.remat, "attention": args.attention,
+                        "ce_chunk": args.ce_chunk, "segments": args.segments, "mesh": summary["mesh"]},
+            "tokens_per_sec": tok_s, "step_ms": batch * args.grad_accum * seq / tok_s * 1e3,
+            "flops_per_token": fpt, "model_tflops_per_device": tflops, "matmul_tflops": mm_rate,
+            "mfu": tflops / mm_rate if mm_rate else None, "peak_mem_gib": peak_memory_gib(),
+            "first_loss": summary["first_loss"], "last_loss": summary["final_loss"], "wall_s_loop": summary["wall_sec"]}
+
+
+def check_attention(seed: int = 0) -> dict[str, Any]:
+    """Every attention kernel this backend runs, against float32 XLA: output and gradient relative errors.
+
+    Shapes follow h100-100m's heads (12 query, 4 KV, head_dim 64) at a short length, with and without
+    packed-document segment ids; operands in bf16 for the fused kernels, as training runs them.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from picochat_jax.model.layers import attend
+
+    rng = np.random.default_rng(seed)
+    B, T, H, K, D = 2, 256, 12, 4, 64
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, n, D)), jnp.float32) for n in (H, K, K))
+    seg = jnp.asarray(np.cumsum(rng.random((B, T)) < 1 / 48, axis=1), jnp.int32)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    impls = ["cudnn", "pallas"] if jax.default_backend() == "gpu" else ["pallas"]
+    out: dict[str, Any] = {}
+    for with_seg in (False, True):
+        mask = (causal[None] & (seg[:, :, None] == seg[:, None, :]))[:, None] if with_seg else None
+
+        def loss_ref(q, k, v, mask=mask):
+            return jnp.sum(jnp.sin(attend(q, k, v, mask, None, "xla")))
+
+        ref_o = attend(q, k, v, mask, None, "xla")
+        ref_g = jax.grad(loss_ref, argnums=(0, 1, 2))(q, k, v)
+        for impl in impls:
+            name = f"{impl}{'+segments' if with_seg else ''}"
+            s = seg if with_seg else None
+
+            def loss(q, k, v, impl=impl, s=s):
+                return jnp.sum(jnp.sin(attend(q, k, v, None, s, impl).astype(jnp.float32)))
+
+            try:
+                lo = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+                o = jax.jit(lambda q, k, v, impl=impl, s=s: attend(q, k, v, None, s, impl))(*lo)
+                g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*lo)
+                rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+                out[name] = {"out_rel_err": rel(o, ref_o),
+                             "grad_rel_err": max(rel(a, b) for a, b in zip(g, ref_g, strict=True))}
+            except Exception as exc:  # report and go on: one unsupported kernel must not hide the others
+                out[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """'name:attention=xla,ce_chunk=8192' -> ('name', ['--attention', 'xla', '--ce-chunk', '8192'])."""
+    name, _, body = spec.partition(":")
+    if not name:
+        raise SystemExit(f"--variant needs NAME:key=value,...; got {spec!r}")
+    switches = {opt for a in build_parser()._actions if a.nargs == 0 for opt in a.option_strings}
+    argv: list[str] = []
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {name}: {item!r} is not key=value")
+        flag = f"--{key.strip().replace('_', '-')}"
+        if flag in switches:  # on/off options: key=1|true turns them on, anything else leaves them off
+            argv += [flag] if value.strip().lower() in ("1", "true", "yes", "on") else []
+        else:
+            argv += [flag, value.strip()]
+    build_parser().parse_args(argv)  # reject unknown keys before any child starts
+    return name, argv
+
+
+def base_argv(argv: list[str]) -> list[str]:
+    """The command line minus orchestration-only options, handed to every child."""
+    drop_with_value = {"--variant", "--peer", "--json-out", "--label", "--timeout"}
+    drop_flag = {"--peer-no-compile", "--peer-clip"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in drop_with_value:
+            skip = "=" not in a
+            continue
+        if key in drop_flag:
+            continue
+        out.append(a)
+    return out
+
+
+def run_child(cmd: list[str], json_path: Path, timeout: int, env: dict[str, str]) -> dict[str, Any]:
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, check=False, env=env, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    sys.stdout.write(proc.stdout[-4000:])
+    if proc.returncode != 0 or not json_path.exists():
+        lines = proc.stderr.strip().splitlines()
+        print("\n".join(lines[-15:]), file=sys.stderr, flush=True)
+        # The exception line, not JAX's trailing note about filtered frames.
+        cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", ln)),
+                     lines[-1] if lines else "no output")
+        return {"error": f"exit {proc.returncode}: {cause}"}
+    result = json.loads(json_path.read_text())
+    result["wall_s"] = time.perf_counter() - t
+    return result
+
+
+def child_env(xla_flags: str, extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if xla_flags == "gpu" or extra:
+        from picochat_jax.train.step import GPU_XLA_FLAGS, apply_gpu_xla_flags
+
+        flags = (GPU_XLA_FLAGS if xla_flags == "gpu" else ()) + tuple(extra.split())
+        apply_gpu_xla_flags(flags, env)
+    return env
+
+
+def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Peer first (its CUDA memory is gone before XLA starts), then each variant; the report is rewritten
+    after every child so a sweep cut short by a time limit still leaves what it measured."""
+    from picochat_jax.fileio import save_json
+
+    common = base_argv(argv)
+    variants = [parse_variant(v) for v in args.variant] or [(args.label or "jax", [])]
+    report: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]), "results": [], "peer": None,
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.peer == "torch":
+            cfg = model_config(args)
+            peer_json = Path(tmp) / "peer.json"
+            cmd = [sys.executable, str(REPO / "tools" / "torch_baseline.py"),
+                   "--d-model", str(cfg.d_model), "--layers", str(cfg.n_layers), "--heads", str(cfg.n_heads),
+                   "--kv-heads", str(cfg.n_kv_heads), "--d-ff", str(cfg.d_ff), "--vocab", str(cfg.vocab_size),
+                   "--seq-len", str(cfg.max_seq_len), "--batch-size", str(default_batch(args)),
+                   "--steps", str(args.steps), "--warmup", str(max(args.warmup, 3)),
+                   "--precision", args.precision, "--json-out", str(peer_json)]
+            if args.matmul_size is not None:
+                cmd += ["--matmul-size", str(args.matmul_size)]
+            if args.peer_no_compile:
+                cmd.append("--no-compile")
+            if args.peer_clip:
+                cmd.append("--clip")
+            report["peer"] = run_child(cmd, peer_json, args.timeout, dict(os.environ))
+            if args.json_out:
+                save_json(args.json_out, report)
+        for name, extra in variants:
+            out = Path(tmp) / f"{len(report['results'])}.json"
+            vargs = build_parser().parse_args(common + extra)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *common, *extra, "--label", name,
+                   "--child", "--json-out", str(out)]
+            result = run_child(cmd, out, args.timeout, child_env(vargs.xla_flags, vargs.extra_xla_flags))
+            result.setdefault("label", name)
+            report["results"].append(result)
+            _add_ratios(report)
+            if args.json_out:
+                save_json(args.json_out, report)
+    return report
+
+
+def _add_ratios(report: dict[str, Any]) -> None:
+    peer_rate = (report["peer"] or {}).get("tokens_per_sec")
+    for r in report["results"]:
+        if peer_rate and r.get("tokens_per_sec"):
+            r["vs_peer"] = r["tokens_per_sec"] / peer_rate
+
+
+def table(report: dict[str, Any]) -> str:
+    head = ("| run | tokens/s | step ms | model TFLOP/s | MFU (measured matmul) | MFU (datasheet) | "
+            "peak GiB | vs torch (x) | loss first→last |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    rows = list(report["results"]) + ([dict(report["peer"], label="torch peer")] if report.get("peer") else [])
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('label', '?')} | failed: {r['error'][:80]} |||||||")
+            continue
+        tflops = r.get("model_tflops_per_device", r.get("model_tflops"))
+        loss = f"{fmt(r.get('first_loss'), '.3f')}→{fmt(r.get('last_loss'), '.3f')}"
+        lines.append(f"| {r['label']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | {fmt(tflops, '.3g')} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_datasheet'), '.1%')} | "
+                     f"{fmt(r.get('peak_mem_gib'), '.1f')} | {fmt(r.get('vs_peer'), '.2f')} | {loss} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.mode == "check-attention":
+        result = {"device": device_info(), "check_attention": check_attention()}
+        if args.json_out:
+            from picochat_jax.fileio import save_json
+
+            save_json(args.json_out, result)
+        print(json.dumps(result, indent=2), flush=True)
+        return result
+    if args.variant or args.peer != "none":
+        report = orchestrate(args, argv)
+    else:
+        if args.xla_flags == "gpu" or args.extra_xla_flags:
+            os.environ.update({"XLA_FLAGS": child_env(args.xla_flags, args.extra_xla_flags)["XLA_FLAGS"]})
+        result = measure_loop(args) if args.mode == "loop" else measure(args)
+        report = {"command": shlex.join([sys.executable, *sys.argv]), "results": [result], "peer": None,
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if args.json_out:
+        from picochat_jax.fileio import save_json
+
+        save_json(args.json_out, report["results"][0] if args.child else report)
+    print(table(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
