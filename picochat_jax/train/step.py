@@ -118,7 +118,7 @@ def make_step_fn(model: Decoder, optimizer: optax.GradientTransformation, schedu
         metrics = {
             "loss": ce_sum / total_tokens,
             "bpb": ce_sum / (math.log(2) * jnp.maximum(nbytes, 1.0)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
             "tokens": total_tokens,
         }
@@ -153,7 +153,14 @@ class ShardedTrainer:
     evaluate: Callable[[Any, Batch], tuple[Array, Array, Array]]
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> Batch:
-        return {k: jax.device_put(v, parallel.batch_sharding(self.mesh, v.ndim, batch_dim=1)) for k, v in batch.items()}
+        """Global host batch -> sharded device arrays. Every process computes the same global batch (a pure
+        function of seed and step) and materialises only its addressable shards, so this is also correct
+        on multi-host meshes (one process per host after `jax.distributed.initialize`)."""
+        out = {}
+        for k, v in batch.items():
+            sharding = parallel.batch_sharding(self.mesh, v.ndim, batch_dim=1)
+            out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+        return out
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for orbax."""
@@ -202,15 +209,7 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
     compiled_eval = jax.jit(make_eval_fn(model, token_bytes, ce_chunk_tokens),
                             in_shardings=(state_shardings.params, batch_in), out_shardings=replicated)
 
-    def step(state: TrainState, batch: Batch):
-        with mesh:
-            return compiled_step(state, batch)
-
-    def evaluate(params: Any, batch: Batch):
-        with mesh:
-            return compiled_eval(params, batch)
-
-    return ShardedTrainer(mesh, state_shardings, init, step, evaluate)
+    return ShardedTrainer(mesh, state_shardings, init, compiled_step, compiled_eval)
 
 
 # XLA:GPU flags worth having for training on one or more NVIDIA GPUs. Opt-in (XLA reads XLA_FLAGS once, when
