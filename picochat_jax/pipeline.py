@@ -317,7 +317,8 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
                dpo_stage(model_cfg, sft_cfg, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
                          mesh_shape, options.dpo_steps, options.dpo_beta, **train_kwargs))
         candidate = "dpo"
-        print(f"[dpo] reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "
+        # Before training the policy is the reference, so both implicit rewards are 0 and accuracy starts at 0.
+        print(f"[dpo] implicit-reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "
               f"{dpo.summary['after']['reward_accuracy']:.2f}, log-prob margin "
               f"{dpo.summary['before']['logp_margin']:.2f} -> {dpo.summary['after']['logp_margin']:.2f}")
         lap("dpo")

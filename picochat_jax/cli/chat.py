@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, select_device
-from picochat_jax.cli.eval import plain_warnings, precision_option, sampling_from, sampling_options
+from picochat_jax.cli.common import device_option, friendly_errors, plain_warnings, select_device
+from picochat_jax.cli.eval import precision_option, sampling_from, sampling_options
 
 HELP = "commands: /reset clears the conversation, /quit (or Ctrl-D) leaves"
 

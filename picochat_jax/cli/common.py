@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -40,13 +42,28 @@ precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16"
                                 help="Compute precision; master weights stay float32 (default: the scale's).")
 
 
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Show library warnings (e.g. prompts cut to fit the context) as one `warning:` line each."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can act on into one clear line and exit code 2, not a traceback."""
+    """Turn the errors a user can act on into one clear line and exit code 2, not a traceback; library
+    warnings become one line each."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with plain_warnings():
+                return fn(*args, **kwargs)
         except (DataError, FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
         except RuntimeError as exc:

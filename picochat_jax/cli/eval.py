@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, select_device
+from picochat_jax.cli.common import device_option, friendly_errors, plain_warnings, select_device
 
 
 @click.group(name="eval")
 def eval_group() -> None:
     """Evaluate a checkpoint: held-out chat scoreboard, SFT fit, teacher-forced loss."""
-
-
-@contextlib.contextmanager
-def plain_warnings() -> Iterator[None]:
-    """Show library warnings (e.g. prompts cut to fit the context) as one `warning:` line each."""
-
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        click.echo(f"warning: {message}", err=True)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = show
-        yield
 
 
 def sampling_options(max_new_default: int = 64) -> Any:
