@@ -22,3 +22,13 @@ def save_text(path: Path | str, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def read_json_object(path: Path | str) -> dict[str, Any]:
+    """A JSON object from disk, or {} when the file is missing, unreadable or not an object (evidence readers
+    treat all three as 'no evidence')."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}

@@ -25,7 +25,7 @@ import yaml
 
 from picochat_jax.config import CONFIG_DIR
 from picochat_jax.data.records import DataError
-from picochat_jax.fileio import save_json, save_text
+from picochat_jax.fileio import read_json_object, save_json, save_text
 
 GATE_CONFIG_DIR = CONFIG_DIR / "gate"
 
@@ -288,7 +288,7 @@ def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> di
 
 def _candidate(run_dir: Path) -> str | None:
     """The model a release would ship: the one the run judged (summary.json), else DPO if present, else SFT."""
-    named = _load(run_dir / "summary.json").get("candidate")
+    named = read_json_object(run_dir / "summary.json").get("candidate")
     if isinstance(named, str) and (run_dir / named / "model_config.json").exists():
         return named
     for stage in ("dpo", "sft"):
@@ -300,12 +300,6 @@ def _candidate(run_dir: Path) -> str | None:
 # --------------------------------------------------------------------------------------------- card
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-        return obj if isinstance(obj, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _fmt(v: Any) -> str:
@@ -325,12 +319,12 @@ def gate_table(gate: dict[str, Any]) -> list[str]:
 
 
 def release_card(run_dir: Path, gate: dict[str, Any]) -> str:
-    summary = _load(run_dir / "summary.json")
-    cfg = _load(run_dir / "run_config.json")
-    manifest = _load(run_dir / "corpus_manifest.json")
-    ev = _load(run_dir / EVIDENCE["eval"])
-    hon = _load(run_dir / EVIDENCE["honesty"])
-    model_cfg = _load(run_dir / (gate["model"] or "sft/checkpoint") / "model_config.json")
+    summary = read_json_object(run_dir / "summary.json")
+    cfg = read_json_object(run_dir / "run_config.json")
+    manifest = read_json_object(run_dir / "corpus_manifest.json")
+    ev = read_json_object(run_dir / EVIDENCE["eval"])
+    hon = read_json_object(run_dir / EVIDENCE["honesty"])
+    model_cfg = read_json_object(run_dir / (gate["model"] or "sft/checkpoint") / "model_config.json")
     decision = gate["decision"].upper()
     lines = [f"# Release card: {summary.get('pack', cfg.get('pack', run_dir.name))}", "",
              f"**Decision: {decision}** (gate profile `{gate['profile']['name']}`). "

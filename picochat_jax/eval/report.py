@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat_jax.eval.gate import EVIDENCE, gate_table
-from picochat_jax.fileio import save_text
+from picochat_jax.fileio import read_json_object, save_text
 
 STAGES = ("base", "sft", "dpo")
 PLOT_NAME = "loss_curves.png"
@@ -59,12 +59,6 @@ def plot_losses(run_dir: Path, out_path: Path) -> list[str]:
     return stages
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-        return obj if isinstance(obj, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _f(v: Any, spec: str = ".3f") -> str:
@@ -75,12 +69,12 @@ def write_run_report(run_dir: str | Path) -> Path:
     """Write RUN/report.md (and RUN/loss_curves.png); returns the report path."""
     run_dir = Path(run_dir)
     stages = plot_losses(run_dir, run_dir / PLOT_NAME)
-    summary = _load(run_dir / "summary.json")
-    gate = _load(run_dir / "release" / "gate.json")
-    ev = _load(run_dir / EVIDENCE["eval"])
-    fit = _load(run_dir / EVIDENCE["sft_fit"])
-    hon = _load(run_dir / EVIDENCE["honesty"])
-    pre = _load(run_dir / EVIDENCE["preflight"])
+    summary = read_json_object(run_dir / "summary.json")
+    gate = read_json_object(run_dir / "release" / "gate.json")
+    ev = read_json_object(run_dir / EVIDENCE["eval"])
+    fit = read_json_object(run_dir / EVIDENCE["sft_fit"])
+    hon = read_json_object(run_dir / EVIDENCE["honesty"])
+    pre = read_json_object(run_dir / EVIDENCE["preflight"])
 
     title = f"# Run report: {summary.get('pack', run_dir.name)}"
     title += f" ({summary['scale']})" if summary.get("scale") else ""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -263,18 +262,10 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
               tokenizer_path: Path | None, resume: bool = False, overwrite: bool = False,
               progress: bool = True) -> DPOResult:
     """Train the policy (starting from, and referenced against, `init_params`) on preference pairs."""
-    from picochat_jax.train.loop import OutDirInUse
+    from picochat_jax.train.loop import prepare_out_dir
 
-    out_dir = Path(out_dir)
+    out_dir = prepare_out_dir(out_dir, "dpo", resume, overwrite)
     resume_dir = out_dir / "resume_checkpoint"
-    if resume_dir.exists() and any(resume_dir.iterdir()) and not (resume or overwrite):
-        raise OutDirInUse(f"{out_dir} already holds a dpo run; pass --resume to continue it or --overwrite to "
-                          f"start over (or choose another --out-dir)")
-    if overwrite and not resume:
-        for name in ("resume_checkpoint", "checkpoint", "best_checkpoint", "metrics.jsonl"):
-            target = out_dir / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError("no preference pairs to train on")
 

@@ -75,6 +75,21 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def prepare_out_dir(out_dir: Path | str, stage: str, resume: bool, overwrite: bool) -> Path:
+    """Refuse to clobber an earlier run unless told to resume it or start over; nothing is lost by accident."""
+    out_dir = Path(out_dir)
+    resume_dir = out_dir / "resume_checkpoint"
+    if resume_dir.exists() and any(resume_dir.iterdir()) and not (resume or overwrite):
+        raise OutDirInUse(f"{out_dir} already holds a {stage} run; pass --resume to continue it or "
+                          f"--overwrite to start over (or choose another --out-dir)")
+    if overwrite and not resume:
+        for name in ("resume_checkpoint", "checkpoint", "best_checkpoint", "metrics.jsonl"):
+            target = out_dir / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -107,16 +122,8 @@ def train(
     attention_impl: str | None = None,
     ce_chunk_tokens: int = 0,
 ) -> TrainResult:
-    out_dir = Path(out_dir)
+    out_dir = prepare_out_dir(out_dir, stage, resume, overwrite)
     resume_dir = out_dir / "resume_checkpoint"
-    if resume_dir.exists() and any(resume_dir.iterdir()) and not (resume or overwrite):
-        raise OutDirInUse(f"{out_dir} already holds a {stage} run; pass --resume to continue it or "
-                          f"--overwrite to start over (or choose another --out-dir)")
-    if overwrite and not resume:
-        for name in ("resume_checkpoint", "checkpoint", "best_checkpoint", "metrics.jsonl"):
-            target = out_dir / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
