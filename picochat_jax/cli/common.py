@@ -6,6 +6,7 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -72,3 +73,17 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
+
+
+def input_or_pack_file(input_path: Path | None, pack_path: Path | None, key: str) -> Path:
+    """The file a command reads: --input, or the pack's `key` file (chat, eval, preferences) — exactly one."""
+    from picochat_jax.data.pack import load_pack
+
+    if (input_path is None) == (pack_path is None):
+        raise click.UsageError("give exactly one of --input or --dataset-pack")
+    if input_path is not None:
+        return input_path
+    path = getattr(load_pack(pack_path), key)
+    if path is None:
+        raise click.UsageError(f"{pack_path} names no '{key}' file")
+    return path

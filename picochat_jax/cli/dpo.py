@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from picochat_jax.cli.common import friendly_errors, select_device
+from picochat_jax.cli.common import friendly_errors, input_or_pack_file, select_device
 from picochat_jax.cli.train import _train_cfg, train_flags
 
 
@@ -33,18 +33,13 @@ def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     """
     select_device(opts["device"])
     from picochat_jax.config import load_scale
-    from picochat_jax.data.pack import load_pack
     from picochat_jax.data.records import read_preference_jsonl
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.tokenizer import ChatTokenizer
     from picochat_jax.train.checkpoint import load_model_checkpoint
     from picochat_jax.train.dpo import DPOConfig, dpo_train_config, train_dpo
 
-    if (input_path is None) == (pack_path is None):
-        raise click.UsageError("give exactly one of --input or --dataset-pack")
-    prefs_path = input_path or load_pack(pack_path).preferences
-    if prefs_path is None:
-        raise click.UsageError(f"{pack_path} names no preferences file")
+    prefs_path = input_or_pack_file(input_path, pack_path, "preferences")
     rows = read_preference_jsonl(prefs_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, plain_warnings, select_device
+from picochat_jax.cli.common import (
+    device_option,
+    friendly_errors,
+    input_or_pack_file,
+    plain_warnings,
+    select_device,
+)
 
 
 @click.group(name="eval")
@@ -79,19 +85,6 @@ def _load_engine(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_mo
     return load_native(checkpoint_dir, tokenizer_path, precision=precision)
 
 
-def _input_path(input_path: Path | None, pack_path: Path | None, key: str) -> Path:
-    from picochat_jax.data.pack import load_pack
-
-    if (input_path is None) == (pack_path is None):
-        raise click.UsageError("give exactly one of --input or --dataset-pack")
-    if input_path is not None:
-        return input_path
-    path = getattr(load_pack(pack_path), key)
-    if path is None:
-        raise click.UsageError(f"{pack_path} names no '{key}' file")
-    return path
-
-
 input_options = [
     click.option("--input", "input_path", default=None, type=click.Path(path_type=Path)),
     click.option("--dataset-pack", "pack_path", default=None, type=click.Path(path_type=Path),
@@ -123,7 +116,7 @@ def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str
     from picochat_jax.data.records import read_eval_jsonl
     from picochat_jax.eval.chat import evaluate_chat
 
-    path = _input_path(input_path, pack_path, "eval")
+    path = input_or_pack_file(input_path, pack_path, "eval")
     rows = read_eval_jsonl(path)
     engine, fmt = _load_engine(checkpoint_dir, tokenizer_path, hf_model, precision)
     with plain_warnings():
@@ -153,7 +146,7 @@ def fit(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, p
     from picochat_jax.eval.fit import sft_fit_report
     from picochat_jax.generate import load_native
 
-    conversations = read_chat_jsonl(_input_path(input_path, pack_path, "chat"))
+    conversations = read_chat_jsonl(input_or_pack_file(input_path, pack_path, "chat"))
     engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
     with plain_warnings():
         report = sft_fit_report(engine, fmt, conversations, out_dir, sampling_from(opts), batch_size=batch_size,
@@ -181,7 +174,7 @@ def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, 
     from picochat_jax.tokenizer import ChatTokenizer
     from picochat_jax.train.checkpoint import load_model_checkpoint
 
-    conversations = read_chat_jsonl(_input_path(input_path, pack_path, "chat"))
+    conversations = read_chat_jsonl(input_or_pack_file(input_path, pack_path, "chat"))
     tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
     tok = ChatTokenizer.load(tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)

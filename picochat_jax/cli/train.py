@@ -10,6 +10,7 @@ import click
 from picochat_jax.cli.common import (
     device_option,
     friendly_errors,
+    input_or_pack_file,
     mesh_option,
     precision_option,
     select_device,
@@ -95,18 +96,13 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     """Chat SFT of a native checkpoint; loss on the final assistant message only."""
     select_device(opts["device"])
     from picochat_jax.config import load_scale, with_overrides
-    from picochat_jax.data.pack import load_pack
     from picochat_jax.data.records import read_chat_jsonl
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.pipeline import sft_stage
     from picochat_jax.tokenizer import ChatTokenizer
     from picochat_jax.train.checkpoint import load_model_checkpoint
 
-    if (input_path is None) == (pack_path is None):
-        raise click.UsageError("give exactly one of --input or --dataset-pack")
-    chat_path = input_path or load_pack(pack_path).chat
-    if chat_path is None:
-        raise click.UsageError(f"{pack_path} names no chat file")
+    chat_path = input_or_pack_file(input_path, pack_path, "chat")
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
     tok = ChatTokenizer.load(tokenizer_path)
