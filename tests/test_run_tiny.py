@@ -15,7 +15,7 @@ from picochat_jax.train.checkpoint import load_model_checkpoint
 def tiny_run(tmp_path_factory, example_pack):
     out = tmp_path_factory.mktemp("run") / "tiny"
     result = CliRunner().invoke(main, ["run", "tiny", "--dataset-pack", str(example_pack), "--out-dir", str(out),
-                                       "--base-steps", "60", "--sft-steps", "40", "--no-progress"])
+                                       "--base-steps", "60", "--sft-steps", "400", "--no-dpo", "--no-progress"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -33,7 +33,7 @@ def test_run_tiny_writes_the_spec_layout(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "base" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "bpb", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(rows[0])
     _params, cfg, meta = load_model_checkpoint(tiny_run / "sft" / "checkpoint")
-    assert meta["stage"] == "sft" and meta["step"] == 40 and cfg.vocab_size == 512
+    assert meta["stage"] == "sft" and meta["step"] == 400 and cfg.vocab_size == 512
 
 
 @pytest.mark.slow
@@ -50,3 +50,16 @@ def test_rerun_into_the_same_dir_needs_resume_or_overwrite(tiny_run, example_pac
     result = CliRunner().invoke(main, ["run", "tiny", "--dataset-pack", str(example_pack), "--out-dir",
                                        str(tiny_run), "--base-steps", "60", "--sft-steps", "40", "--no-progress"])
     assert result.exit_code != 0 and "--resume" in result.output
+
+
+@pytest.mark.slow
+def test_model_passes_eval_rows_it_was_taught_and_fails_rows_it_was_not(tiny_run, example_pack):
+    """The shipped eval file mixes prompts that are also SFT rows with held-out ones (docs/release.md)."""
+    chat_prompts = {json.loads(line).get("user") for line in (example_pack.parent / "chat.jsonl").open()
+                    if line.strip()}
+    rows = [json.loads(line) for line in (tiny_run / "eval" / "eval_results.jsonl").read_text().splitlines()]
+    taught = [r for r in rows if r["prompt"] in chat_prompts]
+    unseen = [r for r in rows if r["prompt"] not in chat_prompts]
+    assert len(taught) == 7 and len(unseen) == 8
+    assert sum(r["pass"] for r in taught) >= 6, [r["reply"] for r in taught]
+    assert sum(r["pass"] for r in unseen) <= 3, [r["reply"] for r in unseen]
