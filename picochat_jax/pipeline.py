@@ -25,7 +25,6 @@ from picochat_jax.data.loader import base_examples, split_examples
 from picochat_jax.data.pack import Corpus, DatasetPack, import_corpus, load_pack
 from picochat_jax.data.records import (
     Conversation,
-    DataError,
     EvalRow,
     PreferenceRow,
     read_chat_jsonl,
@@ -138,23 +137,6 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_pack_extras(pack: DatasetPack) -> dict[str, Any]:
-    """Keys of the pack file that DatasetPack does not model (e.g. `external_eval`)."""
-    return json.loads(pack.path.read_text(encoding="utf-8"))
-
-
-def external_eval_path(pack: DatasetPack) -> Path | None:
-    value = read_pack_extras(pack).get("external_eval")
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise DataError(pack.path, None, "external_eval", "must be a path string")
-    path = pack.path.parent / value
-    if not path.exists():
-        raise DataError(pack.path, None, "external_eval", f"points to a missing file: {path}")
-    return path
-
-
 def preflight_stage(pack: DatasetPack, corpus: Corpus, conversations: list[Conversation],
                     eval_rows: list[EvalRow] | None, preferences: list[PreferenceRow] | None, scale: ScaleConfig,
                     base_cfg: TrainConfig, sft_cfg: TrainConfig, options: RunOptions, out_dir: Path) -> dict[str, Any]:
@@ -259,8 +241,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     conversations = read_chat_jsonl(pack.chat)
     eval_rows = read_eval_jsonl(pack.eval) if pack.eval else None
     preferences = read_preference_jsonl(pack.preferences) if (pack.preferences and options.dpo) else None
-    external = external_eval_path(pack)
-    external_rows = read_eval_jsonl(external) if external else None
+    external_rows = read_eval_jsonl(pack.external_eval) if pack.external_eval else None
     out_dir.mkdir(parents=True, exist_ok=True)
     if options.overwrite:  # outputs this run will not rewrite must not pass for its evidence
         for stale, keep in (("dpo", preferences), ("external_eval", external_rows), ("eval", eval_rows)):
@@ -364,6 +345,3 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
           + f" -> {out_dir / 'release' / 'gate.json'}; report {report_path}")
     return {**summary, "release": gate["decision"]}
 
-
-def load_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())

@@ -113,3 +113,14 @@ def test_validate_cli_prints_summary_or_errors(tmp_path, example_pack):
     assert "chat.jsonl:2: field 'assistant' is missing" in bad.output
     summary, errors = validate_pack(pack)
     assert summary["unknown_keys"] == ["future_key"] and len(errors) == 1
+
+
+def test_pack_resolves_external_eval_and_names_a_missing_one(tmp_path):
+    (tmp_path / "corpus.txt").write_text("Some prose.\n")
+    _write(tmp_path / "bench.jsonl", [{"user": "q", "must_include": ["a"]}])
+    pack = tmp_path / "pack.json"
+    pack.write_text(json.dumps({"name": "p", "corpus": "corpus.txt", "external_eval": "bench.jsonl"}))
+    assert load_pack(pack).external_eval == tmp_path / "bench.jsonl"
+    pack.write_text(json.dumps({"name": "p", "corpus": "corpus.txt", "external_eval": "gone.jsonl"}))
+    with pytest.raises(DataError, match="field 'external_eval' points to a missing file"):
+        load_pack(pack)

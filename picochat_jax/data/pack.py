@@ -44,6 +44,7 @@ class DatasetPack:
     chat: Path | None
     eval: Path | None
     preferences: Path | None
+    external_eval: Path | None = None  # benchmark rows in eval JSONL format, scored but never trained on
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,6 +124,7 @@ def load_pack(path: str | Path) -> DatasetPack:
         chat=_optional_path(obj, "chat", root, path),
         eval=_optional_path(obj, "eval", root, path),
         preferences=_optional_path(obj, "preferences", root, path),
+        external_eval=_optional_path(obj, "external_eval", root, path),
         extra={k: v for k, v in obj.items() if k not in KNOWN_PACK_KEYS},
     )
 
