@@ -124,3 +124,13 @@ def test_resuming_a_finished_run_is_a_no_op(tmp_path):
     assert again.status == "completed" and again.final_step == TRAIN.steps
     assert [r["loss"] for r in again.history] == [r["loss"] for r in first.history]
     assert len(again.val_history) == len(first.val_history)  # no duplicate evaluation rows
+
+
+def test_eval_batches_count_every_validation_row_once():
+    from picochat_jax.data.loader import eval_batches
+
+    examples = _examples(n=5)
+    batches = eval_batches(examples, batch_size=4, max_batches=10)
+    assert len(batches) == 2 and all(b["inputs"].shape == (1, 4, 16) for b in batches)
+    counted = sum(float(b["loss_mask"].sum()) for b in batches)
+    assert counted == float(examples["loss_mask"].sum())

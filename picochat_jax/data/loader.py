@@ -88,13 +88,16 @@ def base_examples(docs: Sequence[str], tok: ChatTokenizer, seq_len: int) -> dict
 
 
 def eval_batches(examples: dict[str, np.ndarray], batch_size: int, max_batches: int) -> list[dict[str, np.ndarray]]:
-    """Fixed, unshuffled validation batches (padded by wrapping so every batch has the same shape)."""
+    """Fixed, unshuffled validation batches. The last batch is filled up by wrapping around (one compiled
+    shape), with the wrapped rows' loss mask zeroed so no example counts twice."""
     n = len(next(iter(examples.values())))
     if n == 0:
         return []
     count = min(max_batches, max(1, -(-n // batch_size)))
     out = []
     for b in range(count):
-        idx = np.arange(b * batch_size, (b + 1) * batch_size) % n
-        out.append({k: v[idx][None] for k, v in examples.items()})
+        positions = np.arange(b * batch_size, (b + 1) * batch_size)
+        batch = {k: v[positions % n] for k, v in examples.items()}
+        batch["loss_mask"] = batch["loss_mask"] * (positions < n)[:, None]
+        out.append({k: v[None] for k, v in batch.items()})
     return out
