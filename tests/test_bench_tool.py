@@ -16,8 +16,16 @@ import numpy as np
 import pytest
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model.layers import attend, resolve_attention_impl
-from picochat_jax.model.transformer import default_scan_unroll, init_params, make_model, vocab_logits
+from picochat_jax.model.layers import attend, resolve_attention_impl, swiglu_packed
+from picochat_jax.model.transformer import (
+    Decoder,
+    default_scan_unroll,
+    init_params,
+    make_model,
+    softmax_cross_entropy,
+    training_model,
+    vocab_logits,
+)
 from picochat_jax.train.step import apply_gpu_xla_flags, ce_chunk_rows, loss_sums
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +44,10 @@ def _load_tool(name: str):
 @pytest.fixture(scope="module")
 def bench():
     return _load_tool("bench_train")
+
+
+def _tree_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
 
 
 def _tiny_cfg(tie: bool) -> ModelConfig:
@@ -68,30 +80,37 @@ def test_bench_times_a_tiny_step_on_cpu(bench, tmp_path):
 def test_variant_specs_become_child_flags(bench):
     name, argv = bench.parse_variant("fast:attention=cudnn,ce_chunk=8192, scan-unroll=2,profile=1")
     assert name == "fast"
-    assert argv == ["--attention", "cudnn", "--ce-chunk", "8192", "--scan-unroll", "2", "--profile"]
+    assert argv == ["--attention=cudnn", "--ce-chunk=8192", "--scan-unroll=2", "--profile"]
     assert bench.parse_variant("slow:profile=0") == ("slow", [])
+    # A value that is itself an option-like string (XLA flags) stays one value.
+    name, argv = bench.parse_variant("flags:extra_xla_flags=--xla_gpu_enable_triton_gemm=false,qk_norm=off")
+    assert argv == ["--extra-xla-flags=--xla_gpu_enable_triton_gemm=false", "--qk-norm=off"]
+    args = bench.build_parser().parse_args(argv)
+    assert args.extra_xla_flags == "--xla_gpu_enable_triton_gemm=false" and args.qk_norm == "off"
     with pytest.raises(SystemExit):
         bench.parse_variant("bad:no_such_option=1")
     with pytest.raises(SystemExit):
         bench.parse_variant("bad:attention")
     kept = bench.base_argv(["--scale", "x", "--variant", "a:b=c", "--peer", "torch", "--peer-clip",
-                            "--json-out=o.json", "--steps", "5"])
+                            "--peer-arch", "qwen3", "--json-out=o.json", "--steps", "5"])
     assert kept == ["--scale", "x", "--steps", "5"]
 
 
 @pytest.mark.slow
-def test_torch_peer_runs_eager_on_cpu(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_torch_peer_runs_eager_on_cpu(tmp_path, arch):
     peer = _load_tool("torch_baseline")
     out = tmp_path / "peer.json"
     r = peer.main(["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64",
                    "--vocab", "128", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",
-                   "--precision", "fp32", "--no-compile", "--matmul-size", "64", "--json-out", str(out)])
+                   "--precision", "fp32", "--no-compile", "--matmul-size", "64", "--arch", arch,
+                   "--json-out", str(out)])
     assert json.loads(out.read_text())["tokens_per_sec"] == pytest.approx(r["tokens_per_sec"])
     assert r["tokens_per_sec"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
-    # Our parameter count and FLOP convention for the same Llama shape (QK-norm is ours alone).
+    # Our parameter count and FLOP convention for the same shape: Llama, or Qwen3 = Llama + QK-norm.
     cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
-                      tie_embeddings=True)
-    assert r["params"] == cfg.num_params()
+                      tie_embeddings=True, qk_norm=arch == "qwen3")
+    assert r["arch"] == arch and r["params"] == cfg.num_params()
     assert r["flops_per_token"] == cfg.flops_per_token(32)
 
 
@@ -142,6 +161,108 @@ def test_unrolled_decoder_computes_the_same_function():
     a = rolled.apply({"params": params}, tokens)
     b = unrolled.apply({"params": params}, tokens)
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(a)))
+
+
+@pytest.mark.parametrize("activation,bias,qk_norm,position", [
+    ("swiglu", False, True, "rope"), ("swiglu", True, False, "rope"), ("relu2", False, True, "learned")])
+def test_fused_projections_compute_the_same_function_and_gradients(activation, bias, qk_norm, position):
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16,
+                      qk_norm=qk_norm, activation=activation, qkv_bias=bias, mlp_bias=bias, position=position)
+    fused, split = make_model(cfg, fuse_projections=True), make_model(cfg, fuse_projections=False)
+    params = init_params(fused, jax.random.key(0))
+    split_params = init_params(split, jax.random.key(0))
+    # Same tree, same initial values: checkpoints and the HF bridge cannot tell the two apart.
+    assert jax.tree.structure(params) == jax.tree.structure(split_params)
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(split_params),
+                                                       strict=True))
+    if bias:  # zero-initialised biases would hide a bias mix-up
+        params = jax.tree.map(lambda x: x + 0.1 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) / x.size,
+                              params)
+    if qk_norm:  # ones-initialised norm scales would hide a q/k scale mix-up
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x * (1.0 + 0.3 * jnp.sin(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)))
+            if "norm" in jax.tree_util.keystr(path) else x, params)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 97, (2, 16)), jnp.int32)
+    a = fused.apply({"params": params}, tokens)
+    b = split.apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+    # The custom VJPs (packed q|k|v and gate|up gradients) against autodiff of the unfused model.
+    probe = jnp.asarray(np.random.default_rng(6).standard_normal(a.shape), jnp.float32)
+    g_fused, g_split = (jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, tokens) * probe))(params)
+                        for m in (fused, split))
+    # The K bias's true gradient is zero (softmax ignores a per-query constant), so leaves are compared at a
+    # floor of 1e-3 of the whole gradient's norm rather than against their own rounding noise.
+    floor = 1e-3 * float(_tree_norm(g_split))
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_fused), jax.tree.leaves(g_split), strict=True):
+        rel = float(jnp.linalg.norm(x - y)) / max(float(jnp.linalg.norm(y)), floor)
+        assert rel < 1e-5, (jax.tree_util.keystr(path), rel)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_swiglu_gradient_matches_autodiff_of_the_split_form(dtype):
+    rng = np.random.default_rng(8)
+    gate_up = jnp.asarray(rng.standard_normal((2, 5, 12)) * 3, dtype)
+    probe = jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
+
+    def split_form(gu):
+        gate, up = jnp.split(gu.astype(jnp.float32), 2, axis=-1)
+        return jnp.sum(jax.nn.silu(gate) * up * probe)
+
+    ours = jax.grad(lambda gu: jnp.sum(swiglu_packed(gu).astype(jnp.float32) * probe))(gate_up)
+    ref = jax.grad(split_form)(gate_up.astype(jnp.float32))
+    assert ours.dtype == dtype and ours.shape == gate_up.shape
+    rel = float(jnp.linalg.norm(ours.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    assert rel < (1e-6 if dtype == jnp.float32 else 1e-2), rel
+
+
+def test_training_model_fuses_projections_unless_the_mesh_has_a_tensor_axis():
+    cfg = _tiny_cfg(True)
+    assert training_model(cfg, "bf16", "none", tensor_parallel=1).fuse_projections
+    assert not training_model(cfg, "bf16", "none", tensor_parallel=2).fuse_projections
+    assert training_model(cfg, "bf16", "none", 1).scan_unroll == 1  # CPU: rolled
+    assert training_model(cfg, "bf16", "none", 1, scan_unroll=2).scan_unroll == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_cross_entropy_matches_optax_in_value_and_gradient(dtype):
+    import optax
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((3, 8, 16)), dtype)
+    w = jnp.asarray(rng.standard_normal((50, 16)) / 4, dtype)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 8)), jnp.int32)
+    weights = jnp.asarray(rng.random((3, 8)), jnp.float32)  # a masked, weighted sum, as the train step takes
+
+    def ours(x, w):
+        return jnp.sum(softmax_cross_entropy(x, w, targets) * weights)
+
+    def reference(x, w):
+        logits = jnp.einsum("btd,vd->btv", x.astype(jnp.float32), w.astype(jnp.float32))
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights)
+
+    (value, grads), (ref_value, ref_grads) = (jax.value_and_grad(f, argnums=(0, 1))(x, w) for f in (ours, reference))
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-6 if dtype == jnp.float32 else 1e-5)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert g.dtype == dtype  # the logit gradient is cast to the compute dtype once, before the matmuls
+        rel = float(jnp.linalg.norm(g.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        assert rel < tol, rel
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_train_loss_uses_the_fused_cross_entropy_of_the_logits(tie):
+    import optax
+
+    cfg = _tiny_cfg(tie)
+    model = make_model(cfg)
+    params = init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(7)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+    targets = jnp.asarray(rng.integers(0, 97, (2, 16)), jnp.int32)
+    hidden = model.apply({"params": params}, tokens, return_hidden=True)
+    ce = model.apply({"params": params}, hidden, targets, method=Decoder.token_cross_entropy)
+    ref = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, tokens), targets)
+    assert float(jnp.max(jnp.abs(ce - ref))) < 1e-5
 
 
 def test_attention_choice_follows_platform_and_dtype():

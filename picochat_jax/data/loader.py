@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import grain
 import numpy as np
 
 from picochat_jax.tokenizer import ChatTokenizer
@@ -60,6 +59,8 @@ class BatchSource:
         self.num_examples = len(next(iter(self.examples.values())))
         if self.num_examples == 0:
             raise ValueError("no examples to batch")
+        import grain  # here, not at module import: hf-sft's trainers and the GPU benchmarks import this module
+
         rows = self.batch_size * self.grad_accum
         ds = grain.MapDataset.range(self.num_examples)
         if self.shuffle:
@@ -75,6 +76,8 @@ class BatchSource:
         return self._dataset[step]
 
     def iterate(self, start: int = 0, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+        import grain
+
         sliced = self._dataset[start:]
         return iter(sliced.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)))
 

@@ -44,7 +44,7 @@ from picochat_jax.hf.convert import (
     save_peft_adapter,
 )
 from picochat_jax.model import lora
-from picochat_jax.model.transformer import count_params, logical_axes, make_model
+from picochat_jax.model.transformer import count_params, logical_axes, training_model
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import TrainState, build_trainer
 
@@ -241,7 +241,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     mesh_shape = parallel.parse_mesh(opts.mesh)
     parallel.check_batch_fits(opts.batch_size, mesh_shape)
     mesh = parallel.make_mesh(mesh_shape)
-    model = make_model(hf.config, opts.precision, train_cfg.remat)
+    model = training_model(hf.config, opts.precision, train_cfg.remat, mesh_shape.tensor)
     token_bytes = np.zeros(hf.config.vocab_size, np.float32)  # bits-per-byte is not reported for HF tokenizers
     if opts.peft == "lora":
         trainer = _lora_trainer(model, hf.params, opts.lora, train_cfg, mesh, token_bytes)

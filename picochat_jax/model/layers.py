@@ -8,12 +8,14 @@ bridge is a transpose-and-stack, never a permutation.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from picochat_jax.config import ModelConfig
 
@@ -71,17 +73,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate-half RoPE (HF layout). x: (B, T, H, D); positions: (B, T)."""
+def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
+    """(cos, sin), each (B, T, 1, D) float32, for rotate-half RoPE at `positions` (B, T).
+
+    Built once per forward and shared by every layer's q and k, rather than re-evaluating sin/cos inside
+    each layer's fused RoPE kernels (forward and backward).
+    """
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
+    """Rotate-half RoPE (HF layout). x: (B, T, H, D); rope: `rope_tables` output."""
+    cos, sin = rope
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
-    cos2 = jnp.concatenate([cos, cos], axis=-1)
-    sin2 = jnp.concatenate([sin, sin], axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos2 + rotated * sin2).astype(x.dtype)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, std: float, dtype: Dtype, name: str) -> nn.Dense:
@@ -94,6 +103,56 @@ def dense(features: int, axes: tuple[str, str], use_bias: bool, std: float, dtyp
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
         name=name,
     )
+
+
+class Projection(nn.Module):
+    """A dense layer's parameters without the matmul: `kernel` (in, out) and optional `bias`.
+
+    The same names, shapes, logical axes and initial values as `dense`, so the params tree (and the HF
+    bridge) cannot tell them apart; `project` then runs several projections of one input as one matmul.
+    """
+
+    in_features: int
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool
+    std: float
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.std), self.axes),
+                            (self.in_features, self.features), jnp.float32)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                              (self.features,), jnp.float32)
+        return kernel, bias
+
+
+def _concat_projections(weights: list[tuple[Array, Array | None]]) -> tuple[Array, Array | None]:
+    """One (kernel, bias) whose outputs are the given projections' outputs side by side."""
+    kernel = jnp.concatenate([k for k, _ in weights], axis=1)
+    if all(b is None for _, b in weights):
+        return kernel, None
+    return kernel, jnp.concatenate([jnp.zeros((k.shape[1],), k.dtype) if b is None else b for k, b in weights])
+
+
+def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, fuse: bool) -> list[Array]:
+    """x @ kernel (+ bias) for each (kernel, bias), in `dtype`, as nn.Dense computes it.
+
+    With `fuse`, one matmul against the kernels concatenated along their output axis: the input is read
+    once, the backward's input gradient comes out of one matmul instead of a sum of several, and GQA's
+    narrow K/V projections stop being separate small (tensor-core-starved) matmuls. Concatenating kernels
+    that are sharded on their output axis would reshuffle them across devices, so tensor-parallel meshes
+    run unfused (see `Decoder.fuse_projections`).
+    """
+    if fuse and len(weights) > 1:
+        (fused,) = project(x, [_concat_projections(weights)], dtype, fuse=False)
+        return jnp.split(fused, np.cumsum([k.shape[1] for k, _ in weights])[:-1].tolist(), axis=-1)
+    x = x.astype(dtype)
+    contract = (((x.ndim - 1,), (0,)), ((), ()))
+    outs = [jax.lax.dot_general(x, k.astype(dtype), contract) for k, _ in weights]
+    return [y if b is None else y + b.astype(dtype) for y, (_, b) in zip(outs, weights, strict=True)]
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
@@ -157,16 +216,101 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array 
     raise ValueError(f"unknown attention implementation {impl!r}")
 
 
+class NormScale(nn.Module):
+    """An RMSNorm's `scale` parameter alone (same name, axes and init as `Norm`), for fused kernels that
+    apply the norm themselves (`heads_from_qkv`)."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.width,))
+
+
+def _rms_rope(x: Array, scale: Array | None, rope: tuple[Array, Array] | None, eps: float) -> Array:
+    """float32 x (B, T, H, D) -> RMSNorm(x) * scale (if scale) -> rotate-half RoPE (if rope)."""
+    if scale is not None:
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+    if rope is not None:
+        cos, sin = rope
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        x = x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return x
+
+
+def _rms_rope_bwd(x: Array, scale: Array | None, rope: tuple[Array, Array] | None, eps: float,
+                  dy: Array) -> tuple[Array, Array | None]:
+    """(d x, d scale) of `_rms_rope` for the output cotangent dy, all float32."""
+    if rope is not None:
+        cos, sin = rope
+        t1, t2 = jnp.split(dy * sin, 2, axis=-1)
+        dy = dy * cos + jnp.concatenate([t2, -t1], axis=-1)  # the transpose of the rotate-half
+    if scale is None:
+        return dy, None
+    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    n = x * r
+    d_scale = jnp.sum(dy * n, axis=tuple(range(dy.ndim - 1)))
+    dn = dy * scale
+    return r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True)), d_scale
+
+
+def _split_qkv(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[Array, Array, Array]:
+    B, T, width = qkv.shape
+    hd = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = jnp.split(qkv, [n_heads * hd, (n_heads + n_kv_heads) * hd], axis=-1)
+    return q.reshape(B, T, n_heads, hd), k.reshape(B, T, n_kv_heads, hd), v.reshape(B, T, n_kv_heads, hd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def heads_from_qkv(qkv: Array, q_scale: Array | None, k_scale: Array | None, rope: tuple[Array, Array] | None,
+                   n_heads: int, n_kv_heads: int, eps: float) -> tuple[Array, Array, Array]:
+    """q, k, v heads from the fused q|k|v projection output: QK-norm (when scales are given) and RoPE
+    (when tables are given) applied to q and k, in float32, cast back to the compute dtype.
+
+    The custom VJP returns the packed (B, T, (H + 2K) * D) gradient from one pass: autodiff through the
+    split writes d_q and d_k, then copies them and d_v into the packed layout (docs/performance.md).
+    """
+    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads)
+    q = _rms_rope(q.astype(jnp.float32), q_scale, rope, eps).astype(qkv.dtype)
+    k = _rms_rope(k.astype(jnp.float32), k_scale, rope, eps).astype(qkv.dtype)
+    return q, k, v
+
+
+def _heads_from_qkv_fwd(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps):
+    return heads_from_qkv(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps), (qkv, q_scale, k_scale, rope)
+
+
+def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, res, grads):
+    qkv, q_scale, k_scale, rope = res
+    dq, dk, dv = grads
+    q, k, _ = _split_qkv(qkv, n_heads, n_kv_heads)
+    dq, d_q_scale = _rms_rope_bwd(q.astype(jnp.float32), q_scale, rope, eps, dq.astype(jnp.float32))
+    dk, d_k_scale = _rms_rope_bwd(k.astype(jnp.float32), k_scale, rope, eps, dk.astype(jnp.float32))
+    # Each piece zero-padded to the packed width and summed, rather than concatenated: XLA:GPU fuses pads and
+    # adds into the kernel that computes d_q and d_k, where a concatenate became a separate copy.
+    B, T, width = qkv.shape
+    pieces = [dq.reshape(B, T, -1), dk.reshape(B, T, -1), dv.reshape(B, T, -1).astype(jnp.float32)]
+    offsets = np.cumsum([0] + [p.shape[-1] for p in pieces])
+    d_qkv = sum(jnp.pad(p, ((0, 0), (0, 0), (int(lo), int(width - hi)))) for p, lo, hi in
+                zip(pieces, offsets[:-1], offsets[1:], strict=True))
+    rope_zero = None if rope is None else tuple(jnp.zeros_like(t) for t in rope)
+    return d_qkv.astype(qkv.dtype), d_q_scale, d_k_scale, rope_zero
+
+
+heads_from_qkv.defvjp(_heads_from_qkv_fwd, _heads_from_qkv_bwd)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # None/"auto" = cuDNN flash on GPU when it can, else XLA; see attend()
+    fuse_projections: bool = True  # q, k and v as one matmul: see project()
 
     @nn.compact
     def __call__(
         self,
         x: Array,
-        positions: Array,
+        rope: tuple[Array, Array] | None,
         mask: Array | None,
         cache: dict[str, Array] | None = None,
         cache_index: Array | None = None,
@@ -176,19 +320,27 @@ class Attention(nn.Module):
         hd = cfg.resolved_head_dim
         B, T, _ = x.shape
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
-        q = dense(cfg.n_heads * hd, ("embed", "heads"), cfg.qkv_bias, cfg.init_std, self.dtype, "q_proj")(x)
-        k = dense(cfg.n_kv_heads * hd, ("embed", "kv"), cfg.qkv_bias, cfg.init_std, self.dtype, "k_proj")(x)
-        v = dense(cfg.n_kv_heads * hd, ("embed", "kv"), cfg.qkv_bias, cfg.init_std, self.dtype, "v_proj")(x)
-        q = q.reshape(B, T, cfg.n_heads, hd)
-        k = k.reshape(B, T, cfg.n_kv_heads, hd)
-        v = v.reshape(B, T, cfg.n_kv_heads, hd)
-        if cfg.qk_norm:
-            q = Norm("rmsnorm", cfg.norm_eps, self.dtype, name="q_norm")(q)
-            k = Norm("rmsnorm", cfg.norm_eps, self.dtype, name="k_norm")(k)
-        if cfg.position == "rope":
-            inv_freq = rope_inv_freq(hd, cfg.rope_theta, cfg.rope_scaling_dict)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
+        d = x.shape[-1]
+        qkv_weights = [
+            Projection(d, cfg.n_heads * hd, ("embed", "heads"), cfg.qkv_bias, cfg.init_std, name="q_proj")(),
+            Projection(d, cfg.n_kv_heads * hd, ("embed", "kv"), cfg.qkv_bias, cfg.init_std, name="k_proj")(),
+            Projection(d, cfg.n_kv_heads * hd, ("embed", "kv"), cfg.qkv_bias, cfg.init_std, name="v_proj")(),
+        ]
+        if self.fuse_projections:
+            (qkv,) = project(x, [_concat_projections(qkv_weights)], self.dtype, fuse=False)
+            scales = (NormScale(hd, name="q_norm")(), NormScale(hd, name="k_norm")()) if cfg.qk_norm else (None, None)
+            q, k, v = heads_from_qkv(qkv, *scales, rope, cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps)
+        else:
+            q, k, v = project(x, qkv_weights, self.dtype, fuse=False)
+            q = q.reshape(B, T, cfg.n_heads, hd)
+            k = k.reshape(B, T, cfg.n_kv_heads, hd)
+            v = v.reshape(B, T, cfg.n_kv_heads, hd)
+            if cfg.qk_norm:
+                q = Norm("rmsnorm", cfg.norm_eps, self.dtype, name="q_norm")(q)
+                k = Norm("rmsnorm", cfg.norm_eps, self.dtype, name="k_norm")(k)
+            if rope is not None:
+                q = apply_rope(q, rope)
+                k = apply_rope(k, rope)
 
         new_cache = None
         if cache is not None:
@@ -205,20 +357,59 @@ class Attention(nn.Module):
         return out, new_cache
 
 
+@jax.custom_vjp
+def swiglu_packed(gate_up: Array) -> Array:
+    """silu(gate) * up for `gate_up` = [gate | up] along the last axis (the fused gate/up matmul's output).
+
+    The custom VJP writes the gradient of the packed input in one elementwise pass. Autodiff through the
+    split computes d_gate and d_up in separate kernels and then copies both into the packed layout: on an
+    H100 that copy alone was 5.6 ms of a 67 ms h100-100m step (docs/performance.md).
+    """
+    gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=-1)
+    return (nn.silu(gate) * up).astype(gate_up.dtype)
+
+
+def _swiglu_packed_fwd(gate_up: Array) -> tuple[Array, Array]:
+    return swiglu_packed(gate_up), gate_up
+
+
+def _swiglu_packed_bwd(gate_up: Array, d_out: Array) -> tuple[Array]:
+    # Viewed as (..., 2, F), both halves' gradients are one select over broadcasts: a single elementwise
+    # kernel. Written as a concatenate, XLA:GPU computed each half in its own kernel and then copied both.
+    *lead, width = gate_up.shape
+    pair = gate_up.astype(jnp.float32).reshape(*lead, 2, width // 2)
+    gate, up = pair[..., :1, :], pair[..., 1:, :]
+    d_out = d_out.astype(jnp.float32)[..., None, :]
+    sig = jax.nn.sigmoid(gate)
+    d_gate = d_out * up * sig * (1.0 + gate * (1.0 - sig))
+    d_up = d_out * gate * sig
+    first_half = jax.lax.broadcasted_iota(jnp.int32, pair.shape, pair.ndim - 2) == 0
+    return (jnp.where(first_half, d_gate, d_up).reshape(gate_up.shape).astype(gate_up.dtype),)
+
+
+swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
+
+
 class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
+    fuse_projections: bool = True  # gate and up as one matmul: see project()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
-        up = dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, self.dtype, "up_proj")(x)
+        d = x.shape[-1]
+        up_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="up_proj")()
         if cfg.activation == "swiglu":
-            gate = dense(cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, self.dtype, "gate_proj")(x)
-            h = nn.silu(gate) * up
-        elif cfg.activation == "gelu":
-            h = nn.gelu(up, approximate=False)
-        else:  # relu2
-            h = jnp.square(nn.relu(up))
+            gate_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="gate_proj")()
+            if self.fuse_projections:
+                (gate_up,) = project(x, [_concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
+                h = swiglu_packed(gate_up)
+            else:
+                gate, up = project(x, [gate_proj, up_proj], self.dtype, fuse=False)
+                h = nn.silu(gate) * up
+        else:
+            (up,) = project(x, [up_proj], self.dtype, fuse=False)
+            h = nn.gelu(up, approximate=False) if cfg.activation == "gelu" else jnp.square(nn.relu(up))  # relu2
         return dense(cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, out_std, self.dtype, "down_proj")(h)

@@ -20,7 +20,15 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_policies
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model.layers import MLP, Attention, Norm, resolve_attention_impl
+from picochat_jax.model.layers import (
+    MLP,
+    Attention,
+    Norm,
+    Projection,
+    resolve_attention_impl,
+    rope_inv_freq,
+    rope_tables,
+)
 
 Array = jax.Array
 
@@ -54,6 +62,36 @@ def vocab_logits(x: Array, w: Array) -> Array:
     return _vocab_logits_lowp(x, w)
 
 
+@jax.custom_vjp
+def softmax_cross_entropy(x: Array, w: Array, targets: Array) -> Array:
+    """Per-token cross-entropy (B, T) in float32 of the logits x @ w.T, x (B, T, D), w (V, D), int targets.
+
+    Same value as optax's softmax_cross_entropy_with_integer_labels over `vocab_logits`; the custom VJP
+    turns the float32 logits straight into the compute-dtype logit gradient (softmax - one_hot) * g in one
+    pass, where autodiff writes a float32 gradient over the whole (B, T, V) logits and casts it afterwards.
+    """
+    return _softmax_ce_fwd(x, w, targets)[0]
+
+
+def _softmax_ce_fwd(x: Array, w: Array, targets: Array) -> tuple[Array, tuple[Array, ...]]:
+    logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - target_logit, (x, w, targets, logits, lse)
+
+
+def _softmax_ce_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array, None]:
+    x, w, targets, logits, lse = res
+    one_hot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    dlogits = ((jnp.exp(logits - lse[..., None]) - one_hot) * g[..., None]).astype(x.dtype)
+    dx = jnp.einsum("btv,vd->btd", dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("btv,btd->vd", dlogits, x, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw, None
+
+
+softmax_cross_entropy.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
+
+
 REMAT_POLICIES = {
     "full": checkpoint_policies.nothing_saveable,
     # Save matmul outputs, recompute the cheap elementwise work: most of remat's memory win for little time.
@@ -67,21 +105,23 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    fuse_projections: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, mask, segment_ids, cache_index, cache):
+    def __call__(self, x, rope, mask, segment_ids, cache_index, cache):
         cfg = self.cfg
         h = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="input_norm")(x)
-        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, name="attn")(
-            h, positions, mask, cache, cache_index, segment_ids
+        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, name="attn")(
+            h, rope, mask, cache, cache_index, segment_ids
         )
+        mlp = MLP(cfg, self.dtype, self.fuse_projections, name="mlp")
         if cfg.parallel_residual:
             h2 = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="post_attention_norm")(x)
-            x = x + attn_out + MLP(cfg, self.dtype, name="mlp")(h2)
+            x = x + attn_out + mlp(h2)
         else:
             x = x + attn_out
             h2 = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="post_attention_norm")(x)
-            x = x + MLP(cfg, self.dtype, name="mlp")(h2)
+            x = x + mlp(h2)
         return x, new_cache
 
 
@@ -93,6 +133,9 @@ class Decoder(nn.Module):
     # Layers per scan iteration. Unrolled, XLA keeps each layer's residuals as plain buffers instead of
     # copying them into (n_layers, ...) stacks: see default_scan_unroll and docs/performance.md.
     scan_unroll: int = 1
+    # Several projections of one input (q/k/v, gate/up) as one matmul: see layers.project. Off for
+    # tensor-parallel meshes, where it would reshuffle kernels sharded on their output axis.
+    fuse_projections: bool = True
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -118,17 +161,11 @@ class Decoder(nn.Module):
             length=cfg.n_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.attention_impl, name="layers")
+        )(cfg, self.dtype, self.attention_impl, self.fuse_projections, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
-                name="lm_head",
-            )
+            self.lm_head = Projection(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std,
+                                      name="lm_head")
 
     def __call__(
         self,
@@ -164,17 +201,30 @@ class Decoder(nn.Module):
             else:  # fused kernels mask documents themselves, without a (B, 1, T, T) boolean mask
                 layer_segments = segment_ids
 
-        x, new_cache = self.layers(x, positions, mask, layer_segments, cache_index, cache)
+        rope = None
+        if self.cfg.position == "rope":
+            cfg = self.cfg
+            rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
+        x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, cache)
         x = self.final_norm(x)
         if return_hidden:
             return x
         logits = self.logits_from_hidden(x)
         return logits if cache is None else (logits, new_cache)
 
-    def logits_from_hidden(self, x: Array) -> Array:
+    def vocab_table(self) -> Array:
+        """The (V, D) output projection in the compute dtype: the embedding table when tied."""
         if self.cfg.tie_embeddings:
-            return vocab_logits(x, self.embed_tokens.astype(self.dtype))
-        return self.lm_head(x).astype(jnp.float32)
+            return self.embed_tokens.astype(self.dtype)
+        kernel, _ = self.lm_head()
+        return kernel.T.astype(self.dtype)
+
+    def logits_from_hidden(self, x: Array) -> Array:
+        return vocab_logits(x.astype(self.dtype), self.vocab_table())
+
+    def token_cross_entropy(self, x: Array, targets: Array) -> Array:
+        """Per-token cross-entropy (B, T) float32 from the final hidden state (`return_hidden=True`)."""
+        return softmax_cross_entropy(x.astype(self.dtype), self.vocab_table(), targets)
 
 
 def default_scan_unroll(cfg: ModelConfig, platform: str | None = None) -> int:
@@ -194,9 +244,17 @@ def compute_dtype(precision: str) -> Any:
 
 
 def make_model(cfg: ModelConfig, precision: str = "fp32", remat: str = "none", attention_impl: str | None = None,
-               scan_unroll: int = 1):
+               scan_unroll: int = 1, fuse_projections: bool = True) -> Decoder:
     return Decoder(cfg, dtype=compute_dtype(precision), remat=remat, attention_impl=attention_impl,
-                   scan_unroll=scan_unroll)
+                   scan_unroll=scan_unroll, fuse_projections=fuse_projections)
+
+
+def training_model(cfg: ModelConfig, precision: str, remat: str, tensor_parallel: int,
+                   attention_impl: str | None = None, scan_unroll: int = 0) -> Decoder:
+    """The Decoder a training run compiles: layers unrolled on GPU (`default_scan_unroll`, unless
+    `scan_unroll` > 0 says otherwise) and projections fused unless the mesh splits them over a tensor axis."""
+    return make_model(cfg, precision, remat, attention_impl, scan_unroll=scan_unroll or default_scan_unroll(cfg),
+                      fuse_projections=tensor_parallel == 1)
 
 
 def _dummy_tokens(cfg: ModelConfig) -> Array:

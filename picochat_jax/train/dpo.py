@@ -35,7 +35,7 @@ from picochat_jax.data.chat import encode_conversations, pad_examples
 from picochat_jax.data.loader import BatchSource, split_examples
 from picochat_jax.data.records import Conversation, Message, PreferenceRow
 from picochat_jax.fileio import save_json
-from picochat_jax.model.transformer import Decoder, _dummy_tokens, make_model
+from picochat_jax.model.transformer import Decoder, _dummy_tokens, training_model
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
 from picochat_jax.tokenizer import ChatTokenizer
 from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
@@ -271,7 +271,7 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
 
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
-    model = make_model(model_cfg, train_cfg.precision, train_cfg.remat)
+    model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor)
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_dpo_trainer(model, optimizer, schedule, dpo_cfg.beta, mesh)
     examples, truncated = preference_examples(rows, tok, train_cfg.seq_len or model_cfg.max_seq_len)

@@ -25,7 +25,7 @@ from typing_extensions import Self
 from picochat_jax.config import ModelConfig, TrainConfig
 from picochat_jax.data.loader import BatchSource, eval_batches
 from picochat_jax.fileio import save_json
-from picochat_jax.model.transformer import count_params, default_scan_unroll, make_model
+from picochat_jax.model.transformer import count_params, training_model
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
 from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
 from picochat_jax.train.optim import make_optimizer
@@ -127,8 +127,7 @@ def train(
 
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
-    model = make_model(model_cfg, train_cfg.precision, train_cfg.remat, attention_impl,
-                       scan_unroll=default_scan_unroll(model_cfg))
+    model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor, attention_impl)
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, ce_chunk_tokens=ce_chunk_tokens)
     source = BatchSource(train_examples, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)

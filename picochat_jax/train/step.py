@@ -41,12 +41,11 @@ def token_losses(model: Decoder, params: Any, batch: Batch, ce_chunk_tokens: int
 
     With `ce_chunk_tokens` > 0 the (B, T, V) float32 logits never exist at once: see `chunked_token_losses`.
     """
+    hidden = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
+                         return_hidden=True)
     if ce_chunk_tokens > 0:
-        hidden = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                             return_hidden=True)
         return chunked_token_losses(model, params, hidden, batch["targets"], ce_chunk_tokens)
-    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"))
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+    return model.apply({"params": params}, hidden, batch["targets"], method=Decoder.token_cross_entropy)
 
 
 def ce_chunk_rows(batch: int, seq: int, chunk_tokens: int) -> int:
@@ -69,8 +68,7 @@ def chunked_token_losses(model: Decoder, params: Any, hidden: Array, targets: Ar
 
     @jax.checkpoint
     def chunk_ce(h: Array, y: Array) -> Array:
-        logits = model.apply({"params": params}, h, method=Decoder.logits_from_hidden)
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+        return model.apply({"params": params}, h, y, method=Decoder.token_cross_entropy)
 
     def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
         return carry, chunk_ce(*xs)
