@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--scale", default=None, help="named scale from configs/ (e.g. h100-100m, h200-1b)")
     for flag in SHAPE_FLAGS:
         shape.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None)
+    shape.add_argument("--qk-norm", choices=["scale", "on", "off"], default="scale",
+                       help="off = the torch peer's exact architecture (Llama has no QK-norm); scale = as configured")
     shape.add_argument("--batch-size", type=int, default=None, help="global batch (default: the scale's base batch)")
     shape.add_argument("--grad-accum", type=int, default=1)
     opt = p.add_argument_group("optimisations (each can be switched to measure what it buys)")
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--segments", type=int, default=0,
                      help="pack documents of mean length N per row (segment-masked attention, as base "
                           "pretraining does); 0 = plain causal rows like the torch peer")
+    opt.add_argument("--fuse-projections", choices=["on", "off"], default="on",
+                     help="q/k/v and gate/up as one matmul each (what training uses unless the mesh has a tensor axis)")
     opt.add_argument("--xla-flags", choices=["none", "gpu"], default="none",
                      help="gpu = picochat_jax.train.step.GPU_XLA_FLAGS added to XLA_FLAGS")
     opt.add_argument("--extra-xla-flags", default="", help="more XLA flags, verbatim")
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--peer", choices=["none", "torch"], default="none",
                      help="torch = also time transformers' LlamaForCausalLM "
                           "(torch.compile, bf16 autocast, fused AdamW)")
+    run.add_argument("--peer-arch", choices=["llama", "qwen3"], default="llama",
+                     help="llama = transformers' LlamaForCausalLM (the baseline); qwen3 = Qwen3ForCausalLM, the same "
+                          "shape plus QK-norm, like h100-100m")
     run.add_argument("--peer-no-compile", action="store_true", help="eager peer (CPU smoke runs)")
     run.add_argument("--peer-clip", action="store_true", help="peer also clips grad norm (our step always does)")
     run.add_argument("--timeout", type=int, default=600, help="seconds per child process")
@@ -98,13 +105,15 @@ def model_config(args: argparse.Namespace) -> Any:
     from picochat_jax.config import ModelConfig, load_scale, with_overrides
 
     overrides = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
+    if args.qk_norm != "scale":
+        overrides["qk_norm"] = args.qk_norm == "on"
     if args.scale:
         return with_overrides(load_scale(args.scale).model, **overrides)
-    missing = [f"--{f.replace('_', '-')}" for f, v in overrides.items() if v is None]
+    missing = [f"--{flag.replace('_', '-')}" for flag, field in SHAPE_FLAGS.items() if overrides[field] is None]
     if missing:
         raise SystemExit(f"without --scale, give the whole shape; missing {' '.join(missing)}")
-    return ModelConfig(**overrides, norm="rmsnorm", norm_eps=1e-6, activation="swiglu", tie_embeddings=True,
-                       qk_norm=True)
+    overrides.setdefault("qk_norm", True)
+    return ModelConfig(**overrides, norm="rmsnorm", norm_eps=1e-6, activation="swiglu", tie_embeddings=True)
 
 
 def default_batch(args: argparse.Namespace) -> int:
@@ -188,7 +197,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from picochat_jax.config import TrainConfig, load_scale
     from picochat_jax.model.layers import resolve_attention_impl
-    from picochat_jax.model.transformer import compute_dtype, count_params, default_scan_unroll, make_model
+    from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
     from picochat_jax.train.optim import make_optimizer
     from picochat_jax.train.step import build_trainer
@@ -206,9 +215,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     train_cfg = TrainConfig(**{**base.__dict__, "steps": 10_000, "warmup_steps": 10, "batch_size": batch,
                                "grad_accum_steps": args.grad_accum, "precision": args.precision,
                                "remat": "none"})
-    unroll = args.scan_unroll or default_scan_unroll(cfg)
-    model = make_model(cfg, args.precision, args.remat, None if args.attention == "auto" else args.attention,
-                       scan_unroll=unroll)
+    model = training_model(cfg, args.precision, args.remat, mesh_shape.tensor,
+                           None if args.attention == "auto" else args.attention, args.scan_unroll)
+    if args.fuse_projections == "off":
+        model = model.clone(fuse_projections=False)
+    unroll = model.scan_unroll
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
                             ce_chunk_tokens=args.ce_chunk)
@@ -253,6 +264,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         None if args.attention == "auto" else args.attention,
                         compute_dtype(args.precision), cfg.resolved_head_dim),
                     "ce_chunk": args.ce_chunk, "scan_unroll": unroll, "segments": args.segments,
+                    "fuse_projections": model.fuse_projections, "qk_norm": cfg.qk_norm,
                     "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
@@ -428,15 +440,15 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
         flag = f"--{key.strip().replace('_', '-')}"
         if flag in switches:  # on/off options: key=1|true turns them on, anything else leaves them off
             argv += [flag] if value.strip().lower() in ("1", "true", "yes", "on") else []
-        else:
-            argv += [flag, value.strip()]
+        else:  # --flag=value: a value that itself starts with "--" (XLA flags) must not read as an option
+            argv.append(f"{flag}={value.strip()}")
     build_parser().parse_args(argv)  # reject unknown keys before any child starts
     return name, argv
 
 
 def base_argv(argv: list[str]) -> list[str]:
     """The command line minus orchestration-only options, handed to every child."""
-    drop_with_value = {"--variant", "--peer", "--json-out", "--label", "--timeout"}
+    drop_with_value = {"--variant", "--peer", "--peer-arch", "--json-out", "--label", "--timeout"}
     drop_flag = {"--peer-no-compile", "--peer-clip"}
     out, skip = [], False
     for a in argv:
@@ -502,7 +514,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                    "--kv-heads", str(cfg.n_kv_heads), "--d-ff", str(cfg.d_ff), "--vocab", str(cfg.vocab_size),
                    "--seq-len", str(cfg.max_seq_len), "--batch-size", str(default_batch(args)),
                    "--steps", str(args.steps), "--warmup", str(max(args.warmup, 3)),
-                   "--precision", args.precision, "--json-out", str(peer_json)]
+                   "--precision", args.precision, "--arch", args.peer_arch, "--json-out", str(peer_json)]
             if args.matmul_size is not None:
                 cmd += ["--matmul-size", str(args.matmul_size)]
             if args.peer_no_compile:
@@ -541,7 +553,8 @@ def table(report: dict[str, Any]) -> str:
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    rows = list(report["results"]) + ([dict(report["peer"], label="torch peer")] if report.get("peer") else [])
+    peer = report.get("peer")
+    rows = list(report["results"]) + ([dict(peer, label=f"torch peer ({peer.get('arch', 'llama')})")] if peer else [])
     for r in rows:
         if "error" in r:
             lines.append(f"| {r.get('label', '?')} | failed: {r['error'][:80]} |||||||")

@@ -25,12 +25,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def flops_per_token(d_model: int, layers: int, heads: int, kv_heads: int, d_ff: int, vocab: int, seq_len: int) -> float:
-    """ModelConfig.flops_per_token of the same Llama shape (no QK-norm), so both sides count FLOPs alike."""
+def flops_per_token(d_model: int, layers: int, heads: int, kv_heads: int, d_ff: int, vocab: int, seq_len: int,
+                    qk_norm: bool = False) -> float:
+    """ModelConfig.flops_per_token of the same shape, so both sides count FLOPs alike."""
     from picochat_jax.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-                      d_ff=d_ff, max_seq_len=seq_len, tie_embeddings=True)
+                      d_ff=d_ff, max_seq_len=seq_len, tie_embeddings=True, qk_norm=qk_norm)
     return cfg.flops_per_token(seq_len)
 
 
@@ -62,18 +63,24 @@ def _sync(torch: Any, device: str) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    shape = dict(
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_ff,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len, tie_word_embeddings=True, rms_norm_eps=1e-6,
-        attention_bias=False, mlp_bias=False, hidden_act="silu",
+        attention_bias=False, hidden_act="silu",
     )
+    if args.arch == "qwen3":  # Llama plus per-head RMSNorm on q and k: h100-100m's own architecture
+        cfg = transformers.Qwen3Config(**shape, head_dim=args.d_model // args.heads, use_sliding_window=False)
+        model_cls = transformers.Qwen3ForCausalLM
+    else:
+        cfg = transformers.LlamaConfig(**shape, mlp_bias=False)
+        model_cls = transformers.LlamaForCausalLM
     cfg._attn_implementation = "sdpa"  # flash attention through F.scaled_dot_product_attention
-    model = LlamaForCausalLM(cfg).to(device)
+    model = model_cls(cfg).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
@@ -120,12 +127,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     tokens = args.batch_size * args.seq_len
-    fpt = flops_per_token(args.d_model, args.layers, args.heads, args.kv_heads, args.d_ff, args.vocab, args.seq_len)
+    fpt = flops_per_token(args.d_model, args.layers, args.heads, args.kv_heads, args.d_ff, args.vocab, args.seq_len,
+                          qk_norm=args.arch == "qwen3")
     size = args.matmul_size if args.matmul_size is not None else (8192 if device.startswith("cuda") else 512)
     mm = matmul_tflops(torch, device, size)
     model_tflops = tokens / step_s * fpt / 1e12
     return {
-        "framework": "torch", "torch_version": torch.__version__,
+        "framework": "torch", "arch": args.arch, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "compile": args.compile, "precision": args.precision, "clip": args.clip,
@@ -148,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the bf16 n^3 matmul rate (default 8192 on CUDA, 512 on CPU; 0 = skip)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--arch", choices=["llama", "qwen3"], default="llama",
+                   help="llama = the issue's baseline (LlamaForCausalLM); qwen3 = the same shape with QK-norm")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager PyTorch (for CPU smoke tests)")
     p.add_argument("--clip", action="store_true", help="also clip the global grad norm to 1.0, as our step does")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

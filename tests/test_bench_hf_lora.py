@@ -1,0 +1,84 @@
+"""tools/bench_hf_lora.py on CPU with a tiny Llama: both sides train the same LoRA and report comparable numbers.
+
+The GPU figures come from running the tool itself on a GPU machine; here only the plumbing and the parity of
+what the two sides compute are checked (same trainable parameters, same loss at the same weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = 256
+# Batch 8: conftest gives every process (the children too) 8 fake CPU devices, and our side splits the batch
+# over all of them by default.
+TINY = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+        "--vocab", str(VOCAB), "--batch-size", "8", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_tool("bench_hf_lora")
+
+
+def _lora_params(layers: int, hidden: int, inter: int, heads: int, kv_heads: int, rank: int = 16) -> int:
+    """r * (in + out) per adapted projection per layer, for the seven Llama projections."""
+    head_dim = hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    return layers * sum(rank * (i + o) for i, o in shapes)
+
+
+def test_batches_are_random_ids_with_an_assistant_tail_mask(bench):
+    b = bench.synthetic_batches(VOCAB, 8, 64, target_fraction=0.4)
+    assert b["inputs"].shape == b["targets"].shape == b["loss_mask"].shape == (bench.N_BATCHES, 1, 8, 64)
+    assert b["inputs"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
+    assert b["inputs"].min() >= 0 and b["inputs"].max() < VOCAB and len(np.unique(b["inputs"])) > VOCAB // 2
+    mask = b["loss_mask"]
+    # Every row: a prompt of zeros, then ones to the end (monotone), and some of each.
+    assert np.all(np.diff(mask, axis=-1) >= 0) and np.all(mask[..., 0] == 0) and np.all(mask[..., -1] == 1)
+    assert 0.3 < mask.mean() < 0.5
+
+
+@pytest.mark.slow
+def test_both_sides_train_the_same_lora_on_cpu(bench, tmp_path):
+    out = tmp_path / "hf_lora.json"
+    report = bench.main([*TINY, "--peer", "peft", "--peer-no-compile", "--json-out", str(out)])
+    ours, peer = report["ours"], report["peer"]
+    assert "error" not in ours, ours
+    assert "error" not in peer, peer
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+
+    assert ours["framework"] == "picochat-jax" and peer["framework"] == "transformers+peft"
+    assert ours["platform"] == peer["platform"] == "cpu" and peer["compile"] is False
+    for r in (ours, peer):
+        assert math.isfinite(r["tokens_per_sec"]) and r["tokens_per_sec"] > 0
+        assert r["tokens_per_step"] == 8 * 32
+        assert r["tokens_per_sec"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+        assert 0 < r["loss_tokens_per_step"] < r["tokens_per_step"]  # the assistant-only mask, not every token
+        # Random init predicts ~uniformly over the vocabulary.
+        assert r["first_loss"] == pytest.approx(math.log(VOCAB), rel=0.1)
+        assert math.isfinite(r["last_loss"])
+    assert report["ratio"] == pytest.approx(ours["tokens_per_sec"] / peer["tokens_per_sec"])
+    # LoRA r=16 on all seven projections on both sides, counted alike.
+    assert ours["trainable_params"] == peer["trainable_params"] == _lora_params(2, 64, 128, 4, 2)
+    assert ours["params"] == peer["params"] - ours["trainable_params"]  # the peer counts its adapters too
+    # Same weights, same first batch, adapters' B = 0 on both sides: the same loss up to bf16 rounding.
+    assert ours["first_loss"] == pytest.approx(peer["first_loss"], abs=0.02)
+    assert ours["loss_tokens_per_step"] == pytest.approx(peer["loss_tokens_per_step"])

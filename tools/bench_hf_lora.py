@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Time LoRA fine-tuning of a SmolLM2-135M-shaped random Llama: picochat-jax against transformers + peft.
+
+What is timed on our side is what `picochat train hf-sft --peft lora` runs: the HF folder loaded with
+`hf.convert.load_hf_model`, `training_model`, and `hf.sft._lora_trainer`'s jitted step (frozen bf16 base,
+float32 adapters, hf-sft's AdamW and clipping; the learning rate held constant so both sides do the same
+optimizer arithmetic). The peer (tools/peft_baseline.py) trains the same folder with `peft.get_peft_model`,
+bf16 autocast, torch.compile and fused AdamW. Both sides see the same weights (a random-init
+`LlamaForCausalLM`, seed 0, saved as safetensors to a temp folder; nothing is downloaded) and the same
+batches: random token ids, the loss on the last ~40% of each row (an assistant-only mask).
+
+Each side runs in its own process (peer first, so its CUDA memory is gone before XLA starts, and XLA flags
+never reach torch). Warm-up steps (the first compiles) are excluded; every timed step is synchronised; the
+median step gives tokens/s = batch * seq / step time (every token processed; the loss-mask token rate is
+reported as well). Peak device memory is each process's high-water mark. Same first loss on both sides is a
+check that they compute the same thing.
+
+    python tools/bench_hf_lora.py --json-out hf_lora.json                       # GPU: SmolLM2-135M shape, peer
+    python tools/bench_hf_lora.py --gradient-checkpointing --batch-size 32 --json-out hf_lora_ckpt.json
+    python tools/bench_hf_lora.py --layers 2 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \\
+        --vocab 256 --batch-size 8 --seq-len 32 --steps 2 --warmup 1 --peer-no-compile   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+N_BATCHES = 4  # distinct batches cycled through: no step sees the same data twice in a row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape = p.add_argument_group("shape (default: SmolLM2-135M)")
+    shape.add_argument("--layers", type=int, default=30)
+    shape.add_argument("--hidden", type=int, default=576)
+    shape.add_argument("--intermediate", type=int, default=1536)
+    shape.add_argument("--heads", type=int, default=9)
+    shape.add_argument("--kv-heads", type=int, default=3)
+    shape.add_argument("--vocab", type=int, default=49152)
+    shape.add_argument("--model-dir", type=Path, default=None,
+                       help="time this saved Llama folder instead of a random one of the shape above")
+    train = p.add_argument_group("training")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--seq-len", type=int, default=512)
+    train.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="ours: remat full, as hf-sft --gradient-checkpointing; peer: gradient_checkpointing_enable")
+    train.add_argument("--rank", type=int, default=16)
+    train.add_argument("--alpha", type=float, default=32.0)
+    train.add_argument("--targets", default=TARGETS, help="comma-separated LoRA target projections")
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--target-fraction", type=float, default=0.4,
+                       help="mean share of each row in the loss (the row's tail, as an assistant reply)")
+    train.add_argument("--mesh", default=None, help="DATAxFSDP[xTENSOR] for our side (default: all devices on data)")
+    run = p.add_argument_group("run")
+    run.add_argument("--steps", type=int, default=20, help="timed steps")
+    run.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles); >= 1")
+    run.add_argument("--peer", choices=["none", "peft"], default="peft")
+    run.add_argument("--peer-no-compile", action="store_true", help="eager peer (CPU smoke runs)")
+    run.add_argument("--peer-device", default="auto", help="auto (cuda when torch sees one), cuda or cpu")
+    run.add_argument("--timeout", type=int, default=600, help="seconds per child process")
+    run.add_argument("--json-out", type=Path, default=None)
+    run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # time our side in this process
+    run.add_argument("--batches", type=Path, default=None, help=argparse.SUPPRESS)  # the child's .npz
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def hf_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers.LlamaConfig arguments: SmolLM2-135M's, with the shape flags applied."""
+    return {"vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
+            "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+            "num_key_value_heads": args.kv_heads, "tie_word_embeddings": True, "rope_theta": 100000.0,
+            "max_position_embeddings": max(2048, args.seq_len), "rms_norm_eps": 1e-5, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False}
+
+
+def save_random_llama(out_dir: Path, args: argparse.Namespace) -> Path:
+    """A random-init LlamaForCausalLM (seed 0) saved as safetensors in bf16, the dtype SmolLM2 ships in."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**hf_config_kwargs(args)))
+    model.to(torch.bfloat16).save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def synthetic_batches(vocab: int, batch: int, seq: int, target_fraction: float = 0.4, count: int = N_BATCHES,
+                      seed: int = 0) -> dict[str, Any]:
+    """`count` batches stacked: inputs/targets int32 and loss_mask float32, each (count, 1, batch, seq).
+
+    Random ids, never all zeros (constant inputs can run faster than real data). Each row's loss covers its
+    tail from a random start, ~`target_fraction` of the row on average, like an assistant reply after a
+    prompt: the loss is then over a realistic share of the positions, not all of them.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shape = (count, 1, batch, seq)
+    share = np.clip(target_fraction * rng.uniform(0.75, 1.25, shape[:3]), 1.0 / seq, 1.0)
+    start = seq - np.maximum(1, np.round(share * seq)).astype(np.int64)
+    return {"inputs": rng.integers(0, vocab, shape, dtype=np.int32),
+            "targets": rng.integers(0, vocab, shape, dtype=np.int32),
+            "loss_mask": (np.arange(seq) >= start[..., None]).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------- our side
+
+
+def peak_memory_gib() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None  # CPU backends keep no allocator statistics
+    return stats["peak_bytes_in_use"] / 2**30
+
+
+def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the folder, build hf-sft's LoRA trainer and time its step, in this process."""
+    import dataclasses
+
+    import flax
+    import jax
+    import numpy as np
+    import optax
+
+    from picochat_jax import parallel
+    from picochat_jax.hf.convert import load_hf_model
+    from picochat_jax.hf.sft import HFSFTOptions, _lora_trainer, hf_train_config
+    from picochat_jax.model.layers import resolve_attention_impl
+    from picochat_jax.model.lora import LoraConfig, parse_targets
+    from picochat_jax.model.transformer import compute_dtype, count_params, training_model
+
+    hf = load_hf_model(args.model_dir)
+    with np.load(args.batches) as data:
+        stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask")}
+    host_batches = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
+    _, batch, seq = host_batches[0]["inputs"].shape
+
+    lcfg = LoraConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets))
+    opts = HFSFTOptions(model=str(args.model_dir), input=Path("-"), out_dir=Path("-"),
+                        max_steps=args.warmup + args.steps, max_length=seq, precision=args.precision,
+                        gradient_checkpointing=args.gradient_checkpointing, lora=lcfg, learning_rate=args.lr,
+                        batch_size=batch, mesh=args.mesh)
+    # hf-sft's optimizer (betas, clipping, no weight decay) with a constant rate: the peer runs a constant
+    # rate too, so both sides do the same update arithmetic and their losses stay comparable.
+    train_cfg = dataclasses.replace(hf_train_config(opts), decay="none", warmup_steps=0)
+    mesh_shape = parallel.parse_mesh(args.mesh)
+    parallel.check_batch_fits(batch, mesh_shape)
+    mesh = parallel.make_mesh(mesh_shape)
+    model = training_model(hf.config, args.precision, train_cfg.remat, mesh_shape.tensor)
+    trainer = _lora_trainer(model, hf.params, lcfg, train_cfg, mesh, np.zeros(hf.config.vocab_size, np.float32))
+    batches = [trainer.put_batch(b) for b in host_batches]
+    n_params, head_dim = count_params(hf.params), hf.config.resolved_head_dim
+
+    state = trainer.state
+    t0 = time.perf_counter()
+    state, metrics = trainer.step(state, batches[0])
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - t0
+    first_loss = float(metrics["loss"])
+    for i in range(1, args.warmup):
+        state, metrics = trainer.step(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+
+    times = []
+    for i in range(args.warmup, args.warmup + args.steps):
+        t = time.perf_counter()
+        state, metrics = trainer.step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    last_loss = float(metrics["loss"])
+    if not math.isfinite(last_loss):
+        raise RuntimeError(f"loss is {last_loss}: this configuration does not train")
+
+    step_s = statistics.median(times)
+    tokens = batch * seq
+    dev = jax.devices()[0]
+    mean_loss_tokens = statistics.mean(float(b["loss_mask"].sum()) for b in host_batches)  # as the peer counts
+    return {
+        "framework": "picochat-jax",
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
+        "device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
+        "compile": True,  # jax.jit: always compiled by XLA
+        "compile_error": None, "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "remat": train_cfg.remat, "mesh": str(mesh_shape), "scan_unroll": model.scan_unroll,
+        "fuse_projections": model.fuse_projections,
+        "attention": resolve_attention_impl(None, compute_dtype(args.precision), head_dim),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "params": n_params, "trainable_params": trainer.trainable, "batch_size": batch, "seq_len": seq,
+        "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
+        "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
+        "tokens_per_step": tokens, "tokens_per_sec": tokens / step_s,
+        "loss_tokens_per_step": mean_loss_tokens, "loss_tokens_per_sec": mean_loss_tokens / step_s,
+        "peak_mem_gib": peak_memory_gib(), "first_loss": first_loss, "last_loss": last_loss,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+
+
+def run_child(cmd: list[str], json_path: Path, timeout: int, env: dict[str, str]) -> dict[str, Any]:
+    """Run one side; its JSON, or {"error": ...} with the exception line, so a crash is reported, not fatal."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, check=False, env=env, timeout=timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if proc.returncode != 0 or not json_path.exists():
+        lines = proc.stderr.strip().splitlines()
+        print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
+        cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", ln)),
+                     lines[-1] if lines else "no output")
+        return {"error": f"exit {proc.returncode}: {cause}"}
+    result = json.loads(json_path.read_text())
+    result["wall_s"] = time.perf_counter() - t
+    return result
+
+
+def shared_flags(args: argparse.Namespace) -> list[str]:
+    """The options both sides take, spelled the same in both scripts."""
+    flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+             "--rank", str(args.rank), "--alpha", str(args.alpha), "--targets", args.targets, "--lr", str(args.lr)]
+    return flags + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+
+
+def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from picochat_jax.fileio import save_json
+
+    report: dict[str, Any] = {"command": shlex.join([sys.executable, *sys.argv]),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ours": None, "peer": None,
+                              "ratio": None}
+    with tempfile.TemporaryDirectory(prefix="bench_hf_lora.") as tmp:
+        model_dir = args.model_dir or save_random_llama(Path(tmp) / "model", args)
+        hf_config = json.loads((Path(model_dir) / "config.json").read_text())
+        vocab = int(hf_config["vocab_size"])
+        batches = Path(tmp) / "batches.npz"
+        np.savez(batches, **synthetic_batches(vocab, args.batch_size, args.seq_len, args.target_fraction))
+        report["model"] = {"dir": str(args.model_dir) if args.model_dir else "random init (seed 0)",
+                           **{k: hf_config.get(k) for k in ("model_type", "hidden_size", "intermediate_size",
+                                                           "num_hidden_layers", "num_attention_heads",
+                                                           "num_key_value_heads", "vocab_size",
+                                                           "tie_word_embeddings")}}
+        report["options"] = {"batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+                             "warmup": args.warmup, "precision": args.precision,
+                             "gradient_checkpointing": args.gradient_checkpointing, "rank": args.rank,
+                             "alpha": args.alpha, "targets": args.targets, "lr": args.lr,
+                             "target_fraction": args.target_fraction}
+        common = ["--model-dir", str(model_dir), "--batches", str(batches), *shared_flags(args)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if args.peer == "peft":
+            out = Path(tmp) / "peer.json"
+            cmd = [sys.executable, str(REPO / "tools" / "peft_baseline.py"), *common, "--device", args.peer_device,
+                   "--json-out", str(out)] + (["--no-compile"] if args.peer_no_compile else [])
+            report["peer"] = run_child(cmd, out, args.timeout, env)
+            if args.json_out:
+                save_json(args.json_out, report)
+        out = Path(tmp) / "ours.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *common, "--json-out", str(out)]
+        if args.mesh:
+            cmd += ["--mesh", args.mesh]
+        report["ours"] = run_child(cmd, out, args.timeout, env)
+    ours, peer = report["ours"] or {}, report["peer"] or {}
+    if ours.get("tokens_per_sec") and peer.get("tokens_per_sec"):
+        report["ratio"] = ours["tokens_per_sec"] / peer["tokens_per_sec"]
+        report["first_loss_gap"] = ours["first_loss"] - peer["first_loss"]
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    head = ("| side | device | tokens/s | loss tokens/s | step ms (min–max) | peak GiB | trainable | compiled | "
+            "loss first→last |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for name, r in (("picochat-jax", report.get("ours")), ("transformers+peft", report.get("peer"))):
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:100]} ||||||||")
+            continue
+        compiled = "yes" if r["compile"] else "no" + (f" ({r['compile_error'][:60]})" if r.get("compile_error") else "")
+        lines.append(f"| {name} | {r['device']} | {r['tokens_per_sec']:,.0f} | {r['loss_tokens_per_sec']:,.0f} | "
+                     f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | "
+                     f"{fmt(r.get('peak_mem_gib'), '.2f')} | {r['trainable_params']:,} | {compiled} | "
+                     f"{r['first_loss']:.3f}→{r['last_loss']:.3f} |")
+    if report.get("ratio") is not None:
+        lines.append(f"\nours / peer tokens/s: **{report['ratio']:.2f}x** (first-loss gap "
+                     f"{report['first_loss_gap']:+.4f}: same weights and batch, so ~0)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1: the first step compiles and must not be timed")
+    from picochat_jax.fileio import save_json
+
+    if args.child:
+        if args.model_dir is None or args.batches is None:
+            raise SystemExit("--child needs --model-dir and --batches")
+        result = measure_ours(args)
+        if args.json_out:
+            save_json(args.json_out, result)
+        return result
+    report = orchestrate(args)
+    if args.json_out:
+        save_json(args.json_out, report)
+    print(table(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
