@@ -15,7 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -26,3 +29,17 @@ EXAMPLE_PACK = REPO / "examples" / "tiny_pack" / "dataset_pack.json"
 @pytest.fixture(scope="session")
 def example_pack() -> Path:
     return EXAMPLE_PACK
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """Import a script from tools/ by path (tools/ is not a package): `load_tool("bench_train")`."""
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

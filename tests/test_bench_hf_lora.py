@@ -6,16 +6,12 @@ what the two sides compute are checked (same trainable parameters, same loss at 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
 VOCAB = 256
 # Batch 8: conftest gives every process (the children too) 8 fake CPU devices, and our side splits the batch
 # over all of them by default.
@@ -23,17 +19,9 @@ TINY = ["--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "
         "--vocab", str(VOCAB), "--batch-size", "8", "--seq-len", "32", "--steps", "2", "--warmup", "1"]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def bench():
-    return _load_tool("bench_hf_lora")
+def bench(load_tool):
+    return load_tool("bench_hf_lora")
 
 
 def _lora_params(layers: int, hidden: int, inter: int, heads: int, kv_heads: int, rank: int = 16) -> int:

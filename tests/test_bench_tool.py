@@ -5,10 +5,7 @@ Nothing here needs a GPU: the GPU figures live in docs/performance.md with the c
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,22 +25,13 @@ from picochat_jax.model.transformer import (
 )
 from picochat_jax.train.step import apply_gpu_xla_flags, ce_chunk_rows, loss_sums
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64", "--vocab", "128",
         "--seq-len", "32", "--batch-size", "8", "--steps", "3", "--warmup", "2", "--matmul-size", "128"]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def bench():
-    return _load_tool("bench_train")
+def bench(load_tool):
+    return load_tool("bench_train")
 
 
 def _tree_norm(tree) -> jax.Array:
@@ -98,8 +86,8 @@ def test_variant_specs_become_child_flags(bench):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_torch_peer_runs_eager_on_cpu(tmp_path, arch):
-    peer = _load_tool("torch_baseline")
+def test_torch_peer_runs_eager_on_cpu(tmp_path, arch, load_tool):
+    peer = load_tool("torch_baseline")
     out = tmp_path / "peer.json"
     r = peer.main(["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64",
                    "--vocab", "128", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",

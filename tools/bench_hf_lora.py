@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +36,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # bench_train's helpers, also when this file is loaded by path (tests)
+
+from bench_train import peak_memory_gib, run_child, time_steps  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 N_BATCHES = 4  # distinct batches cycled through: no step sees the same data twice in a row
@@ -126,15 +126,6 @@ def synthetic_batches(vocab: int, batch: int, seq: int, target_fraction: float =
 # ----------------------------------------------------------------------------------------------- our side
 
 
-def peak_memory_gib() -> float | None:
-    import jax
-
-    stats = jax.devices()[0].memory_stats()
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None  # CPU backends keep no allocator statistics
-    return stats["peak_bytes_in_use"] / 2**30
-
-
 def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     """Load the folder, build hf-sft's LoRA trainer and time its step, in this process."""
     import dataclasses
@@ -173,25 +164,8 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     batches = [trainer.put_batch(b) for b in host_batches]
     n_params, head_dim = count_params(hf.params), hf.config.resolved_head_dim
 
-    state = trainer.state
-    t0 = time.perf_counter()
-    state, metrics = trainer.step(state, batches[0])
-    jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - t0
-    first_loss = float(metrics["loss"])
-    for i in range(1, args.warmup):
-        state, metrics = trainer.step(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-
-    times = []
-    for i in range(args.warmup, args.warmup + args.steps):
-        t = time.perf_counter()
-        state, metrics = trainer.step(state, batches[i % len(batches)])
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-    last_loss = float(metrics["loss"])
-    if not math.isfinite(last_loss):
-        raise RuntimeError(f"loss is {last_loss}: this configuration does not train")
+    state, times, compile_s, first_loss, last_loss = time_steps(trainer.step, trainer.state, batches,
+                                                                args.warmup, args.steps)
 
     step_s = statistics.median(times)
     tokens = batch * seq
@@ -217,25 +191,6 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- orchestration
-
-
-def run_child(cmd: list[str], json_path: Path, timeout: int, env: dict[str, str]) -> dict[str, Any]:
-    """Run one side; its JSON, or {"error": ...} with the exception line, so a crash is reported, not fatal."""
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, check=False, env=env, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout}s"}
-    if proc.returncode != 0 or not json_path.exists():
-        lines = proc.stderr.strip().splitlines()
-        print("\n".join(lines[-20:]), file=sys.stderr, flush=True)
-        cause = next((ln for ln in reversed(lines) if re.match(r"^[\w.]*(Error|Exception)\b", ln)),
-                     lines[-1] if lines else "no output")
-        return {"error": f"exit {proc.returncode}: {cause}"}
-    result = json.loads(json_path.read_text())
-    result["wall_s"] = time.perf_counter() - t
-    return result
 
 
 def shared_flags(args: argparse.Namespace) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -190,6 +191,35 @@ def peak_memory_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30
 
 
+def time_steps(step: Any, state: Any, batches: list[Any], warmup: int, steps: int,
+               t0: float | None = None) -> tuple[Any, list[float], float, float, float]:
+    """Run `warmup` untimed steps (the first compiles), then `steps` timed ones, each synchronised.
+
+    Returns (state, step seconds, seconds to the end of the first step since `t0`, first loss, last loss);
+    a non-finite last loss raises: a configuration that does not train has no speed worth reporting.
+    """
+    import jax
+
+    t0 = time.perf_counter() if t0 is None else t0
+    state, metrics = step(state, batches[0])
+    jax.block_until_ready((state, metrics))
+    compile_s = time.perf_counter() - t0
+    first_loss = float(metrics["loss"])
+    for i in range(1, warmup):
+        state, metrics = step(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    times = []
+    for i in range(warmup, warmup + steps):
+        t = time.perf_counter()
+        state, metrics = step(state, batches[i % len(batches)])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    last_loss = float(metrics["loss"])
+    if not math.isfinite(last_loss):
+        raise RuntimeError(f"loss is {last_loss}: this configuration does not train")
+    return state, times, compile_s, first_loss, last_loss
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Build, compile and time the train step for one configuration, in this process."""
     import jax
@@ -227,26 +257,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     state = trainer.init(jax.random.key_data(jax.random.key(0)))
-    state, metrics = trainer.step(state, batches[0])
-    jax.block_until_ready((state, metrics))
-    compile_s = time.perf_counter() - t0
-    first_loss = float(metrics["loss"])
-    for i in range(1, args.warmup):
-        state, metrics = trainer.step(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-
-    times = []
-    for i in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = trainer.step(state, batches[i % len(batches)])
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-    last_loss = float(metrics["loss"])
+    timed = time_steps(trainer.step, state, batches, args.warmup, args.steps, t0)
+    state, times, compile_s, first_loss, last_loss = timed
     profile = None
     if args.profile:
         state, profile = profile_steps(trainer.step, state, batches)
-    if not np.isfinite(last_loss):
-        raise RuntimeError(f"loss is {last_loss}: this configuration does not train")
 
     step_s = statistics.median(times)
     tokens = batch * args.grad_accum * seq
