@@ -86,11 +86,7 @@ def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
 
 def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
     """Rotate-half RoPE (HF layout). x: (B, T, H, D); rope: `rope_tables` output."""
-    cos, sin = rope
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    return _rms_rope(x.astype(jnp.float32), None, rope, 0.0).astype(x.dtype)
 
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, std: float, dtype: Dtype, name: str) -> nn.Dense:
