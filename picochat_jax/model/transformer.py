@@ -32,9 +32,13 @@ from picochat_jax.model.layers import (
 
 Array = jax.Array
 
+def _logits_f32(x: Array, w: Array) -> Array:
+    return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _vocab_logits_lowp(x: Array, w: Array) -> Array:
-    return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+    return _logits_f32(x, w)
 
 
 def _vocab_logits_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -58,7 +62,7 @@ _vocab_logits_lowp.defvjp(_vocab_logits_fwd, _vocab_logits_bwd)
 def vocab_logits(x: Array, w: Array) -> Array:
     """float32 logits (B, T, V) from hidden x (B, T, D) and a (V, D) table, both in the compute dtype."""
     if x.dtype == jnp.float32:
-        return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+        return _logits_f32(x, w)
     return _vocab_logits_lowp(x, w)
 
 
@@ -74,7 +78,7 @@ def softmax_cross_entropy(x: Array, w: Array, targets: Array) -> Array:
 
 
 def _softmax_ce_fwd(x: Array, w: Array, targets: Array) -> tuple[Array, tuple[Array, ...]]:
-    logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+    logits = _logits_f32(x, w)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return lse - target_logit, (x, w, targets, logits, lse)
@@ -84,9 +88,7 @@ def _softmax_ce_bwd(res: tuple[Array, ...], g: Array) -> tuple[Array, Array, Non
     x, w, targets, logits, lse = res
     one_hot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
     dlogits = ((jnp.exp(logits - lse[..., None]) - one_hot) * g[..., None]).astype(x.dtype)
-    dx = jnp.einsum("btv,vd->btd", dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum("btv,btd->vd", dlogits, x, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw, None
+    return (*_vocab_logits_bwd((x, w), dlogits), None)
 
 
 softmax_cross_entropy.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
