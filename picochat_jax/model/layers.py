@@ -89,23 +89,12 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
     return _rms_rope(x.astype(jnp.float32), None, rope, 0.0).astype(x.dtype)
 
 
-def dense(features: int, axes: tuple[str, str], use_bias: bool, std: float, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(_init(std), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
-
-
 class Projection(nn.Module):
     """A dense layer's parameters without the matmul: `kernel` (in, out) and optional `bias`.
 
-    The same names, shapes, logical axes and initial values as `dense`, so the params tree (and the HF
-    bridge) cannot tell them apart; `project` then runs several projections of one input as one matmul.
+    The same names, shapes, logical axes and initial values as `nn.Dense` (kernel = HF weight.T), so the
+    params tree and the HF bridge are unchanged; `project` applies one or runs several of one input as one
+    matmul.
     """
 
     in_features: int
@@ -128,9 +117,8 @@ class Projection(nn.Module):
 def _concat_projections(weights: list[tuple[Array, Array | None]]) -> tuple[Array, Array | None]:
     """One (kernel, bias) whose outputs are the given projections' outputs side by side."""
     kernel = jnp.concatenate([k for k, _ in weights], axis=1)
-    if all(b is None for _, b in weights):
-        return kernel, None
-    return kernel, jnp.concatenate([jnp.zeros((k.shape[1],), k.dtype) if b is None else b for k, b in weights])
+    biases = [b for _, b in weights]  # a fused group shares one bias setting (qkv_bias, mlp_bias)
+    return kernel, None if biases[0] is None else jnp.concatenate(biases)
 
 
 def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, fuse: bool) -> list[Array]:
@@ -349,7 +337,8 @@ class Attention(nn.Module):
         impl = resolve_attention_impl(self.attention_impl, self.dtype, hd)
         out = attend(q, k, v, mask, segment_ids, impl)
         out = out.reshape(B, T, cfg.n_heads * hd)
-        out = dense(cfg.d_model, ("heads", "embed"), cfg.out_bias, out_std, self.dtype, "o_proj")(out)
+        o_proj = Projection(out.shape[-1], cfg.d_model, ("heads", "embed"), cfg.out_bias, out_std, name="o_proj")()
+        (out,) = project(out, [o_proj], self.dtype, fuse=False)
         return out, new_cache
 
 
@@ -408,4 +397,6 @@ class MLP(nn.Module):
         else:
             (up,) = project(x, [up_proj], self.dtype, fuse=False)
             h = nn.gelu(up, approximate=False) if cfg.activation == "gelu" else jnp.square(nn.relu(up))  # relu2
-        return dense(cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, out_std, self.dtype, "down_proj")(h)
+        down_proj = Projection(h.shape[-1], cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, out_std, name="down_proj")()
+        (out,) = project(h, [down_proj], self.dtype, fuse=False)
+        return out
