@@ -188,24 +188,37 @@ def bucket_length(n: int, cap: int, floor: int = MIN_BUCKET) -> int:
     return min(cap, max(floor, 1 << max(0, n - 1).bit_length()))
 
 
+def context_length(model_cfg: ModelConfig, max_len: int | None, max_batch: int) -> int:
+    """The cache length an engine decodes into (`max_len`, default the model's context), after checking
+    the engine's limits against the model."""
+    if max_len is not None and max_len > model_cfg.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's context (max_seq_len {model_cfg.max_seq_len})")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return max_len or model_cfg.max_seq_len
+
+
+def inference_params(params: Any, dtype: Any, device: Any = None) -> Any:
+    """Floating leaves cast to the compute dtype and put on `device` (default: JAX's default placement).
+
+    Inference needs no float32 master copy: bf16 runs keep bf16 weights and half the memory.
+    """
+    return jax.device_put(jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, params),
+        device)
+
+
 class Engine:
     """Generation for one model: params on device, one jitted decode program per shape bucket."""
 
     def __init__(self, params: Any, model_cfg: ModelConfig, max_len: int | None = None, precision: str = "fp32",
                  *, max_batch: int = 32):
-        if max_len is not None and max_len > model_cfg.max_seq_len:
-            raise ValueError(f"max_len {max_len} exceeds the model's context (max_seq_len {model_cfg.max_seq_len})")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model_cfg = model_cfg
-        self.max_len = max_len or model_cfg.max_seq_len
+        self.max_len = context_length(model_cfg, max_len, max_batch)
         self.precision = precision
         self.max_batch = max_batch
         self.model = make_model(model_cfg, precision)
-        # Inference needs no float32 master copy: bf16 runs keep bf16 weights and half the memory.
-        dtype = self.model.dtype
-        self.params = jax.device_put(jax.tree_util.tree_map(
-            lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, params))
+        self.params = inference_params(params, self.model.dtype)
         self._decode = jax.jit(functools.partial(_decode, self.model), static_argnames=("max_new", "greedy"))
 
     @property

@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from picochat_jax.config import ModelConfig
 from picochat_jax.fileio import save_json
+from picochat_jax.model.lora import get_path
 from picochat_jax.model.transformer import _dummy_tokens, make_model
 
 # model_type -> the architecture class name transformers needs in config.json.
@@ -346,21 +347,13 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, family: str
     pool = _Tensors(tensors, source)
     params = (_gpt2_params_from_hf if family == "gpt2" else _llama_params_from_hf)(pool, cfg, expected)
     for path, shape in _flatten(expected):
-        got = _get(params, path)
+        got = get_path(params, path)
         if got is None or tuple(got.shape) != shape:
             raise ValueError(f"{source}: param {'/'.join(path)} expected shape {shape}, "
                              f"got {None if got is None else got.shape}")
     optional = ("lm_head.weight",) if cfg.tie_embeddings else ()  # some tied checkpoints still store it
     pool.check_all_used(optional)
     return params
-
-
-def _get(tree: Params, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def _llama_params_from_hf(pool: _Tensors, cfg: ModelConfig, expected: Params) -> Params:

@@ -78,7 +78,8 @@ def kernel_path(target: str) -> tuple[str, ...]:
     return ("layers", _MODULE[target], target, "kernel")
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def get_path(tree: Any, path: tuple[str, ...]) -> Any:
+    """The leaf or subtree of nested dicts at `path`, or None where the path does not exist."""
     for key in path:
         if not isinstance(tree, dict) or key not in tree:
             return None
@@ -88,7 +89,7 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
 
 def present_targets(params: Any, cfg: LoraConfig) -> tuple[str, ...]:
     """The configured targets this model has (non-gated MLPs have no gate_proj); none at all is an error."""
-    found = tuple(t for t in cfg.targets if _get(params, kernel_path(t)) is not None)
+    found = tuple(t for t in cfg.targets if get_path(params, kernel_path(t)) is not None)
     if not found:
         raise ValueError(f"none of the LoRA targets {', '.join(cfg.targets)} exist in this model")
     return found
@@ -97,7 +98,7 @@ def present_targets(params: Any, cfg: LoraConfig) -> tuple[str, ...]:
 def init_adapters(params: Any, cfg: LoraConfig, rng: Array) -> Adapters:
     """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform default), B = 0: the adapted model starts
     exactly equal to the base. Only the kernels' shapes are read."""
-    shapes = tuple((t, tuple(_get(params, kernel_path(t)).shape)) for t in present_targets(params, cfg))
+    shapes = tuple((t, tuple(get_path(params, kernel_path(t)).shape)) for t in present_targets(params, cfg))
     return _fresh_adapters(shapes, cfg.rank, rng)
 
 
@@ -127,7 +128,7 @@ def merge(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
     out = params
     for target, adapter in adapters.items():
         path = kernel_path(target)
-        out = replace(out, path, _get(params, path).astype(jnp.float32) + delta(adapter, cfg.scale))
+        out = replace(out, path, get_path(params, path).astype(jnp.float32) + delta(adapter, cfg.scale))
     return out
 
 

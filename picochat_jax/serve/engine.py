@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.generate import Engine, bucket_length, filter_logits
+from picochat_jax.generate import Engine, bucket_length, context_length, filter_logits, inference_params
 from picochat_jax.model.transformer import Decoder, init_cache, make_model
 
 Array = jax.Array
@@ -154,24 +154,17 @@ class ChunkedEngine:
 
     def __init__(self, params: Any, model_cfg: ModelConfig, max_len: int | None = None, precision: str = "fp32",
                  *, max_batch: int = 8, chunk_tokens: int = 8, pad_id: int = 0):
-        if max_len is not None and max_len > model_cfg.max_seq_len:
-            raise ValueError(f"max_len {max_len} exceeds the model's context (max_seq_len {model_cfg.max_seq_len})")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_len = context_length(model_cfg, max_len, max_batch)
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.model_cfg = model_cfg
-        self.max_len = max_len or model_cfg.max_seq_len
         self.max_batch = max_batch
         self.chunk_tokens = chunk_tokens
         self.pad_id = pad_id
         self.model = make_model(model_cfg, precision)
-        dtype = self.model.dtype
         # Committed to one device however they were loaded, so every engine of this model calls the
         # shared programs with the same argument placement (a different one would compile them again).
-        self.params = jax.device_put(jax.tree_util.tree_map(
-            lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, params),
-            jax.devices()[0])
+        self.params = inference_params(params, self.model.dtype, jax.devices()[0])
         self._prefill = functools.partial(_PREFILL, self.model)
         self._chunk = functools.partial(_chunk_program(jax.default_backend() != "cpu"), self.model)
 
