@@ -8,6 +8,8 @@ A dimension a mesh axis does not divide stays replicated on that axis, so any sc
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +114,18 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     axes: list[Any] = [None] * ndim
     axes[batch_dim] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*axes))
+
+
+def traced_under(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` traced with `mesh` as the abstract mesh in context, for model code that must see it: the Pallas
+    kernels (model/norm_rope_kernel.py) have no partitioning rule and run per batch shard via shard_map."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def check_batch_fits(global_batch: int, shape: MeshShape) -> None:

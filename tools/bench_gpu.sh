@@ -7,6 +7,8 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh vjp       # + packed-gradient custom VJPs; Qwen3 (QK-norm) peer too
 #   OUT=/some/dir bash tools/bench_gpu.sh packed    # packed gradients without concatenates; hf-sft LoRA vs peft
 #   OUT=/some/dir bash tools/bench_gpu.sh last      # closing figures: defaults vs Llama and Qwen3 peers, LoRA vs peft
+#   OUT=/some/dir bash tools/bench_gpu.sh kernel    # fused QK-norm+RoPE Pallas kernels: GPU correctness, vs XLA, peers
+#   OUT=/some/dir bash tools/bench_gpu.sh mesh2     # two GPUs: bench_train on 1x2 and 2x1 vs one GPU, run tiny per mesh
 # Every step writes JSON under $OUT and keeps going when one fails; the log is $OUT/log.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/picochat_bench}
@@ -99,8 +101,36 @@ case "$phase" in
     "$PY" tools/bench_hf_lora.py --steps "$steps" --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/hf_lora.json"
     "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --json-out "$OUT/peer_qwen3.json"
     ;;
+  kernel)  # third session: QK-norm + RoPE as Pallas kernels (GPU 0 of whatever machine)
+    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_norm_rope_kernel.py -k "not sharded" \
+      2>&1 | tail -15
+    bench --scale h100-100m --peer torch \
+      --variant default \
+      --variant xla_norm_rope:norm_rope=xla \
+      --json-out "$OUT/h100m_kernel.json"
+    "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --json-out "$OUT/peer_qwen3.json"
+    bench --scale h100-100m --variant default_prof:profile=1 --json-out "$OUT/h100m_kernel_prof.json"
+    ;;
+  mesh2)  # third session: one host, two GPUs (issue 7's fallback); global batch 128 = 64 per GPU
+    bench --scale h100-100m --mesh 1x2 --batch-size 128 --label mesh_1x2 --json-out "$OUT/mesh_1x2.json"
+    bench --scale h100-100m --mesh 2x1 --batch-size 128 --label mesh_2x1 --json-out "$OUT/mesh_2x1.json"
+    # the same global batch on one GPU: the loss reference, and per-GPU throughput at 64 rows for scaling
+    CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 128 --label one_gpu_b128 --json-out "$OUT/one_b128.json"
+    CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --label one_gpu_b64 --json-out "$OUT/one_b64.json"
+    ;;
+  runs2)  # third session: the whole factory at h100-100m on each two-GPU mesh (preflight warns on the tiny pack)
+    for mesh in ${MESHES:-1x2 2x1}; do
+      timeout "${RUN_TIMEOUT:-280}" "$PY" -c "from picochat_jax.cli import main; main()" run tiny --dataset-pack examples/tiny_pack/dataset_pack.json \
+        --out-dir "/tmp/run_$mesh" --scale h100-100m --mesh "$mesh" --base-steps "${BASE_STEPS:-300}" \
+        --sft-steps "${SFT_STEPS:-40}" --no-dpo --no-progress --allow-preflight-warnings --overwrite \
+        > "$OUT/run_$mesh.log" 2>&1
+      echo "run tiny --mesh $mesh: exit $?"
+      tail -5 "$OUT/run_$mesh.log"
+      cp "/tmp/run_$mesh/base/metrics.jsonl" "$OUT/base_metrics_$mesh.jsonl" 2>/dev/null
+    done
+    ;;
   *)
-    echo "unknown phase $phase (main|opt|final|fused|vjp|packed|last)" >&2
+    echo "unknown phase $phase (main|opt|final|fused|vjp|packed|last|kernel|mesh2|runs2)" >&2
     exit 2
     ;;
 esac

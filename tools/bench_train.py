@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "pretraining does); 0 = plain causal rows like the torch peer")
     opt.add_argument("--fuse-projections", choices=["on", "off"], default="on",
                      help="q/k/v and gate/up as one matmul each (what training uses unless the mesh has a tensor axis)")
+    opt.add_argument("--norm-rope", choices=["auto", "xla", "pallas"], default="auto",
+                     help="QK-norm + RoPE: auto = the fused Pallas kernels on GPU (model/norm_rope_kernel.py), "
+                          "XLA elsewhere")
     opt.add_argument("--xla-flags", choices=["none", "gpu"], default="none",
                      help="gpu = picochat_jax.train.step.GPU_XLA_FLAGS added to XLA_FLAGS")
     opt.add_argument("--extra-xla-flags", default="", help="more XLA flags, verbatim")
@@ -226,7 +229,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from picochat_jax.config import TrainConfig, load_scale
-    from picochat_jax.model.layers import resolve_attention_impl
+    from picochat_jax.model.layers import resolve_attention_impl, resolve_norm_rope_impl
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
     from picochat_jax.train.optim import make_optimizer
@@ -249,6 +252,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                            None if args.attention == "auto" else args.attention, args.scan_unroll)
     if args.fuse_projections == "off":
         model = model.clone(fuse_projections=False)
+    if args.norm_rope != "auto":
+        model = model.clone(norm_rope_impl=args.norm_rope)
     unroll = model.scan_unroll
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
@@ -280,6 +285,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         compute_dtype(args.precision), cfg.resolved_head_dim),
                     "ce_chunk": args.ce_chunk, "scan_unroll": unroll, "segments": args.segments,
                     "fuse_projections": model.fuse_projections, "qk_norm": cfg.qk_norm,
+                    "norm_rope": resolve_norm_rope_impl(model.norm_rope_impl, cfg.qk_norm, cfg.position == "rope",
+                                                        batch * seq, cfg.resolved_head_dim),
                     "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,

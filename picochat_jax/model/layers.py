@@ -245,28 +245,65 @@ def _split_qkv(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[Array, Array,
     return q.reshape(B, T, n_heads, hd), k.reshape(B, T, n_kv_heads, hd), v.reshape(B, T, n_kv_heads, hd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+NORM_ROPE_IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_norm_rope_impl(impl: str | None, qk_norm: bool, rope: bool, n_tokens: int, head_dim: int,
+                           platform: str | None = None) -> str:
+    """Which code applies QK-norm + RoPE in `heads_from_qkv`: "pallas" (`norm_rope_kernel`) or "xla".
+
+    The kernels need both a norm scale and RoPE tables, and power-of-two tiles; where they don't apply,
+    even an explicit "pallas" gets the XLA path. "auto" picks them on an NVIDIA GPU only, so CPU and TPU
+    results are what the XLA path gives.
+    """
+    if impl not in (None, *NORM_ROPE_IMPLS):
+        raise ValueError(f"norm/rope implementation must be one of {NORM_ROPE_IMPLS}, got {impl!r}")
+    from picochat_jax.model import norm_rope_kernel
+
+    if not (qk_norm and rope and norm_rope_kernel.supported(n_tokens, head_dim)) or impl == "xla":
+        return "xla"
+    if impl == "pallas":
+        return "pallas"
+    return "pallas" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def heads_from_qkv(qkv: Array, q_scale: Array | None, k_scale: Array | None, rope: tuple[Array, Array] | None,
-                   n_heads: int, n_kv_heads: int, eps: float) -> tuple[Array, Array, Array]:
+                   n_heads: int, n_kv_heads: int, eps: float, impl: str = "xla") -> tuple[Array, Array, Array]:
     """q, k, v heads from the fused q|k|v projection output: QK-norm (when scales are given) and RoPE
     (when tables are given) applied to q and k, in float32, cast back to the compute dtype.
 
     The custom VJP returns the packed (B, T, (H + 2K) * D) gradient from one pass: autodiff through the
     split writes d_q and d_k, then copies them and d_v into the packed layout (docs/performance.md).
+    impl="pallas" (see `resolve_norm_rope_impl`) runs both directions as the `norm_rope_kernel` kernels.
     """
+    if impl == "pallas":
+        from picochat_jax.model import norm_rope_kernel
+
+        return norm_rope_kernel.norm_rope_forward(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps,
+                                                  interpret=jax.default_backend() == "cpu")
     q, k, v = _split_qkv(qkv, n_heads, n_kv_heads)
     q = _rms_rope(q.astype(jnp.float32), q_scale, rope, eps).astype(qkv.dtype)
     k = _rms_rope(k.astype(jnp.float32), k_scale, rope, eps).astype(qkv.dtype)
     return q, k, v
 
 
-def _heads_from_qkv_fwd(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps):
-    return heads_from_qkv(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps), (qkv, q_scale, k_scale, rope)
+def _heads_from_qkv_fwd(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps, impl):
+    heads = heads_from_qkv(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps, impl)
+    return heads, (qkv, q_scale, k_scale, rope)
 
 
-def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, res, grads):
+def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, impl, res, grads):
     qkv, q_scale, k_scale, rope = res
     dq, dk, dv = grads
+    rope_zero = None if rope is None else tuple(jnp.zeros_like(t) for t in rope)
+    if impl == "pallas":
+        from picochat_jax.model import norm_rope_kernel
+
+        d_qkv, d_q_scale, d_k_scale = norm_rope_kernel.norm_rope_backward(
+            qkv, q_scale, k_scale, rope, dq, dk, dv, n_heads, n_kv_heads, eps,
+            interpret=jax.default_backend() == "cpu")
+        return d_qkv, d_q_scale, d_k_scale, rope_zero
     q, k, _ = _split_qkv(qkv, n_heads, n_kv_heads)
     dq, d_q_scale = _rms_rope_bwd(q.astype(jnp.float32), q_scale, rope, eps, dq.astype(jnp.float32))
     dk, d_k_scale = _rms_rope_bwd(k.astype(jnp.float32), k_scale, rope, eps, dk.astype(jnp.float32))
@@ -277,7 +314,6 @@ def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, res, grads):
     offsets = np.cumsum([0] + [p.shape[-1] for p in pieces])
     d_qkv = sum(jnp.pad(p, ((0, 0), (0, 0), (int(lo), int(width - hi)))) for p, lo, hi in
                 zip(pieces, offsets[:-1], offsets[1:], strict=True))
-    rope_zero = None if rope is None else tuple(jnp.zeros_like(t) for t in rope)
     return d_qkv.astype(qkv.dtype), d_q_scale, d_k_scale, rope_zero
 
 
@@ -289,6 +325,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # None/"auto" = cuDNN flash on GPU when it can, else XLA; see attend()
     fuse_projections: bool = True  # q, k and v as one matmul: see project()
+    norm_rope_impl: str | None = None  # None/"auto" = Pallas QK-norm+RoPE kernels on GPU; see heads_from_qkv()
 
     @nn.compact
     def __call__(
@@ -313,7 +350,8 @@ class Attention(nn.Module):
         if self.fuse_projections:
             (qkv,) = project(x, [_concat_projections(qkv_weights)], self.dtype, fuse=False)
             scales = (NormScale(hd, name="q_norm")(), NormScale(hd, name="k_norm")()) if cfg.qk_norm else (None, None)
-            q, k, v = heads_from_qkv(qkv, *scales, rope, cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps)
+            norm_rope = resolve_norm_rope_impl(self.norm_rope_impl, cfg.qk_norm, rope is not None, B * T, hd)
+            q, k, v = heads_from_qkv(qkv, *scales, rope, cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, norm_rope)
         else:
             q, k, v = project(x, qkv_weights, self.dtype, fuse=False)
             q = q.reshape(B, T, cfg.n_heads, hd)

@@ -108,12 +108,14 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     fuse_projections: bool = True
+    norm_rope_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, rope, mask, segment_ids, cache_index, cache):
         cfg = self.cfg
         h = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="input_norm")(x)
-        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, name="attn")(
+        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
+                                        name="attn")(
             h, rope, mask, cache, cache_index, segment_ids
         )
         mlp = MLP(cfg, self.dtype, self.fuse_projections, name="mlp")
@@ -138,6 +140,8 @@ class Decoder(nn.Module):
     # Several projections of one input (q/k/v, gate/up) as one matmul: see layers.project. Off for
     # tensor-parallel meshes, where it would reshuffle kernels sharded on their output axis.
     fuse_projections: bool = True
+    # QK-norm + RoPE: None/"auto" = fused Pallas kernels on GPU, XLA elsewhere (layers.resolve_norm_rope_impl).
+    norm_rope_impl: str | None = None
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -163,7 +167,7 @@ class Decoder(nn.Module):
             length=cfg.n_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.attention_impl, self.fuse_projections, name="layers")
+        )(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = Projection(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std,

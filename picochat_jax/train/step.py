@@ -201,10 +201,11 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
 
     # Every batch leaf is (grad_accum, batch, seq): one sharding, used as a pytree prefix for the batch dict.
     batch_in = parallel.batch_sharding(mesh, 3, batch_dim=1)
-    compiled_step = jax.jit(make_step_fn(model, optimizer, schedule, token_bytes, ce_chunk_tokens),
+    compiled_step = jax.jit(parallel.traced_under(mesh, make_step_fn(model, optimizer, schedule, token_bytes,
+                                                                     ce_chunk_tokens)),
                             in_shardings=(state_shardings, batch_in),
                             out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    compiled_eval = jax.jit(make_eval_fn(model, token_bytes, ce_chunk_tokens),
+    compiled_eval = jax.jit(parallel.traced_under(mesh, make_eval_fn(model, token_bytes, ce_chunk_tokens)),
                             in_shardings=(state_shardings.params, batch_in), out_shardings=replicated)
 
     return ShardedTrainer(mesh, state_shardings, init, compiled_step, compiled_eval)
