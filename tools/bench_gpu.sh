@@ -8,6 +8,7 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh packed    # packed gradients without concatenates; hf-sft LoRA vs peft
 #   OUT=/some/dir bash tools/bench_gpu.sh last      # closing figures: defaults vs Llama and Qwen3 peers, LoRA vs peft
 #   OUT=/some/dir bash tools/bench_gpu.sh kernel    # fused QK-norm+RoPE Pallas kernels: GPU correctness, vs XLA, peers
+#   OUT=/some/dir bash tools/bench_gpu.sh norms     # + the pre-norm backward kernel: GPU correctness, vs XLA, peers
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh2     # two GPUs: bench_train on 1x2 and 2x1 vs one GPU, run tiny per mesh
 # Every step writes JSON under $OUT and keeps going when one fails; the log is $OUT/log.txt.
 set -uo pipefail
@@ -110,6 +111,15 @@ case "$phase" in
       --json-out "$OUT/h100m_kernel.json"
     "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --json-out "$OUT/peer_qwen3.json"
     bench --scale h100-100m --variant default_prof:profile=1 --json-out "$OUT/h100m_kernel_prof.json"
+    ;;
+  norms)  # third session: + the pre-norms' backward as a Pallas kernel (GPU 0 of whatever machine)
+    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
+    bench --scale h100-100m --peer torch \
+      --variant default \
+      --variant xla_rms_norm:rms_norm=xla \
+      --variant default_prof:profile=1 \
+      --json-out "$OUT/h100m_norms.json"
+    "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --json-out "$OUT/peer_qwen3.json"
     ;;
   mesh2)  # third session: one host, two GPUs (issue 7's fallback); global batch 128 = 64 per GPU
     bench --scale h100-100m --mesh 1x2 --batch-size 128 --label mesh_1x2 --json-out "$OUT/mesh_1x2.json"

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--norm-rope", choices=["auto", "xla", "pallas"], default="auto",
                      help="QK-norm + RoPE: auto = the fused Pallas kernels on GPU (model/norm_rope_kernel.py), "
                           "XLA elsewhere")
+    opt.add_argument("--rms-norm", choices=["auto", "xla", "pallas"], default="auto",
+                     help="the pre-norms' backward: auto = the Pallas kernel on GPU (model/rms_norm_kernel.py), "
+                          "XLA elsewhere")
     opt.add_argument("--xla-flags", choices=["none", "gpu"], default="none",
                      help="gpu = picochat_jax.train.step.GPU_XLA_FLAGS added to XLA_FLAGS")
     opt.add_argument("--extra-xla-flags", default="", help="more XLA flags, verbatim")
@@ -229,7 +232,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from picochat_jax.config import TrainConfig, load_scale
-    from picochat_jax.model.layers import resolve_attention_impl, resolve_norm_rope_impl
+    from picochat_jax.model.layers import resolve_attention_impl, resolve_norm_rope_impl, resolve_rms_norm_impl
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
     from picochat_jax.train.optim import make_optimizer
@@ -254,6 +257,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         model = model.clone(fuse_projections=False)
     if args.norm_rope != "auto":
         model = model.clone(norm_rope_impl=args.norm_rope)
+    if args.rms_norm != "auto":
+        model = model.clone(rms_norm_impl=args.rms_norm)
     unroll = model.scan_unroll
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
@@ -287,6 +292,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "fuse_projections": model.fuse_projections, "qk_norm": cfg.qk_norm,
                     "norm_rope": resolve_norm_rope_impl(model.norm_rope_impl, cfg.qk_norm, cfg.position == "rope",
                                                         batch * seq, cfg.resolved_head_dim),
+                    "rms_norm": resolve_rms_norm_impl(model.rms_norm_impl, cfg.norm, batch * seq, cfg.d_model),
                     "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,

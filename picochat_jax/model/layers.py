@@ -246,6 +246,21 @@ def _split_qkv(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[Array, Array,
 
 
 NORM_ROPE_IMPLS = ("auto", "xla", "pallas")
+KERNEL_IMPLS = NORM_ROPE_IMPLS
+
+
+def resolve_rms_norm_impl(impl: str | None, kind: str, n_rows: int, width: int, platform: str | None = None) -> str:
+    """Which code runs the pre-norms' backward: "pallas" (`rms_norm_kernel`) or "xla"; the same rules as
+    `resolve_norm_rope_impl` (RMSNorm only; power-of-two tiles; "auto" = NVIDIA GPU only)."""
+    if impl not in (None, *KERNEL_IMPLS):
+        raise ValueError(f"rms-norm implementation must be one of {KERNEL_IMPLS}, got {impl!r}")
+    from picochat_jax.model import rms_norm_kernel
+
+    if kind != "rmsnorm" or not rms_norm_kernel.supported(n_rows, width) or impl == "xla":
+        return "xla"
+    if impl == "pallas":
+        return "pallas"
+    return "pallas" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
 
 
 def resolve_norm_rope_impl(impl: str | None, qk_norm: bool, rope: bool, n_tokens: int, head_dim: int,

@@ -25,9 +25,9 @@ Array = jax.Array
 _MAX_BLOCK_TOKENS = 128
 
 
-def block_tokens(n_tokens: int) -> int:
-    """Tokens per program: the largest power of two up to 128 that divides n_tokens (0 if below 16)."""
-    block = _MAX_BLOCK_TOKENS
+def block_tokens(n_tokens: int, largest: int = _MAX_BLOCK_TOKENS) -> int:
+    """Tokens per program: the largest power of two up to `largest` that divides n_tokens (0 if below 16)."""
+    block = largest
     while block >= 16:
         if n_tokens % block == 0:
             return block
@@ -127,12 +127,12 @@ def _specs(n_heads: int, n_kv_heads: int, block: int, head_dim: int):
     return head_spec, table, scales, packed
 
 
-def _compiler_params(interpret: bool):
+def compiler_params(interpret: bool, num_warps: int = 4):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=4, num_stages=1)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: int, n_kv_heads: int, eps: float,
@@ -150,7 +150,7 @@ def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: i
         in_specs=[packed, table, table, scale_spec],
         out_specs=[head_spec(0, n_heads), head_spec(n_heads, n_kv_heads), head_spec(n_heads + n_kv_heads, n_kv_heads)],
         out_shape=[jax.ShapeDtypeStruct((N, n, D), qkv.dtype) for n in (n_heads, n_kv_heads, n_kv_heads)],
-        compiler_params=_compiler_params(interpret),
+        compiler_params=compiler_params(interpret),
         interpret=interpret,
         name="qk_norm_rope_fwd",
     )(qkv.reshape(N, n_all, D), cos.reshape(N, D), sin.reshape(N, D), scales)
@@ -176,7 +176,7 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
         out_specs=[packed, partial_spec],
         out_shape=[jax.ShapeDtypeStruct((N, n_all, D), qkv.dtype),
                    jax.ShapeDtypeStruct((N // block, n_normed, D), jnp.float32)],
-        compiler_params=_compiler_params(interpret),
+        compiler_params=compiler_params(interpret),
         interpret=interpret,
         name="qk_norm_rope_bwd",
     )(qkv.reshape(N, n_all, D), cos.reshape(N, D), sin.reshape(N, D), scales,
@@ -185,7 +185,7 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
     return d_packed.reshape(B, T, width), d_scales
 
 
-def _batch_axes() -> tuple[str, ...]:
+def batch_axes() -> tuple[str, ...]:
     """Mesh axes the batch is split over, when traced under a multi-device mesh (`jax.set_mesh`)."""
     from picochat_jax.parallel import BATCH_AXES
 
@@ -207,7 +207,7 @@ def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Ar
     cos, sin = _tables(rope, qkv)
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     run = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, interpret=interpret)
-    axes = _batch_axes()
+    axes = batch_axes()
     if not axes:
         return run(qkv, cos, sin, scales)
     # A Pallas call has no partitioning rule, so under a mesh each device runs it on its own batch shard.
@@ -224,7 +224,7 @@ def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[A
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, interpret=interpret)
     run = local
-    axes = _batch_axes()
+    axes = batch_axes()
     if axes:
         rows = PartitionSpec(axes)
 

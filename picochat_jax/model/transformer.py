@@ -24,11 +24,14 @@ from picochat_jax.model.layers import (
     MLP,
     Attention,
     Norm,
+    NormScale,
     Projection,
     resolve_attention_impl,
+    resolve_rms_norm_impl,
     rope_inv_freq,
     rope_tables,
 )
+from picochat_jax.model.rms_norm_kernel import residual_rms_norm
 
 Array = jax.Array
 
@@ -109,22 +112,31 @@ class Block(nn.Module):
     attention_impl: str | None = None
     fuse_projections: bool = True
     norm_rope_impl: str | None = None
+    rms_norm_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, rope, mask, segment_ids, cache_index, cache):
         cfg = self.cfg
-        h = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="input_norm")(x)
-        attn_out, new_cache = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
-                                        name="attn")(
+        fused_norm = resolve_rms_norm_impl(self.rms_norm_impl, cfg.norm, x.shape[0] * x.shape[1], x.shape[-1])
+
+        def pre_norm(x: Array, name: str) -> tuple[Array, Array]:
+            """(x, norm(x)); the fused form's backward adds x's own cotangent in the same kernel."""
+            if fused_norm == "pallas":
+                return residual_rms_norm(x, NormScale(x.shape[-1], name=name)(), cfg.norm_eps, self.dtype)
+            return x, Norm(cfg.norm, cfg.norm_eps, self.dtype, name=name)(x)
+
+        x, h = pre_norm(x, "input_norm")
+        attention = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
+                              name="attn")
+        attn_out, new_cache = attention(
             h, rope, mask, cache, cache_index, segment_ids
         )
         mlp = MLP(cfg, self.dtype, self.fuse_projections, name="mlp")
         if cfg.parallel_residual:
-            h2 = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="post_attention_norm")(x)
+            x, h2 = pre_norm(x, "post_attention_norm")
             x = x + attn_out + mlp(h2)
         else:
-            x = x + attn_out
-            h2 = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="post_attention_norm")(x)
+            x, h2 = pre_norm(x + attn_out, "post_attention_norm")
             x = x + mlp(h2)
         return x, new_cache
 
@@ -142,6 +154,9 @@ class Decoder(nn.Module):
     fuse_projections: bool = True
     # QK-norm + RoPE: None/"auto" = fused Pallas kernels on GPU, XLA elsewhere (layers.resolve_norm_rope_impl).
     norm_rope_impl: str | None = None
+    # The pre-norms' backward (with the residual gradient): None/"auto" = a Pallas kernel on GPU, see
+    # layers.resolve_rms_norm_impl and model/rms_norm_kernel.py.
+    rms_norm_impl: str | None = None
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -167,7 +182,8 @@ class Decoder(nn.Module):
             length=cfg.n_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl, name="layers")
+        )(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
+          self.rms_norm_impl, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = Projection(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std,

@@ -209,7 +209,8 @@ def build_dpo_trainer(model: Decoder, optimizer: optax.GradientTransformation, s
     batch_in = {f"{side}_{k}": parallel.batch_sharding(mesh, 3, batch_dim=1) for side in SIDES
                 for k in ("inputs", "targets", "mask")}
     batch_in.update({f"ref_{side}": parallel.batch_sharding(mesh, 2, batch_dim=1) for side in SIDES})
-    step = jax.jit(parallel.traced_under(mesh, make_dpo_step(model, optimizer, schedule, beta)), in_shardings=(state_shardings, batch_in),
+    step = jax.jit(parallel.traced_under(mesh, make_dpo_step(model, optimizer, schedule, beta)),
+                   in_shardings=(state_shardings, batch_in),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     logps = jax.jit(parallel.traced_under(mesh, lambda p, b: pair_logps(model, p, b)),
                     in_shardings=(state_shardings.params, parallel.batch_sharding(mesh, 2, batch_dim=0)),

@@ -1,4 +1,4 @@
-"""The fused QK-norm + RoPE Pallas kernels (run in interpret mode on CPU) against the XLA reference path."""
+"""The Pallas kernels (QK-norm + RoPE; the pre-norm backward), run in interpret mode on CPU, against the XLA path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model import layers, norm_rope_kernel
+from picochat_jax.model import layers, norm_rope_kernel, rms_norm_kernel
 from picochat_jax.model.transformer import make_model
 from picochat_jax.parallel import MeshShape, make_mesh
 from picochat_jax.train.step import build_trainer
@@ -69,6 +69,32 @@ def test_resolution_picks_the_kernels_only_where_they_apply():
         layers.resolve_norm_rope_impl("triton", True, True, 1024, 64)
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 64), (1, 64, 96), (4, 32, 768)])
+def test_rms_norm_backward_kernel_equals_autodiff_with_the_residual_gradient(shape):
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    x = jax.random.normal(keys[0], shape) * 3
+    scale = 1 + 0.2 * jax.random.normal(keys[1], shape[-1:])
+    d_pass, dy = jax.random.normal(keys[2], shape), jax.random.normal(keys[3], shape)
+
+    def reference(x, scale):
+        return x, rms_norm_kernel.rms_norm(x, scale, 1e-6, jnp.float32)
+
+    (x_out, y), kernel_vjp = jax.vjp(lambda x, s: rms_norm_kernel.residual_rms_norm(x, s, 1e-6, jnp.float32), x, scale)
+    (want_x, want_y), want_vjp = jax.vjp(reference, x, scale)
+    np.testing.assert_array_equal(x_out, want_x)
+    np.testing.assert_array_equal(y, want_y)
+    for got, want in zip(kernel_vjp((d_pass, dy)), want_vjp((d_pass, dy)), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_rms_norm_resolution():
+    assert layers.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="gpu") == "pallas"
+    assert layers.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="cpu") == "xla"
+    assert layers.resolve_rms_norm_impl("pallas", "layernorm", 32768, 768) == "xla"
+    assert layers.resolve_rms_norm_impl("pallas", "rmsnorm", 32768, 100) == "xla"  # no power-of-two chunk
+    assert rms_norm_kernel.column_chunk(768) == 256 and rms_norm_kernel.column_chunk(96) == 32
+
+
 def test_decoder_with_kernels_computes_the_same_loss_and_gradients():
     model = make_model(TINY)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, TINY.vocab_size)
@@ -78,8 +104,8 @@ def test_decoder_with_kernels_computes_the_same_loss_and_gradients():
         logits = model.apply({"params": params}, tokens)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
 
-    want, want_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="xla"))
-    got, got_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="pallas"))
+    want, want_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="xla", rms_norm_impl="xla"))
+    got, got_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="pallas", rms_norm_impl="pallas"))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5), got_grad, want_grad)
 
@@ -100,7 +126,7 @@ def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
 
     def one_step(mesh_shape: MeshShape, impl: str):
         tx, schedule = make_optimizer(train_cfg)
-        model = make_model(TINY).clone(norm_rope_impl=impl)
+        model = make_model(TINY).clone(norm_rope_impl=impl, rms_norm_impl=impl)
         trainer = build_trainer(model, tx, schedule, np.ones(TINY.vocab_size), make_mesh(mesh_shape))
         state = trainer.init(jax.random.key_data(jax.random.key(0)))
         batch = BatchSource(examples, train_cfg.batch_size, 1, seed=0).batch(0)
