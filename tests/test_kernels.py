@@ -95,8 +95,9 @@ def test_rms_norm_resolution():
     assert rms_norm_kernel.column_chunk(768) == 256 and rms_norm_kernel.column_chunk(96) == 32
 
 
-def test_decoder_with_kernels_computes_the_same_loss_and_gradients():
-    model = make_model(TINY)
+@pytest.mark.parametrize("parallel_residual", [False, True])
+def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_residual):
+    model = make_model(dataclasses.replace(TINY, parallel_residual=parallel_residual))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, TINY.vocab_size)
     params = model.init(jax.random.PRNGKey(0), tokens)["params"]
 

@@ -14,6 +14,7 @@ The math is `layers._rms_rope` / `_rms_rope_bwd`, which stay the reference (test
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +26,19 @@ Array = jax.Array
 _MAX_BLOCK_TOKENS = 128
 
 
-def block_tokens(n_tokens: int, largest: int = _MAX_BLOCK_TOKENS) -> int:
-    """Tokens per program: the largest power of two up to `largest` that divides n_tokens (0 if below 16)."""
-    block = largest
-    while block >= 16:
-        if n_tokens % block == 0:
-            return block
-        block //= 2
+def power_of_two_divisor(n: int, largest: int, smallest: int = 16) -> int:
+    """The largest power of two in [smallest, largest] that divides n, or 0: Triton tiles are powers of two."""
+    tile = largest
+    while tile >= smallest:
+        if n % tile == 0:
+            return tile
+        tile //= 2
     return 0
+
+
+def block_tokens(n_tokens: int, largest: int = _MAX_BLOCK_TOKENS) -> int:
+    """Tokens per program (0 when no power-of-two block of at least 16 divides n_tokens)."""
+    return power_of_two_divisor(n_tokens, largest)
 
 
 def supported(n_tokens: int, head_dim: int) -> bool:
@@ -51,6 +57,14 @@ def _normalise(x1: Array, x2: Array, eps: float) -> tuple[Array, Array, Array]:
     return x1 * rstd, x2 * rstd, rstd
 
 
+def _by_head_kind(head: Array, n_heads: int, n_kv_heads: int, query: Callable[[], None], key: Callable[[], None],
+                  value: Callable[[], None]) -> None:
+    """Run one of three kernel bodies by the kind of head this program owns (q, k or v)."""
+    pl.when(head < n_heads)(query)
+    pl.when((head >= n_heads) & (head < n_heads + n_kv_heads))(key)
+    pl.when(head >= n_heads + n_kv_heads)(value)
+
+
 def _forward_kernel(x_ref, cos_ref, sin_ref, scale_ref, q_ref, k_ref, v_ref, *, n_heads: int, n_kv_heads: int,
                     eps: float) -> None:
     head = pl.program_id(1)
@@ -65,17 +79,10 @@ def _forward_kernel(x_ref, cos_ref, sin_ref, scale_ref, q_ref, k_ref, v_ref, *, 
         out_ref[:, :half] = (z1 * c1 - z2 * s1).astype(out_ref.dtype)
         out_ref[:, half:] = (z2 * c2 + z1 * s2).astype(out_ref.dtype)
 
-    @pl.when(head < n_heads)
-    def _():
-        norm_rope(q_ref, 0)
-
-    @pl.when((head >= n_heads) & (head < n_heads + n_kv_heads))
-    def _():
-        norm_rope(k_ref, 1)
-
-    @pl.when(head >= n_heads + n_kv_heads)
-    def _():
+    def copy_value() -> None:
         v_ref[...] = x_ref[...].astype(v_ref.dtype)
+
+    _by_head_kind(head, n_heads, n_kv_heads, lambda: norm_rope(q_ref, 0), lambda: norm_rope(k_ref, 1), copy_value)
 
 
 def _backward_kernel(x_ref, cos_ref, sin_ref, scale_ref, dq_ref, dk_ref, dv_ref, dx_ref, dscale_ref, *,
@@ -99,17 +106,11 @@ def _backward_kernel(x_ref, cos_ref, sin_ref, scale_ref, dq_ref, dk_ref, dv_ref,
         dx_ref[:, :half] = (rstd * (dn1 - n1 * mean_dn_n)).astype(dx_ref.dtype)
         dx_ref[:, half:] = (rstd * (dn2 - n2 * mean_dn_n)).astype(dx_ref.dtype)
 
-    @pl.when(head < n_heads)
-    def _():
-        norm_rope_grad(dq_ref, 0)
-
-    @pl.when((head >= n_heads) & (head < n_heads + n_kv_heads))
-    def _():
-        norm_rope_grad(dk_ref, 1)
-
-    @pl.when(head >= n_heads + n_kv_heads)
-    def _():
+    def copy_value_grad() -> None:
         dx_ref[...] = dv_ref[...].astype(dx_ref.dtype)
+
+    _by_head_kind(head, n_heads, n_kv_heads, lambda: norm_rope_grad(dq_ref, 0), lambda: norm_rope_grad(dk_ref, 1),
+                  copy_value_grad)
 
 
 def _specs(n_heads: int, n_kv_heads: int, block: int, head_dim: int):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from picochat_jax.model.norm_rope_kernel import batch_axes, block_tokens, compiler_params
+from picochat_jax.model.norm_rope_kernel import batch_axes, block_tokens, compiler_params, power_of_two_divisor
 
 Array = jax.Array
 
@@ -29,14 +29,8 @@ _MAX_CHUNK = 256
 
 
 def column_chunk(width: int) -> int:
-    """Columns loaded at a time: the largest power of two up to 256 dividing `width` (Triton wants
-    power-of-two tiles; a 768-wide row is three 256-wide chunks). 0 when under 16."""
-    chunk = _MAX_CHUNK
-    while chunk >= 16:
-        if width % chunk == 0:
-            return chunk
-        chunk //= 2
-    return 0
+    """Columns loaded at a time (a 768-wide row is three 256-wide chunks); 0 when none fits."""
+    return power_of_two_divisor(width, _MAX_CHUNK)
 
 
 def supported(n_rows: int, width: int) -> bool:
