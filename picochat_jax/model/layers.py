@@ -245,41 +245,38 @@ def _split_qkv(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[Array, Array,
     return q.reshape(B, T, n_heads, hd), k.reshape(B, T, n_kv_heads, hd), v.reshape(B, T, n_kv_heads, hd)
 
 
-NORM_ROPE_IMPLS = ("auto", "xla", "pallas")
-KERNEL_IMPLS = NORM_ROPE_IMPLS
+KERNEL_IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_rms_norm_impl(impl: str | None, kind: str, n_rows: int, width: int, platform: str | None = None) -> str:
-    """Which code runs the pre-norms' backward: "pallas" (`rms_norm_kernel`) or "xla"; the same rules as
-    `resolve_norm_rope_impl` (RMSNorm only; power-of-two tiles; "auto" = NVIDIA GPU only)."""
+def _resolve_kernel(impl: str | None, what: str, applies: bool, platform: str | None) -> str:
+    """"pallas" or "xla" for one of the Pallas kernels: where it doesn't apply even an explicit "pallas" gets
+    the XLA path; "auto" picks the kernel on an NVIDIA GPU only, so CPU and TPU results are the XLA path's."""
     if impl not in (None, *KERNEL_IMPLS):
-        raise ValueError(f"rms-norm implementation must be one of {KERNEL_IMPLS}, got {impl!r}")
-    from picochat_jax.model import rms_norm_kernel
-
-    if kind != "rmsnorm" or not rms_norm_kernel.supported(n_rows, width) or impl == "xla":
+        raise ValueError(f"{what} implementation must be one of {KERNEL_IMPLS}, got {impl!r}")
+    if not applies or impl == "xla":
         return "xla"
     if impl == "pallas":
         return "pallas"
     return "pallas" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
+
+
+def resolve_rms_norm_impl(impl: str | None, kind: str, n_rows: int, width: int, platform: str | None = None) -> str:
+    """Which code runs the pre-norms' backward: "pallas" (`rms_norm_kernel`, RMSNorm with power-of-two tiles
+    only) or "xla"."""
+    from picochat_jax.model import rms_norm_kernel
+
+    applies = kind == "rmsnorm" and rms_norm_kernel.supported(n_rows, width)
+    return _resolve_kernel(impl, "rms-norm", applies, platform)
 
 
 def resolve_norm_rope_impl(impl: str | None, qk_norm: bool, rope: bool, n_tokens: int, head_dim: int,
                            platform: str | None = None) -> str:
-    """Which code applies QK-norm + RoPE in `heads_from_qkv`: "pallas" (`norm_rope_kernel`) or "xla".
-
-    The kernels need both a norm scale and RoPE tables, and power-of-two tiles; where they don't apply,
-    even an explicit "pallas" gets the XLA path. "auto" picks them on an NVIDIA GPU only, so CPU and TPU
-    results are what the XLA path gives.
-    """
-    if impl not in (None, *NORM_ROPE_IMPLS):
-        raise ValueError(f"norm/rope implementation must be one of {NORM_ROPE_IMPLS}, got {impl!r}")
+    """Which code applies QK-norm + RoPE in `heads_from_qkv`: "pallas" (`norm_rope_kernel`, which needs both a
+    norm scale and RoPE tables, and power-of-two tiles) or "xla"."""
     from picochat_jax.model import norm_rope_kernel
 
-    if not (qk_norm and rope and norm_rope_kernel.supported(n_tokens, head_dim)) or impl == "xla":
-        return "xla"
-    if impl == "pallas":
-        return "pallas"
-    return "pallas" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
+    applies = qk_norm and rope and norm_rope_kernel.supported(n_tokens, head_dim)
+    return _resolve_kernel(impl, "norm/rope", applies, platform)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

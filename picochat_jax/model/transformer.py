@@ -128,9 +128,7 @@ class Block(nn.Module):
         x, h = pre_norm(x, "input_norm")
         attention = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
                               name="attn")
-        attn_out, new_cache = attention(
-            h, rope, mask, cache, cache_index, segment_ids
-        )
+        attn_out, new_cache = attention(h, rope, mask, cache, cache_index, segment_ids)
         mlp = MLP(cfg, self.dtype, self.fuse_projections, name="mlp")
         if cfg.parallel_residual:
             x, h2 = pre_norm(x, "post_attention_norm")
