@@ -116,6 +116,36 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*axes))
 
 
+def active_batch_axes() -> tuple[str, ...]:
+    """The batch mesh axes of more than one device, when traced under a mesh (`traced_under`); else ()."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return ()
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def shard_activation_batch(x: jax.Array) -> jax.Array:
+    """Pin an activation's leading (batch) dim to the batch axes, leaving its other dims to the partitioner.
+
+    Without this an FSDP mesh (params split on `embed` over `fsdp`) lets XLA keep the weights still and move
+    the activations instead: the compiled h100-100m step all-gathered and all-reduced whole-batch activations
+    (logits included) rather than gathering each layer's params. A no-op outside a multi-device mesh.
+    """
+    axes = active_batch_axes()
+    if not axes:
+        return x
+    spec = PartitionSpec(axes, *([PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def gather_whole(x: jax.Array) -> jax.Array:
+    """Replicate `x` (e.g. the embedding table before a lookup) under a multi-device mesh: gathering the
+    (bf16) table once beats resharding every looked-up row between the embed and batch axes."""
+    if not active_batch_axes():
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
 def traced_under(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn` traced with `mesh` as the abstract mesh in context, for model code that must see it: the Pallas
     kernels (model/norm_rope_kernel.py) have no partitioning rule and run per batch shard via shard_map."""

@@ -77,6 +77,26 @@ def test_params_are_actually_sharded_on_the_mesh():
     assert mu.sharding.spec == q.sharding.spec
 
 
+def test_fsdp_step_gathers_params_and_never_moves_whole_batch_activations():
+    """On a pure-FSDP mesh XLA must gather each layer's params, not all-gather/all-reduce (batch, seq, ...)
+    activations (which it did before the model pinned activations to the batch axes)."""
+    import re
+
+    model = make_model(TINY, precision="bf16")
+    tx, schedule = make_optimizer(TRAIN)
+    trainer = build_trainer(model, tx, schedule, np.ones(64), make_mesh(MeshShape(1, 8, 1)))
+    micro, seq = TRAIN.batch_size, 16
+    sharding = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+    batch = {k: jax.ShapeDtypeStruct((TRAIN.grad_accum_steps, micro, seq), dtype, sharding=sharding)
+             for k, dtype in [("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32),
+                              ("segment_ids", np.int32)]}
+    hlo = trainer.step.lower(trainer.abstract_state(), batch).compile().as_text()
+    moved = re.findall(r"= (.+?) (all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(", hlo)
+    assert any(op == "all-gather" for _, op in moved), "FSDP should all-gather params"
+    whole_batch = [f"{op}: {types[:80]}" for types, op in moved if re.search(rf"\[{micro},{seq}[,\]]", types)]
+    assert not whole_batch, whole_batch
+
+
 def _run(out_dir, steps_cfg, **kw):
     return train(stage="base", model_cfg=TINY, train_cfg=steps_cfg, train_examples=_examples(),
                  val_examples=_examples(16, seed=1), out_dir=out_dir, mesh_shape=MeshShape(1, 1, 1),

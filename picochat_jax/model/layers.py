@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picochat_jax.config import ModelConfig
+from picochat_jax.parallel import shard_activation_batch
 
 Array = jax.Array
 Dtype = Any
@@ -136,7 +137,8 @@ def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, f
     x = x.astype(dtype)
     contract = (((x.ndim - 1,), (0,)), ((), ()))
     outs = [jax.lax.dot_general(x, k.astype(dtype), contract) for k, _ in weights]
-    return [y if b is None else y + b.astype(dtype) for y, (_, b) in zip(outs, weights, strict=True)]
+    outs = [y if b is None else y + b.astype(dtype) for y, (_, b) in zip(outs, weights, strict=True)]
+    return [shard_activation_batch(y) for y in outs]
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")

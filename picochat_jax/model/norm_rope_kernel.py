@@ -187,13 +187,10 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
 
 
 def batch_axes() -> tuple[str, ...]:
-    """Mesh axes the batch is split over, when traced under a multi-device mesh (`jax.set_mesh`)."""
-    from picochat_jax.parallel import BATCH_AXES
+    """Mesh axes the batch is split over, when traced under a multi-device mesh (`parallel.traced_under`)."""
+    from picochat_jax.parallel import active_batch_axes
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return ()
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    return active_batch_axes()
 
 
 def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:

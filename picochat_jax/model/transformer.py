@@ -32,6 +32,7 @@ from picochat_jax.model.layers import (
     rope_tables,
 )
 from picochat_jax.model.rms_norm_kernel import residual_rms_norm
+from picochat_jax.parallel import gather_whole, shard_activation_batch
 
 Array = jax.Array
 
@@ -201,7 +202,7 @@ class Decoder(nn.Module):
         offset = 0 if cache_index is None else cache_index
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
-        x = jnp.take(self.embed_tokens, tokens, axis=0).astype(self.dtype)
+        x = shard_activation_batch(jnp.take(gather_whole(self.embed_tokens.astype(self.dtype)), tokens, axis=0))
         if self.cfg.position == "learned":
             pos = jnp.clip(positions, 0, self.cfg.max_seq_len - 1)
             x = x + jnp.take(self.embed_positions, pos, axis=0).astype(self.dtype)
