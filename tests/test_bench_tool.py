@@ -310,3 +310,17 @@ def test_gpu_xla_flags_are_opt_in_and_not_duplicated():
                      "--xla_gpu_foo=1")  # a flag the user set wins over ours
     assert apply_gpu_xla_flags(("--xla_gpu_foo=1",), env) == value
     assert apply_gpu_xla_flags(("--a=1",), {}) == "--a=1"
+
+
+def test_collectives_tool_reads_a_meshes_communication_on_cpu(load_tool, capsys):
+    """tools/collectives.py on the test session's 8 CPU devices: data parallelism moves only gradients
+    (all-reduce), FSDP gathers params too."""
+    tool = load_tool("collectives")
+    common = ["--scale", "smoke", "--layers", "1", "--batch-size", "8", "--seq-len", "16"]
+    data = tool.main([*common, "--mesh", "8x1"])
+    fsdp = tool.main([*common, "--mesh", "1x8"])
+    assert set(data["bytes"]) == {"all-reduce"}
+    assert "all-gather" in fsdp["bytes"]
+    assert "bytes by collective" in capsys.readouterr().out
+    counted = tool.count_collectives("%x = (f32[4,8]{1,0}, bf16[2]{0}) all-reduce(%a, %b), channel_id=1")
+    assert counted["bytes"] == {"all-reduce": 4 * 8 * 4 + 2 * 2}
