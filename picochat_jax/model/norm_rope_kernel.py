@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
+from picochat_jax.parallel import active_batch_axes
+
 Array = jax.Array
 
 _MAX_BLOCK_TOKENS = 128
@@ -136,13 +138,16 @@ def compiler_params(interpret: bool, num_warps: int = 4):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: int, n_kv_heads: int, eps: float,
-                   interpret: bool) -> tuple[Array, Array, Array]:
+def _layout(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[int, int, int, int, int, int]:
+    """(B, T, N = B*T tokens, heads in the packed projection, head_dim, tokens per program)."""
     B, T, width = qkv.shape
     n_all = n_heads + 2 * n_kv_heads
-    D = width // n_all
-    N = B * T
-    block = block_tokens(N)
+    return B, T, B * T, n_all, width // n_all, block_tokens(B * T)
+
+
+def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: int, n_kv_heads: int, eps: float,
+                   interpret: bool) -> tuple[Array, Array, Array]:
+    B, T, N, n_all, D, block = _layout(qkv, n_heads, n_kv_heads)
     head_spec, table, scale_spec, packed = _specs(n_heads, n_kv_heads, block, D)
     kernel = functools.partial(_forward_kernel, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps)
     q, k, v = pl.pallas_call(
@@ -160,11 +165,7 @@ def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: i
 
 def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array, dk: Array, dv: Array,
                     n_heads: int, n_kv_heads: int, eps: float, interpret: bool) -> tuple[Array, Array]:
-    B, T, width = qkv.shape
-    n_all = n_heads + 2 * n_kv_heads
-    D = width // n_all
-    N = B * T
-    block = block_tokens(N)
+    B, T, N, n_all, D, block = _layout(qkv, n_heads, n_kv_heads)
     head_spec, table, scale_spec, packed = _specs(n_heads, n_kv_heads, block, D)
     n_normed = n_heads + n_kv_heads
     partial_spec = pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), D), lambda i, h: (i, jnp.minimum(h, n_normed - 1), 0))
@@ -183,14 +184,7 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
     )(qkv.reshape(N, n_all, D), cos.reshape(N, D), sin.reshape(N, D), scales,
       dq.reshape(N, n_heads, D), dk.reshape(N, n_kv_heads, D), dv.reshape(N, n_kv_heads, D))
     d_scales = jnp.stack([partials[:, :n_heads].sum((0, 1)), partials[:, n_heads:].sum((0, 1))])
-    return d_packed.reshape(B, T, width), d_scales
-
-
-def batch_axes() -> tuple[str, ...]:
-    """Mesh axes the batch is split over, when traced under a multi-device mesh (`parallel.traced_under`)."""
-    from picochat_jax.parallel import active_batch_axes
-
-    return active_batch_axes()
+    return d_packed.reshape(qkv.shape), d_scales
 
 
 def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:
@@ -205,7 +199,7 @@ def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Ar
     cos, sin = _tables(rope, qkv)
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     run = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, interpret=interpret)
-    axes = batch_axes()
+    axes = active_batch_axes()
     if not axes:
         return run(qkv, cos, sin, scales)
     # A Pallas call has no partitioning rule, so under a mesh each device runs it on its own batch shard.
@@ -222,7 +216,7 @@ def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[A
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, interpret=interpret)
     run = local
-    axes = batch_axes()
+    axes = active_batch_axes()
     if axes:
         rows = PartitionSpec(axes)
 

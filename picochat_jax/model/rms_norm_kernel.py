@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from picochat_jax.model.norm_rope_kernel import batch_axes, block_tokens, compiler_params, power_of_two_divisor
+from picochat_jax.model.norm_rope_kernel import block_tokens, compiler_params, power_of_two_divisor
+from picochat_jax.parallel import active_batch_axes
 
 Array = jax.Array
 
@@ -88,7 +89,7 @@ def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: flo
                       interpret: bool = False) -> tuple[Array, Array]:
     """(d x, d scale) of `residual_rms_norm` for cotangents d_pass (of x passed through) and dy (of the norm)."""
     local = functools.partial(_local_backward, eps=eps, interpret=interpret)
-    axes = batch_axes()
+    axes = active_batch_axes()
     if not axes:
         return local(x, scale, dy, d_pass)
     rows = PartitionSpec(axes)
