@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # bench_train's helpers, also when this file is loaded by path (tests)
 
-from bench_train import peak_memory_gib, run_child, time_steps  # noqa: E402
+from bench_train import fmt, peak_memory_gib, run_child, table_head, time_steps  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 N_BATCHES = 4  # distinct batches cycled through: no step sees the same data twice in a row
@@ -246,13 +246,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    head = ("| side | device | tokens/s | loss tokens/s | step ms (min–max) | peak GiB | trainable | compiled | "
-            "loss first→last |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
+    lines = table_head("| side | device | tokens/s | loss tokens/s | step ms (min–max) | peak GiB | trainable | "
+                       "compiled | loss first→last |")
     for name, r in (("picochat-jax", report.get("ours")), ("transformers+peft", report.get("peer"))):
         if r is None:
             continue

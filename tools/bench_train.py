@@ -573,14 +573,19 @@ def _add_ratios(report: dict[str, Any]) -> None:
             r["vs_peer"] = r["tokens_per_sec"] / peer_rate
 
 
+def fmt(v: Any, spec: str) -> str:
+    """A table cell: `v` formatted, or "-" when it was not measured."""
+    return "-" if v is None else format(v, spec)
+
+
+def table_head(head: str) -> list[str]:
+    """A markdown table's header row and separator."""
+    return [head, "|---" * (head.count("|") - 1) + "|"]
+
+
 def table(report: dict[str, Any]) -> str:
-    head = ("| run | tokens/s | step ms | model TFLOP/s | MFU (measured matmul) | MFU (datasheet) | "
-            "peak GiB | vs torch (x) | loss first→last |")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
+    lines = table_head("| run | tokens/s | step ms | model TFLOP/s | MFU (measured matmul) | MFU (datasheet) | "
+                       "peak GiB | vs torch (x) | loss first→last |")
     peer = report.get("peer")
     rows = list(report["results"]) + ([dict(peer, label=f"torch peer ({peer.get('arch', 'llama')})")] if peer else [])
     for r in rows:
