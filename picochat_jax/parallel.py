@@ -138,6 +138,27 @@ def shard_activation_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def per_batch_shard(fn: Callable[..., tuple[jax.Array, ...]], batched_args: tuple[bool, ...],
+                    batched_outs: tuple[bool, ...]) -> Callable[..., tuple[jax.Array, ...]]:
+    """`fn` run on each device's batch shard under a multi-device mesh (`jax.shard_map`), for code with no
+    partitioning rule such as a Pallas call. Arguments and outputs flagged batched are split on dim 0 over the
+    batch axes; the others are replicated, and each unbatched output (a per-shard partial sum) is summed
+    over the shards. Outside a multi-device mesh, `fn` itself."""
+    axes = active_batch_axes()
+    if not axes:
+        return fn
+
+    def on_shard(*args: jax.Array) -> tuple[jax.Array, ...]:
+        outs = fn(*args)
+        return tuple(o if batched else jax.lax.psum(o, axes) for o, batched in zip(outs, batched_outs, strict=True))
+
+    def spec(batched: bool) -> PartitionSpec:
+        return PartitionSpec(axes) if batched else PartitionSpec()
+
+    return jax.shard_map(on_shard, in_specs=tuple(map(spec, batched_args)), out_specs=tuple(map(spec, batched_outs)),
+                         check_vma=False)
+
+
 def gather_whole(x: jax.Array) -> jax.Array:
     """Replicate `x` (e.g. the embedding table before a lookup) under a multi-device mesh: gathering the
     (bf16) table once beats resharding every looked-up row between the embed and batch axes."""

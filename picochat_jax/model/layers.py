@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picochat_jax.config import ModelConfig
+from picochat_jax.model import norm_rope_kernel, rms_norm_kernel
 from picochat_jax.parallel import shard_activation_batch
 
 Array = jax.Array
@@ -39,10 +40,9 @@ class Norm(nn.Module):
     def __call__(self, x: Array) -> Array:
         width = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (width,))
-        x32 = x.astype(jnp.float32)
         if self.kind == "rmsnorm":
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-            return (y * scale).astype(self.dtype)
+            return rms_norm_kernel.rms_norm(x, scale, self.eps, self.dtype)
+        x32 = x.astype(jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (width,))
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -177,7 +177,7 @@ def _pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
-                          interpret=jax.default_backend() == "cpu")
+                          interpret=norm_rope_kernel.default_interpret(None))
 
 
 def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str) -> Array:
@@ -216,7 +216,7 @@ class NormScale(nn.Module):
 def _rms_rope(x: Array, scale: Array | None, rope: tuple[Array, Array] | None, eps: float) -> Array:
     """float32 x (B, T, H, D) -> RMSNorm(x) * scale (if scale) -> rotate-half RoPE (if rope)."""
     if scale is not None:
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+        x = rms_norm_kernel.rms_norm(x, scale, eps, jnp.float32)
     if rope is not None:
         cos, sin = rope
         x1, x2 = jnp.split(x, 2, axis=-1)
@@ -265,8 +265,6 @@ def _resolve_kernel(impl: str | None, what: str, applies: bool, platform: str | 
 def resolve_rms_norm_impl(impl: str | None, kind: str, n_rows: int, width: int, platform: str | None = None) -> str:
     """Which code runs the pre-norms' backward: "pallas" (`rms_norm_kernel`, RMSNorm with power-of-two tiles
     only) or "xla"."""
-    from picochat_jax.model import rms_norm_kernel
-
     applies = kind == "rmsnorm" and rms_norm_kernel.supported(n_rows, width)
     return _resolve_kernel(impl, "rms-norm", applies, platform)
 
@@ -275,8 +273,6 @@ def resolve_norm_rope_impl(impl: str | None, qk_norm: bool, rope: bool, n_tokens
                            platform: str | None = None) -> str:
     """Which code applies QK-norm + RoPE in `heads_from_qkv`: "pallas" (`norm_rope_kernel`, which needs both a
     norm scale and RoPE tables, and power-of-two tiles) or "xla"."""
-    from picochat_jax.model import norm_rope_kernel
-
     applies = qk_norm and rope and norm_rope_kernel.supported(n_tokens, head_dim)
     return _resolve_kernel(impl, "norm/rope", applies, platform)
 
@@ -292,10 +288,7 @@ def heads_from_qkv(qkv: Array, q_scale: Array | None, k_scale: Array | None, rop
     impl="pallas" (see `resolve_norm_rope_impl`) runs both directions as the `norm_rope_kernel` kernels.
     """
     if impl == "pallas":
-        from picochat_jax.model import norm_rope_kernel
-
-        return norm_rope_kernel.norm_rope_forward(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps,
-                                                  interpret=jax.default_backend() == "cpu")
+        return norm_rope_kernel.norm_rope_forward(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps)
     q, k, v = _split_qkv(qkv, n_heads, n_kv_heads)
     q = _rms_rope(q.astype(jnp.float32), q_scale, rope, eps).astype(qkv.dtype)
     k = _rms_rope(k.astype(jnp.float32), k_scale, rope, eps).astype(qkv.dtype)
@@ -312,11 +305,8 @@ def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, impl, res, grads):
     dq, dk, dv = grads
     rope_zero = None if rope is None else tuple(jnp.zeros_like(t) for t in rope)
     if impl == "pallas":
-        from picochat_jax.model import norm_rope_kernel
-
-        d_qkv, d_q_scale, d_k_scale = norm_rope_kernel.norm_rope_backward(
-            qkv, q_scale, k_scale, rope, dq, dk, dv, n_heads, n_kv_heads, eps,
-            interpret=jax.default_backend() == "cpu")
+        d_qkv, d_q_scale, d_k_scale = norm_rope_kernel.norm_rope_backward(qkv, q_scale, k_scale, rope, dq, dk, dv,
+                                                                          n_heads, n_kv_heads, eps)
         return d_qkv, d_q_scale, d_k_scale, rope_zero
     q, k, _ = _split_qkv(qkv, n_heads, n_kv_heads)
     dq, d_q_scale = _rms_rope_bwd(q.astype(jnp.float32), q_scale, rope, eps, dq.astype(jnp.float32))

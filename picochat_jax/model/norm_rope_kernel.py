@@ -19,9 +19,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec
 
-from picochat_jax.parallel import active_batch_axes
+from picochat_jax.parallel import per_batch_shard
 
 Array = jax.Array
 
@@ -193,38 +192,29 @@ def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:
     return cos, sin
 
 
+def default_interpret(interpret: bool | None) -> bool:
+    """Pallas' interpret mode on CPU (tests), the compiled Triton kernel elsewhere, unless told."""
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
 def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], n_heads: int,
-                      n_kv_heads: int, eps: float, interpret: bool = False) -> tuple[Array, Array, Array]:
+                      n_kv_heads: int, eps: float, interpret: bool | None = None) -> tuple[Array, Array, Array]:
     """(q, k, v) heads from the packed projection (B, T, (H + 2K) * D): RMSNorm * scale, then RoPE."""
     cos, sin = _tables(rope, qkv)
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
-    run = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, interpret=interpret)
-    axes = active_batch_axes()
-    if not axes:
-        return run(qkv, cos, sin, scales)
-    # A Pallas call has no partitioning rule, so under a mesh each device runs it on its own batch shard.
-    rows = PartitionSpec(axes)
-    return jax.shard_map(run, in_specs=(rows, rows, rows, PartitionSpec()), out_specs=(rows, rows, rows),
-                         check_vma=False)(qkv, cos, sin, scales)
+    local = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps,
+                              interpret=default_interpret(interpret))
+    return per_batch_shard(local, (True, True, True, False), (True, True, True))(qkv, cos, sin, scales)
 
 
 def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], dq: Array, dk: Array,
                        dv: Array, n_heads: int, n_kv_heads: int, eps: float,
-                       interpret: bool = False) -> tuple[Array, Array, Array]:
+                       interpret: bool | None = None) -> tuple[Array, Array, Array]:
     """(d qkv packed, d q_scale, d k_scale) for the cotangents of `norm_rope_forward`'s outputs."""
     cos, sin = _tables(rope, qkv)
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
-    local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, interpret=interpret)
-    run = local
-    axes = active_batch_axes()
-    if axes:
-        rows = PartitionSpec(axes)
-
-        def run_and_reduce(*args):
-            d_packed, d_scales = local(*args)
-            return d_packed, jax.lax.psum(d_scales, axes)
-
-        run = jax.shard_map(run_and_reduce, in_specs=(rows, rows, rows, PartitionSpec(), rows, rows, rows),
-                            out_specs=(rows, PartitionSpec()), check_vma=False)
+    local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps,
+                              interpret=default_interpret(interpret))
+    run = per_batch_shard(local, (True, True, True, False, True, True, True), (True, False))
     d_packed, d_scales = run(qkv, cos, sin, scales, dq, dk, dv)
     return d_packed, d_scales[0].astype(q_scale.dtype), d_scales[1].astype(k_scale.dtype)

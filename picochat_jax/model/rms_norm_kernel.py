@@ -18,10 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec
 
-from picochat_jax.model.norm_rope_kernel import block_tokens, compiler_params, power_of_two_divisor
-from picochat_jax.parallel import active_batch_axes
+from picochat_jax.model.norm_rope_kernel import block_tokens, compiler_params, default_interpret, power_of_two_divisor
+from picochat_jax.parallel import per_batch_shard
 
 Array = jax.Array
 
@@ -39,6 +38,7 @@ def supported(n_rows: int, width: int) -> bool:
 
 
 def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+    """RMSNorm(x) * scale in `dtype`, statistics in float32 (the one definition `layers.Norm` uses too)."""
     x32 = x.astype(jnp.float32)
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * scale).astype(dtype)
 
@@ -86,20 +86,10 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
 
 
 def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float,
-                      interpret: bool = False) -> tuple[Array, Array]:
+                      interpret: bool | None = None) -> tuple[Array, Array]:
     """(d x, d scale) of `residual_rms_norm` for cotangents d_pass (of x passed through) and dy (of the norm)."""
-    local = functools.partial(_local_backward, eps=eps, interpret=interpret)
-    axes = active_batch_axes()
-    if not axes:
-        return local(x, scale, dy, d_pass)
-    rows = PartitionSpec(axes)
-
-    def run_and_reduce(x, scale, dy, d_pass):
-        dx, d_scale = local(x, scale, dy, d_pass)
-        return dx, jax.lax.psum(d_scale, axes)
-
-    return jax.shard_map(run_and_reduce, in_specs=(rows, PartitionSpec(), rows, rows),
-                         out_specs=(rows, PartitionSpec()), check_vma=False)(x, scale, dy, d_pass)
+    local = functools.partial(_local_backward, eps=eps, interpret=default_interpret(interpret))
+    return per_batch_shard(local, (True, False, True, True), (True, False))(x, scale, dy, d_pass)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -115,7 +105,7 @@ def _residual_rms_norm_fwd(x, scale, eps, dtype):
 def _residual_rms_norm_bwd(eps, dtype, res, cotangents):
     x, scale = res
     d_pass, dy = cotangents
-    dx, d_scale = rms_norm_backward(x, scale, dy, d_pass, eps, interpret=jax.default_backend() == "cpu")
+    dx, d_scale = rms_norm_backward(x, scale, dy, d_pass, eps)
     return dx, d_scale.astype(scale.dtype)
 
 
