@@ -65,6 +65,24 @@ def test_bench_times_a_tiny_step_on_cpu(bench, tmp_path):
     assert r["first_loss"] == pytest.approx(np.log(128), rel=0.05)  # random init predicts ~uniformly
 
 
+def test_timing_windows_sync_once_per_window_and_count_every_step(bench):
+    calls = []
+
+    def step(state, batch):
+        calls.append(batch)
+        return state + 1, {"loss": jnp.float32(2.0) / (state + 1)}
+
+    state, times, _, first, last = bench.time_steps(step, jnp.int32(0), [0, 1, 2], warmup=2, steps=7,
+                                                    sync_every=3)
+    assert int(state) == 2 + 6 and len(times) == 2  # two whole windows of three; the odd step is not timed
+    assert calls == [0, 1, 2, 0, 1, 2, 0, 1]  # batches cycle on from where the warm-up stopped
+    assert first == pytest.approx(2.0) and last == pytest.approx(2.0 / 8)
+    _, times, *_ = bench.time_steps(step, jnp.int32(0), [0], warmup=1, steps=2, sync_every=5)
+    assert len(times) == 1  # fewer steps than a window: still one window, never an empty median
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--sync-every", "0"])
+
+
 def test_variant_specs_become_child_flags(bench):
     name, argv = bench.parse_variant("fast:attention=cudnn,ce_chunk=8192, scan-unroll=2,profile=1")
     assert name == "fast"
@@ -324,3 +342,19 @@ def test_collectives_tool_reads_a_meshes_communication_on_cpu(load_tool, capsys)
     assert "bytes by collective" in capsys.readouterr().out
     counted = tool.count_collectives("%x = (f32[4,8]{1,0}, bf16[2]{0}) all-reduce(%a, %b), channel_id=1")
     assert counted["bytes"] == {"all-reduce": 4 * 8 * 4 + 2 * 2}
+
+
+@pytest.mark.slow
+def test_kernel_bench_times_every_tuning_and_the_xla_path_on_cpu(load_tool, tmp_path):
+    tool = load_tool("bench_kernels")
+    out = tmp_path / "kernels.json"
+    report = tool.main(["--batch", "2", "--seq", "32", "--interpret", "--windows", "1", "--calls", "1",
+                        "--blocks", "16,32", "--warps", "4", "--json-out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    seen = {(r["kernel"], r["impl"], r.get("max_block")) for r in report["rows"]}
+    for block in (16, 32):
+        assert {("norm_rope_fwd", "pallas", block), ("norm_rope_bwd", "pallas", block),
+                ("rms_norm_bwd", "pallas", block)} <= seen
+    assert {("norm_rope_fwd", "xla", None), ("rms_norm_bwd", "xla", None)} <= seen
+    for r in report["rows"]:
+        assert r["ms"] > 0 and r["gb_per_s"] == pytest.approx(r["traffic_mb"] * 1e6 / (r["ms"] / 1e3) / 1e9)

@@ -19,20 +19,22 @@ TINY = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=
                    qk_norm=True)
 
 
-def _packed_inputs(B: int, T: int, H: int, K: int, D: int, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+def _packed_inputs(B: int, T: int, H: int, K: int, D: int, dtype=jnp.float32, per_row_positions: bool = False):
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
     qkv = jax.random.normal(keys[0], (B, T, (H + 2 * K) * D)).astype(dtype)
     q_scale = 1 + 0.2 * jax.random.normal(keys[1], (D,))
     k_scale = 1 + 0.2 * jax.random.normal(keys[2], (D,))
     positions = jnp.broadcast_to(jnp.arange(T) + 3, (B, T))
+    if per_row_positions:  # packed documents: positions restart at each document, differently in every row
+        positions = positions % jax.random.randint(keys[3], (B, 1), 5, T)
     rope = layers.rope_tables(positions, layers.rope_inv_freq(D, 10000.0, None))
     return qkv, q_scale, k_scale, rope
 
 
-@pytest.mark.parametrize("B,T", [(2, 16), (1, 48), (4, 64)])
-def test_kernels_equal_the_xla_path_forward_and_backward(B, T):
+@pytest.mark.parametrize("B,T,per_row_positions", [(2, 16, False), (1, 48, False), (4, 64, True)])
+def test_kernels_equal_the_xla_path_forward_and_backward(B, T, per_row_positions):
     H, K, D = 4, 2, 32
-    qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D)
+    qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D, per_row_positions=per_row_positions)
 
     def heads(impl):
         return lambda x, qs, ks: layers.heads_from_qkv(x, qs, ks, rope, H, K, 1e-6, impl)
@@ -64,7 +66,7 @@ def test_resolution_picks_the_kernels_only_where_they_apply():
     assert layers.resolve_norm_rope_impl("pallas", True, False, 1024, 64) == "xla"  # learned positions
     assert layers.resolve_norm_rope_impl(None, True, True, 7, 64, platform="gpu") == "xla"  # decode rows
     assert layers.resolve_norm_rope_impl(None, True, True, 1024, 48, platform="gpu") == "xla"
-    assert norm_rope_kernel.block_tokens(96) == 32
+    assert norm_rope_kernel.block_tokens(96) == 16 and norm_rope_kernel.block_tokens(96, 64) == 32
     with pytest.raises(ValueError, match="norm/rope implementation"):
         layers.resolve_norm_rope_impl("triton", True, True, 1024, 64)
 

@@ -9,6 +9,9 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh last      # closing figures: defaults vs Llama and Qwen3 peers, LoRA vs peft
 #   OUT=/some/dir bash tools/bench_gpu.sh kernel    # fused QK-norm+RoPE Pallas kernels: GPU correctness, vs XLA, peers
 #   OUT=/some/dir bash tools/bench_gpu.sh norms     # + the pre-norm backward kernel: GPU correctness, vs XLA, peers
+#   OUT=/some/dir bash tools/bench_gpu.sh sync      # timed windows of SYNC_EVERY steps (host runs ahead) vs every step
+#   OUT=/some/dir bash tools/bench_gpu.sh tiles     # QK kernels with all heads per program: tuning sweep, step vs peer
+#   OUT=/some/dir bash tools/bench_gpu.sh tuned     # kernel tiles chosen from that sweep: step vs both peers, both timings
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh2     # two GPUs: bench_train on 1x2 and 2x1 vs one GPU, run tiny per mesh
 # Every step writes JSON under $OUT and keeps going when one fails; the log is $OUT/log.txt.
 set -uo pipefail
@@ -121,6 +124,39 @@ case "$phase" in
       --json-out "$OUT/h100m_norms.json"
     "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --json-out "$OUT/peer_qwen3.json"
     ;;
+  sync)  # fourth session: the same step timed with the host queueing ahead (windows of SYNC_EVERY steps, as the
+         # training driver runs between log steps) and synchronised every step; both peers timed both ways too
+    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
+    w=${SYNC_EVERY:-10}
+    bench --scale h100-100m --peer torch --sync-every "$w" \
+      --variant default \
+      --variant llama_exact:qk_norm=off \
+      --variant sync1:sync_every=1 \
+      --json-out "$OUT/h100m_sync.json"
+    "$PY" tools/torch_baseline.py --arch llama --steps "$steps" --sync-every 1 --json-out "$OUT/peer_llama_sync1.json"
+    "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --sync-every "$w" --json-out "$OUT/peer_qwen3.json"
+    bench --scale h100-100m --mode loop --label driver_loop --json-out "$OUT/h100m_loop.json"
+    ;;
+  tiles)  # fourth session: the QK-norm+RoPE kernels with one program per token block (all heads), RoPE tables
+          # read once per token; per-kernel tuning sweep against XLA, then the step vs the peer (host running ahead)
+    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
+    "$PY" tools/bench_kernels.py --json-out "$OUT/kernels.json"
+    w=${SYNC_EVERY:-10}
+    bench --scale h100-100m --peer torch --sync-every "$w" \
+      --variant default \
+      --variant xla_norm_rope:norm_rope=xla \
+      --variant sync1:sync_every=1 \
+      --json-out "$OUT/h100m_tiles.json"
+    ;;
+  tuned)  # fourth session: 16-token QK programs (4 warps) and 16-row pre-norm programs (8 warps), from `tiles`
+    w=${SYNC_EVERY:-10}
+    bench --scale h100-100m --peer torch --sync-every "$w" \
+      --variant default \
+      --variant sync1:sync_every=1 \
+      --json-out "$OUT/h100m_tuned.json"
+    "$PY" tools/torch_baseline.py --arch qwen3 --steps "$steps" --sync-every "$w" --json-out "$OUT/peer_qwen3.json"
+    bench --scale h100-100m --sync-every "$w" --qk-norm off --label llama_exact --json-out "$OUT/h100m_llama_exact.json"
+    ;;
   mesh2)  # third session: one host, two GPUs (issue 7's fallback); global batch 128 = 64 per GPU
     bench --scale h100-100m --mesh 1x2 --batch-size 128 --label mesh_1x2 --json-out "$OUT/mesh_1x2.json"
     bench --scale h100-100m --mesh 2x1 --batch-size 128 --label mesh_2x1 --json-out "$OUT/mesh_2x1.json"
@@ -140,7 +176,7 @@ case "$phase" in
     done
     ;;
   *)
-    echo "unknown phase $phase (main|opt|final|fused|vjp|packed|last|kernel|mesh2|runs2)" >&2
+    echo "unknown phase $phase (main|opt|final|fused|vjp|packed|last|kernel|norms|sync|tiles|tuned|mesh2|runs2)" >&2
     exit 2
     ;;
 esac

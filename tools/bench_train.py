@@ -2,9 +2,10 @@
 """Time picochat-jax's jitted train step on one shape, optionally against a PyTorch peer on the same card.
 
 One measurement = `build_trainer` on a mesh, synthetic random tokens, warm-up steps (compilation) excluded,
-every timed step synchronised with `block_until_ready`, the median step reported as tokens/s, model TFLOP/s
-(ModelConfig.flops_per_token) and MFU against a bf16 matmul rate measured in the same process, plus the
-device's peak memory.
+timed steps synchronised with `block_until_ready` (after every step, or after windows of `--sync-every` steps
+so the host dispatches ahead as the training driver does), the median step reported as tokens/s, model
+TFLOP/s (ModelConfig.flops_per_token) and MFU against a bf16 matmul rate measured in the same process, plus
+the device's peak memory.
 
     python tools/bench_train.py --scale h100-100m --peer torch --json-out bench.json
     python tools/bench_train.py --scale h100-100m --variant xla:attention=xla --variant cudnn:attention=cudnn
@@ -41,6 +42,13 @@ SHAPE_FLAGS = {  # flag -> ModelConfig field
     "d_ff": "d_ff", "vocab": "vocab_size", "seq_len": "max_seq_len",
 }
 DATASHEET_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "prefetch, host->device copies, metrics) and report its own tokens/s; "
                           "check-attention = compare every attention kernel against float32 XLA, then exit")
     run.add_argument("--steps", type=int, default=20, help="timed steps")
+    run.add_argument("--sync-every", type=positive_int, default=1,
+                     help="synchronise after windows of N steps and take the median window / N (1 = after every "
+                          "step); N > 1 lets the host queue the next step while this one runs, as the training "
+                          "driver does between log steps. The torch peer is timed the same way")
     run.add_argument("--profile", action="store_true",
                      help="trace 3 more steps with jax.profiler and add GPU kernel time by kernel and category")
     run.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
@@ -198,11 +210,13 @@ def peak_memory_gib() -> float | None:
 
 
 def time_steps(step: Any, state: Any, batches: list[Any], warmup: int, steps: int,
-               t0: float | None = None) -> tuple[Any, list[float], float, float, float]:
-    """Run `warmup` untimed steps (the first compiles), then `steps` timed ones, each synchronised.
+               t0: float | None = None, sync_every: int = 1) -> tuple[Any, list[float], float, float, float]:
+    """Run `warmup` untimed steps (the first compiles), then `steps` timed ones in windows of `sync_every`,
+    each window synchronised at its end (at least one window).
 
-    Returns (state, step seconds, seconds to the end of the first step since `t0`, first loss, last loss);
-    a non-finite last loss raises: a configuration that does not train has no speed worth reporting.
+    Returns (state, seconds per step of each window, seconds to the end of the first step since `t0`, first
+    loss, last loss); a non-finite last loss raises: a configuration that does not train has no speed worth
+    reporting.
     """
     import jax
 
@@ -214,12 +228,14 @@ def time_steps(step: Any, state: Any, batches: list[Any], warmup: int, steps: in
     for i in range(1, warmup):
         state, metrics = step(state, batches[i % len(batches)])
     jax.block_until_ready((state, metrics))
-    times = []
-    for i in range(warmup, warmup + steps):
+    times, i = [], warmup
+    for _ in range(max(1, steps // sync_every)):
         t = time.perf_counter()
-        state, metrics = step(state, batches[i % len(batches)])
+        for _ in range(sync_every):
+            state, metrics = step(state, batches[i % len(batches)])
+            i += 1
         jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / sync_every)
     last_loss = float(metrics["loss"])
     if not math.isfinite(last_loss):
         raise RuntimeError(f"loss is {last_loss}: this configuration does not train")
@@ -267,7 +283,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     state = trainer.init(jax.random.key_data(jax.random.key(0)))
-    timed = time_steps(trainer.step, state, batches, args.warmup, args.steps, t0)
+    timed = time_steps(trainer.step, state, batches, args.warmup, args.steps, t0, args.sync_every)
     state, times, compile_s, first_loss, last_loss = timed
     profile = None
     if args.profile:
@@ -294,7 +310,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                                         batch * seq, cfg.resolved_head_dim),
                     "rms_norm": resolve_rms_norm_impl(model.rms_norm_impl, cfg.norm, batch * seq, cfg.d_model),
                     "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
-        "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
+        "steps": args.steps, "sync_every": args.sync_every, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_sec": tokens / step_s, "flops_per_token": fpt,
         "model_tflops_per_device": model_tflops, "matmul_size": n, "matmul_tflops": mm_rate,
@@ -541,7 +557,8 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                    "--d-model", str(cfg.d_model), "--layers", str(cfg.n_layers), "--heads", str(cfg.n_heads),
                    "--kv-heads", str(cfg.n_kv_heads), "--d-ff", str(cfg.d_ff), "--vocab", str(cfg.vocab_size),
                    "--seq-len", str(cfg.max_seq_len), "--batch-size", str(default_batch(args)),
-                   "--steps", str(args.steps), "--warmup", str(max(args.warmup, 3)),
+                   "--steps", str(args.steps), "--sync-every", str(args.sync_every),
+                   "--warmup", str(max(args.warmup, 3)),
                    "--precision", args.precision, "--arch", args.peer_arch, "--json-out", str(peer_json)]
             if args.matmul_size is not None:
                 cmd += ["--matmul-size", str(args.matmul_size)]
@@ -585,18 +602,19 @@ def table_head(head: str) -> list[str]:
 
 def table(report: dict[str, Any]) -> str:
     lines = table_head("| run | tokens/s | step ms | model TFLOP/s | MFU (measured matmul) | MFU (datasheet) | "
-                       "peak GiB | vs torch (x) | loss first→last |")
+                       "peak GiB | sync every | vs torch (x) | loss first→last |")
     peer = report.get("peer")
     rows = list(report["results"]) + ([dict(peer, label=f"torch peer ({peer.get('arch', 'llama')})")] if peer else [])
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('label', '?')} | failed: {r['error'][:80]} |||||||")
+            lines.append(f"| {r.get('label', '?')} | failed: {r['error'][:80]} ||||||||")
             continue
         tflops = r.get("model_tflops_per_device", r.get("model_tflops"))
         loss = f"{fmt(r.get('first_loss'), '.3f')}→{fmt(r.get('last_loss'), '.3f')}"
         lines.append(f"| {r['label']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | {fmt(tflops, '.3g')} | "
                      f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_datasheet'), '.1%')} | "
-                     f"{fmt(r.get('peak_mem_gib'), '.1f')} | {fmt(r.get('vs_peer'), '.2f')} | {loss} |")
+                     f"{fmt(r.get('peak_mem_gib'), '.1f')} | {fmt(r.get('sync_every'), 'd')} | "
+                     f"{fmt(r.get('vs_peer'), '.2f')} | {loss} |")
     return "\n".join(lines)
 
 

@@ -3,8 +3,8 @@
 
 Random init from a LlamaConfig of the given shape, torch.compile over model + loss, bf16 autocast, fused
 AdamW, random tokens. Timed like our step: warm-up (compilation) excluded, `torch.cuda.synchronize()` after
-every step, median over the timed steps. Runs in its own process so its CUDA memory never competes with
-XLA's, and prints/writes one JSON object.
+every step (or after windows of `--sync-every` steps), median over the timed steps (windows). Runs in its own
+process so its CUDA memory never competes with XLA's, and prints/writes one JSON object.
 
     python tools/torch_baseline.py --d-model 768 --layers 16 --heads 12 --kv-heads 4 --d-ff 2048 \\
         --vocab 8192 --seq-len 512 --batch-size 64 --json-out peer.json
@@ -119,12 +119,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first_loss = float(loss.detach()) if args.warmup else None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.steps):
+    times, i = [], 0
+    for _ in range(max(1, args.steps // args.sync_every)):
         t = time.perf_counter()
-        loss = step(i)
+        for _ in range(args.sync_every):
+            loss = step(i)
+            i += 1
         _sync(torch, device)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / args.sync_every)
     step_s = statistics.median(times)
     tokens = args.batch_size * args.seq_len
     fpt = flops_per_token(args.d_model, args.layers, args.heads, args.kv_heads, args.d_ff, args.vocab, args.seq_len,
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile, "precision": args.precision, "clip": args.clip,
         "fused_adamw": device.startswith("cuda"),
         "params": n_params, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "steps": args.steps, "warmup": args.warmup, "warmup_s": warmup_s,
+        "steps": args.steps, "sync_every": args.sync_every, "warmup": args.warmup, "warmup_s": warmup_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_sec": tokens / step_s, "flops_per_token": fpt, "model_tflops": model_tflops,
         "matmul_tflops": mm, "mfu": (model_tflops / mm) if mm else None,
@@ -153,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in (("d-model", 768), ("layers", 16), ("heads", 12), ("kv-heads", 4), ("d-ff", 2048),
                           ("vocab", 8192), ("seq-len", 512), ("batch-size", 64), ("steps", 20), ("warmup", 3)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--sync-every", type=int, default=1,
+                   help="synchronise after windows of N steps, median window / N (1 = after every step)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the bf16 n^3 matmul rate (default 8192 on CUDA, 512 on CPU; 0 = skip)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -162,7 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", action="store_true", help="also clip the global grad norm to 1.0, as our step does")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json-out", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.sync_every < 1:
+        p.error(f"--sync-every must be >= 1, got {args.sync_every}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from picochat_jax.parallel import per_batch_shard
 
 Array = jax.Array
 
-_MAX_BLOCK_ROWS = 32
+_MAX_BLOCK_ROWS = 16  # tools/bench_kernels.py sweep, H100: 16 rows x 8 warps was fastest
+_NUM_WARPS = 8
 _MAX_CHUNK = 256
 
 
@@ -65,11 +66,11 @@ def _backward_kernel(x_ref, dy_ref, d_pass_ref, scale_ref, dx_ref, d_scale_ref, 
         dx_ref[:, cols] = dx.astype(dx_ref.dtype)
 
 
-def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float,
-                    interpret: bool) -> tuple[Array, Array]:
+def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float, interpret: bool, max_block: int,
+                    num_warps: int) -> tuple[Array, Array]:
     *lead, width = x.shape
     rows = x.size // width
-    block = block_tokens(rows, _MAX_BLOCK_ROWS)
+    block = block_tokens(rows, max_block)
     row_block = pl.BlockSpec((block, width), lambda i: (i, 0))
     dx, partials = pl.pallas_call(
         functools.partial(_backward_kernel, chunk=column_chunk(width), eps=eps),
@@ -78,17 +79,19 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
         out_specs=[row_block, pl.BlockSpec((pl.Squeezed(), width), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, width), x.dtype), jax.ShapeDtypeStruct((rows // block, width),
                                                                                      jnp.float32)],
-        compiler_params=compiler_params(interpret),
+        compiler_params=compiler_params(interpret, num_warps),
         interpret=interpret,
         name="rms_norm_bwd",
     )(x.reshape(rows, width), dy.reshape(rows, width), d_pass.reshape(rows, width), scale.astype(jnp.float32))
     return dx.reshape(*lead, width), partials.sum(0)
 
 
-def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float,
-                      interpret: bool | None = None) -> tuple[Array, Array]:
-    """(d x, d scale) of `residual_rms_norm` for cotangents d_pass (of x passed through) and dy (of the norm)."""
-    local = functools.partial(_local_backward, eps=eps, interpret=default_interpret(interpret))
+def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float, interpret: bool | None = None,
+                      max_block: int = _MAX_BLOCK_ROWS, num_warps: int = _NUM_WARPS) -> tuple[Array, Array]:
+    """(d x, d scale) of `residual_rms_norm` for cotangents d_pass (of x passed through) and dy (of the norm).
+    `max_block` (rows per program, a power of two) and `num_warps` are tuning knobs (tools/bench_kernels.py)."""
+    local = functools.partial(_local_backward, eps=eps, interpret=default_interpret(interpret), max_block=max_block,
+                              num_warps=num_warps)
     return per_batch_shard(local, (True, False, True, True), (True, False))(x, scale, dy, d_pass)
 
 
