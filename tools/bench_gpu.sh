@@ -21,7 +21,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 phase=${1:-main}
 steps=${STEPS:-20}
+w=${SYNC_EVERY:-10}  # the timed-window phases (sync, tiles, tuned): steps per synchronisation
 bench() { "$PY" tools/bench_train.py --steps "$steps" --timeout "${CHILD_TIMEOUT:-300}" "$@"; }
+# the Pallas kernels compiled for this GPU against the XLA path, before anything is timed
+kernel_tests() {
+  JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
+}
 
 {
   date -u +"%Y-%m-%d %H:%M:%S UTC"
@@ -116,7 +121,7 @@ case "$phase" in
     bench --scale h100-100m --variant default_prof:profile=1 --json-out "$OUT/h100m_kernel_prof.json"
     ;;
   norms)  # third session: + the pre-norms' backward as a Pallas kernel (GPU 0 of whatever machine)
-    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
+    kernel_tests
     bench --scale h100-100m --peer torch \
       --variant default \
       --variant xla_rms_norm:rms_norm=xla \
@@ -126,8 +131,7 @@ case "$phase" in
     ;;
   sync)  # fourth session: the same step timed with the host queueing ahead (windows of SYNC_EVERY steps, as the
          # training driver runs between log steps) and synchronised every step; both peers timed both ways too
-    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
-    w=${SYNC_EVERY:-10}
+    kernel_tests
     bench --scale h100-100m --peer torch --sync-every "$w" \
       --variant default \
       --variant llama_exact:qk_norm=off \
@@ -139,9 +143,8 @@ case "$phase" in
     ;;
   tiles)  # fourth session: the QK-norm+RoPE kernels with one program per token block (all heads), RoPE tables
           # read once per token; per-kernel tuning sweep against XLA, then the step vs the peer (host running ahead)
-    JAX_PLATFORMS=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "not sharded" 2>&1 | tail -15
+    kernel_tests
     "$PY" tools/bench_kernels.py --json-out "$OUT/kernels.json"
-    w=${SYNC_EVERY:-10}
     bench --scale h100-100m --peer torch --sync-every "$w" \
       --variant default \
       --variant xla_norm_rope:norm_rope=xla \
@@ -149,7 +152,6 @@ case "$phase" in
       --json-out "$OUT/h100m_tiles.json"
     ;;
   tuned)  # fourth session: 16-token QK programs (4 warps) and 16-row pre-norm programs (8 warps), from `tiles`
-    w=${SYNC_EVERY:-10}
     bench --scale h100-100m --peer torch --sync-every "$w" \
       --variant default \
       --variant sync1:sync_every=1 \

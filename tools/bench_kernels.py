@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train's timing loop, also when loaded by path
+
+from bench_train import timed_windows  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,15 +45,12 @@ def time_call(fn: Any, args: tuple, windows: int, calls: int) -> float:
     """Median milliseconds per call of a jitted `fn(*args)` over `windows` windows of `calls` calls."""
     import jax
 
-    jax.block_until_ready(fn(*args))  # compile
-    per_call = []
-    for _ in range(windows):
-        t = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        per_call.append((time.perf_counter() - t) / calls * 1e3)
-    return statistics.median(per_call)
+    out = [jax.block_until_ready(fn(*args))]  # compile
+
+    def call() -> None:
+        out[0] = fn(*args)
+
+    return statistics.median(timed_windows(call, lambda: jax.block_until_ready(out[0]), windows * calls, calls)) * 1e3
 
 
 def _row(name: str, ms: float, traffic_bytes: int, **tuning: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,20 @@ def peak_memory_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30
 
 
+def timed_windows(run_step: Callable[[], Any], sync: Callable[[], Any], steps: int, sync_every: int) -> list[float]:
+    """Seconds per step of each window of `sync_every` calls of `run_step`, `sync` called once at the window's
+    end; `steps // sync_every` windows, at least one. Shared by our step and the torch peer, so both are timed
+    alike."""
+    times = []
+    for _ in range(max(1, steps // sync_every)):
+        t = time.perf_counter()
+        for _ in range(sync_every):
+            run_step()
+        sync()
+        times.append((time.perf_counter() - t) / sync_every)
+    return times
+
+
 def time_steps(step: Any, state: Any, batches: list[Any], warmup: int, steps: int,
                t0: float | None = None, sync_every: int = 1) -> tuple[Any, list[float], float, float, float]:
     """Run `warmup` untimed steps (the first compiles), then `steps` timed ones in windows of `sync_every`,
@@ -228,14 +243,14 @@ def time_steps(step: Any, state: Any, batches: list[Any], warmup: int, steps: in
     for i in range(1, warmup):
         state, metrics = step(state, batches[i % len(batches)])
     jax.block_until_ready((state, metrics))
-    times, i = [], warmup
-    for _ in range(max(1, steps // sync_every)):
-        t = time.perf_counter()
-        for _ in range(sync_every):
-            state, metrics = step(state, batches[i % len(batches)])
-            i += 1
-        jax.block_until_ready((state, metrics))
-        times.append((time.perf_counter() - t) / sync_every)
+    i = warmup
+
+    def one_step() -> None:
+        nonlocal state, metrics, i
+        state, metrics = step(state, batches[i % len(batches)])
+        i += 1
+
+    times = timed_windows(one_step, lambda: jax.block_until_ready((state, metrics)), steps, sync_every)
     last_loss = float(metrics["loss"])
     if not math.isfinite(last_loss):
         raise RuntimeError(f"loss is {last_loss}: this configuration does not train")

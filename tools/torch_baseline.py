@@ -21,8 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Repo root on sys.path so `picochat_jax.fileio` imports when run as a script.
+# Repo root on sys.path so `picochat_jax.fileio` imports when run as a script; tools/ for bench_train's timing
+# helpers, also when this file is loaded by path (tests).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import positive_int, timed_windows  # noqa: E402
 
 
 def flops_per_token(d_model: int, layers: int, heads: int, kv_heads: int, d_ff: int, vocab: int, seq_len: int,
@@ -119,14 +123,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     first_loss = float(loss.detach()) if args.warmup else None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, i = [], 0
-    for _ in range(max(1, args.steps // args.sync_every)):
-        t = time.perf_counter()
-        for _ in range(args.sync_every):
-            loss = step(i)
-            i += 1
-        _sync(torch, device)
-        times.append((time.perf_counter() - t) / args.sync_every)
+    i = 0
+
+    def one_step() -> None:
+        nonlocal loss, i
+        loss = step(i)
+        i += 1
+
+    times = timed_windows(one_step, lambda: _sync(torch, device), args.steps, args.sync_every)
     step_s = statistics.median(times)
     tokens = args.batch_size * args.seq_len
     fpt = flops_per_token(args.d_model, args.layers, args.heads, args.kv_heads, args.d_ff, args.vocab, args.seq_len,
@@ -155,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in (("d-model", 768), ("layers", 16), ("heads", 12), ("kv-heads", 4), ("d-ff", 2048),
                           ("vocab", 8192), ("seq-len", 512), ("batch-size", 64), ("steps", 20), ("warmup", 3)):
         p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--sync-every", type=int, default=1,
+    p.add_argument("--sync-every", type=positive_int, default=1,
                    help="synchronise after windows of N steps, median window / N (1 = after every step)")
     p.add_argument("--matmul-size", type=int, default=None,
                    help="n of the bf16 n^3 matmul rate (default 8192 on CUDA, 512 on CPU; 0 = skip)")
@@ -166,10 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", action="store_true", help="also clip the global grad norm to 1.0, as our step does")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json-out", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.sync_every < 1:
-        p.error(f"--sync-every must be >= 1, got {args.sync_every}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
