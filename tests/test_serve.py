@@ -24,7 +24,8 @@ from picochat_jax.data.records import Message
 from picochat_jax.generate import Engine, SamplingParams
 from picochat_jax.model.transformer import init_params, make_model
 from picochat_jax.serve.app import StopText, create_app, load_backend
-from picochat_jax.serve.engine import ChunkedEngine, RowSampling
+from picochat_jax.serve.batcher import Batcher, GenerationRequest
+from picochat_jax.serve.engine import ChunkedEngine, ChunkResult, RowSampling
 from picochat_jax.tokenizer import train_tokenizer
 from picochat_jax.train.checkpoint import save_model_checkpoint
 
@@ -188,6 +189,49 @@ def test_stop_text_deltas_add_up_to_the_cut_reply():
         assert "".join(pieces) == expected
         assert all("\ufffd" not in p for p in pieces)  # split multi-byte characters are held back
         assert stream.stopped
+
+
+class _SlowTailEngine:
+    """Stand-in engine: row 0 finishes in the first chunk, row 1 only after the test lets it."""
+
+    max_batch, max_len = 2, 64
+
+    def __init__(self) -> None:
+        self.release_second_row = threading.Event()
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        pass
+
+    def run(self, prompts, rows, stop_ids, cancelled=None):
+        yield ChunkResult([[5], [6]], ["stop", None])
+        self.release_second_row.wait(10)
+        yield ChunkResult([[], [7]], [None, "length"])
+
+
+def test_a_request_counts_as_done_when_its_reply_is_out_not_when_its_batch_ends():
+    # A client holding its answer must see itself in stats(); the next request's before/after snapshot
+    # raced the batch's tail when requests were counted only after the whole batch.
+    engine = _SlowTailEngine()
+    batcher = Batcher(engine, stop_ids=(0,), batch_wait_s=0.2)
+    finished = [threading.Event(), threading.Event()]
+
+    def request(i: int) -> GenerationRequest:
+        return GenerationRequest([1, 2], RowSampling(4),
+                                 lambda e: finished[i].set() if e.kind == "finish" else None)
+
+    batcher.submit(request(0))
+    batcher.submit(request(1))
+    batcher.start()
+    try:
+        assert finished[0].wait(10)
+        assert batcher.stats().requests_done == 1  # row 1 is still generating
+        engine.release_second_row.set()
+        assert finished[1].wait(10)
+        assert batcher.stats().requests_done == 2
+        assert batcher.stats().batches_run == 1
+    finally:
+        engine.release_second_row.set()
+        batcher.close()
 
 
 # -------------------------------------------------------------------------------------------- HTTP

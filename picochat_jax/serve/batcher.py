@@ -192,15 +192,23 @@ class Batcher:
                         req.emit(Event("tokens", tokens=tuple(result.tokens[i])))
                     if result.finished[i] is not None:
                         open_rows[i] = False
+                        self._count_done(1)
                         req.emit(Event("finish", reason=result.finished[i]))
         except Exception as exc:
             log.exception("generation failed for a batch of %d requests", len(batch))
-            for req, is_open in zip(batch, open_rows, strict=True):
-                if is_open:
+            for i, req in enumerate(batch):
+                if open_rows[i]:
+                    open_rows[i] = False
+                    self._count_done(1)
                     req.emit(Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
         finally:
-            with self._lock:
-                self._requests_done += len(batch)
+            self._count_done(sum(open_rows))  # rows the engine ended without a finish: none expected
+
+    def _count_done(self, n: int) -> None:
+        # Counted before the request's last event goes out, so a client that has its answer already sees
+        # itself in stats(): counting after the whole batch raced the next snapshot.
+        with self._lock:
+            self._requests_done += n
 
     def _fail_waiting(self, message: str) -> None:
         waiting = list(self._deferred)
