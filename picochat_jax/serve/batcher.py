@@ -179,6 +179,14 @@ class Batcher:
             self._max_batch_seen = max(self._max_batch_seen, len(batch))
         open_rows = [True] * len(batch)
 
+        def close_row(i: int, last_event: Event) -> None:
+            # Counted before the last event goes out, so a client that has its answer already sees itself
+            # in stats(): counting after the whole batch raced the next snapshot.
+            open_rows[i] = False
+            with self._lock:
+                self._requests_done += 1
+            batch[i].emit(last_event)
+
         def cancelled() -> list[bool]:
             return [self._stop.is_set() or r.cancelled.is_set() for r in batch]
 
@@ -191,24 +199,15 @@ class Batcher:
                             self._tokens += len(result.tokens[i])
                         req.emit(Event("tokens", tokens=tuple(result.tokens[i])))
                     if result.finished[i] is not None:
-                        open_rows[i] = False
-                        self._count_done(1)
-                        req.emit(Event("finish", reason=result.finished[i]))
+                        close_row(i, Event("finish", reason=result.finished[i]))
         except Exception as exc:
             log.exception("generation failed for a batch of %d requests", len(batch))
-            for i, req in enumerate(batch):
+            for i in range(len(batch)):
                 if open_rows[i]:
-                    open_rows[i] = False
-                    self._count_done(1)
-                    req.emit(Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
+                    close_row(i, Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
         finally:
-            self._count_done(sum(open_rows))  # rows the engine ended without a finish: none expected
-
-    def _count_done(self, n: int) -> None:
-        # Counted before the request's last event goes out, so a client that has its answer already sees
-        # itself in stats(): counting after the whole batch raced the next snapshot.
-        with self._lock:
-            self._requests_done += n
+            with self._lock:  # rows the engine ended without a finish: none expected
+                self._requests_done += sum(open_rows)
 
     def _fail_waiting(self, message: str) -> None:
         waiting = list(self._deferred)
