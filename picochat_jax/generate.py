@@ -285,18 +285,11 @@ class Engine:
 
 def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, precision: str = "fp32",
                 max_len: int | None = None, max_batch: int = 32) -> tuple[Engine, NativeChatFormat]:
-    """Engine and chat format for a native checkpoint folder (RUN/sft/checkpoint and friends)."""
-    from picochat_jax.train.checkpoint import load_model_checkpoint
+    """Engine and chat format for a native checkpoint folder (RUN/sft/checkpoint and friends); the tokenizer
+    defaults to the folder's own copy and must be the one the model was trained with."""
+    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
 
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint_dir}")
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else checkpoint_dir / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass --tokenizer RUN/tokenizer.json)")
+    tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tok = ChatTokenizer.load(tokenizer_path)
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"{tokenizer_path} has {tok.vocab_size} tokens but the model in {checkpoint_dir} only "
-                         f"{model_cfg.vocab_size}: tokenizer and checkpoint come from different runs")
     return Engine(params, model_cfg, max_len, precision, max_batch=max_batch), NativeChatFormat(tok)

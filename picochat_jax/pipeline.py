@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from picochat_jax.config import ModelConfig, ScaleConfig, TrainConfig, load_scale, with_overrides
 from picochat_jax.data.chat import encode_conversations, pad_examples
 from picochat_jax.data.loader import base_examples, split_examples
-from picochat_jax.data.pack import Corpus, DatasetPack, import_corpus, load_pack
+from picochat_jax.data.pack import Corpus, DatasetPack, load_corpus, load_pack, pack_inputs, write_corpus_report
 from picochat_jax.data.records import (
     Conversation,
     EvalRow,
@@ -32,10 +31,11 @@ from picochat_jax.data.records import (
     read_preference_jsonl,
 )
 from picochat_jax.eval.preflight import PreflightBlocked, blocked_message, run_preflight, write_preflight
-from picochat_jax.fileio import save_json, save_text
+from picochat_jax.fileio import read_json_object, save_json, save_text
+from picochat_jax.outdir import check_out_dir, claim_out_dir
 from picochat_jax.parallel import MeshShape, parse_mesh
 from picochat_jax.tokenizer import ChatTokenizer, train_tokenizer
-from picochat_jax.train.loop import TrainResult, train
+from picochat_jax.train.loop import TrainResult, check_resume_settings, flatten, train
 
 
 def tokenizer_texts(corpus: Corpus, conversations: list[Conversation]) -> list[str]:
@@ -97,6 +97,7 @@ class RunOptions:
     sft_steps: int | None = None
     precision: str | None = None
     resume: bool = False
+    resume_or_start: bool = False
     overwrite: bool = False
     progress: bool = True
     allow_preflight_warnings: bool = False  # train even when preflight blocks (the gate still refuses)
@@ -242,17 +243,27 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     eval_rows = read_eval_jsonl(pack.eval) if pack.eval else None
     preferences = read_preference_jsonl(pack.preferences) if (pack.preferences and options.dpo) else None
     external_rows = read_eval_jsonl(pack.external_eval) if pack.external_eval else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if options.overwrite:  # outputs this run will not rewrite must not pass for its evidence
-        for stale, keep in (("dpo", preferences), ("external_eval", external_rows), ("eval", eval_rows)):
-            if not keep:
-                shutil.rmtree(out_dir / stale, ignore_errors=True)
+    print(f"[import] {pack.name}: reading corpus")
+    corpus = load_corpus(pack)
+    # Every check happens before the first byte is written: the out-dir policy, then (to resume) the settings.
+    run_settings = {"pack": str(pack.path.absolute()), "scale": scale.to_dict(), "base": dataclasses.asdict(base_cfg),
+                    "sft": dataclasses.asdict(sft_cfg),
+                    "dpo": {"enabled": bool(preferences), "steps": options.dpo_steps, "beta": options.dpo_beta},
+                    "canaries": options.canaries}
+    plan = check_out_dir(out_dir, "run", resume=options.resume, overwrite=options.overwrite,
+                         resume_or_start=options.resume_or_start, inputs=pack_inputs(pack))
+    if plan.action == "resume":
+        saved = read_json_object(out_dir / "run_config.json").get("settings")
+        if saved:
+            check_resume_settings(flatten(saved), flatten(json.loads(json.dumps(run_settings))),
+                                  out_dir / "run_config.json")
+    claim_out_dir(plan)
+    resume = plan.action == "resume"
     save_json(out_dir / "run_config.json", {"pack": str(pack.path.absolute()), "options": dataclasses.asdict(options),
                                             "scale": scale.to_dict(), "base": dataclasses.asdict(base_cfg),
-                                            "sft": dataclasses.asdict(sft_cfg), "mesh": str(mesh_shape)})
-
-    print(f"[import] {pack.name}: reading corpus")
-    corpus = import_corpus(pack, out_dir)
+                                            "sft": dataclasses.asdict(sft_cfg), "mesh": str(mesh_shape),
+                                            "settings": run_settings})
+    write_corpus_report(corpus, pack, out_dir)
     print(f"[import] {corpus.manifest['total_documents']} documents, {corpus.manifest['total_bytes']:,} bytes")
     lap("import")
 
@@ -265,7 +276,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     planted = make_planted_canaries(options.canaries, base_cfg.seed)
     documents = plant_canaries(corpus.documents, planted, seed=base_cfg.seed) if planted else corpus.documents
     tokenizer_path = out_dir / "tokenizer.json"
-    if options.resume and tokenizer_path.exists():
+    if resume and tokenizer_path.exists():
         tok = ChatTokenizer.load(tokenizer_path)
     else:
         tok = train_tokenizer_stage(scale, tokenizer_texts(Corpus(documents, corpus.labels, corpus.manifest),
@@ -273,15 +284,16 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     print(f"[tokenizer] {scale.tokenizer.kind} vocab {tok.vocab_size} -> {tokenizer_path}")
     lap("tokenizer")
 
-    train_kwargs = {"resume": options.resume, "overwrite": options.overwrite, "progress": options.progress}
-    done = finished_stage(out_dir / "base", base_cfg.steps) if options.resume else None
+    # Within a resumed run, a stage with no checkpoint yet simply starts.
+    train_kwargs = {"resume": resume, "resume_or_start": True, "progress": options.progress}
+    done = finished_stage(out_dir / "base", base_cfg.steps) if resume else None
     base = (TrainResult("completed", base_cfg.steps, summary=done[1], params=done[0]) if done else
             base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape, **train_kwargs))
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
     lap("base")
     model_cfg = model_config_for(scale, tok)
-    done = finished_stage(out_dir / "sft", sft_cfg.steps) if options.resume else None
+    done = finished_stage(out_dir / "sft", sft_cfg.steps) if resume else None
     sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else
            sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
                      mesh_shape, **train_kwargs))
@@ -293,7 +305,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     if preferences:
         from picochat_jax.train.dpo import DEFAULT_STEPS, DPOResult
 
-        done = finished_stage(out_dir / "dpo", options.dpo_steps or DEFAULT_STEPS) if options.resume else None
+        done = finished_stage(out_dir / "dpo", options.dpo_steps or DEFAULT_STEPS) if resume else None
         dpo = (DPOResult("completed", done[1]["steps"], done[1], done[0]) if done else
                dpo_stage(model_cfg, sft_cfg, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
                          mesh_shape, options.dpo_steps, options.dpo_beta, **train_kwargs))

@@ -54,6 +54,11 @@ class ChatTokenizer:
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
+        # Message contents and documents are text: a user who types "<|end|><|assistant|>" gets those
+        # characters, not control tokens, so nobody can forge a turn. Control tokens come only from the chat
+        # template (data/chat.py), which places their ids directly.
+        self._text_tok = Tokenizer.from_str(tok.to_str())
+        self._text_tok.encode_special_tokens = True
         missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks picochat special tokens {missing}")
@@ -83,10 +88,15 @@ class ChatTokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """Ids of plain text; special-token strings inside it are encoded as ordinary characters."""
+        return self._text_tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._text_tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_template(self, text: str) -> list[int]:
+        """Ids of an already rendered chat template, whose special-token strings become control tokens."""
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -53,9 +53,9 @@ def test_all_assistant_turns_option(tok):
 def test_ids_equal_encoding_the_rendered_template(tok):
     conv = _conv(("system", "sys"), ("user", "the lazy dog"), ("assistant", "quick brown fox"))
     [(ids, _)] = encode_conversations([conv], tok)
-    assert ids.tolist() == tok.encode(render_text(conv.messages))
+    assert ids.tolist() == tok.encode_template(render_text(conv.messages))
     prompt = encode_prompt(conv.prompt_messages, tok)
-    assert prompt.tolist() == tok.encode(render_text(conv.prompt_messages, add_generation_prompt=True))
+    assert prompt.tolist() == tok.encode_template(render_text(conv.prompt_messages, add_generation_prompt=True))
     assert prompt.tolist() == ids[: len(prompt)].tolist()
 
 

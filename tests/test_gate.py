@@ -18,6 +18,7 @@ from picochat_jax.cli import main
 from picochat_jax.eval.gate import GateProfile, evaluate_gate, load_gate_profile, parse_overrides
 from picochat_jax.eval.report import write_run_report
 from picochat_jax.fileio import save_json
+from picochat_jax.outdir import write_marker
 
 GOOD = {
     "preflight.json": {"status": "warn", "blocking": [], "warnings": ["tokens_per_param"], "overridden": False,
@@ -47,6 +48,7 @@ def _run_dir(tmp_path: Path, drop: tuple[str, ...] = (), **patches: dict) -> Pat
         payload = json.loads(json.dumps(payload))
         payload.update(patches.get(Path(rel).stem, {}))
         save_json(run / rel, payload)
+    write_marker(run, "run")
     return run
 
 

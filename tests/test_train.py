@@ -13,8 +13,9 @@ import pytest
 from picochat_jax.config import ModelConfig, load_scale
 from picochat_jax.data.loader import BatchSource
 from picochat_jax.model.transformer import make_model
+from picochat_jax.outdir import OutDirInUse
 from picochat_jax.parallel import MeshShape, make_mesh, parse_mesh
-from picochat_jax.train.loop import OutDirInUse, train
+from picochat_jax.train.loop import train
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import build_trainer
 

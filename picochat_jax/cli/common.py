@@ -56,6 +56,12 @@ def plain_warnings() -> Iterator[None]:
         yield
 
 
+class UserError(click.ClickException):
+    """An error the user can act on: one `Error:` line, exit code 2 (1 stays free for "the gate blocked")."""
+
+    exit_code = 2
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors a user can act on into one clear line and exit code 2, not a traceback; library
     warnings become one line each."""
@@ -66,13 +72,31 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             with plain_warnings():
                 return fn(*args, **kwargs)
         except (DataError, FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        except RuntimeError as exc:
-            if type(exc).__name__ == "OutDirInUse":
-                raise click.ClickException(str(exc)) from exc
-            raise
+            raise UserError(str(exc)) from exc
+        except IsADirectoryError as exc:
+            raise UserError(f"{exc.filename}: is a folder, expected a file") from exc
+        except PermissionError as exc:
+            raise UserError(f"{exc.filename}: permission denied") from exc
 
     return wrapper
+
+
+def out_dir_flags(resume: bool = True) -> Callable[[Any], Any]:
+    """--overwrite (and --resume / --resume-or-start) for commands that write a folder (outdir.py policy)."""
+    options = [click.option("--overwrite", is_flag=True,
+                            help="Replace an earlier output of this command in --out-dir (never a folder picochat "
+                                 "did not create, nor one that holds this command's inputs).")]
+    if resume:
+        options += [click.option("--resume", is_flag=True, help="Continue the interrupted run in --out-dir."),
+                    click.option("--resume-or-start", is_flag=True,
+                                 help="Continue the run in --out-dir if it has a checkpoint, else start it.")]
+
+    def decorate(fn: Any) -> Any:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
 
 
 def input_or_pack_file(input_path: Path | None, pack_path: Path | None, key: str) -> Path:

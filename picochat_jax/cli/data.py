@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from picochat_jax.cli.common import friendly_errors
-from picochat_jax.data.pack import import_corpus, load_pack, validate_pack
+from picochat_jax.cli.common import friendly_errors, out_dir_flags
+from picochat_jax.data.pack import load_corpus, load_pack, pack_inputs, validate_pack, write_corpus_report
+from picochat_jax.outdir import check_out_dir, claim_out_dir
 
 
 @click.group()
@@ -19,9 +20,12 @@ def data() -> None:
 @data.command()
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def validate(pack: Path, as_json: bool) -> None:
-    """Read every file of PACK; print a summary, or every error with file, line and field."""
-    summary, errors = validate_pack(pack)
+@click.option("--max-row-bytes", type=click.IntRange(min=1), default=None,
+              help="Largest chat/eval/preference row accepted (default 1 MiB, or PICOCHAT_MAX_ROW_BYTES).")
+def validate(pack: Path, as_json: bool, max_row_bytes: int | None) -> None:
+    """Read every file of PACK; print a summary, or every error with file, line and field (up to 20 per file,
+    then a count of the rest)."""
+    summary, errors = validate_pack(pack, max_row_bytes)
     if errors:
         for err in errors:
             click.echo(f"error: {err}", err=True)
@@ -30,7 +34,7 @@ def validate(pack: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"pack {summary['name']}: OK")
-    for key in ("corpus", "chat", "eval", "preferences"):
+    for key in ("corpus", "chat", "eval", "preferences", "external_eval"):
         if key in summary:
             click.echo(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in summary[key].items()))
     if summary.get("unknown_keys"):
@@ -40,10 +44,14 @@ def validate(pack: Path, as_json: bool) -> None:
 @data.command(name="import")
 @click.argument("pack", type=click.Path(path_type=Path))
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@out_dir_flags(resume=False)
 @friendly_errors
-def import_(pack: Path, out_dir: Path) -> None:
+def import_(pack: Path, out_dir: Path, overwrite: bool) -> None:
     """Import PACK's corpus: writes corpus_manifest.json and corpus_report.md under --out-dir."""
-    corpus = import_corpus(load_pack(pack), out_dir)
+    loaded = load_pack(pack)
+    corpus = load_corpus(loaded)
+    claim_out_dir(check_out_dir(out_dir, "corpus-import", overwrite=overwrite, inputs=pack_inputs(loaded)))
+    write_corpus_report(corpus, loaded, out_dir)
     m = corpus.manifest
     click.echo(f"imported {m['total_files']} files, {m['total_documents']} documents, {m['total_bytes']:,} bytes "
                f"-> {out_dir / 'corpus_manifest.json'}")

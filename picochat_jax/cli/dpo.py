@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from picochat_jax.cli.common import friendly_errors, input_or_pack_file, select_device
-from picochat_jax.cli.train import _train_cfg, train_flags
+from picochat_jax.cli.train import _train_cfg, claim_stage_dir, train_flags
 
 
 @click.command(name="dpo")
@@ -36,20 +36,21 @@ def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     from picochat_jax.data.records import read_preference_jsonl
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.tokenizer import ChatTokenizer
-    from picochat_jax.train.checkpoint import load_model_checkpoint
+    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
     from picochat_jax.train.dpo import DPOConfig, dpo_train_config, train_dpo
 
     prefs_path = input_or_pack_file(input_path, pack_path, "preferences")
     rows = read_preference_jsonl(prefs_path)
+    tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
-    tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
     tok = ChatTokenizer.load(tokenizer_path)
     base_cfg = dpo_train_config(load_scale(opts["scale"]).sft, opts["steps"], opts["learning_rate"])
     cfg = _train_cfg(base_cfg, {**opts, "steps": None, "learning_rate": None})
+    mesh_shape = parse_mesh(opts["mesh"])
+    resume = claim_stage_dir(out_dir, "dpo", opts, [checkpoint_dir, tokenizer_path, prefs_path, pack_path])
     result = train_dpo(model_cfg=model_cfg, train_cfg=cfg, dpo_cfg=DPOConfig(beta), tok=tok, rows=rows,
-                       init_params=params, out_dir=out_dir, mesh_shape=parse_mesh(opts["mesh"]),
-                       tokenizer_path=tokenizer_path, resume=opts["resume"], overwrite=opts["overwrite"],
-                       progress=not opts["no_progress"])
+                       init_params=params, out_dir=out_dir, mesh_shape=mesh_shape,
+                       tokenizer_path=tokenizer_path, progress=not opts["no_progress"], **resume)
     s = result.summary
     click.echo(f"dpo: {s['steps']} steps on {s['pairs']} pairs, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}; "
                f"reward accuracy {s['before']['reward_accuracy']:.2f} -> {s['after']['reward_accuracy']:.2f}, "

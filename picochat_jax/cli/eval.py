@@ -12,9 +12,11 @@ from picochat_jax.cli.common import (
     device_option,
     friendly_errors,
     input_or_pack_file,
+    out_dir_flags,
     plain_warnings,
     select_device,
 )
+from picochat_jax.outdir import check_out_dir, claim_out_dir
 
 
 @click.group(name="eval")
@@ -104,13 +106,14 @@ def _with(options: list[Any]) -> Any:
 @eval_group.command()
 @functools.partial(model_options, allow_hf=True)
 @_with(input_options)
-@click.option("--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@out_dir_flags(resume=False)
 @sampling_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @friendly_errors
 def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str | None, device: str | None,
-         precision: str, input_path: Path | None, pack_path: Path | None, out_dir: Path, batch_size: int,
-         **opts: Any) -> None:
+         precision: str, input_path: Path | None, pack_path: Path | None, out_dir: Path, overwrite: bool,
+         batch_size: int, **opts: Any) -> None:
     """Answer every eval row and score it (must_include / must_include_any / must_not_include)."""
     select_device(device)
     from picochat_jax.data.records import read_eval_jsonl
@@ -118,7 +121,10 @@ def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str
 
     path = input_or_pack_file(input_path, pack_path, "eval")
     rows = read_eval_jsonl(path)
+    plan = check_out_dir(out_dir, "eval-chat", overwrite=overwrite,
+                         inputs=[checkpoint_dir, tokenizer_path, hf_model and Path(hf_model), path, pack_path])
     engine, fmt = _load_engine(checkpoint_dir, tokenizer_path, hf_model, precision)
+    claim_out_dir(plan)
     with plain_warnings():
         report = evaluate_chat(engine, fmt, rows, out_dir, sampling_from(opts), batch_size=batch_size,
                                input_name=str(path))
@@ -132,22 +138,27 @@ def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str
 @eval_group.command()
 @model_options
 @_with(input_options)
-@click.option("--out-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@out_dir_flags(resume=False)
 @sampling_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-rows", type=click.IntRange(min=1), default=None, help="Replay only the first N rows.")
 @friendly_errors
 def fit(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, precision: str,
-        input_path: Path | None, pack_path: Path | None, out_dir: Path, batch_size: int, max_rows: int | None,
-        **opts: Any) -> None:
+        input_path: Path | None, pack_path: Path | None, out_dir: Path, overwrite: bool, batch_size: int,
+        max_rows: int | None, **opts: Any) -> None:
     """Replay SFT rows through the model: how many trained answers does it reproduce?"""
     select_device(device)
     from picochat_jax.data.records import read_chat_jsonl
     from picochat_jax.eval.fit import sft_fit_report
     from picochat_jax.generate import load_native
 
-    conversations = read_chat_jsonl(input_or_pack_file(input_path, pack_path, "chat"))
+    chat_path = input_or_pack_file(input_path, pack_path, "chat")
+    conversations = read_chat_jsonl(chat_path)
+    plan = check_out_dir(out_dir, "eval-fit", overwrite=overwrite,
+                         inputs=[checkpoint_dir, tokenizer_path, chat_path, pack_path])
     engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
+    claim_out_dir(plan)
     with plain_warnings():
         report = sft_fit_report(engine, fmt, conversations, out_dir, sampling_from(opts), batch_size=batch_size,
                                 max_rows=max_rows)
@@ -158,13 +169,14 @@ def fit(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, p
 @eval_group.command()
 @model_options
 @_with(input_options)
-@click.option("--out-dir", default=None, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--out-dir", default=None, type=click.Path(path_type=Path),
               help="Also write loss_report.json here.")
+@out_dir_flags(resume=False)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--all-assistant-turns", is_flag=True, help="Score every assistant turn, not only the last.")
 @friendly_errors
 def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, precision: str,
-         input_path: Path | None, pack_path: Path | None, out_dir: Path | None, batch_size: int,
+         input_path: Path | None, pack_path: Path | None, out_dir: Path | None, overwrite: bool, batch_size: int,
          all_assistant_turns: bool) -> None:
     """Teacher-forced loss and bits per byte on the assistant targets of chat JSONL."""
     select_device(device)
@@ -172,10 +184,13 @@ def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, 
     from picochat_jax.eval.fit import assistant_loss
     from picochat_jax.fileio import save_json
     from picochat_jax.tokenizer import ChatTokenizer
-    from picochat_jax.train.checkpoint import load_model_checkpoint
+    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
 
-    conversations = read_chat_jsonl(input_or_pack_file(input_path, pack_path, "chat"))
-    tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
+    chat_path = input_or_pack_file(input_path, pack_path, "chat")
+    conversations = read_chat_jsonl(chat_path)
+    plan = None if out_dir is None else check_out_dir(out_dir, "eval-loss", overwrite=overwrite,
+                                                      inputs=[checkpoint_dir, tokenizer_path, chat_path, pack_path])
+    tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     tok = ChatTokenizer.load(tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     result = assistant_loss(params, model_cfg, tok, conversations, batch_size, precision,
@@ -183,5 +198,6 @@ def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, 
     click.echo(f"loss {result['loss']:.4f}, bpb {result['bpb']:.4f} over {result['tokens']:,} target tokens "
                f"in {result['rows']} rows" + (f" ({result['truncated_rows']} left-truncated)"
                                                if result["truncated_rows"] else ""))
-    if out_dir is not None:
+    if plan is not None:
+        claim_out_dir(plan)
         save_json(Path(out_dir) / "loss_report.json", result)

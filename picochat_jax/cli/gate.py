@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from picochat_jax.cli.common import friendly_errors
+from picochat_jax.cli.common import UserError, friendly_errors
 
 
 @click.command()
@@ -24,7 +24,14 @@ def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], no_report: boo
     """
     from picochat_jax.eval.gate import evaluate_gate, load_gate_profile, parse_overrides
     from picochat_jax.eval.report import write_run_report
+    from picochat_jax.outdir import MARKER, read_marker
 
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    marker = read_marker(run_dir)
+    if marker is None or marker["kind"] != "run":
+        raise UserError(f"{run_dir} is not a `picochat run` folder (no {MARKER} of kind 'run'); the "
+                                   "gate writes release/ and report.md only into runs picochat made")
     result = evaluate_gate(run_dir, load_gate_profile(profile, parse_overrides(overrides)))
     for c in result["checks"]:
         click.echo(f"  {'PASS ' if c['verdict'] == 'pass' else 'BLOCK'} {c['name']}: {c['reason']}")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, mesh_option, select_device
+from picochat_jax.cli.common import device_option, friendly_errors, mesh_option, out_dir_flags, select_device
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -23,12 +22,13 @@ def export() -> None:
 @click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(path_type=Path),
               help="tokenizer.json (default: the one inside --checkpoint).")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@out_dir_flags(resume=False)
 @friendly_errors
-def export_hf(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Path) -> None:
+def export_hf(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Path, overwrite: bool) -> None:
     """Write a folder that stock transformers loads (AutoModelForCausalLM, AutoTokenizer, chat template)."""
     from picochat_jax.hf.convert import export_native
 
-    family, path = export_native(checkpoint_dir, tokenizer_path, out_dir)
+    family, path = export_native(checkpoint_dir, tokenizer_path, out_dir, overwrite=overwrite)
     click.echo(f"exported {checkpoint_dir} as {family} -> {path}")
 
 
@@ -41,21 +41,17 @@ def import_group() -> None:
 @click.option("--model", required=True, help="HF model folder, or a hub id already in the local HF cache.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path),
               help="Native checkpoint folder to write (params, model_config.json, HF tokenizer files).")
+@out_dir_flags(resume=False)
 @friendly_errors
-def import_hf(model: str, out_dir: Path) -> None:
+def import_hf(model: str, out_dir: Path, overwrite: bool) -> None:
     """Convert an HF causal LM (Llama, Mistral, Qwen2, Qwen3, GPT-2 shaped) into a native checkpoint."""
-    from picochat_jax.hf.convert import TOKENIZER_FILES, load_hf_model
+    from picochat_jax.hf.convert import load_hf_model, save_imported_checkpoint
     from picochat_jax.model.transformer import count_params
-    from picochat_jax.train.checkpoint import save_model_checkpoint
+    from picochat_jax.outdir import check_out_dir
 
+    plan = check_out_dir(out_dir, "import-hf", overwrite=overwrite, inputs=[Path(model)])
     hf = load_hf_model(model)
-    save_model_checkpoint(out_dir, hf.params, hf.config, None,
-                          {"stage": "import-hf", "source": str(model), "family": hf.family, "hf_config": hf.hf_config})
-    tok_dir = Path(out_dir) / "hf_tokenizer"
-    tok_dir.mkdir(exist_ok=True)
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (hf.path / name).exists():
-            shutil.copyfile(hf.path / name, tok_dir / name)
+    save_imported_checkpoint(hf, plan.path, str(model))
     c = hf.config
     click.echo(f"imported {hf.family} ({c.n_layers} layers, d_model {c.d_model}, {c.n_heads}/{c.n_kv_heads} heads, "
                f"vocab {c.vocab_size}, {count_params(hf.params):,} params) -> {out_dir}")
@@ -76,6 +72,7 @@ def import_hf(model: str, out_dir: Path) -> None:
               help="lora: train adapters only; none: full fine-tuning.")
 @click.option("--done-file", type=click.Path(path_type=Path), default=None,
               help="JSON status + output paths, written last (also on failure).")
+@out_dir_flags(resume=False)
 @click.option("--lora-rank", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Only 0 is supported.")
@@ -90,7 +87,8 @@ def import_hf(model: str, out_dir: Path) -> None:
 @mesh_option
 @friendly_errors
 def hf_sft(model: str, input_path: Path, out_dir: Path, max_steps: int, max_length: int, device: str | None,
-           precision: str | None, gradient_checkpointing: bool, peft: str, done_file: Path | None, lora_rank: int,
+           precision: str | None, gradient_checkpointing: bool, peft: str, done_file: Path | None, overwrite: bool,
+           lora_rank: int,
            lora_alpha: float, lora_dropout: float, lora_targets: str, learning_rate: float, batch_size: int,
            grad_accum_steps: int, val_fraction: float, mesh: str | None) -> None:
     """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
@@ -108,7 +106,7 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, max_steps: int, max_leng
     opts = HFSFTOptions(model=model, input=input_path, out_dir=out_dir, max_steps=max_steps, max_length=max_length,
                         precision=precision, gradient_checkpointing=gradient_checkpointing, peft=peft, lora=lora_cfg,
                         learning_rate=learning_rate, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-                        val_fraction=val_fraction, mesh=mesh, done_file=done_file)
+                        val_fraction=val_fraction, mesh=mesh, done_file=done_file, overwrite=overwrite)
     report = run_hf_sft(opts)
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"

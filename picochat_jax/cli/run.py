@@ -10,6 +10,7 @@ from picochat_jax.cli.common import (
     device_option,
     friendly_errors,
     mesh_option,
+    out_dir_flags,
     precision_option,
     select_device,
 )
@@ -31,8 +32,7 @@ def run() -> None:
 @click.option("--max-steps", type=int, default=None, help="Cap base and SFT steps (quick looks).")
 @click.option("--base-steps", type=int, default=None, help="Base pretraining steps (default: the scale's).")
 @click.option("--sft-steps", type=int, default=None, help="SFT steps (default: the scale's).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out-dir from its resume checkpoints.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out-dir.")
+@out_dir_flags()
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @click.option("--allow-preflight-warnings", is_flag=True,
               help="Train even when preflight finds blocking problems (the release gate still blocks).")
@@ -47,8 +47,9 @@ def run() -> None:
               help="Override one gate threshold (repeatable).")
 @friendly_errors
 def tiny(pack_path: Path, out_dir: Path, scale: str, mesh: str | None, device: str | None, precision: str | None,
-         max_steps: int | None, base_steps: int | None, sft_steps: int | None, resume: bool, overwrite: bool,
-         no_progress: bool, allow_preflight_warnings: bool, dpo_steps: int | None, dpo_beta: float, no_dpo: bool,
+         max_steps: int | None, base_steps: int | None, sft_steps: int | None, resume: bool,
+         resume_or_start: bool, overwrite: bool, no_progress: bool, allow_preflight_warnings: bool,
+         dpo_steps: int | None, dpo_beta: float, no_dpo: bool,
          canaries: int, gate_profile: str | None, gate_overrides: tuple[str, ...]) -> None:
     """Import -> preflight -> tokenizer -> base -> SFT -> [DPO] -> SFT fit -> eval -> honesty -> release gate
     -> report.md, writing the spec's out-dir layout. A finished run is not a release: see release/gate.json."""
@@ -63,7 +64,7 @@ def tiny(pack_path: Path, out_dir: Path, scale: str, mesh: str | None, device: s
         sft_steps = min(sft_steps or cfg.sft.steps, max_steps)
         dpo_steps = min(dpo_steps or max_steps, max_steps)
     options = RunOptions(scale=scale, mesh=mesh, base_steps=base_steps, sft_steps=sft_steps, precision=precision,
-                         resume=resume, overwrite=overwrite, progress=not no_progress,
+                         resume=resume, resume_or_start=resume_or_start, overwrite=overwrite, progress=not no_progress,
                          allow_preflight_warnings=allow_preflight_warnings, dpo=not no_dpo, dpo_steps=dpo_steps,
                          dpo_beta=dpo_beta, canaries=canaries, gate_profile=gate_profile,
                          gate_overrides=tuple(parse_overrides(gate_overrides).items()))

@@ -32,6 +32,10 @@ from picochat_jax.cli.common import device_option, friendly_errors, select_devic
               help="Reply length when a request gives no max_tokens (clipped to the room left in the context).")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
               help="Waiting requests beyond this get 503 instead of queueing without bound.")
+@click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1),
+              help="Largest request body accepted; larger ones get 413 before the rest is read.")
+@click.option("--max-prompt-tokens", default=None, type=click.IntRange(min=1),
+              help="Most prompt tokens one request may send, over all its prompts (default: the context).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Compile the smallest programs before accepting requests.")
@@ -41,8 +45,8 @@ from picochat_jax.cli.common import device_option, friendly_errors, select_devic
 @friendly_errors
 def serve(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str | None, host: str, port: int,
           model_name: str | None, max_batch: int, batch_wait_ms: float, chunk_tokens: int, max_len: int | None,
-          default_max_tokens: int, max_queue: int, precision: str, warmup: bool, log_level: str,
-          device: str | None) -> None:
+          default_max_tokens: int, max_queue: int, max_request_bytes: int, max_prompt_tokens: int | None,
+          precision: str, warmup: bool, log_level: str, device: str | None) -> None:
     """Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI-compatible, streaming)."""
     if (checkpoint_dir is None) == (hf_model is None):
         raise click.UsageError("give exactly one of --checkpoint (native) or --hf-model (Hugging Face folder)")
@@ -60,7 +64,7 @@ def serve(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: st
     backend = load_backend(checkpoint_dir, tokenizer_path, hf_model, model_name=model_name, precision=precision,
                            max_len=max_len, max_batch=max_batch, chunk_tokens=chunk_tokens,
                            batch_wait_ms=batch_wait_ms, default_max_tokens=default_max_tokens, max_queue=max_queue,
-                           warmup=warmup)
+                           warmup=warmup, max_request_bytes=max_request_bytes, max_prompt_tokens=max_prompt_tokens)
     click.echo(f"serving model '{backend.model_id}' (context {backend.max_context} tokens, batches of up to "
                f"{max_batch}) on http://{host}:{port}/v1")
     uvicorn.run(create_app(backend), host=host, port=port, log_level=log_level)

@@ -12,6 +12,7 @@ from picochat_jax.cli.common import (
     friendly_errors,
     input_or_pack_file,
     mesh_option,
+    out_dir_flags,
     precision_option,
     select_device,
 )
@@ -38,12 +39,21 @@ def train_flags(fn: Any) -> Any:
                      help="Rematerialise blocks in the backward pass to save memory."),
         click.option("--seed", type=int, default=None),
         mesh_option, device_option, precision_option,
-        click.option("--resume", is_flag=True, help="Continue from --out-dir/resume_checkpoint."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing run in --out-dir."),
         click.option("--no-progress", is_flag=True),
     ]):
         fn = opt(fn)
-    return fn
+    return out_dir_flags()(fn)
+
+
+def claim_stage_dir(out_dir: Path, stage: str, opts: dict[str, Any], inputs: list[Path | None]) -> dict[str, Any]:
+    """Apply the out-dir policy for `train STAGE` (after every input is read, before anything is written);
+    returns the keyword arguments the training loop takes for resuming."""
+    from picochat_jax.outdir import check_out_dir, claim_out_dir
+
+    plan = check_out_dir(out_dir, f"train-{stage}", resume=opts["resume"], overwrite=opts["overwrite"],
+                         resume_or_start=opts["resume_or_start"], inputs=inputs)
+    claim_out_dir(plan)
+    return {"resume": plan.action == "resume", "resume_or_start": opts["resume_or_start"]}
 
 
 def _train_cfg(stage_cfg: Any, opts: dict[str, Any]) -> Any:
@@ -65,17 +75,19 @@ def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> N
     """Pretrain a native model on the pack's corpus (packed token windows)."""
     select_device(opts["device"])
     from picochat_jax.config import load_scale
-    from picochat_jax.data.pack import load_corpus, load_pack
+    from picochat_jax.data.pack import load_corpus, load_pack, pack_inputs
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.pipeline import base_stage
     from picochat_jax.tokenizer import ChatTokenizer
 
     scale = load_scale(opts["scale"])
     tok = ChatTokenizer.load(tokenizer_path)
-    documents = load_corpus(load_pack(pack_path)).documents
+    pack = load_pack(pack_path)
+    documents = load_corpus(pack).documents
+    mesh_shape = parse_mesh(opts["mesh"])
+    resume = claim_stage_dir(out_dir, "base", opts, [tokenizer_path, *pack_inputs(pack)])
     result = base_stage(scale, _train_cfg(scale.base, opts), tok, tokenizer_path, documents,
-                        out_dir, parse_mesh(opts["mesh"]), resume=opts["resume"], overwrite=opts["overwrite"],
-                        progress=not opts["no_progress"])
+                        out_dir, mesh_shape, progress=not opts["no_progress"], **resume)
     _report(result, out_dir)
 
 
@@ -100,17 +112,19 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.pipeline import sft_stage
     from picochat_jax.tokenizer import ChatTokenizer
-    from picochat_jax.train.checkpoint import load_model_checkpoint
+    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
 
     chat_path = input_or_pack_file(input_path, pack_path, "chat")
+    conversations = read_chat_jsonl(chat_path)
+    tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
-    tokenizer_path = tokenizer_path or Path(checkpoint_dir) / "tokenizer.json"
     tok = ChatTokenizer.load(tokenizer_path)
     cfg = with_overrides(_train_cfg(load_scale(opts["scale"]).sft, opts),
                          all_assistant_turns=all_assistant_turns or None)
-    result = sft_stage(model_cfg, cfg, tok, tokenizer_path, read_chat_jsonl(chat_path), params, out_dir,
-                       parse_mesh(opts["mesh"]), resume=opts["resume"], overwrite=opts["overwrite"],
-                       progress=not opts["no_progress"])
+    mesh_shape = parse_mesh(opts["mesh"])
+    resume = claim_stage_dir(out_dir, "sft", opts, [checkpoint_dir, tokenizer_path, chat_path, pack_path])
+    result = sft_stage(model_cfg, cfg, tok, tokenizer_path, conversations, params, out_dir, mesh_shape,
+                       progress=not opts["no_progress"], **resume)
     _report(result, out_dir)
 
 

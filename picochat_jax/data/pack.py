@@ -21,6 +21,7 @@ from picochat_jax.data.records import (
     read_chat_jsonl,
     read_eval_jsonl,
     read_preference_jsonl,
+    read_text_file,
 )
 from picochat_jax.fileio import save_json, save_text
 
@@ -49,10 +50,11 @@ class DatasetPack:
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"file not found: {path}")
+    text = read_text_file(path)
+    if not text.strip():
+        raise DataError(path, None, None, "is empty; expected a JSON object")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(path, exc.lineno, None, f"invalid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
@@ -154,10 +156,10 @@ def source_files(pack: DatasetPack) -> tuple[list[tuple[Path, str]], list[Path]]
 def read_documents(path: Path) -> list[str]:
     """A .txt/.md file is one document; .jsonl rows give their `text`; .parquet rows their `text` column."""
     if path.suffix in (".txt", ".md"):
-        return [path.read_text(encoding="utf-8")]
+        return [read_text_file(path)]
     if path.suffix == ".jsonl":
         docs = []
-        for line, obj in iter_jsonl(path):
+        for line, obj in iter_jsonl(path, max_row_bytes=None):  # documents may be long; they are windowed
             text = obj.get("text")
             if not isinstance(text, str):
                 raise DataError(path, line, "text", "is missing or not a string")
@@ -188,6 +190,8 @@ def load_corpus(pack: DatasetPack) -> Corpus:
     for f, label in files:
         raw = f.read_bytes()
         file_docs = [d for d in read_documents(f) if d.strip()]
+        if not file_docs:
+            raise DataError(f, None, None, "is empty: a corpus file needs some text (remove it or exclude it)")
         docs.extend(file_docs)
         labels.extend([label] * len(file_docs))
         entries.append({"path": str(f), "label": label, "bytes": len(raw),
@@ -225,9 +229,21 @@ def corpus_stats(corpus: Corpus) -> dict[str, Any]:
     }
 
 
+def pack_inputs(pack: DatasetPack) -> list[Path]:
+    """Every file and folder a pack reads: what `--overwrite` must never delete."""
+    return [pack.path, *(s.path for s in pack.sources),
+            *(p for p in (pack.chat, pack.eval, pack.preferences, pack.external_eval) if p is not None)]
+
+
 def import_corpus(pack: DatasetPack, out_dir: Path) -> Corpus:
     """Write corpus_manifest.json and corpus_report.md under out_dir; return the documents."""
     corpus = load_corpus(pack)
+    write_corpus_report(corpus, pack, out_dir)
+    return corpus
+
+
+def write_corpus_report(corpus: Corpus, pack: DatasetPack, out_dir: Path) -> None:
+    """corpus_manifest.json and corpus_report.md for a loaded corpus."""
     stats = corpus_stats(corpus)
     corpus.manifest["stats"] = {k: v for k, v in stats.items() if k != "top_words"}
     save_json(out_dir / "corpus_manifest.json", corpus.manifest)
@@ -250,11 +266,27 @@ def import_corpus(pack: DatasetPack, out_dir: Path) -> Corpus:
         "",
     ]
     save_text(out_dir / "corpus_report.md", "\n".join(lines))
-    return corpus
 
 
-def validate_pack(path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """Read every file of a pack. Returns (summary, errors); errors name file, line and field."""
+ERRORS_PER_FILE = 20  # `data validate` lists this many errors of one file, then counts the rest
+
+
+def _listed(errors: list[DataError]) -> list[str]:
+    """Every error, at most ERRORS_PER_FILE per file, each file's overflow as one counted line."""
+    by_file: dict[str, list[DataError]] = collections.defaultdict(list)
+    for e in errors:
+        by_file[e.path].append(e)
+    out = []
+    for path, errs in by_file.items():
+        out += [str(e) for e in errs[:ERRORS_PER_FILE]]
+        if len(errs) > ERRORS_PER_FILE:
+            out.append(f"{path}: ... and {len(errs) - ERRORS_PER_FILE} more errors in this file")
+    return out
+
+
+def validate_pack(path: str | Path, max_row_bytes: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Read every file of a pack and report every error (file, line, field), not just the first of each file.
+    Returns (summary, errors)."""
     errors: list[str] = []
     summary: dict[str, Any] = {}
     try:
@@ -273,26 +305,29 @@ def validate_pack(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         errors.append(str(exc))
     if pack.chat is None:
         errors.append(f"{pack.path}: field 'chat' is missing (SFT rows are required)")
-    else:
+    for key, reader in (("chat", read_chat_jsonl), ("eval", read_eval_jsonl), ("preferences", read_preference_jsonl),
+                        ("external_eval", read_eval_jsonl)):
+        file = getattr(pack, key)
+        if file is None:
+            continue
+        row_errors: list[DataError] = []
         try:
-            rows = read_chat_jsonl(pack.chat)
+            rows = reader(file, max_row_bytes, row_errors)
+        except (DataError, FileNotFoundError) as exc:
+            errors.append(str(exc))
+            continue
+        errors += _listed(row_errors)
+        if row_errors:
+            continue
+        if key == "chat":
             summary["chat"] = {
                 "rows": len(rows),
                 "multi_turn": sum(1 for r in rows if sum(m.role == "assistant" for m in r.messages) > 1),
                 "with_system": sum(1 for r in rows if r.messages[0].role == "system"),
                 "categories": dict(collections.Counter(r.category for r in rows)),
             }
-        except (DataError, FileNotFoundError) as exc:
-            errors.append(str(exc))
-    if pack.eval is not None:
-        try:
-            erows = read_eval_jsonl(pack.eval)
-            summary["eval"] = {"rows": len(erows), "categories": dict(collections.Counter(r.category for r in erows))}
-        except (DataError, FileNotFoundError) as exc:
-            errors.append(str(exc))
-    if pack.preferences is not None:
-        try:
-            summary["preferences"] = {"rows": len(read_preference_jsonl(pack.preferences))}
-        except (DataError, FileNotFoundError) as exc:
-            errors.append(str(exc))
+        elif key == "preferences":
+            summary["preferences"] = {"rows": len(rows)}
+        else:
+            summary[key] = {"rows": len(rows), "categories": dict(collections.Counter(r.category for r in rows))}
     return summary, errors

@@ -7,7 +7,8 @@ never skipped silently; blank lines are.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,21 +78,101 @@ class PreferenceRow:
     line: int = 0
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+DEFAULT_MAX_ROW_BYTES = 1 << 20  # one chat/eval/preference row; a larger one is almost always a broken export
+
+
+def max_row_bytes_default() -> int:
+    """The row-size limit: PICOCHAT_MAX_ROW_BYTES when set, else 1 MiB."""
+    raw = os.environ.get("PICOCHAT_MAX_ROW_BYTES")
+    if raw is None:
+        return DEFAULT_MAX_ROW_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"PICOCHAT_MAX_ROW_BYTES must be a whole number of bytes, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"PICOCHAT_MAX_ROW_BYTES must be positive, got {value}")
+    return value
+
+
+def check_readable_file(path: str | Path) -> Path:
+    """A path that names an existing regular file; otherwise a one-line error naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
+    if path.is_dir():
+        raise DataError(path, None, None, "is a folder, expected a file")
+    return path
+
+
+def decode_utf8(raw: bytes, path: str | Path, line: int | None = None, offset: int = 0) -> str:
+    """Bytes as text, or a DataError naming the line and the byte offset (in the file) of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = offset + exc.start
+        if line is None:
+            line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(path, line, None, f"is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset {at}); "
+                        "re-save the file as UTF-8") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A whole text file as UTF-8, with file-naming errors for folders and bad bytes."""
+    path = check_readable_file(path)
+    return decode_utf8(path.read_bytes(), path)
+
+
+def iter_jsonl(path: str | Path, max_row_bytes: int | None = None,
+               errors: list[DataError] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file.
+
+    Each line is checked for size (`max_row_bytes`, None = no limit), UTF-8 and JSON. With `errors` given, a bad
+    line is recorded there and reading goes on (to report every error); otherwise the first one raises.
+    """
+    path = check_readable_file(path)
+    offset = 0
+    with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
+            start, offset = offset, offset + len(raw)
             try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+                if max_row_bytes is not None and len(raw) > max_row_bytes:
+                    raise DataError(path, lineno, None, f"row is {len(raw):,} bytes, over the limit of "
+                                    f"{max_row_bytes:,} (set PICOCHAT_MAX_ROW_BYTES or --max-row-bytes to allow it)")
+                text = decode_utf8(raw, path, lineno, start)
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise DataError(path, lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            except DataError as exc:
+                if errors is None:
+                    raise
+                errors.append(exc)
+                continue
             yield lineno, obj
+
+
+def read_rows(path: str | Path, parse: Callable[[dict[str, Any], Path, int], Any],
+              max_row_bytes: int | None = None, errors: list[DataError] | None = None) -> list[Any]:
+    """Parse every row of a JSONL file. Without `errors`, the first bad row raises; with it, every bad row
+    is recorded there and the good ones are returned. A file without rows is an error either way."""
+    path = Path(path)
+    limit = max_row_bytes_default() if max_row_bytes is None else max_row_bytes
+    rows = []
+    for line, obj in iter_jsonl(path, limit, errors):
+        try:
+            rows.append(parse(obj, path, line))
+        except DataError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+    if not rows and not errors:
+        raise DataError(path, None, None, "has no rows (the file is empty)")
+    return rows
 
 
 def _text(obj: dict[str, Any], key: str, path: Path, line: int, required: bool = True) -> str | None:
@@ -166,12 +247,9 @@ def parse_chat_row(obj: dict[str, Any], path: Path, line: int) -> Conversation:
     return Conversation(tuple(msgs), category, obj.get("group"), str(path), line)
 
 
-def read_chat_jsonl(path: str | Path) -> list[Conversation]:
-    path = Path(path)
-    rows = [parse_chat_row(obj, path, line) for line, obj in iter_jsonl(path)]
-    if not rows:
-        raise DataError(path, None, None, "has no rows")
-    return rows
+def read_chat_jsonl(path: str | Path, max_row_bytes: int | None = None,
+                    errors: list[DataError] | None = None) -> list[Conversation]:
+    return read_rows(path, parse_chat_row, max_row_bytes, errors)
 
 
 def _str_list(obj: dict[str, Any], key: str, path: Path, line: int) -> tuple[str, ...]:
@@ -214,25 +292,21 @@ def parse_eval_row(obj: dict[str, Any], path: Path, line: int) -> EvalRow:
     )
 
 
-def read_eval_jsonl(path: str | Path) -> list[EvalRow]:
-    path = Path(path)
-    rows = [parse_eval_row(obj, path, line) for line, obj in iter_jsonl(path)]
-    if not rows:
-        raise DataError(path, None, None, "has no rows")
-    return rows
+def read_eval_jsonl(path: str | Path, max_row_bytes: int | None = None,
+                    errors: list[DataError] | None = None) -> list[EvalRow]:
+    return read_rows(path, parse_eval_row, max_row_bytes, errors)
 
 
-def read_preference_jsonl(path: str | Path) -> list[PreferenceRow]:
-    path = Path(path)
-    rows = []
-    for line, obj in iter_jsonl(path):
-        key = "prompt" if "prompt" in obj else "user"
-        prompt = [Message("user", _text(obj, key, path, line))]
-        system = _system_message(obj, path, line)
-        if system:
-            prompt.insert(0, system)
-        rows.append(PreferenceRow(tuple(prompt), _text(obj, "chosen", path, line), _text(obj, "rejected", path, line),
-                                  str(path), line))
-    if not rows:
-        raise DataError(path, None, None, "has no rows")
-    return rows
+def parse_preference_row(obj: dict[str, Any], path: Path, line: int) -> PreferenceRow:
+    key = "prompt" if "prompt" in obj else "user"
+    prompt = [Message("user", _text(obj, key, path, line))]
+    system = _system_message(obj, path, line)
+    if system:
+        prompt.insert(0, system)
+    return PreferenceRow(tuple(prompt), _text(obj, "chosen", path, line), _text(obj, "rejected", path, line),
+                         str(path), line)
+
+
+def read_preference_jsonl(path: str | Path, max_row_bytes: int | None = None,
+                          errors: list[DataError] | None = None) -> list[PreferenceRow]:
+    return read_rows(path, parse_preference_row, max_row_bytes, errors)

@@ -9,6 +9,7 @@ not get a second one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,36 @@ class HFChatFormat:
         return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
     def encode_prompt(self, messages: Sequence[MessageLike]) -> list[int]:
-        return self.encode_rendered([self.render(messages, add_generation_prompt=True)])[0]
+        dicts = [_as_dict(m) for m in messages]
+        specials = self.special_strings
+        if any(s in d["content"] for d in dicts for s in specials):
+            return self._encode_literal_contents(dicts)
+        return self.encode_rendered([self.render(dicts, add_generation_prompt=True)])[0]
+
+    @property
+    def special_strings(self) -> tuple[str, ...]:
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return tuple(dict.fromkeys([*self.tokenizer.all_special_tokens,
+                                    *(t.content for t in decoder.values() if getattr(t, "special", False))]))
+
+    def _encode_literal_contents(self, messages: list[dict[str, str]]) -> list[int]:
+        """A prompt whose message contents hold special-token strings: the template's own text is encoded
+        as usual, each content with `split_special_tokens`, so contents never become control tokens."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.render([{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)],
+                               add_generation_prompt=True)
+        parts = re.split("\ue000(\\d+)\ue001", rendered)
+        if len(parts) != 2 * len(messages) + 1:
+            raise ValueError("the chat template rewrites message contents, so contents holding special-token "
+                             "strings cannot be encoded as plain text")
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+            else:
+                text = messages[int(part)]["content"]
+                ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [int(t) for t in ids]
 
     def encode_text(self, text: str) -> list[int]:
         # Raw completion: the tokenizer's own convention (Llama prepends BOS, Qwen adds nothing).

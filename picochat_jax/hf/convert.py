@@ -520,9 +520,11 @@ def write_weights(folder: Path, tensors: dict[str, np.ndarray], dtype: str = "fl
 
 
 def save_hf_model(out_dir: Path, params: Params, cfg: ModelConfig, family: str, hf_config: dict[str, Any],
-                  tokenizer_dir: Path | None = None, generation_config: dict[str, Any] | None = None) -> Path:
+                  tokenizer_dir: Path | None = None, generation_config: dict[str, Any] | None = None,
+                  extra_json: dict[str, Any] | None = None) -> Path:
     """Write a complete HF folder atomically: config.json, model.safetensors (in the config's dtype),
-    generation_config.json and the tokenizer files found in `tokenizer_dir`."""
+    generation_config.json, the tokenizer files found in `tokenizer_dir` and any `extra_json` files (the
+    out-dir marker, which must be inside before the folder appears)."""
     dtype = _dtype_of(hf_config)
     hf_config = {**hf_config, "dtype": dtype, "torch_dtype": dtype}
     tensors = params_to_hf(params, cfg, family)
@@ -536,6 +538,8 @@ def save_hf_model(out_dir: Path, params: Params, cfg: ModelConfig, family: str, 
         gen = generation_config or {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                     if hf_config.get(k) is not None}
         save_json(tmp / "generation_config.json", gen)
+        for name, payload in (extra_json or {}).items():
+            save_json(tmp / name, payload)
     return Path(out_dir)
 
 
@@ -568,25 +572,49 @@ def export_tokenizer(tokenizer_path: Path, out_dir: Path, max_len: int) -> dict[
     return {"bos": ours.bos_id, "eos": ours.end_id, "pad": ours.pad_id}
 
 
-def export_native(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Path) -> tuple[str, Path]:
-    """A native picochat checkpoint -> a stock transformers folder. Returns (family, out_dir)."""
-    from picochat_jax.train.checkpoint import load_model_checkpoint
+def export_native(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Path,
+                  overwrite: bool = False) -> tuple[str, Path]:
+    """A native picochat checkpoint -> a stock transformers folder. Returns (family, out_dir).
 
+    The folder follows the out-dir policy (outdir.py); its marker records the source checkpoint and the
+    tokenizer's vocab size and hash."""
+    from picochat_jax.outdir import MARKER, check_out_dir, marker_payload
+    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint, tokenizer_fingerprint
+
+    tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
+    plan = check_out_dir(out_dir, "hf-export", overwrite=overwrite, inputs=[checkpoint_dir, tokenizer_path])
     params, cfg, _ = load_model_checkpoint(checkpoint_dir)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path else Path(checkpoint_dir) / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass --tokenizer)")
     family = export_family(cfg)
-    return family, export_params(params, cfg, tokenizer_path, out_dir)
+    marker = marker_payload("hf-export", source_checkpoint=str(Path(checkpoint_dir).absolute()),
+                            tokenizer=tokenizer_fingerprint(tokenizer_path))
+    return family, export_params(params, cfg, tokenizer_path, plan.path, extra_json={MARKER: marker})
 
 
-def export_params(params: Params, cfg: ModelConfig, tokenizer_path: Path, out_dir: Path) -> Path:
+def export_params(params: Params, cfg: ModelConfig, tokenizer_path: Path, out_dir: Path,
+                  extra_json: dict[str, Any] | None = None) -> Path:
     family = export_family(cfg)
     with tempfile.TemporaryDirectory() as tok_dir:
         ids = export_tokenizer(tokenizer_path, Path(tok_dir), cfg.max_seq_len)
         hf_config = hf_config_from_native(cfg, family, ids)
         gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
-        return save_hf_model(out_dir, params, cfg, family, hf_config, Path(tok_dir), gen)
+        return save_hf_model(out_dir, params, cfg, family, hf_config, Path(tok_dir), gen, extra_json)
+
+
+def save_imported_checkpoint(hf: HFModel, out_dir: Path, source: str) -> Path:
+    """An imported HF model as a native checkpoint folder (params, model_config.json, hf_tokenizer/), marked as
+    an `import-hf` output. The tokenizer files travel in the same atomic write as the weights."""
+    from picochat_jax.outdir import MARKER, marker_payload
+    from picochat_jax.train.checkpoint import save_model_checkpoint
+
+    tokenizer_files = {}
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (hf.path / name).exists():
+            tokenizer_files[f"hf_tokenizer/{name}"] = hf.path / name
+    save_model_checkpoint(out_dir, hf.params, hf.config, None,
+                          {"stage": "import-hf", "source": source, "family": hf.family, "hf_config": hf.hf_config},
+                          extra_json={MARKER: marker_payload("import-hf", source=source)},
+                          extra_files=tokenizer_files)
+    return Path(out_dir)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -40,11 +40,13 @@ from picochat_jax.hf.convert import (
     check_peft_family,
     load_hf_model,
     read_generation_config,
+    resolve_model_dir,
     save_hf_model,
     save_peft_adapter,
 )
 from picochat_jax.model import lora
 from picochat_jax.model.transformer import count_params, logical_axes, training_model
+from picochat_jax.outdir import check_out_dir, claim_out_dir
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import TrainState, build_trainer
 
@@ -68,6 +70,7 @@ class HFSFTOptions:
     val_fraction: float = 0.05
     mesh: str | None = None
     done_file: Path | None = None
+    overwrite: bool = False  # replace an earlier hf-sft output in out_dir (outdir.py policy)
     seed: int = 0
     cache_dir: Path | None = None  # HF cache to resolve hub ids in (default: the standard one)
 
@@ -223,11 +226,13 @@ def run_hf_sft(opts: HFSFTOptions, log: Callable[[str], None] = print) -> dict[s
 def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out_dir = Path(opts.out_dir).absolute()
+    conversations = read_chat_jsonl(opts.input)
+    plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite,
+                         inputs=[resolve_model_dir(opts.model, opts.cache_dir), opts.input])
     hf = load_hf_model(opts.model, opts.cache_dir)
     if opts.peft == "lora":
         check_peft_family(hf.family)
     fmt = HFChatFormat.load(hf.path)
-    conversations = read_chat_jsonl(opts.input)
     if len(conversations) < 2:
         raise ValueError(f"{opts.input}: hf-sft needs at least 2 chat rows (one held out), got {len(conversations)}")
     max_length = min(opts.max_length, hf.config.max_seq_len)
@@ -235,6 +240,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     train_cfg = hf_train_config(opts)
     train_ex, val_ex = split_examples(examples, opts.val_fraction, opts.seed)
     n_train, n_val = len(train_ex["inputs"]), len(val_ex["inputs"])
+    claim_out_dir(plan, model=str(opts.model))
     log(f"[hf-sft] {hf.family} model {hf.path}: {len(conversations)} rows -> {n_train} train / {n_val} held out, "
         f"seq_len {data_stats['seq_len']}, {data_stats['truncated_rows']} truncated")
 

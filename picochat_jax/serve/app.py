@@ -4,7 +4,10 @@
     uvicorn.run(create_app(backend), host="127.0.0.1", port=8000)
 
 Every error a client causes is a 4xx with OpenAI's error JSON; FastAPI's own 422 validation answers are
-replaced by 400s of that shape. Text is decoded on the event loop as token chunks arrive from the worker:
+replaced by 400s of that shape. A body over `max_request_bytes` is answered 413 before the rest is read, and
+tokenizing and detokenizing run in worker threads, so one huge or slow request never stalls `/health` or other
+clients. Message contents are encoded as text: control tokens come only from the chat template. Text is
+decoded as token chunks arrive from the worker:
 stop strings cut the reply there (and cancel the row), and streams hold back the last few characters that
 could still turn out to be the start of a stop string, so a stream never emits text past a stop.
 """
@@ -43,9 +46,12 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 
 
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+
+
 @dataclass
 class Backend:
-    """One served model: its name, chat format (ChatFormat protocol of generate.py) and batcher."""
+    """One served model: its name, chat format (ChatFormat protocol of generate.py), batcher and request limits."""
 
     model_id: str
     fmt: Any
@@ -53,6 +59,8 @@ class Backend:
     default_max_tokens: int = 256
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "picochat"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
+    max_prompt_tokens: int | None = None  # per request (all its prompts); None = the context
 
     @property
     def max_context(self) -> int:
@@ -62,7 +70,8 @@ class Backend:
 def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, hf_model: str | Path | None = None,
                  *, model_name: str | None = None, precision: str = "fp32", max_len: int | None = None,
                  max_batch: int = 8, chunk_tokens: int = 8, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256, max_queue: int = 256, warmup: bool = True) -> Backend:
+                 default_max_tokens: int = 256, max_queue: int = 256, warmup: bool = True,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_prompt_tokens: int | None = None) -> Backend:
     """A Backend for a native checkpoint folder (+ tokenizer.json) or a Hugging Face model folder."""
     if (checkpoint is None) == (hf_model is None):
         raise ValueError("give exactly one of a native checkpoint (--checkpoint) or an HF model folder (--hf-model)")
@@ -84,7 +93,8 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
     batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)
     if warmup:
         batcher.warmup(fmt.encode_text("hi"))
-    return Backend(name, fmt, batcher, default_max_tokens=default_max_tokens)
+    return Backend(name, fmt, batcher, default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,
+                   max_prompt_tokens=max_prompt_tokens)
 
 
 # ------------------------------------------------------------------------------------------ text and stops
@@ -187,7 +197,7 @@ class ChoiceRun:
                 text = self.texts[index]
                 if event.kind == "tokens":
                     self.completion_tokens += len(event.tokens)
-                    delta = text.add(event.tokens)
+                    delta = await asyncio.to_thread(text.add, event.tokens)
                     if text.stopped:
                         self.requests[index].cancel()
                         open_choices.discard(index)
@@ -199,7 +209,7 @@ class ChoiceRun:
                         raise APIError(503, "generation was cancelled: the server is shutting down",
                                        type="server_error", code="shutting_down")
                     open_choices.discard(index)
-                    tail = text.finish()
+                    tail = await asyncio.to_thread(text.finish)
                     yield Piece(index, tail, "stop" if text.stopped else event.reason or "stop")
                 else:
                     raise APIError(500, event.message or "generation failed", type="server_error")
@@ -236,6 +246,17 @@ def _sampling(req: Any, token_limit: int | None, prompt_lens: Sequence[int], bac
     return RowSampling(max_new_tokens=max_new, temperature=temperature,
                        top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                        seed=secrets.randbits(32) if req.seed is None else req.seed)
+
+
+def _check_prompt_budget(req: Any, prompts: Sequence[Sequence[int]], backend: Backend) -> None:
+    """400 when a request's prompts together exceed the server's per-request prompt-token limit."""
+    limit = backend.max_prompt_tokens
+    total = sum(len(p) for p in prompts)
+    if limit is not None and total > limit:
+        raise APIError(400, f"The request's prompts have {total} tokens; this server accepts at most {limit} prompt "
+                            "tokens per request (--max-prompt-tokens).",
+                       param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code="prompt_too_long")
 
 
 def _check_model(req: Any, backend: Backend) -> None:
@@ -314,6 +335,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     app = FastAPI(title="picochat-jax", version="1", lifespan=lifespan)
     app.state.backend = backend
+    app.add_middleware(BodySizeLimit, max_bytes=backend.max_request_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -338,8 +360,8 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = f"{request.method} {request.url.path}: {exc.detail}"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        message = exc.detail if exc.status_code == 413 else f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(error_body(message, code=code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -369,7 +391,8 @@ def create_app(backend: Backend) -> FastAPI:
     async def completions(req: CompletionRequest) -> Any:
         _check_model(req, backend)
         check_supported(req)
-        prompts = _encode_completion(req, backend)
+        prompts = await asyncio.to_thread(_encode_completion, req, backend)
+        _check_prompt_budget(req, prompts, backend)
         sampling = _sampling(req, req.max_tokens, [len(p) for p in prompts], backend)
         run = ChoiceRun(backend, prompts, sampling, req.stop_strings)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -389,7 +412,8 @@ def create_app(backend: Backend) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         _check_model(req, backend)
         check_supported(req)
-        prompt = _encode_chat(req, backend)
+        prompt = await asyncio.to_thread(_encode_chat, req, backend)
+        _check_prompt_budget(req, [prompt], backend)
         sampling = _sampling(req, req.token_limit, [len(prompt)], backend)
         run = ChoiceRun(backend, [prompt], sampling, req.stop_strings)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -411,6 +435,48 @@ def create_app(backend: Backend) -> FastAPI:
                 "usage": run.usage()}
 
     return app
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`.
+
+    A declared Content-Length over the limit is refused before one body byte is read; a chunked body is
+    counted as it arrives and refused the moment it passes the limit, so nobody can make the server buffer
+    (and then parse on the event loop) more than `max_bytes`.
+    """
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self, size: str) -> str:
+        return (f"The request body is {size}, over this server's limit of {self.max_bytes:,} bytes "
+                "(--max-request-bytes).")
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse(error_body(self._message(f"{int(declared):,} bytes"),
+                                               code="request_too_large"), status_code=413,
+                                    headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException, because FastAPI turns any other error while reading a body into 400.
+                    raise StarletteHTTPException(413, detail=self._message(f"over {received:,} bytes"))
+            return message
+
+        await self.app(scope, limited_receive, send)
 
 
 _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible endpoints, and the OpenAI error shape.
 
-Pydantic checks types and ranges (its errors become 400s in app.py); `check_supported` rejects the OpenAI
-options this server does not implement, so a client never silently gets something other than it asked for.
-Unknown fields are ignored, as clients send vendor extensions freely.
+Pydantic checks types and ranges in strict mode (`"10"` or `true` for an integer is a 400 naming the field,
+not a silent 10 or 1; its errors become 400s in app.py); `check_supported` rejects the OpenAI options this
+server does not implement, so a client never silently gets something other than it asked for. Unknown fields
+are ignored, as clients send vendor extensions freely.
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# Strict: no coercion of strings, bools or floats into other types (an int is still a valid float).
+REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions. None means "the default"."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -102,19 +107,17 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]  # required: this server has no tool calls that would stand in for it
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)

@@ -36,6 +36,7 @@ from picochat_jax.data.loader import BatchSource, split_examples
 from picochat_jax.data.records import Conversation, Message, PreferenceRow
 from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import Decoder, _dummy_tokens, training_model
+from picochat_jax.outdir import OutDirError
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
 from picochat_jax.tokenizer import ChatTokenizer
 from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
@@ -260,12 +261,12 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOConfig, tok: ChatTokenizer,
               rows: Sequence[PreferenceRow], init_params: Any, out_dir: Path, mesh_shape: MeshShape,
-              tokenizer_path: Path | None, resume: bool = False, overwrite: bool = False,
+              tokenizer_path: Path | None, resume: bool = False, resume_or_start: bool = False,
               progress: bool = True) -> DPOResult:
     """Train the policy (starting from, and referenced against, `init_params`) on preference pairs."""
-    from picochat_jax.train.loop import prepare_out_dir
+    from picochat_jax.train.loop import check_resume_settings, flatten, prepare_stage_dir, read_history
 
-    out_dir = prepare_out_dir(out_dir, "dpo", resume, overwrite)
+    out_dir = prepare_stage_dir(out_dir, "dpo", resume, resume_or_start)
     resume_dir = out_dir / "resume_checkpoint"
     if not rows:
         raise ValueError("no preference pairs to train on")
@@ -292,12 +293,19 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
     manager = ResumeManager(resume_dir, train_cfg.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
     best_val = math.inf
+    if resume and manager.latest_step() is None and not resume_or_start:
+        manager.close()
+        raise OutDirError(f"--resume: {resume_dir} holds no complete checkpoint to resume from; start without "
+                          "--resume, or pass --resume-or-start")
     if resume and manager.latest_step() is not None:
+        saved = manager.read_meta()
+        check_resume_settings(flatten({"beta": saved.get("beta"), "model": saved.get("model", {}),
+                                       "train": saved.get("train", {})}),
+                              flatten({"beta": dpo_cfg.beta, "model": model_cfg.to_dict(),
+                                       "train": asdict(train_cfg)}), resume_dir)
         state, meta = manager.restore(trainer.abstract_state())
         best_val = meta.get("best_val_loss") or math.inf
-        history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] \
-            if metrics_path.exists() else []
-        history = [r for r in history if r.get("step", 0) <= int(state.step)]
+        history = read_history(metrics_path, int(state.step))
     else:
         state, history = ref_state, []
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))

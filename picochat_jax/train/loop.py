@@ -6,12 +6,13 @@ asynchronously while grain prefetches the next batches on background threads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing_extensions import Self
 
 from picochat_jax.config import ModelConfig, TrainConfig
 from picochat_jax.data.loader import BatchSource, eval_batches
+from picochat_jax.data.records import DataError
 from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import count_params, training_model
+from picochat_jax.outdir import OutDirError, OutDirInUse, read_marker, write_marker
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
 from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
 from picochat_jax.train.optim import make_optimizer
@@ -39,10 +42,6 @@ PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "tpu
 def peak_flops_per_device() -> float | None:
     kind = jax.devices()[0].device_kind.lower()
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
-
-class OutDirInUse(RuntimeError):
-    pass
 
 
 @dataclass
@@ -75,25 +74,69 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def prepare_out_dir(out_dir: Path | str, stage: str, resume: bool, overwrite: bool) -> Path:
-    """Refuse to clobber an earlier run unless told to resume it or start over; nothing is lost by accident."""
+# Settings that may change when a run resumes: bookkeeping, and `steps` (extending a run is deliberate).
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                               "eval_batches"})
+
+
+def prepare_stage_dir(out_dir: Path | str, stage: str, resume: bool, resume_or_start: bool = False) -> Path:
+    """A training stage's folder: refuse to start over an earlier stage's checkpoints unless resuming, and
+    refuse `--resume` with nothing to resume (unless `resume_or_start`). Marks the folder as ours.
+
+    Replacing a folder is the out-dir policy's job (outdir.py), done once per command before this runs.
+    """
     out_dir = Path(out_dir)
     resume_dir = out_dir / "resume_checkpoint"
-    if resume_dir.exists() and any(resume_dir.iterdir()) and not (resume or overwrite):
+    has_checkpoint = resume_dir.exists() and any(resume_dir.iterdir())
+    if has_checkpoint and not resume:
         raise OutDirInUse(f"{out_dir} already holds a {stage} run; pass --resume to continue it or "
                           f"--overwrite to start over (or choose another --out-dir)")
-    if overwrite and not resume:
-        for name in ("resume_checkpoint", "checkpoint", "best_checkpoint", "metrics.jsonl"):
-            target = out_dir / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(out_dir) is None:
+        write_marker(out_dir, f"train-{stage}")
     return out_dir
 
 
-def _read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
+def check_resume_settings(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse to resume a checkpoint made with other settings, naming every key that differs."""
+    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+             if k.split(".")[-1] not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"--resume: {where} was made with other settings ({'; '.join(diffs)}); resume with the "
+                         "original settings, or start a new run (--overwrite or another --out-dir)")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model.d_model": 64, ...} from nested dicts, for naming the keys that differ; lists compare whole."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
+    """metrics.jsonl rows up to a step. A torn last line (a crash mid-write) is dropped with a warning; a bad
+    line before the end is an error naming the file and line."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines):
+                warnings.warn(f"{path}:{lineno}: dropped a torn last line (the run stopped mid-write)", stacklevel=2)
+                continue
+            raise DataError(path, lineno, None, "is not valid JSON; the metrics file is damaged") from None
+        if isinstance(row, dict):
+            rows.append(row)
     return [r for r in rows if r.get("step", 0) <= upto_step]
 
 
@@ -116,13 +159,13 @@ def train(
     tokenizer_path: Path | None,
     init_params: Any = None,
     resume: bool = False,
-    overwrite: bool = False,
+    resume_or_start: bool = False,
     should_stop: Callable[[int], bool] | None = None,
     progress: bool = True,
     attention_impl: str | None = None,
     ce_chunk_tokens: int = 0,
 ) -> TrainResult:
-    out_dir = prepare_out_dir(out_dir, stage, resume, overwrite)
+    out_dir = prepare_stage_dir(out_dir, stage, resume, resume_or_start)
     resume_dir = out_dir / "resume_checkpoint"
 
     check_batch_fits(train_cfg.batch_size, mesh_shape)
@@ -137,10 +180,18 @@ def train(
     manager = ResumeManager(resume_dir, train_cfg.keep_checkpoints)
     metrics_path = out_dir / "metrics.jsonl"
     best_val = math.inf
+    if resume and manager.latest_step() is None and not resume_or_start:
+        manager.close()
+        raise OutDirError(f"--resume: {resume_dir} holds no complete checkpoint to resume from; start without "
+                          "--resume, or pass --resume-or-start")
     if resume and manager.latest_step() is not None:
+        check_resume_settings(flatten({"model": manager.read_meta().get("model", {}),
+                                       "train": manager.read_meta().get("train", {})}),
+                              flatten({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}),
+                              resume_dir)
         state, meta = manager.restore(trainer.abstract_state())
         best_val = meta.get("best_val_loss", math.inf) or math.inf
-        history = _read_history(metrics_path, int(state.step))
+        history = read_history(metrics_path, int(state.step))
     else:
         rng = jax.random.key_data(jax.random.key(train_cfg.seed))
         state = trainer.init(rng, init_params)
