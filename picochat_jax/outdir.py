@@ -56,13 +56,12 @@ def read_marker(folder: Path | str) -> dict[str, Any] | None:
 
 
 def _a_file_in(folder: Path) -> str:
+    """The first file (sorted, depth-first) under a folder, to show the user whose folder it is."""
     for root, dirs, files in os.walk(folder):
         dirs.sort()
-        for name in sorted(files):
-            return str((Path(root) / name).relative_to(folder))
-        for name in dirs:
-            return name + "/"
-    return "?"
+        if files:
+            return str((Path(root) / sorted(files)[0]).relative_to(folder))
+    return next((p.name + "/" for p in sorted(folder.iterdir())), "?")
 
 
 def _inside(child: Path, parent: Path) -> bool:

@@ -116,7 +116,13 @@ def test_loss_falls_and_resume_continues_the_exact_trajectory(tmp_path):
     assert part.status == "interrupted" and part.final_step == 3
     with pytest.raises(OutDirInUse, match="--resume"):
         _run(tmp_path / "part", TRAIN)
-    resumed = _run(tmp_path / "part", TRAIN, resume=True)
+    other = dataclasses.replace(TRAIN, learning_rate=TRAIN.learning_rate * 2, seed=TRAIN.seed + 1)
+    with pytest.raises(ValueError, match=r"train\.learning_rate: .*; train\.seed: "):
+        _run(tmp_path / "part", other, resume=True)  # names every differing key, restores and writes nothing
+    with (tmp_path / "part" / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "lo')  # a kill mid-write: the torn line is dropped with a warning
+    with pytest.warns(UserWarning, match="torn last line"):
+        resumed = _run(tmp_path / "part", TRAIN, resume=True)
     assert resumed.status == "completed"
     resumed_losses = [r["loss"] for r in resumed.history]  # history reloaded from metrics.jsonl + new steps
     np.testing.assert_allclose(resumed_losses, losses, rtol=1e-6)

@@ -299,10 +299,14 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
                           "--resume, or pass --resume-or-start")
     if resume and manager.latest_step() is not None:
         saved = manager.read_meta()
-        check_resume_settings(flatten({"beta": saved.get("beta"), "model": saved.get("model", {}),
-                                       "train": saved.get("train", {})}),
-                              flatten({"beta": dpo_cfg.beta, "model": model_cfg.to_dict(),
-                                       "train": asdict(train_cfg)}), resume_dir)
+        try:
+            check_resume_settings(flatten({"beta": saved.get("beta"), "model": saved.get("model", {}),
+                                           "train": saved.get("train", {})}),
+                                  flatten({"beta": dpo_cfg.beta, "model": model_cfg.to_dict(),
+                                           "train": asdict(train_cfg)}), resume_dir)
+        except ValueError:
+            manager.close()  # no orbax threads left behind a refused resume
+            raise
         state, meta = manager.restore(trainer.abstract_state())
         best_val = meta.get("best_val_loss") or math.inf
         history = read_history(metrics_path, int(state.step))

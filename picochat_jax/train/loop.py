@@ -185,10 +185,14 @@ def train(
         raise OutDirError(f"--resume: {resume_dir} holds no complete checkpoint to resume from; start without "
                           "--resume, or pass --resume-or-start")
     if resume and manager.latest_step() is not None:
-        check_resume_settings(flatten({"model": manager.read_meta().get("model", {}),
-                                       "train": manager.read_meta().get("train", {})}),
-                              flatten({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}),
-                              resume_dir)
+        saved = manager.read_meta()
+        try:
+            check_resume_settings(flatten({"model": saved.get("model", {}), "train": saved.get("train", {})}),
+                                  flatten({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}),
+                                  resume_dir)
+        except ValueError:
+            manager.close()  # no orbax threads left behind a refused resume
+            raise
         state, meta = manager.restore(trainer.abstract_state())
         best_val = meta.get("best_val_loss", math.inf) or math.inf
         history = read_history(metrics_path, int(state.step))
