@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,27 @@ def read_json_object(path: Path | str) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return obj if isinstance(obj, dict) else {}
+
+
+def discard_temp(path: Path | str) -> None:
+    """Remove one of our own hidden temporary siblings (`.NAME.partial`, `.NAME.old`, `.NAME.xxxx`).
+
+    Only hidden names are accepted, so this can never reach a user's folder; user-visible folders are
+    deleted only by `outdir.delete_owned`.
+    """
+    path = Path(path)
+    if not path.name.startswith("."):
+        raise ValueError(f"refusing to discard {path}: not a hidden temporary folder")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def replace_dir(tmp: Path | str, directory: Path | str) -> None:
+    """Move a finished temporary folder into place over `directory` with renames: a crash at any moment
+    leaves the old folder or the new one (or the old one under `.NAME.old`), never half of either."""
+    tmp, directory = Path(tmp), Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    discard_temp(old)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    discard_temp(old)

@@ -70,8 +70,10 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_out_dir(path: Path | str, kind: str, *, resume: bool = False, overwrite: bool = False,
-                  resume_or_start: bool = False, inputs: Iterable[Path | str | None] = ()) -> OutDirPlan:
-    """Decide what a command may do with `path`, writing nothing. Raises OutDirError with the reason."""
+                  resume_or_start: bool = False, inputs: Iterable[Path | str | None] = (),
+                  resumable: bool = True) -> OutDirPlan:
+    """Decide what a command may do with `path`, writing nothing. Raises OutDirError with the reason.
+    `resumable` says whether the command has a --resume flag (it shapes the advice in the message)."""
     path = Path(path)
     flag_resume = resume or resume_or_start
     if flag_resume and overwrite:
@@ -100,8 +102,9 @@ def check_out_dir(path: Path | str, kind: str, *, resume: bool = False, overwrit
         return OutDirPlan(path, kind, "ours", "overwrite")
     if flag_resume:
         return OutDirPlan(path, kind, "ours", "resume")
-    raise OutDirInUse(f"{path} already holds a {kind} output; pass --resume to continue it or --overwrite to "
-                      "replace it (or choose another --out-dir)")
+    advice = "pass --resume to continue it or --overwrite to replace it" if resumable else \
+        "pass --overwrite to replace it"
+    raise OutDirInUse(f"{path} already holds an earlier '{kind}' output; {advice} (or choose another --out-dir)")
 
 
 def marker_payload(kind: str, **extra: Any) -> dict[str, Any]:
@@ -152,11 +155,3 @@ def delete_owned(folder: Path | str, *, keep_folder: bool = True) -> None:
         folder.rmdir()
 
 
-def prepare_out_dir(path: Path | str, kind: str, *, resume: bool = False, overwrite: bool = False,
-                    resume_or_start: bool = False, inputs: Iterable[Path | str | None] = (),
-                    **marker_extra: Any) -> OutDirPlan:
-    """check_out_dir then claim_out_dir, for commands with nothing else to check before writing."""
-    plan = check_out_dir(path, kind, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start,
-                         inputs=inputs)
-    claim_out_dir(plan, **marker_extra)
-    return plan

@@ -50,7 +50,8 @@ def import_(pack: Path, out_dir: Path, overwrite: bool) -> None:
     """Import PACK's corpus: writes corpus_manifest.json and corpus_report.md under --out-dir."""
     loaded = load_pack(pack)
     corpus = load_corpus(loaded)
-    claim_out_dir(check_out_dir(out_dir, "corpus-import", overwrite=overwrite, inputs=pack_inputs(loaded)))
+    claim_out_dir(check_out_dir(out_dir, "corpus-import", overwrite=overwrite, resumable=False,
+                                             inputs=pack_inputs(loaded)))
     write_corpus_report(corpus, loaded, out_dir)
     m = corpus.manifest
     click.echo(f"imported {m['total_files']} files, {m['total_documents']} documents, {m['total_bytes']:,} bytes "

@@ -121,7 +121,7 @@ def chat(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str
 
     path = input_or_pack_file(input_path, pack_path, "eval")
     rows = read_eval_jsonl(path)
-    plan = check_out_dir(out_dir, "eval-chat", overwrite=overwrite,
+    plan = check_out_dir(out_dir, "eval-chat", overwrite=overwrite, resumable=False,
                          inputs=[checkpoint_dir, tokenizer_path, hf_model and Path(hf_model), path, pack_path])
     engine, fmt = _load_engine(checkpoint_dir, tokenizer_path, hf_model, precision)
     claim_out_dir(plan)
@@ -155,7 +155,7 @@ def fit(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, p
 
     chat_path = input_or_pack_file(input_path, pack_path, "chat")
     conversations = read_chat_jsonl(chat_path)
-    plan = check_out_dir(out_dir, "eval-fit", overwrite=overwrite,
+    plan = check_out_dir(out_dir, "eval-fit", overwrite=overwrite, resumable=False,
                          inputs=[checkpoint_dir, tokenizer_path, chat_path, pack_path])
     engine, fmt = load_native(checkpoint_dir, tokenizer_path, precision=precision)
     claim_out_dir(plan)
@@ -188,7 +188,7 @@ def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, 
 
     chat_path = input_or_pack_file(input_path, pack_path, "chat")
     conversations = read_chat_jsonl(chat_path)
-    plan = None if out_dir is None else check_out_dir(out_dir, "eval-loss", overwrite=overwrite,
+    plan = None if out_dir is None else check_out_dir(out_dir, "eval-loss", overwrite=overwrite, resumable=False,
                                                       inputs=[checkpoint_dir, tokenizer_path, chat_path, pack_path])
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     tok = ChatTokenizer.load(tokenizer_path)

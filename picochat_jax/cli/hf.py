@@ -49,7 +49,8 @@ def import_hf(model: str, out_dir: Path, overwrite: bool) -> None:
     from picochat_jax.model.transformer import count_params
     from picochat_jax.outdir import check_out_dir
 
-    plan = check_out_dir(out_dir, "import-hf", overwrite=overwrite, inputs=[Path(model)])
+    plan = check_out_dir(out_dir, "import-hf", overwrite=overwrite, resumable=False,
+                         inputs=[Path(model)])
     hf = load_hf_model(model)
     save_imported_checkpoint(hf, plan.path, str(model))
     c = hf.config

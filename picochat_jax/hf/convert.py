@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.fileio import save_json
+from picochat_jax.fileio import discard_temp, replace_dir, save_json
 from picochat_jax.model.lora import get_path
 from picochat_jax.model.transformer import _dummy_tokens, make_model
 
@@ -500,16 +500,9 @@ def atomic_dir(directory: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
+        replace_dir(tmp, directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp(tmp)
         raise
 
 
@@ -582,7 +575,8 @@ def export_native(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Pa
     from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint, tokenizer_fingerprint
 
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
-    plan = check_out_dir(out_dir, "hf-export", overwrite=overwrite, inputs=[checkpoint_dir, tokenizer_path])
+    plan = check_out_dir(out_dir, "hf-export", overwrite=overwrite, resumable=False,
+                         inputs=[checkpoint_dir, tokenizer_path])
     params, cfg, _ = load_model_checkpoint(checkpoint_dir)
     family = export_family(cfg)
     marker = marker_payload("hf-export", source_checkpoint=str(Path(checkpoint_dir).absolute()),

@@ -227,7 +227,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out_dir = Path(opts.out_dir).absolute()
     conversations = read_chat_jsonl(opts.input)
-    plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite,
+    plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite, resumable=False,
                          inputs=[resolve_model_dir(opts.model, opts.cache_dir), opts.input])
     hf = load_hf_model(opts.model, opts.cache_dir)
     if opts.peft == "lora":

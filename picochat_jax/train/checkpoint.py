@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.fileio import save_json
+from picochat_jax.fileio import discard_temp, replace_dir, save_json
 
 
 class ResumeManager:
@@ -85,7 +85,7 @@ def save_model_checkpoint(directory: Path, params: Any, model_cfg: ModelConfig, 
     primary = jax.process_index() == 0
     if primary:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_temp(tmp)
     _sync(f"picochat-ckpt-start-{directory.name}")
     try:
         ckptr = ocp.StandardCheckpointer()
@@ -102,15 +102,10 @@ def save_model_checkpoint(directory: Path, params: Any, model_cfg: ModelConfig, 
             for name, source in (extra_files or {}).items():
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, tmp / name)
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if directory.exists():
-                directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, directory)
     except BaseException:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_temp(tmp)
         raise
     _sync(f"picochat-ckpt-done-{directory.name}")
 
