@@ -1,13 +1,17 @@
-"""Frozen configuration dataclasses.
+"""One typed config tree of frozen dataclasses.
 
-`configs/base.yaml` holds every training default; `configs/<scale>.yaml` overrides a handful of keys;
-command-line flags override last (`with_overrides`). ModelConfig is the architecture only: it is saved
-next to every checkpoint so a checkpoint folder can be loaded on its own.
+`configs/base.yaml` holds every default — training (`train:`, per stage `base:`/`sft:`), `dpo:`, `hf_sft:`,
+`serve:` and `perf:`; `configs/<scale>.yaml` (or any YAML path given as `--scale`) overrides keys; `--set
+key.sub=value` overrides any key after that; command-line flags override last (`with_overrides`). Every
+section is parsed strictly: an unknown or misspelled key is an error naming it and the nearest valid one.
+ModelConfig is the architecture only: it is saved next to every checkpoint so a checkpoint folder can be
+loaded on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -77,10 +81,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         raw = dict(raw)
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        check_keys(cls, raw, "model")
         scaling = raw.get("rope_scaling")
         if isinstance(scaling, dict):
             raw["rope_scaling"] = tuple(sorted((k, _freeze(v)) for k, v in scaling.items()))
@@ -166,6 +167,68 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Preference tuning after SFT: `train dpo` and the DPO stage of `run tiny`."""
+
+    beta: float = 0.1  # pull towards the reference model (higher = stay closer)
+    steps: int = 20
+    lr_fraction: float = 0.1  # DPO learning rate = the SFT stage's learning rate x this
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.steps < 1 or not 0 < self.lr_fraction <= 1:
+            raise ValueError("dpo.steps must be >= 1 and dpo.lr_fraction in (0, 1]")
+
+
+@dataclass(frozen=True)
+class HFSFTConfig:
+    """`train hf-sft` defaults (every one is also a flag)."""
+
+    max_steps: int = 200
+    max_length: int = 1024
+    peft: str = "lora"  # lora | none
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    val_fraction: float = 0.05
+    evals_per_run: int = 5  # held-out evaluations spread over the run (plus one before the first step)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`serve` defaults (every one is also a flag)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8
+    batch_wait_ms: float = 5.0
+    chunk_tokens: int = 8
+    default_max_tokens: int = 256
+    max_queue: int = 256
+    max_request_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None  # None = the served context
+    hf_max_len: int = 4096  # KV cache for HF models, whose configs often advertise far longer contexts
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """Performance knobs of the training step (the same numbers either way; speed and memory differ)."""
+
+    attention_impl: str = "auto"  # auto | xla | cudnn | ... (model.layers.resolve_attention_impl)
+    ce_chunk_tokens: int = 0  # > 0: cross-entropy in chunks of about this many tokens (less memory)
+
+    @property
+    def attention(self) -> str | None:
+        return None if self.attention_impl == "auto" else self.attention_impl
+
+
+@dataclass(frozen=True)
 class ScaleConfig:
     name: str
     description: str
@@ -174,9 +237,13 @@ class ScaleConfig:
     base: TrainConfig
     sft: TrainConfig
     eval_max_new_tokens: int = 64
-    extra: dict[str, Any] = field(default_factory=dict)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    hf_sft: HFSFTConfig = field(default_factory=HFSFTConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole resolved tree (what run_config.json records)."""
         return {
             "name": self.name,
             "description": self.description,
@@ -185,7 +252,38 @@ class ScaleConfig:
             "base": dataclasses.asdict(self.base),
             "sft": dataclasses.asdict(self.sft),
             "eval_max_new_tokens": self.eval_max_new_tokens,
+            **{name: dataclasses.asdict(getattr(self, name)) for name in ("dpo", "hf_sft", "serve", "perf")},
         }
+
+
+SECTIONS: dict[str, type] = {"tokenizer": TokenizerConfig, "model": ModelConfig, "train": TrainConfig,
+                             "base": TrainConfig, "sft": TrainConfig, "dpo": DPOConfig, "hf_sft": HFSFTConfig,
+                             "serve": ServeConfig, "perf": PerfConfig}
+TOP_LEVEL_KEYS = ("name", "description", "eval_max_new_tokens", *SECTIONS)
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ValueError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where + '.' if where else ''}{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+    return ValueError(f"unknown config key '{where + '.' if where else ''}{key}'{hint}")
+
+
+def check_keys(cls: type, raw: dict[str, Any], where: str) -> None:
+    """Refuse keys a config dataclass does not have, naming the nearest valid one."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(raw).__name__}")
+    valid = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in valid:
+            raise _unknown_key_error(str(key), valid, where)
+
+
+def _section(cls: type, raw: dict[str, Any], where: str) -> Any:
+    check_keys(cls, raw, where)
+    try:
+        return cls(**raw)
+    except TypeError as exc:  # a required key is missing
+        raise ValueError(f"config section '{where}': {exc}") from None
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -212,27 +310,87 @@ def available_scales(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != "base")
 
 
-def load_scale(name_or_path: str, config_dir: Path = CONFIG_DIR) -> ScaleConfig:
-    """Load `configs/base.yaml` merged with a named scale (or an explicit YAML path)."""
+def parse_sets(sets: tuple[str, ...] | list[str]) -> list[tuple[list[str], Any]]:
+    """`--set base.steps=10` -> [(["base", "steps"], 10)]; values are YAML (numbers, true, null, lists)."""
+    out = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ValueError(f"--set expects KEY.SUB=VALUE, got {item!r}")
+        out.append((key.strip().split("."), _yaml_scalar(value)))
+    return out
+
+
+def _yaml_scalar(text: str) -> Any:
+    """A --set value as YAML, except that `1e-4` is a number (YAML 1.1 would need `1.0e-4`)."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_sets(raw: dict[str, Any], sets: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """A copy of a raw config tree with `--set` overrides applied (validated later, with the rest)."""
+    out = _deep_merge(raw, {})
+    for path, value in parse_sets(sets):
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _scale_path(name_or_path: str, config_dir: Path) -> Path:
     path = Path(name_or_path)
-    if not path.suffix:
-        path = config_dir / f"{name_or_path}.yaml"
+    if path.suffix in (".yaml", ".yml"):
         if not path.exists():
-            raise ValueError(f"unknown scale {name_or_path!r}; available: {', '.join(available_scales(config_dir))}")
-    raw = _deep_merge(_read_yaml(config_dir / "base.yaml"), _read_yaml(path))
-    return scale_from_dict(raw)
+            raise FileNotFoundError(f"config file not found: {path}")
+        return path
+    path = config_dir / f"{name_or_path}.yaml"
+    if name_or_path == "base" or not path.exists():
+        raise ValueError(f"unknown scale {name_or_path!r}; available: {', '.join(available_scales(config_dir))} "
+                         "(or a path to a .yaml file)")
+    return path
+
+
+def load_scale(name_or_path: str, sets: tuple[str, ...] | list[str] = (), config_dir: Path = CONFIG_DIR
+               ) -> ScaleConfig:
+    """`configs/base.yaml`, merged with a named scale or a YAML path, then `--set` overrides."""
+    raw = _deep_merge(_read_yaml(config_dir / "base.yaml"), _read_yaml(_scale_path(name_or_path, config_dir)))
+    return scale_from_dict(apply_sets(raw, sets))
+
+
+def load_defaults(sets: tuple[str, ...] | list[str] = (), config_dir: Path = CONFIG_DIR) -> ScaleConfig:
+    """The defaults alone (`configs/base.yaml` + `--set`), for commands with no scale: `serve`, `train hf-sft`.
+    Sections a scale must give (tokenizer, model) are filled by the smallest scale, which such commands ignore."""
+    return load_scale("smoke", sets, config_dir)
 
 
 def scale_from_dict(raw: dict[str, Any]) -> ScaleConfig:
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise _unknown_key_error(str(key), list(TOP_LEVEL_KEYS), "")
+    for key in ("name", "tokenizer", "model"):
+        if key not in raw:
+            raise ValueError(f"config is missing '{key}'")
     train_defaults = raw.get("train", {})
+    check_keys(TrainConfig, train_defaults, "train")
     return ScaleConfig(
         name=raw["name"],
         description=raw.get("description", ""),
-        tokenizer=TokenizerConfig(**raw["tokenizer"]),
+        tokenizer=_section(TokenizerConfig, raw["tokenizer"], "tokenizer"),
         model=ModelConfig.from_dict(raw["model"]),
-        base=TrainConfig(**_deep_merge(train_defaults, raw.get("base", {}))),
-        sft=TrainConfig(**_deep_merge(train_defaults, raw.get("sft", {}))),
+        base=_section(TrainConfig, _deep_merge(train_defaults, raw.get("base") or {}), "base"),
+        sft=_section(TrainConfig, _deep_merge(train_defaults, raw.get("sft") or {}), "sft"),
         eval_max_new_tokens=raw.get("eval_max_new_tokens", 64),
+        **{name: _section(SECTIONS[name], raw.get(name) or {}, name) for name in ("dpo", "hf_sft", "serve", "perf")},
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from picochat_jax.config import ModelConfig, ScaleConfig, TrainConfig, load_scale, with_overrides
+from picochat_jax.config import DPOConfig, ModelConfig, ScaleConfig, TrainConfig, load_scale, with_overrides
 from picochat_jax.data.chat import encode_conversations, pad_examples
 from picochat_jax.data.loader import base_examples, split_examples
 from picochat_jax.data.pack import Corpus, DatasetPack, load_corpus, load_pack, pack_inputs, write_corpus_report
@@ -102,8 +102,9 @@ class RunOptions:
     progress: bool = True
     allow_preflight_warnings: bool = False  # train even when preflight blocks (the gate still refuses)
     dpo: bool = True  # run DPO when the pack names preferences
-    dpo_steps: int | None = None
-    dpo_beta: float = 0.1
+    dpo_steps: int | None = None  # None: the config's dpo.steps
+    dpo_beta: float | None = None  # None: the config's dpo.beta
+    sets: tuple[str, ...] = ()  # --set KEY.SUB=VALUE overrides of the config tree
     canaries: int = 0  # random canary strings planted in the corpus to measure memorisation
     memorization_canaries: int = 8  # corpus passages replayed to measure memorisation
     eval_batch_size: int = 64  # rows per generation batch: fewer, larger batches compile fewer programs
@@ -152,12 +153,12 @@ def preflight_stage(pack: DatasetPack, corpus: Corpus, conversations: list[Conve
     return report
 
 
-def dpo_stage(model_cfg: ModelConfig, sft_cfg: TrainConfig, tok: ChatTokenizer, tokenizer_path: Path,
-              rows: list[PreferenceRow], init_params: Any, out_dir: Path, mesh_shape: MeshShape, steps: int | None,
-              beta: float, **train_kwargs: Any) -> Any:
-    from picochat_jax.train.dpo import DPOConfig, dpo_train_config, train_dpo
+def dpo_stage(model_cfg: ModelConfig, sft_cfg: TrainConfig, dpo_cfg: DPOConfig, tok: ChatTokenizer,
+              tokenizer_path: Path, rows: list[PreferenceRow], init_params: Any, out_dir: Path, mesh_shape: MeshShape,
+              **train_kwargs: Any) -> Any:
+    from picochat_jax.train.dpo import dpo_train_config, train_dpo
 
-    return train_dpo(model_cfg=model_cfg, train_cfg=dpo_train_config(sft_cfg, steps), dpo_cfg=DPOConfig(beta),
+    return train_dpo(model_cfg=model_cfg, train_cfg=dpo_train_config(sft_cfg, dpo_cfg), dpo_cfg=dpo_cfg,
                      tok=tok, rows=rows, init_params=init_params, out_dir=out_dir, mesh_shape=mesh_shape,
                      tokenizer_path=tokenizer_path, **train_kwargs)
 
@@ -231,9 +232,11 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
 
     lap = _Laps()
     out_dir = Path(out_dir)
-    scale = load_scale(options.scale)
+    scale = load_scale(options.scale, options.sets)
     base_cfg = with_overrides(scale.base, steps=options.base_steps, precision=options.precision)
     sft_cfg = with_overrides(scale.sft, steps=options.sft_steps, precision=options.precision)
+    scale = dataclasses.replace(scale, base=base_cfg, sft=sft_cfg,
+                                dpo=with_overrides(scale.dpo, steps=options.dpo_steps, beta=options.dpo_beta))
     gate_profile = load_gate_profile(options.gate_profile, dict(options.gate_overrides))  # fail before training
     mesh_shape = parse_mesh(options.mesh)
     pack: DatasetPack = load_pack(pack_path)
@@ -248,7 +251,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     # Every check happens before the first byte is written: the out-dir policy, then (to resume) the settings.
     run_settings = {"pack": str(pack.path.absolute()), "scale": scale.to_dict(), "base": dataclasses.asdict(base_cfg),
                     "sft": dataclasses.asdict(sft_cfg),
-                    "dpo": {"enabled": bool(preferences), "steps": options.dpo_steps, "beta": options.dpo_beta},
+                    "dpo": {"enabled": bool(preferences), **dataclasses.asdict(scale.dpo)},
                     "canaries": options.canaries}
     plan = check_out_dir(out_dir, "run", resume=options.resume, overwrite=options.overwrite,
                          resume_or_start=options.resume_or_start, inputs=pack_inputs(pack))
@@ -259,9 +262,9 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
                                   out_dir / "run_config.json")
     claim_out_dir(plan)
     resume = plan.action == "resume"
+    # The whole resolved config tree (flags and --set applied), so a run says exactly what it ran with.
     save_json(out_dir / "run_config.json", {"pack": str(pack.path.absolute()), "options": dataclasses.asdict(options),
-                                            "scale": scale.to_dict(), "base": dataclasses.asdict(base_cfg),
-                                            "sft": dataclasses.asdict(sft_cfg), "mesh": str(mesh_shape),
+                                            "config": scale.to_dict(), "mesh": str(mesh_shape),
                                             "settings": run_settings})
     write_corpus_report(corpus, pack, out_dir)
     print(f"[import] {corpus.manifest['total_documents']} documents, {corpus.manifest['total_bytes']:,} bytes")
@@ -286,9 +289,11 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
 
     # Within a resumed run, a stage with no checkpoint yet simply starts.
     train_kwargs = {"resume": resume, "resume_or_start": True, "progress": options.progress}
+    perf = {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
     done = finished_stage(out_dir / "base", base_cfg.steps) if resume else None
     base = (TrainResult("completed", base_cfg.steps, summary=done[1], params=done[0]) if done else
-            base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape, **train_kwargs))
+            base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape, **train_kwargs,
+                       **perf))
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
     lap("base")
@@ -296,19 +301,19 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     done = finished_stage(out_dir / "sft", sft_cfg.steps) if resume else None
     sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else
            sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
-                     mesh_shape, **train_kwargs))
+                     mesh_shape, **train_kwargs, **perf))
     if sft.status != "completed":
         return {"status": "interrupted", "stage": "sft", "step": sft.final_step}
     lap("sft")
     candidate = "sft"
     dpo = None
     if preferences:
-        from picochat_jax.train.dpo import DEFAULT_STEPS, DPOResult
+        from picochat_jax.train.dpo import DPOResult
 
-        done = finished_stage(out_dir / "dpo", options.dpo_steps or DEFAULT_STEPS) if resume else None
+        done = finished_stage(out_dir / "dpo", scale.dpo.steps) if resume else None
         dpo = (DPOResult("completed", done[1]["steps"], done[1], done[0]) if done else
-               dpo_stage(model_cfg, sft_cfg, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
-                         mesh_shape, options.dpo_steps, options.dpo_beta, **train_kwargs))
+               dpo_stage(model_cfg, sft_cfg, scale.dpo, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
+                         mesh_shape, **train_kwargs))
         candidate = "dpo"
         # Before training the policy is the reference, so both implicit rewards are 0 and accuracy starts at 0.
         print(f"[dpo] implicit-reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "

@@ -173,26 +173,24 @@ def _run_huge_chat_row(tmp, _model, _tok):
             str(tmp / "out"), "--scale", "smoke"], [tmp]
 
 
-def _sft_overwrite_own_input(tmp, model, _tok):
-    run = tmp / "rr"
-    write_marker(run, "run")
-    base = run / "base"
-    write_marker(base, "train-base")
-    shutil.copytree(model, base / "checkpoint")
+def _sft_overwrite_onto_a_stage_holding_its_checkpoint(tmp: Path, model: Path, kind: str) -> tuple[list[str], list]:
+    """`train sft --checkpoint STAGE/checkpoint --out-dir STAGE --overwrite`, STAGE marked as `kind`."""
+    stage = tmp / "rr" / "stage"
+    write_marker(stage.parent, "run")
+    write_marker(stage, kind)
+    shutil.copytree(model, stage / "checkpoint")
     chat = tmp / "chat.jsonl"
     chat.write_text(json.dumps({"user": "q", "assistant": "a"}) + "\n")
-    return ["train", "sft", "--checkpoint", str(base / "checkpoint"), "--input", str(chat), "--out-dir", str(base),
-            "--overwrite"], [base]
+    return ["train", "sft", "--checkpoint", str(stage / "checkpoint"), "--input", str(chat), "--out-dir",
+            str(stage), "--overwrite"], [stage]
+
+
+def _sft_overwrite_own_input(tmp, model, _tok):
+    return _sft_overwrite_onto_a_stage_holding_its_checkpoint(tmp, model, "train-base")
 
 
 def _sft_overwrite_input_inside_same_kind(tmp, model, _tok):
-    out = tmp / "sft"
-    write_marker(out, "train-sft")
-    shutil.copytree(model, out / "checkpoint")
-    chat = tmp / "chat.jsonl"
-    chat.write_text(json.dumps({"user": "q", "assistant": "a"}) + "\n")
-    return ["train", "sft", "--checkpoint", str(out / "checkpoint"), "--input", str(chat), "--out-dir", str(out),
-            "--overwrite"], [out]
+    return _sft_overwrite_onto_a_stage_holding_its_checkpoint(tmp, model, "train-sft")
 
 
 def _eval_with_foreign_tokenizer(tmp, model, tok):

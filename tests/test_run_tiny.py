@@ -32,6 +32,8 @@ def test_run_tiny_writes_the_spec_layout(tiny_run):
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
     rows = [json.loads(line) for line in (tiny_run / "base" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "bpb", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(rows[0])
+    tree = json.loads((tiny_run / "run_config.json").read_text())["config"]  # the whole resolved config tree
+    assert {"base", "sft", "dpo", "hf_sft", "serve", "perf"} <= set(tree) and tree["base"]["steps"] == 60
     _params, cfg, meta = load_model_checkpoint(tiny_run / "sft" / "checkpoint")
     assert meta["stage"] == "sft" and meta["step"] == 400 and cfg.vocab_size == 512
 

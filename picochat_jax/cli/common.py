@@ -81,6 +81,36 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def scale_option(help_text: str = "Named scale (configs/NAME.yaml) or a path to a YAML file.") -> Any:
+    from picochat_jax.config import available_scales
+
+    return click.option("--scale", default="pico", show_default=True, metavar="NAME|PATH.yaml",
+                        help=f"{help_text} Named: {', '.join(available_scales())}.")
+
+
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY.SUB=VALUE",
+                          help="Override any key of the config tree, e.g. --set base.learning_rate=1e-3 "
+                               "--set dpo.beta=0.2 (repeatable; unknown keys are errors).")
+
+
+@functools.cache
+def _config_defaults() -> Any:
+    from picochat_jax.config import load_defaults
+
+    return load_defaults()
+
+
+def config_default(section: str, key: str) -> str:
+    """Help text for a flag whose default comes from the config tree: where, and what configs/base.yaml says."""
+    value = getattr(getattr(_config_defaults(), section), key)
+    return f"[default: {section}.{key} in the config tree, {value}]"
+
+
+def resolve_flags(values: dict[str, Any], section: Any) -> dict[str, Any]:
+    """Flags left unset (None) take the value of the same-named key of a config section."""
+    return {k: (getattr(section, k) if v is None and hasattr(section, k) else v) for k, v in values.items()}
+
+
 def out_dir_flags(resume: bool = True) -> Callable[[Any], Any]:
     """--overwrite (and --resume / --resume-or-start) for commands that write a folder (outdir.py policy)."""
     options = [click.option("--overwrite", is_flag=True,

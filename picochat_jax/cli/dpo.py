@@ -21,34 +21,38 @@ from picochat_jax.cli.train import _train_cfg, claim_stage_dir, train_flags
 @click.option("--dataset-pack", "pack_path", default=None, type=click.Path(path_type=Path),
               help="Use the pack's preferences file instead of --input.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
-@click.option("--beta", type=float, default=0.1, show_default=True,
-              help="Strength of the pull towards the reference model (higher = stay closer).")
+@click.option("--beta", type=float, default=None,
+              help="Strength of the pull towards the reference model, higher = stay closer (default: the config's "
+                   "dpo.beta, 0.1 in configs/base.yaml).")
 @train_flags
 @friendly_errors
 def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | None, pack_path: Path | None,
-        out_dir: Path, beta: float, **opts: Any) -> None:
+        out_dir: Path, beta: float | None, **opts: Any) -> None:
     """DPO on preference pairs; writes checkpoint/, best_checkpoint/, metrics.jsonl, summary.json like SFT.
 
-    Defaults: the scale's SFT settings with a tenth of its learning rate, 20 steps, no weight decay.
+    Defaults: the scale's SFT settings with the config's `dpo:` section applied (a tenth of the SFT learning
+    rate, 20 steps, no weight decay).
     """
     select_device(opts["device"])
-    from picochat_jax.config import load_scale
+    from picochat_jax.config import load_scale, with_overrides
     from picochat_jax.data.records import read_preference_jsonl
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.tokenizer import ChatTokenizer
     from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
-    from picochat_jax.train.dpo import DPOConfig, dpo_train_config, train_dpo
+    from picochat_jax.train.dpo import dpo_train_config, train_dpo
 
     prefs_path = input_or_pack_file(input_path, pack_path, "preferences")
     rows = read_preference_jsonl(prefs_path)
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tok = ChatTokenizer.load(tokenizer_path)
-    base_cfg = dpo_train_config(load_scale(opts["scale"]).sft, opts["steps"], opts["learning_rate"])
+    scale = load_scale(opts["scale"], opts["sets"])
+    dpo_cfg = with_overrides(scale.dpo, beta=beta)
+    base_cfg = dpo_train_config(scale.sft, dpo_cfg, opts["steps"], opts["learning_rate"])
     cfg = _train_cfg(base_cfg, {**opts, "steps": None, "learning_rate": None})
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "dpo", opts, [checkpoint_dir, tokenizer_path, prefs_path, pack_path])
-    result = train_dpo(model_cfg=model_cfg, train_cfg=cfg, dpo_cfg=DPOConfig(beta), tok=tok, rows=rows,
+    result = train_dpo(model_cfg=model_cfg, train_cfg=cfg, dpo_cfg=dpo_cfg, tok=tok, rows=rows,
                        init_params=params, out_dir=out_dir, mesh_shape=mesh_shape,
                        tokenizer_path=tokenizer_path, progress=not opts["no_progress"], **resume)
     s = result.summary

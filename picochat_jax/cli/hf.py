@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from picochat_jax.cli.common import device_option, friendly_errors, mesh_option, out_dir_flags, select_device
-
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+from picochat_jax.cli.common import (
+    config_default,
+    device_option,
+    friendly_errors,
+    mesh_option,
+    out_dir_flags,
+    resolve_flags,
+    select_device,
+    set_option,
+)
 
 
 @click.group(name="export")
@@ -58,57 +66,62 @@ def import_hf(model: str, out_dir: Path, overwrite: bool) -> None:
                f"vocab {c.vocab_size}, {count_params(hf.params):,} params) -> {out_dir}")
 
 
+def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
+    key = name.lstrip("-").replace("-", "_")
+    return click.option(name, key, type=kind, default=None, help=f"{help_text} {config_default('hf_sft', key)}".strip())
+
+
 @click.command(name="hf-sft")
 @click.option("--model", required=True, help="HF model folder, or a hub id already in the local HF cache.")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help="Chat JSONL.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
-@click.option("--max-steps", type=int, default=200, show_default=True)
-@click.option("--max-length", type=int, default=1024, show_default=True,
-              help="Tokens per row; longer rows are left-truncated (the target is kept).")
+@_hf_sft_option("--max-steps", click.IntRange(min=1))
+@_hf_sft_option("--max-length", click.IntRange(min=2),
+                "Tokens per row; longer rows are left-truncated (the target is kept).")
 @device_option
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
               help="Compute precision (default: bf16 on accelerators, fp32 on CPU).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute blocks in the backward pass (less memory).")
-@click.option("--peft", type=click.Choice(["lora", "none"]), default="lora", show_default=True,
-              help="lora: train adapters only; none: full fine-tuning.")
+@_hf_sft_option("--peft", click.Choice(["lora", "none"]), "lora: train adapters only; none: full fine-tuning.")
 @click.option("--done-file", type=click.Path(path_type=Path), default=None,
               help="JSON status + output paths, written last (also on failure).")
 @out_dir_flags(resume=False)
-@click.option("--lora-rank", type=int, default=16, show_default=True)
-@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Only 0 is supported.")
-@click.option("--lora-targets", default=DEFAULT_TARGETS, show_default=True,
-              help="Comma-separated projections (q_proj,... or q,k,v,o,gate,up,down).")
-@click.option("--learning-rate", type=float, default=2e-5, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Rows per micro-batch (divisible by the mesh's data*fsdp).")
-@click.option("--grad-accum-steps", type=int, default=1, show_default=True)
-@click.option("--val-fraction", type=float, default=0.05, show_default=True,
-              help="Held-out share of the rows; its loss picks best_model/.")
+@_hf_sft_option("--lora-rank", int)
+@_hf_sft_option("--lora-alpha", float)
+@_hf_sft_option("--lora-dropout", float, "Only 0 is supported.")
+@_hf_sft_option("--lora-targets", str, "Comma-separated projections (q_proj,... or q,k,v,o,gate,up,down).")
+@_hf_sft_option("--learning-rate", float)
+@_hf_sft_option("--batch-size", click.IntRange(min=1), "Rows per micro-batch (divisible by the mesh's data*fsdp).")
+@_hf_sft_option("--grad-accum-steps", click.IntRange(min=1))
+@_hf_sft_option("--val-fraction", float, "Held-out share of the rows; its loss picks best_model/.")
 @mesh_option
+@set_option
 @friendly_errors
-def hf_sft(model: str, input_path: Path, out_dir: Path, max_steps: int, max_length: int, device: str | None,
-           precision: str | None, gradient_checkpointing: bool, peft: str, done_file: Path | None, overwrite: bool,
-           lora_rank: int,
-           lora_alpha: float, lora_dropout: float, lora_targets: str, learning_rate: float, batch_size: int,
-           grad_accum_steps: int, val_fraction: float, mesh: str | None) -> None:
+def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, precision: str | None,
+           gradient_checkpointing: bool, done_file: Path | None, overwrite: bool, mesh: str | None,
+           sets: tuple[str, ...], **flags: Any) -> None:
     """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
     select_device(device)
     import jax
 
+    from picochat_jax.config import load_defaults
     from picochat_jax.hf.sft import HFSFTOptions, run_hf_sft
     from picochat_jax.model.lora import LoraConfig, parse_targets
 
+    cfg = load_defaults(sets).hf_sft
+    f = resolve_flags(flags, cfg)
     precision = precision or ("fp32" if jax.default_backend() == "cpu" else "bf16")
     lora_cfg = LoraConfig()
-    if peft == "lora":
-        lora_cfg = LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                              targets=parse_targets(lora_targets))
-    opts = HFSFTOptions(model=model, input=input_path, out_dir=out_dir, max_steps=max_steps, max_length=max_length,
-                        precision=precision, gradient_checkpointing=gradient_checkpointing, peft=peft, lora=lora_cfg,
-                        learning_rate=learning_rate, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-                        val_fraction=val_fraction, mesh=mesh, done_file=done_file, overwrite=overwrite)
+    if f["peft"] == "lora":
+        lora_cfg = LoraConfig(rank=f["lora_rank"], alpha=f["lora_alpha"], dropout=f["lora_dropout"],
+                              targets=parse_targets(f["lora_targets"]))
+    opts = HFSFTOptions(model=model, input=input_path, out_dir=out_dir, max_steps=f["max_steps"],
+                        max_length=f["max_length"], precision=precision, gradient_checkpointing=gradient_checkpointing,
+                        peft=f["peft"], lora=lora_cfg, learning_rate=f["learning_rate"], batch_size=f["batch_size"],
+                        grad_accum_steps=f["grad_accum_steps"], val_fraction=f["val_fraction"], mesh=mesh,
+                        done_file=done_file, overwrite=overwrite, evals_per_run=cfg.evals_per_run)
     report = run_hf_sft(opts)
+
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 

@@ -12,9 +12,10 @@ from picochat_jax.cli.common import (
     mesh_option,
     out_dir_flags,
     precision_option,
+    scale_option,
     select_device,
+    set_option,
 )
-from picochat_jax.config import available_scales
 
 
 @click.group()
@@ -25,7 +26,8 @@ def run() -> None:
 @run.command()
 @click.option("--dataset-pack", "pack_path", required=True, type=click.Path(path_type=Path))
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
-@click.option("--scale", default="pico", show_default=True, type=click.Choice(available_scales()))
+@scale_option()
+@set_option
 @mesh_option
 @device_option
 @precision_option
@@ -36,8 +38,9 @@ def run() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @click.option("--allow-preflight-warnings", is_flag=True,
               help="Train even when preflight finds blocking problems (the release gate still blocks).")
-@click.option("--dpo-steps", type=int, default=None, help="DPO steps when the pack names preferences (default 20).")
-@click.option("--dpo-beta", type=float, default=0.1, show_default=True, help="DPO beta.")
+@click.option("--dpo-steps", type=int, default=None,
+              help="DPO steps when the pack names preferences (default: the config's dpo.steps).")
+@click.option("--dpo-beta", type=float, default=None, help="DPO beta (default: the config's dpo.beta).")
 @click.option("--no-dpo", is_flag=True, help="Skip DPO even when the pack names preferences.")
 @click.option("--canaries", type=int, default=0, show_default=True,
               help="Plant N random canary strings in the corpus and report how many the model memorised.")
@@ -46,10 +49,10 @@ def run() -> None:
 @click.option("--gate-set", "gate_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one gate threshold (repeatable).")
 @friendly_errors
-def tiny(pack_path: Path, out_dir: Path, scale: str, mesh: str | None, device: str | None, precision: str | None,
-         max_steps: int | None, base_steps: int | None, sft_steps: int | None, resume: bool,
+def tiny(pack_path: Path, out_dir: Path, scale: str, sets: tuple[str, ...], mesh: str | None, device: str | None,
+         precision: str | None, max_steps: int | None, base_steps: int | None, sft_steps: int | None, resume: bool,
          resume_or_start: bool, overwrite: bool, no_progress: bool, allow_preflight_warnings: bool,
-         dpo_steps: int | None, dpo_beta: float, no_dpo: bool,
+         dpo_steps: int | None, dpo_beta: float | None, no_dpo: bool,
          canaries: int, gate_profile: str | None, gate_overrides: tuple[str, ...]) -> None:
     """Import -> preflight -> tokenizer -> base -> SFT -> [DPO] -> SFT fit -> eval -> honesty -> release gate
     -> report.md, writing the spec's out-dir layout. A finished run is not a release: see release/gate.json."""
@@ -59,14 +62,14 @@ def tiny(pack_path: Path, out_dir: Path, scale: str, mesh: str | None, device: s
     from picochat_jax.pipeline import RunOptions, run_tiny
 
     if max_steps is not None:
-        cfg = load_scale(scale)
+        cfg = load_scale(scale, sets)
         base_steps = min(base_steps or cfg.base.steps, max_steps)
         sft_steps = min(sft_steps or cfg.sft.steps, max_steps)
-        dpo_steps = min(dpo_steps or max_steps, max_steps)
+        dpo_steps = min(dpo_steps or cfg.dpo.steps, max_steps)
     options = RunOptions(scale=scale, mesh=mesh, base_steps=base_steps, sft_steps=sft_steps, precision=precision,
                          resume=resume, resume_or_start=resume_or_start, overwrite=overwrite, progress=not no_progress,
                          allow_preflight_warnings=allow_preflight_warnings, dpo=not no_dpo, dpo_steps=dpo_steps,
-                         dpo_beta=dpo_beta, canaries=canaries, gate_profile=gate_profile,
+                         dpo_beta=dpo_beta, sets=sets, canaries=canaries, gate_profile=gate_profile,
                          gate_overrides=tuple(parse_overrides(gate_overrides).items()))
     summary = run_tiny(pack_path, out_dir, options)
     if summary.get("status") != "completed":

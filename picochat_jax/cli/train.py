@@ -14,9 +14,10 @@ from picochat_jax.cli.common import (
     mesh_option,
     out_dir_flags,
     precision_option,
+    scale_option,
     select_device,
+    set_option,
 )
-from picochat_jax.config import available_scales
 
 
 @click.group()
@@ -27,8 +28,8 @@ def train() -> None:
 def train_flags(fn: Any) -> Any:
     """Flags that override the scale's TrainConfig for either stage."""
     for opt in reversed([
-        click.option("--scale", default="pico", show_default=True, type=click.Choice(available_scales()),
-                     help="Named scale: training defaults (and the architecture, for base)."),
+        scale_option("Training defaults (and the architecture, for base):"),
+        set_option,
         click.option("--steps", type=int, default=None),
         click.option("--batch-size", type=int, default=None, help="Global batch (rows per micro-batch)."),
         click.option("--grad-accum-steps", type=int, default=None),
@@ -56,6 +57,11 @@ def claim_stage_dir(out_dir: Path, stage: str, opts: dict[str, Any], inputs: lis
     return {"resume": plan.action == "resume", "resume_or_start": opts["resume_or_start"]}
 
 
+def perf_kwargs(scale: Any) -> dict[str, Any]:
+    """The config tree's `perf:` knobs as the training loop's keyword arguments."""
+    return {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
+
+
 def _train_cfg(stage_cfg: Any, opts: dict[str, Any]) -> Any:
     from picochat_jax.config import with_overrides
 
@@ -80,14 +86,14 @@ def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> N
     from picochat_jax.pipeline import base_stage
     from picochat_jax.tokenizer import ChatTokenizer
 
-    scale = load_scale(opts["scale"])
+    scale = load_scale(opts["scale"], opts["sets"])
     tok = ChatTokenizer.load(tokenizer_path)
     pack = load_pack(pack_path)
     documents = load_corpus(pack).documents
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "base", opts, [tokenizer_path, *pack_inputs(pack)])
     result = base_stage(scale, _train_cfg(scale.base, opts), tok, tokenizer_path, documents,
-                        out_dir, mesh_shape, progress=not opts["no_progress"], **resume)
+                        out_dir, mesh_shape, progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
     _report(result, out_dir)
 
 
@@ -119,12 +125,12 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tok = ChatTokenizer.load(tokenizer_path)
-    cfg = with_overrides(_train_cfg(load_scale(opts["scale"]).sft, opts),
-                         all_assistant_turns=all_assistant_turns or None)
+    scale = load_scale(opts["scale"], opts["sets"])
+    cfg = with_overrides(_train_cfg(scale.sft, opts), all_assistant_turns=all_assistant_turns or None)
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "sft", opts, [checkpoint_dir, tokenizer_path, chat_path, pack_path])
     result = sft_stage(model_cfg, cfg, tok, tokenizer_path, conversations, params, out_dir, mesh_shape,
-                       progress=not opts["no_progress"], **resume)
+                       progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
     _report(result, out_dir)
 
 

@@ -117,13 +117,14 @@ class HFChatFormat:
 
 
 def load_hf_chat(model: str | Path, *, precision: str = "fp32", max_len: int | None = None,
-                 max_batch: int = 32, cache_dir: str | Path | None = None) -> tuple[Any, HFChatFormat]:
+                 max_batch: int = 32, cache_dir: str | Path | None = None,
+                 default_max_len: int = 4096) -> tuple[Any, HFChatFormat]:
     """(generate.Engine, HFChatFormat) for an HF folder or cached hub id. The KV cache defaults to at most
-    4096 positions: HF configs often advertise 128k contexts that no eval needs."""
+    `default_max_len` positions (serve.hf_max_len): HF configs often advertise 128k contexts no eval needs."""
     from picochat_jax.generate import Engine
     from picochat_jax.hf.convert import load_hf_model
 
     hf = load_hf_model(model, cache_dir)
     fmt = HFChatFormat.load(hf.path)
-    length = max_len or min(hf.config.max_seq_len, 4096)
+    length = max_len or min(hf.config.max_seq_len, default_max_len)
     return Engine(hf.params, hf.config, length, precision, max_batch=max_batch), fmt

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picochat_jax import parallel
-from picochat_jax.config import TrainConfig
+from picochat_jax.config import HFSFTConfig, TrainConfig
 from picochat_jax.data.chat import pad_examples
 from picochat_jax.data.loader import BatchSource, split_examples
 from picochat_jax.data.records import Conversation, DataError, read_chat_jsonl
@@ -50,7 +50,7 @@ from picochat_jax.outdir import check_out_dir, claim_out_dir
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import TrainState, build_trainer
 
-EVALS_PER_RUN = 5  # held-out evaluations spread over the run (plus one before the first step)
+_D = HFSFTConfig()  # the option defaults are the config tree's (configs/base.yaml hf_sft:)
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,17 @@ class HFSFTOptions:
     model: str
     input: Path
     out_dir: Path
-    max_steps: int = 200
-    max_length: int = 1024
+    max_steps: int = _D.max_steps
+    max_length: int = _D.max_length
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    peft: str = "lora"  # lora | none
+    peft: str = _D.peft  # lora | none
     lora: lora.LoraConfig = field(default_factory=lora.LoraConfig)
-    learning_rate: float = 2e-5
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    val_fraction: float = 0.05
+    learning_rate: float = _D.learning_rate
+    batch_size: int = _D.batch_size
+    grad_accum_steps: int = _D.grad_accum_steps
+    val_fraction: float = _D.val_fraction
+    evals_per_run: int = _D.evals_per_run  # held-out evaluations spread over the run (plus one before step 1)
     mesh: str | None = None
     done_file: Path | None = None
     overwrite: bool = False  # replace an earlier hf-sft output in out_dir (outdir.py policy)
@@ -204,7 +205,7 @@ def hf_train_config(opts: HFSFTOptions) -> TrainConfig:
         learning_rate=opts.learning_rate, warmup_steps=max(1, opts.max_steps // 10), decay="cosine",
         min_lr_ratio=0.1, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, precision=opts.precision,
         remat="full" if opts.gradient_checkpointing else "none", log_every=max(1, opts.max_steps // 50),
-        eval_every=max(1, opts.max_steps // EVALS_PER_RUN), eval_batches=0, checkpoint_every=0,
+        eval_every=max(1, opts.max_steps // opts.evals_per_run), eval_batches=0, checkpoint_every=0,
         keep_checkpoints=1, val_fraction=opts.val_fraction, seed=opts.seed)
 
 

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from picochat_jax.config import ServeConfig
 from picochat_jax.data.records import Message
 from picochat_jax.serve.batcher import Batcher, Event, GenerationRequest, Overloaded, ShuttingDown
 from picochat_jax.serve.engine import ChunkedEngine, RowSampling
@@ -46,7 +47,7 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 
 
-DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+DEFAULTS = ServeConfig()  # mirrors configs/base.yaml serve: (tests/test_config.py keeps them equal)
 
 
 @dataclass
@@ -56,11 +57,11 @@ class Backend:
     model_id: str
     fmt: Any
     batcher: Batcher
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULTS.default_max_tokens
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "picochat"
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
-    max_prompt_tokens: int | None = None  # per request (all its prompts); None = the context
+    max_request_bytes: int = DEFAULTS.max_request_bytes  # larger bodies get 413
+    max_prompt_tokens: int | None = DEFAULTS.max_prompt_tokens  # per request (all its prompts); None = the context
 
     @property
     def max_context(self) -> int:
@@ -68,10 +69,13 @@ class Backend:
 
 
 def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, hf_model: str | Path | None = None,
-                 *, model_name: str | None = None, precision: str = "fp32", max_len: int | None = None,
-                 max_batch: int = 8, chunk_tokens: int = 8, batch_wait_ms: float = 5.0,
-                 default_max_tokens: int = 256, max_queue: int = 256, warmup: bool = True,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_prompt_tokens: int | None = None) -> Backend:
+                 *, model_name: str | None = None, precision: str = DEFAULTS.precision, max_len: int | None = None,
+                 max_batch: int = DEFAULTS.max_batch, chunk_tokens: int = DEFAULTS.chunk_tokens,
+                 batch_wait_ms: float = DEFAULTS.batch_wait_ms, default_max_tokens: int = DEFAULTS.default_max_tokens,
+                 max_queue: int = DEFAULTS.max_queue, warmup: bool = True,
+                 max_request_bytes: int = DEFAULTS.max_request_bytes,
+                 max_prompt_tokens: int | None = DEFAULTS.max_prompt_tokens,
+                 hf_max_len: int = DEFAULTS.hf_max_len) -> Backend:
     """A Backend for a native checkpoint folder (+ tokenizer.json) or a Hugging Face model folder."""
     if (checkpoint is None) == (hf_model is None):
         raise ValueError("give exactly one of a native checkpoint (--checkpoint) or an HF model folder (--hf-model)")
@@ -87,7 +91,8 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
         except ImportError as exc:  # the HF bridge is optional for native-only installs
             raise ValueError(f"--hf-model needs the HF bridge (picochat_jax.hf), which failed to import: {exc}") \
                 from exc
-        loaded, fmt = load_hf_chat(hf_model, precision=precision, max_len=max_len, max_batch=max_batch)
+        loaded, fmt = load_hf_chat(hf_model, precision=precision, max_len=max_len, max_batch=max_batch,
+                                   default_max_len=hf_max_len)
         name = model_name or Path(str(hf_model)).name
     engine = ChunkedEngine.from_engine(loaded, chunk_tokens=chunk_tokens, max_batch=max_batch, pad_id=fmt.pad_id)
     batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)

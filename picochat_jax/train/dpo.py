@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from picochat_jax import parallel
-from picochat_jax.config import ModelConfig, TrainConfig
+from picochat_jax.config import DPOConfig, ModelConfig, TrainConfig
 from picochat_jax.data.chat import encode_conversations, pad_examples
 from picochat_jax.data.loader import BatchSource, split_examples
 from picochat_jax.data.records import Conversation, Message, PreferenceRow
@@ -48,24 +48,12 @@ SIDES = ("chosen", "rejected")
 
 # DPO moves a converged SFT model: a fraction of its learning rate and a short run are enough, and more
 # drifts the policy away from the reference (the beta term only slows that down).
-DEFAULT_STEPS = 20
-DEFAULT_LR_FRACTION = 0.1
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    beta: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-
-
-def dpo_train_config(sft_cfg: TrainConfig, steps: int | None = None, learning_rate: float | None = None,
-                     **overrides: Any) -> TrainConfig:
-    """The SFT stage's TrainConfig turned into DPO defaults (short run, smaller LR, no weight decay)."""
-    steps = steps or DEFAULT_STEPS
-    cfg = replace(sft_cfg, steps=steps, learning_rate=learning_rate or sft_cfg.learning_rate * DEFAULT_LR_FRACTION,
+def dpo_train_config(sft_cfg: TrainConfig, dpo_cfg: DPOConfig, steps: int | None = None,
+                     learning_rate: float | None = None, **overrides: Any) -> TrainConfig:
+    """The SFT stage's TrainConfig turned into DPO defaults (short run, smaller LR, no weight decay); the
+    numbers live in the config tree's `dpo:` section."""
+    steps = steps or dpo_cfg.steps
+    cfg = replace(sft_cfg, steps=steps, learning_rate=learning_rate or sft_cfg.learning_rate * dpo_cfg.lr_fraction,
                   warmup_steps=min(sft_cfg.warmup_steps, max(steps // 10, 1)), weight_decay=0.0,
                   eval_every=max(steps // 2, 1), checkpoint_every=steps, val_fraction=0.1,
                   log_every=max(1, min(sft_cfg.log_every, steps // 15)))
