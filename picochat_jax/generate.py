@@ -1,13 +1,23 @@
-"""Batched, jitted KV-cache generation, shared by native checkpoints and the HF bridge.
+"""The one decode engine: batched, jitted KV-cache generation for eval, chat and the server alike.
 
-One compiled program per (batch bucket, prompt bucket, max_new_tokens, greedy?) runs the whole reply:
-a prefill over the left-padded prompts, then a `lax.while_loop` that decodes one token per step into a
-fixed-size KV cache and exits as soon as every row has produced a stop token. Nothing is recompiled per
-token, and prompts are padded to power-of-two lengths so a whole eval set needs a handful of compiles.
+The work is split into
+
+  * one jitted prefill per (batch bucket, prompt bucket, cache bucket), and
+  * one jitted decode chunk per (batch bucket, cache bucket, chunk length) that advances every row by up to
+    that many tokens inside a `lax.while_loop` and returns to Python,
+
+so the Python loop runs once per chunk, not per token, and the step counter, per-row sampling settings and
+the "this row is finished" flags are traced inputs: nothing recompiles as a reply grows or as requests
+change. `Engine.run` yields after every chunk (the server streams those tokens and cancels rows between
+chunks); `Engine.generate` drains it for a whole list of prompts (eval, chat), with one chunk as long as the
+reply, so a batch still runs as one prefill and one decode program.
 
 Left padding keeps every row's last prompt token in the same slot, so one slot index drives the decode
 loop for the whole batch; per-row positions (slot minus that row's padding) keep RoPE / learned positions
 identical to the unpadded prompt, and `kv_valid` hides the pad slots from every query.
+
+One seed rule everywhere: the key of reply token t of a row is fold_in(key(seed), t), so the same prompt,
+seed and sampling settings give the same text from `eval chat`, `chat` and `serve`, whatever the batch.
 
     engine, fmt = load_native(Path("RUN/sft/checkpoint"))
     ids = engine.generate([fmt.encode_prompt(messages)], SamplingParams(max_new_tokens=48), fmt.stop_ids)
@@ -18,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +51,8 @@ MIN_BUCKET = 16  # shortest prompt bucket: below this, padding costs less than a
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Sampling settings of one reply (a row of a batch): the same dataclass for eval, chat and serve."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -54,8 +66,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.top_p <= 1.0:  # 0 keeps only the most likely token, as OpenAI's API allows
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:
@@ -117,16 +129,16 @@ def filter_logits(logits: Array, top_k: Array, top_p: Array) -> Array:
     return jnp.where(logits < cut, -jnp.inf, logits)
 
 
-def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array,
-                  greedy: bool) -> Array:
-    """Next token per row from (B, V) float32 logits; `keys` holds one PRNG key per row."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = filter_logits(logits / temperature, top_k, top_p)
-    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-
-
 # --------------------------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What one decode chunk produced: new tokens per row (stop token excluded), and for each row that
+    finished during this chunk its reason ("stop", "length" or "cancelled"; None while still running)."""
+
+    tokens: list[list[int]]
+    finished: list[str | None]
 
 
 def _last_position_logits(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -140,47 +152,81 @@ def _last_position_logits(next_fun: Any, args: tuple, kwargs: dict, context: Any
     return next_fun(*args, **kwargs)
 
 
-def _decode(model: Decoder, params: Any, tokens: Array, prompt_lens: Array, row_ids: Array, seed: Array,
-            temperature: Array, top_k: Array, top_p: Array, stop_ids: Array, *, max_new: int,
-            greedy: bool) -> tuple[Array, Array]:
-    """Prefill left-padded (B, P) prompts, then decode up to max_new tokens per row.
+def _pick(logits: Array, seeds: Array, t: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """Next token per row; greedy rows (temperature 0) take the argmax, others sample with their own key.
 
-    Returns (B, max_new) tokens (-1 after a row's stop token) and the number of decode steps run.
+    The key of step t is fold_in(key(seed), t): a row's draws depend on its seed, not on its neighbours.
     """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(_: Any) -> Array:
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), t))(seeds)
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        kept = jax.vmap(lambda row, k, p: filter_logits(row[None], k, p)[0])(scaled, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # An all-greedy batch skips the vocabulary sort entirely.
+    return jax.lax.cond(jnp.all(temperature == 0), lambda _: greedy, sample, None)
+
+
+def _prefill(model: Decoder, params: Any, tokens: Array, prompt_lens: Array, temperature: Array, top_k: Array,
+             top_p: Array, seeds: Array, *, cache_len: int) -> tuple[Array, dict[str, Array]]:
+    """Run the left-padded (B, P) prompts into a fresh cache of cache_len slots; returns (first token, cache)."""
     B, P = tokens.shape
-    S = P + max_new
     pad = P - prompt_lens
-    kv_valid = jnp.arange(S)[None, :] >= pad[:, None]
+    kv_valid = jnp.arange(cache_len)[None, :] >= pad[:, None]
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)
-    cache = init_cache(model.cfg, B, S, model.dtype)
+    cache = init_cache(model.cfg, B, cache_len, model.dtype)
     with nn.intercept_methods(_last_position_logits):
         logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid)
+    return _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p), cache
 
-    # Per-row keys derived from the row's index in the caller's list: a row samples the same reply
-    # whatever batch or bucket it lands in.
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_ids)
 
-    def pick(step_logits: Array, t: Array) -> Array:
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, t)
-        return sample_tokens(step_logits.astype(jnp.float32), keys, temperature, top_k, top_p, greedy)
+def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
+                  prompt_len: Array, prompt_bucket: Array, max_new: Array, temperature: Array, top_k: Array,
+                  top_p: Array, seeds: Array, stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
+    """Advance every unfinished row by up to `steps` tokens.
 
-    def cond(carry):
-        t, _, _, _, done = carry
-        return (t < max_new) & ~jnp.all(done)
+    `tok` holds each row's pending token (reply token number t). A step records it, marks the row done on a
+    stop token or when it was the row's last allowed token, then feeds it to the model to pick the next.
+    Returns (out (B, steps) with -1 for finished rows, t, tok, cache, done).
+    """
+    B = tok.shape[0]
+    S = cache["k"].shape[2]
+    kv_valid = jnp.arange(S)[None, :] >= (prompt_bucket - prompt_len)[:, None]
 
-    def body(carry):
-        t, tok, cache, out, done = carry
-        out = out.at[:, t].set(jnp.where(done, -1, tok))
-        done = done | jnp.isin(tok, stop_ids)
-        step_logits, cache = model.apply({"params": params}, tok[:, None], positions=(prompt_lens + t)[:, None],
-                                         cache=cache, cache_index=P + t, kv_valid=kv_valid)
-        return t + 1, pick(step_logits[:, 0], t + 1), cache, out, done
+    def cond(carry: tuple) -> Array:
+        i, _, _, _, _, done = carry
+        return (i < steps) & ~jnp.all(done)
 
-    first = pick(logits[:, -1], jnp.int32(0))
-    init = (jnp.int32(0), first, cache, jnp.full((B, max_new), -1, jnp.int32), jnp.zeros((B,), bool))
-    steps, _, _, out, _ = jax.lax.while_loop(cond, body, init)
-    return out, steps
+    def body(carry: tuple) -> tuple:
+        i, t, tok, cache, out, done = carry
+        out = out.at[:, i].set(jnp.where(done, -1, tok))
+        done = done | jnp.isin(tok, stop_ids) | (t + 1 >= max_new)
+        # Slot P + t stays below the cache length: every row is done once t + 1 reaches the largest max_new.
+        logits, cache = model.apply({"params": params}, tok[:, None], positions=(prompt_len + t)[:, None],
+                                    cache=cache, cache_index=prompt_bucket + t, kv_valid=kv_valid)
+        nxt = _pick(logits[:, 0], seeds, t + 1, temperature, top_k, top_p)
+        return i + 1, t + 1, nxt, cache, out, done
+
+    init = (jnp.int32(0), t, tok, cache, jnp.full((B, steps), -1, jnp.int32), done)
+    _, t, tok, cache, out, done = jax.lax.while_loop(cond, body, init)
+    return out, t, tok, cache, done
+
+
+# The model is a static argument: engines serving the same architecture share compiled programs.
+_PREFILL = jax.jit(_prefill, static_argnames=("model", "cache_len"))
+
+
+@functools.cache
+def _chunk_program(donate_cache: bool) -> Any:
+    # The cache is rewritten every chunk: donating it saves a copy per chunk where the backend can
+    # (CPU cannot, and would warn on every call).
+    return jax.jit(_decode_chunk, static_argnames=("model", "steps"),
+                   donate_argnames=("cache",) if donate_cache else ())
 
 
 def bucket_length(n: int, cap: int, floor: int = MIN_BUCKET) -> int:
@@ -209,22 +255,40 @@ def inference_params(params: Any, dtype: Any, device: Any = None) -> Any:
 
 
 class Engine:
-    """Generation for one model: params on device, one jitted decode program per shape bucket."""
+    """Batched generation for one model. `run` yields after every chunk of tokens; `generate` drains it.
+    Call it from one thread only."""
 
     def __init__(self, params: Any, model_cfg: ModelConfig, max_len: int | None = None, precision: str = "fp32",
-                 *, max_batch: int = 32):
-        self.model_cfg = model_cfg
+                 *, max_batch: int = 32, chunk_tokens: int = 8, pad_id: int = 0):
         self.max_len = context_length(model_cfg, max_len, max_batch)
         self.precision = precision
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.model_cfg = model_cfg
         self.max_batch = max_batch
+        self.chunk_tokens = chunk_tokens
+        self.pad_id = pad_id
         self.model = make_model(model_cfg, precision)
-        self.params = inference_params(params, self.model.dtype)
-        self._decode = jax.jit(functools.partial(_decode, self.model), static_argnames=("max_new", "greedy"))
+        # Committed to one device however they were loaded, so every engine of this model calls the
+        # shared programs with the same argument placement (a different one would compile them again).
+        self.params = inference_params(params, self.model.dtype, jax.devices()[0])
+        self._prefill = functools.partial(_PREFILL, self.model)
+        self._chunk = functools.partial(_chunk_program(jax.default_backend() != "cpu"), self.model)
 
     @property
     def compiled_programs(self) -> int:
-        """How many decode programs have been compiled so far (one per shape bucket and mode)."""
-        return self._decode._cache_size()
+        """Programs compiled so far: one prefill per shape bucket, one chunk per (batch, cache) bucket.
+
+        The programs are cached per model config, so engines of the same model (a reload, tests) share them.
+        """
+        return _PREFILL._cache_size() + _chunk_program(jax.default_backend() != "cpu")._cache_size()
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len < 1:
+            raise ValueError("cannot generate from an empty prompt")
+        if prompt_len + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context length of {self.max_len} tokens")
 
     def fit_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
         """Left-truncate prompts so prompt + max_new_tokens fits the context; returns (prompts, how many cut)."""
@@ -243,48 +307,102 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, stop_ids: Sequence[int],
                  batch_size: int | None = None) -> list[list[int]]:
-        """Batched; returns only the new tokens of each prompt, without the stop token."""
+        """Replies to many prompts (only the new tokens, without the stop token), in batches of similar length;
+        prompts too long for the context lose their oldest tokens (with a warning)."""
         if not prompts:
             return []
-        max_new = sampling.max_new_tokens
-        fitted, cut = self.fit_prompts(prompts, max_new)
+        fitted, cut = self.fit_prompts(prompts, sampling.max_new_tokens)
         if cut:
-            warnings.warn(f"{cut} of {len(prompts)} prompts were longer than {self.max_len - max_new} tokens "
-                          f"(context {self.max_len} minus {max_new} new tokens) and lost their oldest tokens",
-                          stacklevel=2)
-        batch_size = min(batch_size or self.max_batch, len(fitted))
-        stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-        scalars = (jnp.uint32(sampling.seed), jnp.float32(max(sampling.temperature, 1e-6)),
-                   jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+            warnings.warn(f"{cut} of {len(prompts)} prompts were longer than {self.max_len - sampling.max_new_tokens} "
+                          f"tokens (context {self.max_len} minus {sampling.max_new_tokens} new tokens) and lost their "
+                          "oldest tokens", stacklevel=2)
+        batch_size = min(batch_size or self.max_batch, self.max_batch, len(fitted))
         # Similar lengths share a batch, so few rows pay for a long neighbour's padding.
         order = sorted(range(len(fitted)), key=lambda i: len(fitted[i]))
         results: list[list[int]] = [[] for _ in fitted]
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            rows = bucket_length(len(idx), batch_size, floor=1)
-            P = bucket_length(max(len(fitted[i]) for i in idx), self.max_len - max_new)
-            tokens = np.zeros((rows, P), np.int32)
-            lens = np.ones((rows,), np.int32)  # filler rows: one pad token, output discarded
-            row_ids = np.zeros((rows,), np.int32)
-            for r, i in enumerate(idx):
-                tokens[r, P - len(fitted[i]) :] = fitted[i]
-                lens[r], row_ids[r] = len(fitted[i]), i
-            out, _ = self._decode(self.params, tokens, lens, row_ids, *scalars, stops, max_new=max_new,
-                                  greedy=sampling.greedy)
-            out = np.asarray(jax.device_get(out))
-            stop_set = set(int(s) for s in stop_ids)
-            for r, i in enumerate(idx):
-                reply = []
-                for t in out[r].tolist():
-                    if t < 0 or t in stop_set:
-                        break
-                    reply.append(t)
-                results[i] = reply
+            for chunk in self.run([fitted[i] for i in idx], [sampling] * len(idx), stop_ids,
+                                  chunk_tokens=sampling.max_new_tokens):
+                for i, new in zip(idx, chunk.tokens, strict=True):
+                    results[i].extend(new)
         return results
+
+    def run(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams], stop_ids: Sequence[int],
+            cancelled: Callable[[], Sequence[bool]] | None = None,
+            chunk_tokens: int | None = None) -> Iterator[ChunkResult]:
+        """Generate for up to max_batch prompts at once, yielding after every chunk of `chunk_tokens` (default:
+        the engine's) tokens. `cancelled()` is asked between chunks; a cancelled row stops at once."""
+        n = len(prompts)
+        if n != len(rows):
+            raise ValueError(f"{n} prompts but {len(rows)} sampling rows")
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"a batch holds 1..{self.max_batch} prompts, got {n}")
+        for p, r in zip(prompts, rows, strict=True):
+            self.check_fits(len(p), r.max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        max_new = max(r.max_new_tokens for r in rows)
+        if longest + max_new > self.max_len:
+            raise ValueError(f"longest prompt ({longest}) + largest max_new_tokens ({max_new}) exceeds the context "
+                             f"length of {self.max_len}: split such requests into separate batches")
+        B = bucket_length(n, self.max_batch, floor=1)
+        P = bucket_length(longest, self.max_len - max_new)
+        S = bucket_length(P + max_new, self.max_len)
+
+        tokens = np.full((B, P), self.pad_id, np.int32)
+        lens = np.ones((B,), np.int32)  # filler rows: one pad token, born finished
+        limits = np.ones((B,), np.int32)
+        temps, top_p = np.zeros((B,), np.float32), np.ones((B,), np.float32)
+        top_k, seeds = np.zeros((B,), np.int32), np.zeros((B,), np.uint32)
+        for i, (p, r) in enumerate(zip(prompts, rows, strict=True)):
+            tokens[i, P - len(p):] = [int(x) for x in p]
+            lens[i], limits[i] = len(p), r.max_new_tokens
+            temps[i], top_p[i], top_k[i], seeds[i] = r.temperature, r.top_p, r.top_k, r.seed % (1 << 32)
+        stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+        stop_set = {int(s) for s in stop_ids}
+        lens_d, limits_d, temps_d, top_k_d, top_p_d, seeds_d = (
+            jnp.asarray(a) for a in (lens, limits, temps, top_k, top_p, seeds))
+
+        tok, cache = self._prefill(self.params, jnp.asarray(tokens), lens_d, temps_d, top_k_d, top_p_d, seeds_d,
+                                   cache_len=S)
+        done = np.zeros((B,), bool)
+        done[n:] = True
+        finished: list[str | None] = [None] * n
+        t = 0  # kept on the host: a device scalar fed back would flip committed-ness and recompile once
+        while True:
+            reasons: list[str | None] = [None] * n
+            flags = list(cancelled()) if cancelled is not None else [False] * n
+            for i in range(n):
+                if flags[i] and finished[i] is None:
+                    done[i] = True
+                    finished[i] = reasons[i] = "cancelled"
+            if done.all():
+                if any(reasons):
+                    yield ChunkResult([[] for _ in range(n)], reasons)
+                return
+            out, t_d, tok, cache, done_d = self._chunk(
+                self.params, cache, tok, np.int32(t), jnp.asarray(done), lens_d, np.int32(P), limits_d, temps_d,
+                top_k_d, top_p_d, seeds_d, stops, steps=chunk_tokens or self.chunk_tokens)
+            out, done, t = np.asarray(out), np.array(done_d), int(t_d)
+            new_tokens: list[list[int]] = []
+            for i in range(n):
+                row, hit_stop = [], False
+                for x in out[i].tolist():
+                    if x < 0:
+                        break
+                    if x in stop_set:
+                        hit_stop = True
+                        break
+                    row.append(x)
+                new_tokens.append(row)
+                if done[i] and finished[i] is None:
+                    finished[i] = reasons[i] = "stop" if hit_stop else "length"
+            yield ChunkResult(new_tokens, reasons)
 
 
 def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, precision: str = "fp32",
-                max_len: int | None = None, max_batch: int = 32) -> tuple[Engine, NativeChatFormat]:
+                max_len: int | None = None, max_batch: int = 32,
+                chunk_tokens: int = 8) -> tuple[Engine, NativeChatFormat]:
     """Engine and chat format for a native checkpoint folder (RUN/sft/checkpoint and friends); the tokenizer
     defaults to the folder's own copy and must be the one the model was trained with."""
     from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
@@ -292,4 +410,6 @@ def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, pre
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tok = ChatTokenizer.load(tokenizer_path)
-    return Engine(params, model_cfg, max_len, precision, max_batch=max_batch), NativeChatFormat(tok)
+    fmt = NativeChatFormat(tok)
+    return Engine(params, model_cfg, max_len, precision, max_batch=max_batch, chunk_tokens=chunk_tokens,
+                  pad_id=fmt.pad_id), fmt

@@ -126,11 +126,14 @@ def test_filter_logits_top_k_and_top_p():
 def test_prompt_buckets_bound_the_number_of_compiles(engine):
     sampling = SamplingParams(max_new_tokens=3)  # a budget no other test uses: a program of its own
     before = engine.compiled_programs
-    for n in (3, 7, 12, 16):  # all in the 16-token bucket, batch of one
+    for n in (3, 7, 12, 16):  # all in the 16-token bucket, batch of one: one prefill and one decode program
         engine.generate([list(range(1, n + 1))], sampling, [])
-    assert engine.compiled_programs == before + 1
-    engine.generate([list(range(1, 21))], sampling, [])  # 32-token bucket
     assert engine.compiled_programs == before + 2
+    engine.generate([list(range(1, 21))], sampling, [])  # 32-token bucket (and a longer cache)
+    grown = engine.compiled_programs
+    assert grown <= before + 4  # at most its own prefill and decode programs (others' may already exist)
+    engine.generate([list(range(1, 25))], sampling, [])
+    assert engine.compiled_programs == grown
     assert bucket_length(1, 64) == 16 and bucket_length(17, 64) == 32 and bucket_length(40, 48) == 48
 
 
@@ -173,6 +176,7 @@ def test_sampling_params_validate():
     with pytest.raises(ValueError):
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError):
-        SamplingParams(top_p=0.0)
+        SamplingParams(top_p=1.5)
+    assert SamplingParams(top_p=0.0).top_p == 0.0  # OpenAI's range: 0 keeps only the most likely token
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)

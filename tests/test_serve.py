@@ -22,11 +22,10 @@ from click.testing import CliRunner
 
 from picochat_jax.config import ModelConfig
 from picochat_jax.data.records import Message
-from picochat_jax.generate import Engine, SamplingParams
+from picochat_jax.generate import ChunkResult, Engine, SamplingParams
 from picochat_jax.model.transformer import init_params, make_model
 from picochat_jax.serve.app import StopText, create_app, load_backend
 from picochat_jax.serve.batcher import Batcher, GenerationRequest
-from picochat_jax.serve.engine import ChunkedEngine, ChunkResult, RowSampling
 from picochat_jax.tokenizer import train_tokenizer
 from picochat_jax.train.checkpoint import save_model_checkpoint
 
@@ -89,11 +88,11 @@ def client(server):
 def reference(native, server):
     """Greedy reply texts outside the server: reference(prompts_ids, max_new) -> texts.
 
-    It runs the serving engine's programs outside the server (test_chunked_engine_* ties those to the
-    eval engine), so the HTTP tests check batching, streaming and text handling, and compile nothing new.
+    It runs the serving engine's programs outside the server (test_streamed_chunks_* ties chunked runs to
+    whole replies), so the HTTP tests check batching, streaming and text handling, and compile nothing new.
     """
     _, params, cfg = native
-    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
+    engine = Engine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
     fmt = server[1].fmt
 
     def run(prompts: list[list[int]], max_new: int) -> list[str]:
@@ -101,7 +100,7 @@ def reference(native, server):
         for start in range(0, len(prompts), MAX_BATCH):
             group = prompts[start:start + MAX_BATCH]
             out: list[list[int]] = [[] for _ in group]
-            for res in engine.run(group, [RowSampling(max_new)] * len(group), fmt.stop_ids):
+            for res in engine.run(group, [SamplingParams(max_new)] * len(group), fmt.stop_ids):
                 for i, toks in enumerate(res.tokens):
                     out[i] += toks
             ids += out
@@ -117,15 +116,15 @@ def http(base: str) -> httpx.Client:
 # -------------------------------------------------------------------------------------------- engine
 
 
-def test_chunked_engine_matches_eval_engine_and_never_recompiles_per_token(native):
+def test_streamed_chunks_equal_the_whole_reply_and_never_recompile_per_token(native):
     _, params, cfg = native
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (1, 5, 9, 30)]
     limits = (12, 3, 7, 12)
     ref = Engine(params, cfg).generate(prompts, SamplingParams(max_new_tokens=12), stop_ids=[])
-    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
+    engine = Engine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
     got, finished, chunks = [[] for _ in prompts], [None] * 4, 0
-    for res in engine.run(prompts, [RowSampling(m) for m in limits], stop_ids=[]):
+    for res in engine.run(prompts, [SamplingParams(m) for m in limits], stop_ids=[]):
         chunks += 1
         for i in range(4):
             got[i] += res.tokens[i]
@@ -135,21 +134,21 @@ def test_chunked_engine_matches_eval_engine_and_never_recompiles_per_token(nativ
     programs = engine.compiled_programs
     # Longer replies in the same cache bucket reuse the same prefill and chunk programs.
     for m in (10, 11):
-        list(engine.run(prompts, [RowSampling(m)] * 4, stop_ids=[]))
+        list(engine.run(prompts, [SamplingParams(m)] * 4, stop_ids=[]))
     assert engine.compiled_programs == programs
 
 
-def test_chunked_engine_stop_token_cancel_and_sampling(native):
+def test_engine_stop_token_cancel_and_sampling(native):
     _, params, cfg = native
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, cfg.vocab_size, 6).tolist() for _ in range(3)]
     ref = Engine(params, cfg).generate(prompts, SamplingParams(max_new_tokens=10), stop_ids=[])
-    engine = ChunkedEngine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
+    engine = Engine(params, cfg, max_batch=MAX_BATCH, chunk_tokens=CHUNK)
     stop = ref[0][3]
     cut = ref[0].index(stop)
     flags = [False, False, False]
     out, reasons = [[] for _ in prompts], [None] * 3
-    for res in engine.run(prompts, [RowSampling(10)] * 3, stop_ids=[stop], cancelled=lambda: flags):
+    for res in engine.run(prompts, [SamplingParams(10)] * 3, stop_ids=[stop], cancelled=lambda: flags):
         flags[2] = True  # cancel row 2 after its first chunk
         for i in range(3):
             out[i] += res.tokens[i]
@@ -158,7 +157,7 @@ def test_chunked_engine_stop_token_cancel_and_sampling(native):
     assert reasons[2] == "cancelled" and out[2] == ref[2][:CHUNK]
     assert reasons[1] == ("stop" if stop in ref[1] else "length")
     # Sampling: a row's draws depend on its seed only, not on the batch it shares.
-    sampled = RowSampling(8, temperature=1.0, top_p=0.9, seed=5)
+    sampled = SamplingParams(8, temperature=1.0, top_p=0.9, seed=5)
 
     def tokens(rows):
         acc = [[] for _ in rows]
@@ -168,8 +167,37 @@ def test_chunked_engine_stop_token_cancel_and_sampling(native):
         return acc
 
     alone = tokens([sampled])[0]
-    assert tokens([sampled, RowSampling(8), RowSampling(3, temperature=0.7, seed=9)])[0] == alone
-    assert tokens([RowSampling(8, temperature=1.0, top_p=0.9, seed=6)])[0] != alone
+    assert tokens([sampled, SamplingParams(8), SamplingParams(3, temperature=0.7, seed=9)])[0] == alone
+    assert tokens([SamplingParams(8, temperature=1.0, top_p=0.9, seed=6)])[0] != alone
+
+
+def test_same_prompt_seed_and_settings_give_the_same_text_in_eval_chat_and_serve(native, server, client):
+    """One engine, one sampling dataclass, one seed rule: a sampled reply (temperature > 0) is the same text
+    whether it comes from eval (a batch of other prompts), the chat REPL, or the server."""
+    from picochat_jax.cli.chat import repl
+    from picochat_jax.data.records import EvalRow
+    from picochat_jax.eval.chat import evaluate_chat
+    from picochat_jax.generate import load_native
+
+    root, _, _ = native
+    sampling = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, top_k=20, seed=11)
+    question = "hello there, how are you"
+    served = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": question}],
+                                            max_tokens=8, temperature=0.9, top_p=0.95, seed=11,
+                                            extra_body={"top_k": 20}).choices[0].message.content
+    engine, fmt = load_native(root / "ckpt")
+    rows = [EvalRow(prompt=(Message("user", q),)) for q in ("the lazy dog", question, "picochat serves tiny")]
+    report = evaluate_chat(engine, fmt, rows, root / "eval-same-seed", sampling, batch_size=4)
+    from_eval = [json.loads(line) for line in (root / "eval-same-seed" / "eval_results.jsonl").read_text().splitlines()]
+    lines = iter([question])
+    said: list[str] = []
+    repl(engine, fmt, sampling, None, lambda: next(lines, None), said.append)
+    assert report["rows"] == 3
+    assert from_eval[1]["reply"].strip() == served.strip() == said[0].removeprefix("assistant> ").strip()
+    other_seed = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": question}],
+                                                max_tokens=8, temperature=0.9, top_p=0.95, seed=12,
+                                                extra_body={"top_k": 20}).choices[0].message.content
+    assert other_seed != served
 
 
 def test_stop_text_deltas_add_up_to_the_cut_reply():
@@ -217,7 +245,7 @@ def test_a_request_counts_as_done_when_its_reply_is_out_not_when_its_batch_ends(
     finished = [threading.Event(), threading.Event()]
 
     def request(i: int) -> GenerationRequest:
-        return GenerationRequest([1, 2], RowSampling(4),
+        return GenerationRequest([1, 2], SamplingParams(4),
                                  lambda e: finished[i].set() if e.kind == "finish" else None)
 
     batcher.submit(request(0))

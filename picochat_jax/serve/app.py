@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat_jax.config import ServeConfig
 from picochat_jax.data.records import Message
+from picochat_jax.generate import SamplingParams
 from picochat_jax.serve.batcher import Batcher, Event, GenerationRequest, Overloaded, ShuttingDown
-from picochat_jax.serve.engine import ChunkedEngine, RowSampling
 from picochat_jax.serve.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -82,8 +82,8 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
     if checkpoint is not None:
         from picochat_jax.generate import load_native
 
-        loaded, fmt = load_native(Path(checkpoint), tokenizer, precision=precision, max_len=max_len,
-                                  max_batch=max_batch)
+        engine, fmt = load_native(Path(checkpoint), tokenizer, precision=precision, max_len=max_len,
+                                  max_batch=max_batch, chunk_tokens=chunk_tokens)
         name = model_name or "picochat"
     else:
         try:
@@ -91,10 +91,9 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
         except ImportError as exc:  # the HF bridge is optional for native-only installs
             raise ValueError(f"--hf-model needs the HF bridge (picochat_jax.hf), which failed to import: {exc}") \
                 from exc
-        loaded, fmt = load_hf_chat(hf_model, precision=precision, max_len=max_len, max_batch=max_batch,
-                                   default_max_len=hf_max_len)
+        engine, fmt = load_hf_chat(hf_model, precision=precision, max_len=max_len, max_batch=max_batch,
+                                   default_max_len=hf_max_len, chunk_tokens=chunk_tokens)
         name = model_name or Path(str(hf_model)).name
-    engine = ChunkedEngine.from_engine(loaded, chunk_tokens=chunk_tokens, max_batch=max_batch, pad_id=fmt.pad_id)
     batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)
     if warmup:
         batcher.warmup(fmt.encode_text("hi"))
@@ -164,7 +163,7 @@ class Piece:
 class ChoiceRun:
     """The prompts of one HTTP request in flight on the batcher, read back as text pieces on the event loop."""
 
-    def __init__(self, backend: Backend, prompts: list[list[int]], sampling: RowSampling, stops: Sequence[str]):
+    def __init__(self, backend: Backend, prompts: list[list[int]], sampling: SamplingParams, stops: Sequence[str]):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.texts = [StopText(backend.fmt.decode, stops) for _ in prompts]
@@ -229,7 +228,7 @@ class ChoiceRun:
 # ------------------------------------------------------------------------------------------ request handling
 
 
-def _sampling(req: Any, token_limit: int | None, prompt_lens: Sequence[int], backend: Backend) -> RowSampling:
+def _sampling(req: Any, token_limit: int | None, prompt_lens: Sequence[int], backend: Backend) -> SamplingParams:
     """Row settings for a request; 400 when the prompt plus max_tokens does not fit the context."""
     ctx = backend.max_context
     longest = max(prompt_lens)
@@ -248,7 +247,7 @@ def _sampling(req: Any, token_limit: int | None, prompt_lens: Sequence[int], bac
                            param="max_tokens", code="context_length_exceeded")
         max_new = token_limit
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    return RowSampling(max_new_tokens=max_new, temperature=temperature,
+    return SamplingParams(max_new_tokens=max_new, temperature=temperature,
                        top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                        seed=secrets.randbits(32) if req.seed is None else req.seed)
 

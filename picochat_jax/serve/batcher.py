@@ -2,7 +2,7 @@
 
 Requests arrive from the HTTP event loop through a bounded thread-safe queue. The worker takes the first
 waiting request, waits `batch_wait_s` for others to arrive (concurrent clients usually land within a few
-milliseconds of each other), and runs up to `max_batch` of them as one batch on the `ChunkedEngine`.
+milliseconds of each other), and runs up to `max_batch` of them as one batch on the decode engine (`generate.Engine`).
 Requests that come while a batch is decoding wait for the next one. After every chunk the worker hands each
 request its new tokens through the request's `on_event` callback, so streams see text while the batch runs,
 and it drops rows whose request was cancelled.
@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from picochat_jax.serve.engine import ChunkedEngine, RowSampling
+from picochat_jax.generate import Engine, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class GenerationRequest:
     """One prompt to complete. `on_event` is called from the worker thread and must not block."""
 
     prompt: list[int]
-    sampling: RowSampling
+    sampling: SamplingParams
     on_event: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -72,9 +72,9 @@ class BatcherStats:
 
 
 class Batcher:
-    """Owns a ChunkedEngine on a background thread; `submit` is safe from any thread."""
+    """Owns the decode engine on a background thread; `submit` is safe from any thread."""
 
-    def __init__(self, engine: ChunkedEngine, stop_ids: Sequence[int], *, max_batch: int | None = None,
+    def __init__(self, engine: Engine, stop_ids: Sequence[int], *, max_batch: int | None = None,
                  batch_wait_s: float = 0.005, max_queue: int = 256):
         self.engine = engine
         self.stop_ids = tuple(int(s) for s in stop_ids)
@@ -127,7 +127,7 @@ class Batcher:
         """Compile the smallest programs before the first client waits for them (call before start())."""
         if self._thread is not None:
             raise RuntimeError("warmup() must run before start(): the worker owns the engine")
-        for _ in self.engine.run([list(prompt)], [RowSampling(max_new_tokens)], self.stop_ids):
+        for _ in self.engine.run([list(prompt)], [SamplingParams(max_new_tokens)], self.stop_ids):
             pass
 
     # ------------------------------------------------------------------------------------------ worker
