@@ -127,7 +127,7 @@ def test_lora_sft_lowers_held_out_loss(lora_run):
     assert report["best_val_loss"] < report["initial_val_loss"] - 0.5
     assert report["peft"]["rank"] == 4 and report["trainable_params"] < report["params"] / 10
     rows = report["loss_curve"]
-    assert set(rows[-1]) == {"step", "train_loss", "val_loss", "lr", "grad_norm", "elapsed_sec"}
+    assert set(rows[-1]) == {"step", "loss", "val_loss", "lr", "grad_norm", "elapsed_sec"}  # metrics.jsonl keys
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 24 and rows[-1]["val_loss"] is not None
     assert report["tokens_per_sec"] > 0
     saved = json.loads((out / "run" / "hf_sft_report.json").read_text())
@@ -243,3 +243,24 @@ def test_eval_chat_with_hf_model_matches_transformers_greedy(tiny, tmp_path):
     both = CliRunner().invoke(main, ["eval", "chat", "--hf-model", str(model_dir), "--checkpoint", str(tmp_path),
                                      "--input", str(tmp_path / "eval.jsonl"), "--out-dir", str(tmp_path / "x")])
     assert both.exit_code != 0 and "exactly one of --checkpoint or --hf-model" in both.output
+
+
+@pytest.mark.slow
+def test_hf_sft_resumes_the_exact_trajectory_and_logs_the_common_metric_keys(tiny, lora_run, tmp_path):
+    """hf-sft runs on the one driver: a run stopped after step 9 (as SIGTERM stops it) and resumed with
+    --resume ends with the same losses as the uninterrupted run, and metrics.jsonl has the stages' keys."""
+    model_dir, chat = tiny
+    full_report, _ = lora_run
+    kwargs = dict(model=str(model_dir), input=chat, out_dir=tmp_path / "run", max_steps=24, max_length=64,
+                  peft="lora", lora=LORA, learning_rate=2e-2, batch_size=8, val_fraction=0.2, progress=False)
+    stopped = run_hf_sft(HFSFTOptions(**kwargs, should_stop=lambda step: step == 9), log=lambda _: None)
+    assert stopped["status"] == "interrupted" and stopped["step"] == 9
+    with pytest.raises(ValueError, match="--resume"):  # an earlier output: resume or overwrite, never clobber
+        run_hf_sft(HFSFTOptions(**kwargs), log=lambda _: None)
+    resumed = run_hf_sft(HFSFTOptions(**kwargs, resume=True), log=lambda _: None)
+    got = [r["loss"] for r in resumed["loss_curve"] if r["loss"] is not None]
+    want = [r["loss"] for r in full_report["loss_curve"] if r["loss"] is not None]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert resumed["best_val_loss"] == pytest.approx(full_report["best_val_loss"], rel=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(rows[-2]) and "val_loss" in rows[-1]

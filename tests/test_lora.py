@@ -12,7 +12,7 @@ from picochat_jax.config import ModelConfig
 from picochat_jax.hf.convert import param_shapes
 from picochat_jax.model import lora
 from picochat_jax.model.transformer import make_model
-from picochat_jax.train.step import TrainState
+from picochat_jax.train.step import CausalLM, LoraParams, TrainState, make_eval_fn, make_step_fn
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=32)
 
@@ -92,18 +92,19 @@ def test_lora_step_trains_adapters_only(base):
     # Only adapter moments: Adam's mu/nu mirror the adapter tree, the base has no optimizer state at all.
     assert jax.tree_util.tree_structure(opt_state[0].mu) == jax.tree_util.tree_structure(adapters)
     state = TrainState(jnp.zeros((), jnp.int32), adapters, opt_state, jax.random.key_data(jax.random.key(0)))
-    step = jax.jit(lora.make_lora_step_fn(model, cfg, optimizer, optax.constant_schedule(3e-2),
-                                          np.zeros(CFG.vocab_size)))
-    evaluate = jax.jit(lora.make_lora_eval_fn(model, cfg, np.zeros(CFG.vocab_size)))
+    objective = CausalLM(model, np.zeros(CFG.vocab_size, np.float32))
+    step = jax.jit(make_step_fn(objective, optimizer, optax.constant_schedule(3e-2), LoraParams(cfg)))
+    evaluate = jax.jit(make_eval_fn(objective, LoraParams(cfg)))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CFG.vocab_size, (2, 4, 17))  # (grad_accum, batch, seq+1)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
              "loss_mask": np.ones((2, 4, 16), np.float32)}
     base_before = jax.tree_util.tree_map(np.array, base)
-    ce0, n, _ = evaluate(adapters, base, batch)
+    before = evaluate(adapters, base, batch)
+    ce0, n = before["ce"], before["tokens"]
     for _ in range(20):
         state, metrics = step(state, base, batch)
-    ce1, _, _ = evaluate(state.params, base, batch)
+    ce1 = evaluate(state.params, base, batch)["ce"]
     assert float(ce1 / n) < float(ce0 / n) - 0.3
     assert int(state.step) == 20 and np.isfinite(float(metrics["grad_norm"]))
     jax.tree_util.tree_map(np.testing.assert_array_equal, base, base_before)  # frozen

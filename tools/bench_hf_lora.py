@@ -2,7 +2,8 @@
 """Time LoRA fine-tuning of a SmolLM2-135M-shaped random Llama: picochat-jax against transformers + peft.
 
 What is timed on our side is what `picochat train hf-sft --peft lora` runs: the HF folder loaded with
-`hf.convert.load_hf_model`, `training_model`, and `hf.sft._lora_trainer`'s jitted step (frozen bf16 base,
+`hf.convert.load_hf_model`, `training_model`, and the one trainer's LoRA step (`build_trainer(...,
+lora_cfg=...)`: frozen bf16 base,
 float32 adapters, hf-sft's AdamW and clipping; the learning rate held constant so both sides do the same
 optimizer arithmetic). The peer (tools/peft_baseline.py) trains the same folder with `peft.get_peft_model`,
 bf16 autocast, torch.compile and fused AdamW. Both sides see the same weights (a random-init
@@ -132,15 +133,18 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     import flax
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
 
     from picochat_jax import parallel
     from picochat_jax.hf.convert import load_hf_model
-    from picochat_jax.hf.sft import HFSFTOptions, _lora_trainer, hf_train_config
+    from picochat_jax.hf.sft import HFSFTOptions, hf_train_config
     from picochat_jax.model.layers import resolve_attention_impl
     from picochat_jax.model.lora import LoraConfig, parse_targets
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
+    from picochat_jax.train.optim import make_optimizer
+    from picochat_jax.train.step import build_trainer
 
     hf = load_hf_model(args.model_dir)
     with np.load(args.batches) as data:
@@ -160,11 +164,15 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     parallel.check_batch_fits(batch, mesh_shape)
     mesh = parallel.make_mesh(mesh_shape)
     model = training_model(hf.config, args.precision, train_cfg.remat, mesh_shape.tensor)
-    trainer = _lora_trainer(model, hf.params, lcfg, train_cfg, mesh, np.zeros(hf.config.vocab_size, np.float32))
+    optimizer, schedule = make_optimizer(train_cfg)
+    trainer = build_trainer(model, optimizer, schedule, np.zeros(hf.config.vocab_size, np.float32), mesh,
+                            lora_cfg=lcfg, base_params=hf.params,
+                            base_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32)
+    state0 = trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)))
     batches = [trainer.put_batch(b) for b in host_batches]
     n_params, head_dim = count_params(hf.params), hf.config.resolved_head_dim
 
-    state, times, compile_s, first_loss, last_loss = time_steps(trainer.step, trainer.state, batches,
+    state, times, compile_s, first_loss, last_loss = time_steps(trainer.step, state0, batches,
                                                                 args.warmup, args.steps)
 
     step_s = statistics.median(times)

@@ -85,7 +85,8 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
 @_hf_sft_option("--peft", click.Choice(["lora", "none"]), "lora: train adapters only; none: full fine-tuning.")
 @click.option("--done-file", type=click.Path(path_type=Path), default=None,
               help="JSON status + output paths, written last (also on failure).")
-@out_dir_flags(resume=False)
+@out_dir_flags()
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @_hf_sft_option("--lora-rank", int)
 @_hf_sft_option("--lora-alpha", float)
 @_hf_sft_option("--lora-dropout", float, "Only 0 is supported.")
@@ -98,8 +99,8 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
 @set_option
 @friendly_errors
 def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, precision: str | None,
-           gradient_checkpointing: bool, done_file: Path | None, overwrite: bool, mesh: str | None,
-           sets: tuple[str, ...], **flags: Any) -> None:
+           gradient_checkpointing: bool, done_file: Path | None, overwrite: bool, resume: bool,
+           resume_or_start: bool, no_progress: bool, mesh: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
     select_device(device)
     import jax
@@ -119,8 +120,12 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
                         max_length=f["max_length"], precision=precision, gradient_checkpointing=gradient_checkpointing,
                         peft=f["peft"], lora=lora_cfg, learning_rate=f["learning_rate"], batch_size=f["batch_size"],
                         grad_accum_steps=f["grad_accum_steps"], val_fraction=f["val_fraction"], mesh=mesh,
-                        done_file=done_file, overwrite=overwrite, evals_per_run=cfg.evals_per_run)
+                        done_file=done_file, overwrite=overwrite, resume=resume, resume_or_start=resume_or_start,
+                        progress=not no_progress, evals_per_run=cfg.evals_per_run)
     report = run_hf_sft(opts)
+    if report["status"] != "completed":
+        click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)
+        raise SystemExit(3)
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"

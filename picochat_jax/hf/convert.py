@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 from picochat_jax.config import ModelConfig
 from picochat_jax.fileio import discard_temp, replace_dir, save_json
 from picochat_jax.model.lora import get_path
-from picochat_jax.model.transformer import _dummy_tokens, make_model
+from picochat_jax.model.transformer import dummy_tokens, make_model
 
 # model_type -> the architecture class name transformers needs in config.json.
 ARCHITECTURES = {
@@ -291,7 +291,7 @@ def hf_config_from_native(cfg: ModelConfig, family: str, token_ids: dict[str, in
 def param_shapes(cfg: ModelConfig) -> Params:
     """The Decoder's param tree as shapes (traced abstractly: nothing is compiled or allocated)."""
     model = make_model(cfg)
-    abstract = jax.eval_shape(lambda r: model.init(r, _dummy_tokens(cfg)), jax.random.key(0))
+    abstract = jax.eval_shape(lambda r: model.init(r, dummy_tokens(cfg)), jax.random.key(0))
     return jax.tree_util.tree_map(lambda s: tuple(s.shape), nn.meta.unbox(abstract["params"]))
 
 

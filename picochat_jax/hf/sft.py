@@ -11,12 +11,14 @@ The stages, top to bottom:
 4. write `final_model/` and `best_model/` (merged, complete HF folders), `final_adapter/`/`best_adapter/`
    (PEFT format), `hf_sft_report.json`, `report.md`, and last the done file.
 
-The step functions come from train/step.py (full fine-tuning: `build_trainer` as is) and model/lora.py
-(the same micro-batch/accumulation structure, differentiating the adapters only).
+Training runs on the one trainer (train/step.py `build_trainer`: every param, or LoRA adapters over a frozen
+base) and the one driver (train/loop.py `fit`), so hf-sft has `--resume`, SIGTERM saves (a preempted run
+continues its exact trajectory) and the same metrics.jsonl keys as every other stage.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback
@@ -45,10 +47,11 @@ from picochat_jax.hf.convert import (
     save_peft_adapter,
 )
 from picochat_jax.model import lora
-from picochat_jax.model.transformer import count_params, logical_axes, training_model
+from picochat_jax.model.transformer import count_params, training_model
 from picochat_jax.outdir import check_out_dir, claim_out_dir
+from picochat_jax.train.loop import fit
 from picochat_jax.train.optim import make_optimizer
-from picochat_jax.train.step import TrainState, build_trainer
+from picochat_jax.train.step import build_trainer
 
 _D = HFSFTConfig()  # the option defaults are the config tree's (configs/base.yaml hf_sft:)
 
@@ -72,6 +75,10 @@ class HFSFTOptions:
     mesh: str | None = None
     done_file: Path | None = None
     overwrite: bool = False  # replace an earlier hf-sft output in out_dir (outdir.py policy)
+    resume: bool = False  # continue an interrupted run in out_dir
+    resume_or_start: bool = False
+    progress: bool = True
+    should_stop: Callable[[int], bool] | None = None  # tests: stop after a step, as SIGTERM would
     seed: int = 0
     cache_dir: Path | None = None  # HF cache to resolve hub ids in (default: the standard one)
 
@@ -141,59 +148,6 @@ def val_batches(examples: dict[str, np.ndarray], batch_size: int) -> list[dict[s
 
 
 # --------------------------------------------------------------------------------------------------------
-# trainers: the same three calls for LoRA and full fine-tuning
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Trainer:
-    state: TrainState
-    step: Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]]
-    evaluate: Callable[[TrainState, dict[str, Any]], Any]
-    full_params: Callable[[Any], Any]  # host params (merged for LoRA) from state.params
-    trainable: int
-    put_batch: Callable[[dict[str, np.ndarray]], dict[str, Any]]
-
-
-def _put_batch(mesh: Any) -> Callable[[dict[str, np.ndarray]], dict[str, Any]]:
-    def put(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {k: jax.device_put(v, parallel.batch_sharding(mesh, v.ndim, batch_dim=1)) for k, v in batch.items()}
-
-    return put
-
-
-def _full_trainer(model: Any, params: Any, train_cfg: TrainConfig, mesh: Any, token_bytes: np.ndarray) -> _Trainer:
-    optimizer, schedule = make_optimizer(train_cfg)
-    trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh)
-    state = trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)), params)
-    return _Trainer(state, trainer.step, lambda s, b: trainer.evaluate(s.params, b), jax.device_get,
-                    count_params(params), _put_batch(mesh))
-
-
-def _lora_trainer(model: Any, params: Any, lcfg: lora.LoraConfig, train_cfg: TrainConfig, mesh: Any,
-                  token_bytes: np.ndarray) -> _Trainer:
-    optimizer, schedule = make_optimizer(train_cfg)
-    # The frozen base is only read, so bf16 runs keep it in bf16: half the memory, no master copy needed.
-    dtype = jnp.bfloat16 if train_cfg.precision == "bf16" else jnp.float32
-    host_base = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), params)
-    base_shardings = parallel.tree_shardings(logical_axes(model), host_base, mesh)
-    base = jax.device_put(host_base, base_shardings)
-    replicated = parallel.replicated(mesh)  # adapters are small: every device holds them whole
-    adapters = lora.init_adapters(params, lcfg, jax.random.key(train_cfg.seed))
-    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters),
-                                      jax.random.key_data(jax.random.key(train_cfg.seed))), replicated)
-    batch_in = parallel.batch_sharding(mesh, 3, batch_dim=1)
-    step = jax.jit(lora.make_lora_step_fn(model, lcfg, optimizer, schedule, token_bytes),
-                   in_shardings=(replicated, base_shardings, batch_in), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
-    evaluate = jax.jit(lora.make_lora_eval_fn(model, lcfg, token_bytes),
-                       in_shardings=(replicated, base_shardings, batch_in), out_shardings=replicated)
-    return _Trainer(state, lambda s, b: step(s, base, b), lambda s, b: evaluate(s.params, base, b),
-                    lambda adapters: lora.merge_host(params, adapters, lcfg), lora.count_adapter_params(adapters),
-                    _put_batch(mesh))
-
-
-# --------------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------------
 
@@ -220,7 +174,7 @@ def run_hf_sft(opts: HFSFTOptions, log: Callable[[str], None] = print) -> dict[s
                                        "out_dir": str(opts.out_dir), "traceback": traceback.format_exc(limit=5)})
         raise
     if opts.done_file is not None:
-        save_json(opts.done_file, {"status": "completed", **report["paths"]})
+        save_json(opts.done_file, {"status": report["status"], **report["paths"]})
     return report
 
 
@@ -228,7 +182,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out_dir = Path(opts.out_dir).absolute()
     conversations = read_chat_jsonl(opts.input)
-    plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite, resumable=False,
+    plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite, resume=opts.resume,
+                         resume_or_start=opts.resume_or_start,
                          inputs=[resolve_model_dir(opts.model, opts.cache_dir), opts.input])
     hf = load_hf_model(opts.model, opts.cache_dir)
     if opts.peft == "lora":
@@ -249,106 +204,100 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     parallel.check_batch_fits(opts.batch_size, mesh_shape)
     mesh = parallel.make_mesh(mesh_shape)
     model = training_model(hf.config, opts.precision, train_cfg.remat, mesh_shape.tensor)
+    optimizer, schedule = make_optimizer(train_cfg)
     token_bytes = np.zeros(hf.config.vocab_size, np.float32)  # bits-per-byte is not reported for HF tokenizers
-    if opts.peft == "lora":
-        trainer = _lora_trainer(model, hf.params, opts.lora, train_cfg, mesh, token_bytes)
-    else:
-        trainer = _full_trainer(model, hf.params, train_cfg, mesh, token_bytes)
-    state = trainer.state
+    lora_cfg = opts.lora if opts.peft == "lora" else None
+    trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, lora_cfg=lora_cfg, base_params=hf.params,
+                            base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32)
+    rng = jax.random.key_data(jax.random.key(opts.seed))
+    state0 = trainer.init(rng, None if lora_cfg else hf.params)
+    trainable = count_params(state0.params)
     source = BatchSource(train_ex, opts.batch_size, opts.grad_accum_steps, opts.seed)
     val = val_batches(val_ex, opts.batch_size) if n_val else []
 
-    def held_out_loss() -> float | None:
+    def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
             return None
-        sums = np.zeros(3)
+        ce = tokens = 0.0
         for vb in val:
-            sums += np.array(jax.device_get(trainer.evaluate(state, trainer.put_batch(vb))))
-        return float(sums[0] / max(sums[1], 1.0))
+            got = jax.device_get(trainer.evaluate(params, trainer.put_batch(vb)))
+            ce, tokens = ce + float(got["ce"]), tokens + float(got["tokens"])
+        return {"val_loss": ce / max(tokens, 1.0)}
 
-    curve: list[dict[str, Any]] = []
-    initial_val = held_out_loss()
-    curve.append({"step": 0, "train_loss": None, "val_loss": initial_val, "lr": None, "grad_norm": None,
-                  "elapsed_sec": 0.0})
-    best = {"step": 0, "val_loss": initial_val, "params": jax.device_get(state.params)}
-    log(f"[hf-sft] {opts.peft}: {trainer.trainable:,} trainable params; held-out loss before training "
-        f"{'n/a' if initial_val is None else f'{initial_val:.4f}'}")
+    hf_config = {**hf.hf_config, "dtype": "float32", "torch_dtype": "float32"}
+    gen = read_generation_config(hf.path)
+    folders = {"checkpoint": "final", "best_checkpoint": "best"}
 
-    tokens_per_step = data_stats["seq_len"] * opts.batch_size * opts.grad_accum_steps
-    t_train = time.perf_counter()
-    t_first: float | None = None  # end of step 1, which holds the compile
-    eval_sec = 0.0  # held-out evaluations are not training throughput
-    batches = source.iterate(0)
-    for step in range(opts.max_steps):
-        state, metrics = trainer.step(state, trainer.put_batch(next(batches)))
-        done = step + 1
-        evaluate_now = done % train_cfg.eval_every == 0 or done == opts.max_steps
-        if done % train_cfg.log_every and not evaluate_now and done != 1:
-            continue
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if t_first is None:
-            t_first = time.perf_counter()
-        t_eval = time.perf_counter()  # evaluation and the host copy of a new best are not training throughput
-        val_loss = held_out_loss() if evaluate_now else None
-        if val_loss is not None and (best["val_loss"] is None or val_loss < best["val_loss"]):
-            best = {"step": done, "val_loss": val_loss, "params": jax.device_get(state.params)}
-        eval_sec += time.perf_counter() - t_eval
-        row = {"step": done, "train_loss": m["loss"], "val_loss": val_loss, "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "elapsed_sec": time.perf_counter() - t_train}
-        curve.append(row)
-        log(f"[hf-sft] step {done}/{opts.max_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} "
-            f"grad_norm {m['grad_norm']:.3f}" + ("" if val_loss is None else f" held-out {val_loss:.4f}"))
-    jax.block_until_ready(state)
-    train_sec = time.perf_counter() - t_train
-    timed_steps = opts.max_steps - 1
-    timed_sec = time.perf_counter() - t_first - eval_sec if t_first is not None else 0.0
-    tokens_per_sec = tokens_per_step * timed_steps / timed_sec if timed_steps and timed_sec > 0 else None
+    def save_model(name: str, params: Any, meta: dict[str, Any]) -> None:
+        # Merged weights are written in float32 whatever the source dtype: a small LoRA update can be below
+        # bf16's resolution of the base weight and would vanish in the merge.
+        prefix = folders[name]
+        save_hf_model(out_dir / f"{prefix}_model", trainer.full_params(params), hf.config, hf.family, hf_config,
+                      hf.path, gen)
+        if lora_cfg is not None:
+            save_peft_adapter(out_dir / f"{prefix}_adapter", jax.device_get(params), lora_cfg.rank, lora_cfg.alpha,
+                              lora_cfg.dropout, hf.config.n_layers, hf.family, str(opts.model))
+        save_json(out_dir / f"{prefix}_model.json", meta)
 
-    final_params = jax.device_get(state.params)
-    paths = _write_outputs(opts, hf, final_params, best, trainer, out_dir)
+    log(f"[hf-sft] {opts.peft}: {trainable:,} trainable params")
+    settings = {"model": str(opts.model), "input": str(opts.input), "peft": opts.peft,
+                "lora": asdict(opts.lora) if lora_cfg else None, "train": asdict(train_cfg),
+                "max_length": max_length}
+    run = fit(stage="hf-sft", trainer=trainer, init_state=lambda: state0, source=source, train_cfg=train_cfg,
+              out_dir=out_dir, settings=settings,
+              tokens_per_step=data_stats["seq_len"] * opts.batch_size * opts.grad_accum_steps,
+              evaluate=evaluate, save_model=save_model, log_keys=("loss", "lr", "grad_norm"), eval_at_start=True,
+              resume=plan.action == "resume", resume_or_start=opts.resume_or_start, should_stop=opts.should_stop,
+              progress=opts.progress)
+    if run.status != "completed":
+        log(f"[hf-sft] stopped at step {run.final_step}; continue with --resume")
+        return {"status": "interrupted", "step": run.final_step, "paths": {"out_dir": str(out_dir)}}
+    curve = _loss_curve(run.history, run.val_history)
+    best = json.loads((out_dir / "best_model.json").read_text())
+    paths = {"out_dir": str(out_dir)}
+    for prefix in ("final", "best"):
+        paths[f"{prefix}_model"] = str(out_dir / f"{prefix}_model")
+        if lora_cfg is not None:
+            paths[f"{prefix}_adapter"] = str(out_dir / f"{prefix}_adapter")
+    paths["report"] = str(out_dir / "hf_sft_report.json")
+    paths["report_md"] = str(out_dir / "report.md")
     peft_config = None
-    if opts.peft == "lora":
-        peft_config = {"type": "lora", "rank": opts.lora.rank, "alpha": opts.lora.alpha,
-                       "dropout": opts.lora.dropout, "targets": sorted(final_params)}
+    if lora_cfg is not None:
+        peft_config = {"type": "lora", "rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                       "dropout": lora_cfg.dropout, "targets": sorted(run.state.params)}
+    initial_val = next((r["val_loss"] for r in run.val_history if r["step"] == 0), None)
     report = {
         "status": "completed", "model": str(opts.model), "model_path": str(hf.path), "family": hf.family,
         "input": str(opts.input), "examples": data_stats["rows"],
         "split": {"train": n_train, "val": n_val, "val_fraction": opts.val_fraction},
         "data": data_stats, "model_config": hf.config.to_dict(), "train_config": asdict(train_cfg),
-        "params": count_params(hf.params), "trainable_params": trainer.trainable, "peft": peft_config,
-        "steps": opts.max_steps, "loss_curve": curve,
-        "first_train_loss": next((r["train_loss"] for r in curve if r["train_loss"] is not None), None),
-        "final_train_loss": curve[-1]["train_loss"], "initial_val_loss": initial_val,
-        "final_val_loss": curve[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
-        "tokens_per_sec": tokens_per_sec,  # padded sequence positions per second, compile step excluded
-        "train_sec": train_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
+        "params": count_params(hf.params), "trainable_params": trainable, "peft": peft_config,
+        "steps": run.final_step, "loss_curve": curve,
+        "first_train_loss": run.history[0]["loss"] if run.history else None,
+        "final_train_loss": run.history[-1]["loss"] if run.history else None, "initial_val_loss": initial_val,
+        "final_val_loss": run.val_history[-1]["val_loss"] if run.val_history else None,
+        "best_val_loss": best.get("val_loss"), "best_step": best.get("step"),
+        "tokens_per_sec": run.tokens_per_sec,  # padded sequence positions per second, compile step excluded
+        "train_sec": run.wall_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
         "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "paths": paths,
     }
     save_json(out_dir / "hf_sft_report.json", report)
     save_text(out_dir / "report.md", _report_markdown(report))
-    log(f"[hf-sft] held-out loss {_fmt(initial_val)} -> best {_fmt(best['val_loss'])} at step {best['step']}; "
-        f"outputs in {out_dir}")
+    log(f"[hf-sft] held-out loss {_fmt(initial_val)} -> best {_fmt(best.get('val_loss'))} at step "
+        f"{best.get('step')}; outputs in {out_dir}")
     return report
 
 
-def _write_outputs(opts: HFSFTOptions, hf: Any, final_params: Any, best: dict[str, Any], trainer: _Trainer,
-                   out_dir: Path) -> dict[str, str]:
-    # Merged weights are written in float32 whatever the source dtype: a small LoRA update can be below
-    # bf16's resolution of the base weight and would vanish in the merge.
-    hf_config = {**hf.hf_config, "dtype": "float32", "torch_dtype": "float32"}
-    gen = read_generation_config(hf.path)
-    paths = {"out_dir": str(out_dir)}
-    for name, trained in (("final", final_params), ("best", best["params"])):
-        model_dir = save_hf_model(out_dir / f"{name}_model", trainer.full_params(trained), hf.config, hf.family,
-                                  hf_config, hf.path, gen)
-        paths[f"{name}_model"] = str(model_dir)
-        if opts.peft == "lora":
-            adapter_dir = save_peft_adapter(out_dir / f"{name}_adapter", trained, opts.lora.rank, opts.lora.alpha,
-                                            opts.lora.dropout, hf.config.n_layers, hf.family, str(opts.model))
-            paths[f"{name}_adapter"] = str(adapter_dir)
-    paths["report"] = str(out_dir / "hf_sft_report.json")
-    paths["report_md"] = str(out_dir / "report.md")
-    return paths
+def _loss_curve(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged or evaluated step: the train and held-out losses side by side (metrics.jsonl keys)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in train_rows:
+        by_step.setdefault(r["step"], {"step": r["step"]}).update(
+            loss=r.get("loss"), lr=r.get("lr"), grad_norm=r.get("grad_norm"), elapsed_sec=r.get("elapsed_sec"))
+    for r in val_rows:
+        by_step.setdefault(r["step"], {"step": r["step"]})["val_loss"] = r["val_loss"]
+    keys = ("step", "loss", "val_loss", "lr", "grad_norm", "elapsed_sec")
+    return [{k: row.get(k) for k in keys} for _, row in sorted(by_step.items())]
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:
@@ -371,8 +320,8 @@ def _report_markdown(r: dict[str, Any]) -> str:
         "| step | train loss | held-out loss | lr | grad norm | elapsed s |", "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["loss_curve"]:
-        lines.append(f"| {row['step']} | {_fmt(row['train_loss'])} | {_fmt(row['val_loss'])} | "
-                     f"{_fmt(row['lr'], '.2e')} | {_fmt(row['grad_norm'], '.3f')} | {row['elapsed_sec']:.1f} |")
+        lines.append(f"| {row['step']} | {_fmt(row['loss'])} | {_fmt(row['val_loss'])} | {_fmt(row['lr'], '.2e')} | "
+                     f"{_fmt(row['grad_norm'], '.3f')} | {_fmt(row['elapsed_sec'], '.1f')} |")
     lines += ["", "Outputs: " + ", ".join(f"`{Path(p).name}/`" for k, p in r["paths"].items()
                                          if k.endswith(("_model", "_adapter")))]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 Every block kernel has a leading layer axis (L, in, out), so one adapter per target projection covers all
 layers: A (L, in, r), B (L, r, out). The effective kernel is W + (alpha / r) * A @ B, merged inside the
 jitted loss; gradients reach only the adapters, so the optimizer state holds only adapter moments and the
-base weights stay frozen (and may be stored in bf16). `merge` produces the same kernels for export.
+base weights stay frozen (and may be stored in bf16). `merge` produces the same kernels for export. The
+train step that uses them is train/step.py's (`LoraParams`, `build_trainer(..., lora_cfg=...)`).
 
 Adapter dropout would act on each projection's *input activations*, which the merged-kernel form never
 sees, so dropout > 0 is rejected rather than silently ignored.
@@ -17,16 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
-from picochat_jax.train.step import Batch, TrainState, loss_sums
 
 Array = jax.Array
 Adapters = dict[str, dict[str, Array]]
@@ -141,53 +139,6 @@ def merge_host(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
         layers = params["layers"][_MODULE[target]][target]
         params["layers"][_MODULE[target]][target] = {**layers, "kernel": layers["kernel"] + cfg.scale * (a @ b)}
     return params
-
-
-def make_lora_step_fn(model: Any, cfg: LoraConfig, optimizer: optax.GradientTransformation,
-                      schedule: optax.Schedule, token_bytes: np.ndarray,
-                      ) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict[str, Array]]]:
-    """`step(state, base, batch)`: like train.step.make_step_fn, but state.params are the adapters and the
-    frozen `base` params are an input, never differentiated nor updated."""
-    token_bytes = jnp.asarray(token_bytes, jnp.float32)
-
-    def step_fn(state: TrainState, base: Any, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
-        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-
-        def micro(carry, mb):
-            grads_acc, ce_acc = carry
-
-            def objective(adapters):
-                ce_sum, _, _ = loss_sums(model, merge(base, adapters, cfg), mb, token_bytes)
-                return ce_sum / total_tokens, ce_sum
-
-            grads, ce_sum = jax.grad(objective, has_aux=True)(state.params)
-            return (jax.tree_util.tree_map(jnp.add, grads_acc, grads), ce_acc + ce_sum), None
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, ce_sum), _ = jax.lax.scan(micro, (zeros, 0.0), batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {"loss": ce_sum / total_tokens, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step), "tokens": total_tokens}
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state, state.rng), metrics
-
-    return step_fn
-
-
-def make_lora_eval_fn(model: Any, cfg: LoraConfig, token_bytes: np.ndarray,
-                      ) -> Callable[[Adapters, Any, Batch], tuple[Array, Array, Array]]:
-    token_bytes = jnp.asarray(token_bytes, jnp.float32)
-
-    def eval_fn(adapters: Adapters, base: Any, batch: Batch) -> tuple[Array, Array, Array]:
-        merged = merge(base, adapters, cfg)
-
-        def micro(carry, mb):
-            sums = loss_sums(model, merged, mb, token_bytes)
-            return tuple(c + s for c, s in zip(carry, sums, strict=True)), None
-
-        sums, _ = jax.lax.scan(micro, (0.0, 0.0, 0.0), batch)
-        return sums
-
-    return eval_fn
 
 
 def count_adapter_params(adapters: Adapters) -> int:

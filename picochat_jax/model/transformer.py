@@ -278,19 +278,19 @@ def training_model(cfg: ModelConfig, precision: str, remat: str, tensor_parallel
                       fuse_projections=tensor_parallel == 1)
 
 
-def _dummy_tokens(cfg: ModelConfig) -> Array:
+def dummy_tokens(cfg: ModelConfig) -> Array:
     return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
 
 
 def init_params(model: Decoder, rng: Array) -> dict[str, Any]:
     """Plain (unboxed) float32 params. Jitted: op-by-op init of a scanned model is needlessly slow."""
-    variables = jax.jit(model.init)(rng, _dummy_tokens(model.cfg))
+    variables = jax.jit(model.init)(rng, dummy_tokens(model.cfg))
     return nn.meta.unbox(variables["params"])
 
 
 def logical_axes(model: Decoder) -> Any:
     """Pytree of PartitionSpecs over *logical* axis names, matching the params tree."""
-    abstract = jax.eval_shape(lambda r: model.init(r, _dummy_tokens(model.cfg)), jax.random.key(0))
+    abstract = jax.eval_shape(lambda r: model.init(r, dummy_tokens(model.cfg)), jax.random.key(0))
     return nn.get_partition_spec(abstract["params"])
 
 

@@ -32,7 +32,7 @@ from picochat_jax.outdir import OutDirError, OutDirInUse, read_marker, write_mar
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
 from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
 from picochat_jax.train.optim import make_optimizer
-from picochat_jax.train.step import build_trainer
+from picochat_jax.train.step import ShardedTrainer, build_trainer
 
 # Dense bf16 peak FLOP/s per chip, for the MFU estimate (vendor datasheet numbers).
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "tpu v4": 275e12,
@@ -146,6 +146,151 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class FitResult:
+    """What the driver hands back to a stage: the trajectory, the final state and timing."""
+
+    status: str  # "completed" or "interrupted"
+    final_step: int
+    start_step: int
+    history: list[dict[str, Any]]  # train rows (loss, lr, grad_norm, tokens_per_sec, ...)
+    val_history: list[dict[str, Any]]  # val rows (val_loss, ...)
+    best_val: float
+    state: Any
+    wall_sec: float
+    tokens_per_sec: float | None  # mean over logged windows, the compile window excluded
+    mfu: float | None
+
+
+def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], source: BatchSource,
+        train_cfg: TrainConfig, out_dir: Path, settings: dict[str, Any], tokens_per_step: int,
+        evaluate: Callable[[Any], dict[str, float] | None],
+        save_model: Callable[[str, Any, dict[str, Any]], None],
+        log_keys: tuple[str, ...] = ("loss", "bpb", "lr", "grad_norm"), flops_per_token: float | None = None,
+        eval_at_start: bool = False, resume: bool = False, resume_or_start: bool = False,
+        should_stop: Callable[[int], bool] | None = None, progress: bool = True) -> FitResult:
+    """The one training driver: resume, the step loop, metrics.jsonl, progress, evaluation and best-model
+    saves, resume checkpoints (async orbax) and SIGTERM, the final model. Every kind of training runs here.
+
+    `evaluate(trainable_params)` returns the validation row (`val_loss` picks the best model) or None;
+    `save_model(name, trainable_params, meta)` writes the stage's model folder `name` ("checkpoint" = final,
+    "best_checkpoint" = best val loss); `settings` is what a resume must match (named keys on a mismatch).
+    The loop syncs with the device only at log/eval/checkpoint steps; in between, steps are dispatched
+    asynchronously while grain prefetches the next batches on background threads.
+    """
+    out_dir = prepare_stage_dir(out_dir, stage, resume, resume_or_start)
+    resume_dir = out_dir / "resume_checkpoint"
+    manager = ResumeManager(resume_dir, train_cfg.keep_checkpoints)
+    metrics_path = out_dir / "metrics.jsonl"
+    best_val = math.inf
+    if resume and manager.latest_step() is None and not resume_or_start:
+        manager.close()
+        raise OutDirError(f"--resume: {resume_dir} holds no complete checkpoint to resume from; start without "
+                          "--resume, or pass --resume-or-start")
+    if resume and manager.latest_step() is not None:
+        try:
+            saved = manager.read_meta()
+            # Checkpoints made before "settings" existed recorded the model and train configs at top level.
+            saved_settings = saved.get("settings") or {k: saved[k] for k in ("model", "train") if k in saved}
+            check_resume_settings(flatten(saved_settings), flatten(settings), resume_dir)
+        except ValueError:
+            manager.close()  # no orbax threads left behind a refused resume
+            raise
+        state, meta = manager.restore(trainer.abstract_state())
+        best_val = meta.get("best_val_loss", math.inf) or math.inf
+        history = read_history(metrics_path, int(state.step))
+    else:
+        state = init_state()
+        history = []
+    start = int(state.step)
+    train_rows = [r for r in history if "loss" in r]
+    val_rows = [r for r in history if "val_loss" in r]
+    _write_rows(metrics_path, history)
+    peak = peak_flops_per_device()
+    n_devices = trainer.mesh.size
+
+    def meta(step: int) -> dict[str, Any]:
+        return {"stage": stage, "step": step, "data_position": step, "best_val_loss": best_val,
+                "settings": settings}
+
+    def append(row: dict[str, Any]) -> None:
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def validate(step: int) -> dict[str, Any] | None:
+        nonlocal best_val
+        fields = evaluate(state.params)
+        if fields is None:
+            return None
+        row = {"step": step, **fields}
+        val_rows.append(row)
+        append(row)
+        if row["val_loss"] < best_val:
+            best_val = row["val_loss"]
+            save_model("best_checkpoint", state.params, {"stage": stage, "step": step, "val_loss": best_val})
+        return row
+
+    status = "completed"
+    total = train_cfg.steps
+    t_start = time.perf_counter()
+    if eval_at_start and start == 0 and not val_rows:
+        validate(0)
+    t_last, last_log_step = time.perf_counter(), start
+    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
+    batches = source.iterate(start)
+    with _StopRequest() as stop:
+        for step in range(start, total):
+            state, metrics = trainer.step(state, trainer.put_batch(next(batches)))
+            done = step + 1
+            bar.update(1)
+            if done % train_cfg.log_every == 0 or done == total or done == start + 1:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                # The first logged window holds the compile; the summary's throughput skips it.
+                tok_s = (done - last_log_step) * tokens_per_step / max(now - t_last, 1e-9)
+                row = {"step": done, **{k: m[k] for k in log_keys if k in m}, "tokens_per_sec": tok_s,
+                       "elapsed_sec": now - t_start,
+                       "mfu": (tok_s * flops_per_token / (peak * n_devices)) if (peak and flops_per_token) else None}
+                train_rows.append(row)
+                append(row)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
+            if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != total:
+                t_eval = time.perf_counter()
+                vrow = validate(done)
+                if vrow:
+                    bar.write(f"[{stage}] step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in vrow.items()
+                                                                   if k != "step"))
+                t_last += time.perf_counter() - t_eval  # evaluation is not training throughput
+            if done % train_cfg.log_every == 0 or done == total or done == start + 1:
+                t_last, last_log_step = time.perf_counter(), done
+            if train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 and done != total:
+                manager.save(done, state, meta(done))
+            stop_now = stop.requested or (should_stop is not None and should_stop(done))
+            if stop_now and done != total:
+                manager.save(done, state, meta(done), force=True)
+                status = "interrupted"
+                bar.write(f"[{stage}] stopped at step {done}; resume checkpoint saved to {resume_dir}")
+                break
+    bar.close()
+    wall = time.perf_counter() - t_start
+    final_step = int(state.step)
+    # Resuming a stage that had already finished: its final folders exist, nothing new to evaluate or save.
+    if status == "completed" and start < total:
+        vrow = validate(final_step)
+        if manager.latest_step() != final_step:
+            manager.save(final_step, state, meta(final_step), force=True)
+        save_model("checkpoint", state.params, {"stage": stage, "step": final_step,
+                                                "val_loss": vrow["val_loss"] if vrow else None})
+        if math.isinf(best_val):  # no val split: the final model is the best we know
+            save_model("best_checkpoint", state.params, {"stage": stage, "step": final_step, "val_loss": None})
+    manager.close()
+
+    timed = [r for r in train_rows if r["step"] > start + 1]
+    mean_tok_s = float(np.mean([r["tokens_per_sec"] for r in timed])) if timed else None
+    mfu = (mean_tok_s * flops_per_token / (peak * n_devices)) if (peak and mean_tok_s and flops_per_token) else None
+    return FitResult(status, final_step, start, train_rows, val_rows, best_val, state, wall, mean_tok_s, mfu)
+
+
 def train(
     *,
     stage: str,
@@ -165,9 +310,7 @@ def train(
     attention_impl: str | None = None,
     ce_chunk_tokens: int = 0,
 ) -> TrainResult:
-    out_dir = prepare_stage_dir(out_dir, stage, resume, resume_or_start)
-    resume_dir = out_dir / "resume_checkpoint"
-
+    """Base pretraining and SFT of a native model (causal-LM loss on every param) through `fit`."""
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
     model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor, attention_impl)
@@ -177,140 +320,43 @@ def train(
     val = eval_batches(val_examples, train_cfg.batch_size, train_cfg.eval_batches) if val_examples else []
     seq_len = train_examples["inputs"].shape[1]
 
-    manager = ResumeManager(resume_dir, train_cfg.keep_checkpoints)
-    metrics_path = out_dir / "metrics.jsonl"
-    best_val = math.inf
-    if resume and manager.latest_step() is None and not resume_or_start:
-        manager.close()
-        raise OutDirError(f"--resume: {resume_dir} holds no complete checkpoint to resume from; start without "
-                          "--resume, or pass --resume-or-start")
-    if resume and manager.latest_step() is not None:
-        saved = manager.read_meta()
-        try:
-            check_resume_settings(flatten({"model": saved.get("model", {}), "train": saved.get("train", {})}),
-                                  flatten({"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)}),
-                                  resume_dir)
-        except ValueError:
-            manager.close()  # no orbax threads left behind a refused resume
-            raise
-        state, meta = manager.restore(trainer.abstract_state())
-        best_val = meta.get("best_val_loss", math.inf) or math.inf
-        history = read_history(metrics_path, int(state.step))
-    else:
-        rng = jax.random.key_data(jax.random.key(train_cfg.seed))
-        state = trainer.init(rng, init_params)
-        history = []
-    start = int(state.step)
-    train_rows = [r for r in history if "loss" in r]
-    val_rows = [r for r in history if "val_loss" in r]
-    _write_rows(metrics_path, history)
-
-    n_params = count_params(state.params)
-    flops_per_token = model_cfg.flops_per_token(seq_len)
-    peak = peak_flops_per_device()
-    n_devices = mesh_shape.size
-
-    def meta(step: int) -> dict[str, Any]:
-        return {"stage": stage, "step": step, "data_position": step, "best_val_loss": best_val,
-                "model": model_cfg.to_dict(), "train": train_cfg.__dict__}
-
-    def run_eval(step: int) -> dict[str, Any] | None:
+    def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
             return None
-        sums = np.zeros(3)
+        sums = {"ce": 0.0, "tokens": 0.0, "bytes": 0.0}
         for vb in val:
-            sums += np.array(jax.device_get(trainer.evaluate(state.params, trainer.put_batch(vb))))
-        return {"step": step, "val_loss": sums[0] / max(sums[1], 1),
-                "val_bpb": sums[0] / (math.log(2) * max(sums[2], 1))}
+            got = jax.device_get(trainer.evaluate(params, trainer.put_batch(vb)))
+            sums = {k: sums[k] + float(got[k]) for k in sums}
+        return {"val_loss": sums["ce"] / max(sums["tokens"], 1), "val_bpb": sums["ce"] / (math.log(2) *
+                                                                                        max(sums["bytes"], 1))}
 
-    def append(row: dict[str, Any]) -> None:
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    def save_model(name: str, params: Any, meta: dict[str, Any]) -> None:
+        save_model_checkpoint(out_dir / name, params, model_cfg, tokenizer_path, meta)
 
-    def save_best(row: dict[str, Any] | None, step: int) -> None:
-        nonlocal best_val
-        if row is not None and row["val_loss"] < best_val:
-            best_val = row["val_loss"]
-            save_model_checkpoint(out_dir / "best_checkpoint", state.params, model_cfg, tokenizer_path,
-                                  {"stage": stage, "step": step, "val_loss": best_val})
+    def init_state() -> Any:
+        return trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)), init_params)
 
-    status = "completed"
-    total = train_cfg.steps
-    t_start = time.perf_counter()
-    t_last, last_log_step = t_start, start
-    tokens_per_step = seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps
-    bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
-    batches = source.iterate(start)
-    with _StopRequest() as stop:
-        for step in range(start, total):
-            state, metrics = trainer.step(state, trainer.put_batch(next(batches)))
-            done = step + 1
-            bar.update(1)
-            if done % train_cfg.log_every == 0 or done == total or done == start + 1:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                # The first logged window holds the compile; the summary's throughput skips it.
-                tok_s = (done - last_log_step) * tokens_per_step / max(now - t_last, 1e-9)
-                t_last, last_log_step = now, done
-                row = {"step": done, "loss": m["loss"], "bpb": m["bpb"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                       "tokens_per_sec": tok_s, "elapsed_sec": now - t_start,
-                       "mfu": (tok_s * flops_per_token / (peak * n_devices)) if peak else None}
-                train_rows.append(row)
-                append(row)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
-            if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != total:
-                vrow = run_eval(done)
-                if vrow:
-                    val_rows.append(vrow)
-                    append(vrow)
-                    save_best(vrow, done)
-                    bar.write(f"[{stage}] step {done}: val_loss {vrow['val_loss']:.4f} val_bpb {vrow['val_bpb']:.3f}")
-            if train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 and done != total:
-                manager.save(done, state, meta(done))
-            stop_now = stop.requested or (should_stop is not None and should_stop(done))
-            if stop_now and done != total:
-                manager.save(done, state, meta(done), force=True)
-                status = "interrupted"
-                bar.write(f"[{stage}] stopped at step {done}; resume checkpoint saved to {resume_dir}")
-                break
-    bar.close()
-    wall = time.perf_counter() - t_start
-    final_step = int(state.step)
-    # Resuming a stage that had already finished: its final folders exist, nothing new to evaluate or save.
-    already_finished = start >= total
-    if status == "completed" and not already_finished:
-        vrow = run_eval(final_step)
-        if vrow:
-            val_rows.append(vrow)
-            append(vrow)
-            save_best(vrow, final_step)
-        if manager.latest_step() != final_step:
-            manager.save(final_step, state, meta(final_step), force=True)
-        save_model_checkpoint(out_dir / "checkpoint", state.params, model_cfg, tokenizer_path,
-                              {"stage": stage, "step": final_step,
-                               "val_loss": vrow["val_loss"] if vrow else None})
-        if not (out_dir / "best_checkpoint").exists():  # no val split: the final model is the best we know
-            save_model_checkpoint(out_dir / "best_checkpoint", state.params, model_cfg, tokenizer_path,
-                                  {"stage": stage, "step": final_step, "val_loss": None})
-    manager.close()
-
-    timed = [r for r in train_rows if r["step"] > start + 1]
-    mean_tok_s = float(np.mean([r["tokens_per_sec"] for r in timed])) if timed else None
+    flops_per_token = model_cfg.flops_per_token(seq_len)
+    run = fit(stage=stage, trainer=trainer, init_state=init_state, source=source, train_cfg=train_cfg,
+              out_dir=out_dir, settings={"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)},
+              tokens_per_step=seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps, evaluate=evaluate,
+              save_model=save_model, flops_per_token=flops_per_token, resume=resume,
+              resume_or_start=resume_or_start, should_stop=should_stop, progress=progress)
+    rows, vals = run.history, run.val_history
     summary = {
-        "stage": stage, "status": status, "steps": final_step, "params": n_params,
-        "tokens_seen": final_step * tokens_per_step,
+        "stage": stage, "status": run.status, "steps": run.final_step, "params": count_params(run.state.params),
+        "tokens_seen": run.final_step * seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps,
         "seq_len": seq_len, "train_examples": source.num_examples,
         "val_examples": 0 if not val_examples else len(val_examples["inputs"]),
-        "first_loss": train_rows[0]["loss"] if train_rows else None,
-        "final_loss": train_rows[-1]["loss"] if train_rows else None,
-        "final_bpb": train_rows[-1]["bpb"] if train_rows else None,
-        "best_val_loss": None if math.isinf(best_val) else best_val,
-        "final_val_loss": val_rows[-1]["val_loss"] if val_rows else None,
-        "final_val_bpb": val_rows[-1]["val_bpb"] if val_rows else None,
-        "tokens_per_sec": mean_tok_s,
-        "mfu": (mean_tok_s * flops_per_token / (peak * n_devices)) if (peak and mean_tok_s) else None,
-        "flops_per_token": flops_per_token, "wall_sec": wall, "mesh": str(mesh_shape),
-        "devices": n_devices, "device_kind": jax.devices()[0].device_kind, "precision": train_cfg.precision,
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "final_bpb": rows[-1]["bpb"] if rows else None,
+        "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
+        "final_val_loss": vals[-1]["val_loss"] if vals else None,
+        "final_val_bpb": vals[-1]["val_bpb"] if vals else None,
+        "tokens_per_sec": run.tokens_per_sec, "mfu": run.mfu,
+        "flops_per_token": flops_per_token, "wall_sec": run.wall_sec, "mesh": str(mesh_shape),
+        "devices": mesh_shape.size, "device_kind": jax.devices()[0].device_kind, "precision": train_cfg.precision,
     }
     save_json(out_dir / "summary.json", summary)
-    return TrainResult(status, final_step, train_rows, val_rows, summary, state.params)
+    return TrainResult(run.status, run.final_step, rows, vals, summary, run.state.params)

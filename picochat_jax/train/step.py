@@ -1,8 +1,11 @@
-"""The pure train step and its sharded, jitted form.
+"""The one train step, for every kind of training, and its sharded, jitted form.
 
-`train_step(state, batch) -> (state, metrics)` is one `jax.jit` with explicit in/out shardings and the state
-donated. A batch holds (grad_accum, batch, seq) arrays; micro-batches run under `lax.scan` and the loss is
-normalised by the token count of the *whole* accumulated batch, so accumulation is exactly a bigger batch.
+A step is an objective (the loss: causal LM here, DPO in train/dpo.py) plus a trainable-params filter (every
+param, or LoRA adapters over a frozen base) plus one gradient-accumulation scan. `build_trainer` compiles it
+for a mesh: one `jax.jit` with explicit in/out shardings and the state donated, one batch placement
+(`put_batch`), one init. Base pretraining, SFT, DPO, native LoRA and hf-sft (full and LoRA) all build it;
+train/loop.py is the one driver around it. A batch holds (grad_accum, batch, ...) arrays; the loss is
+normalised by the denominator of the *whole* accumulated batch, so accumulation is exactly a bigger batch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import optax
 from jax.sharding import Mesh
 
 from picochat_jax import parallel
-from picochat_jax.model.transformer import Decoder, _dummy_tokens
+from picochat_jax.model import lora
+from picochat_jax.model.transformer import Decoder, dummy_tokens, logical_axes
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -85,56 +89,106 @@ def loss_sums(model: Decoder, params: Any, batch: Batch, token_bytes: Array,
     return jnp.sum(ce * mask), jnp.sum(mask), jnp.sum(token_bytes[batch["targets"]] * mask)
 
 
-def make_step_fn(model: Decoder, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                 token_bytes: np.ndarray, ce_chunk_tokens: int = 0,
-                 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    token_bytes = jnp.asarray(token_bytes, jnp.float32)
+# --------------------------------------------------------------------------------------------- objectives
+# An objective is the loss a step minimises: `denominator(batch)` over the whole accumulated batch, and
+# `sums(params, micro_batch) -> (numerator, metric sums)`. The step divides by the denominator *inside* the
+# gradient, so accumulation is exactly a bigger batch; `metrics(sums, denominator)` turns summed metrics
+# into the logged ones. Base pretraining and SFT use CausalLM; DPO plugs in its own (train/dpo.py).
 
-    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
-        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-        def micro(carry, mb):
-            grads_acc, ce_acc, bytes_acc = carry
+@dataclass(frozen=True)
+class CausalLM:
+    """Masked next-token cross-entropy (bits per byte reported too)."""
 
-            def objective(p):
-                ce_sum, _, nbytes = loss_sums(model, p, mb, token_bytes, ce_chunk_tokens)
-                return ce_sum / total_tokens, (ce_sum, nbytes)
+    model: Decoder
+    token_bytes: Any  # float32 (vocab,): UTF-8 bytes per token, the denominator of bits per byte
+    ce_chunk_tokens: int = 0
 
-            grads, (ce_sum, nbytes) = jax.grad(objective, has_aux=True)(state.params)
-            grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
-            return (grads_acc, ce_acc + ce_sum, bytes_acc + nbytes), None
+    def denominator(self, batch: Batch) -> Array:
+        return jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    def sums(self, params: Any, mb: Batch) -> tuple[Array, dict[str, Array]]:
+        ce, tokens, nbytes = loss_sums(self.model, params, mb, jnp.asarray(self.token_bytes, jnp.float32),
+                                       self.ce_chunk_tokens)
+        return ce, {"ce": ce, "tokens": tokens, "bytes": nbytes}
+
+    def metrics(self, sums: dict[str, Array], denominator: Array) -> dict[str, Array]:
+        return {"loss": sums["ce"] / denominator, "bpb": sums["ce"] / (math.log(2) * jnp.maximum(sums["bytes"], 1.0)),
+                "tokens": denominator}
+
+
+# --------------------------------------------------------------------------------------------- trainables
+# What the optimizer updates: every param, or LoRA adapters next to a frozen base. `params_of(trainable,
+# frozen)` is what the model applies; only `trainable` is differentiated and has optimizer state.
+
+
+@dataclass(frozen=True)
+class FullParams:
+    def params_of(self, trainable: Any, frozen: Any) -> Any:
+        return trainable
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """Adapters A, B per target projection; the effective kernels W + (alpha/r) A B are merged inside the loss."""
+
+    cfg: lora.LoraConfig
+
+    def params_of(self, trainable: Any, frozen: Any) -> Any:
+        return lora.merge(frozen, trainable, self.cfg)
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def make_step_fn(objective: Any, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                 trainable: Any = FullParams()) -> Callable[[TrainState, Any, Batch], tuple[TrainState, dict]]:
+    """The one train step: `step(state, frozen, batch) -> (state, metrics)`. Batch leaves are
+    (grad_accum, batch, ...); micro-batches run under `lax.scan`."""
+
+    def step_fn(state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        denominator = objective.denominator(batch)
+
+        def grads_and_sums(mb: Batch) -> tuple[Any, dict[str, Array]]:
+            def loss(params: Any) -> tuple[Array, dict[str, Array]]:
+                numerator, sums = objective.sums(trainable.params_of(params, frozen), mb)
+                return numerator / denominator, sums
+
+            return jax.grad(loss, has_aux=True)(state.params)
+
         if jax.tree_util.tree_leaves(batch)[0].shape[0] == 1:
-            # No accumulation: skip the zero-filled gradient buffers and the adds (a full pass over the
-            # float32 gradients each), which XLA keeps even for a one-trip scan.
-            (grads, ce_sum, nbytes), _ = micro((zeros, 0.0, 0.0), jax.tree_util.tree_map(lambda x: x[0], batch))
+            # No accumulation: no zero-filled gradient buffers and adds (a full pass over the float32
+            # gradients each), which XLA keeps even for a one-trip scan.
+            grads, sums = grads_and_sums(jax.tree_util.tree_map(lambda x: x[0], batch))
         else:
-            (grads, ce_sum, nbytes), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+            def micro(carry: tuple, mb: Batch) -> tuple[tuple, None]:
+                g, s = grads_and_sums(mb)
+                return (_tree_add(carry[0], g), _tree_add(carry[1], s)), None
+
+            first = jax.tree_util.tree_map(lambda x: x[0], batch)
+            sum_shapes = jax.eval_shape(lambda: grads_and_sums(first)[1])
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
+                     jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes))
+            (grads, sums), _ = jax.lax.scan(micro, zeros, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": ce_sum / total_tokens,
-            "bpb": ce_sum / (math.log(2) * jnp.maximum(nbytes, 1.0)),
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state.step),
-            "tokens": total_tokens,
-        }
+        metrics = {**objective.metrics(sums, denominator), "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     return step_fn
 
 
-def make_eval_fn(model: Decoder, token_bytes: np.ndarray,
-                 ce_chunk_tokens: int = 0) -> Callable[[Any, Batch], tuple[Array, Array, Array]]:
-    token_bytes = jnp.asarray(token_bytes, jnp.float32)
+def make_eval_fn(objective: Any, trainable: Any = FullParams()) -> Callable[[Any, Any, Batch], dict[str, Array]]:
+    """`evaluate(trainable_params, frozen, batch) -> metric sums` over (n, batch, ...) micro-batches."""
 
-    def eval_fn(params: Any, batch: Batch) -> tuple[Array, Array, Array]:
-        def micro(carry, mb):
-            sums = loss_sums(model, params, mb, token_bytes, ce_chunk_tokens)
-            return tuple(c + s for c, s in zip(carry, sums, strict=True)), None
-
-        sums, _ = jax.lax.scan(micro, (0.0, 0.0, 0.0), batch)
+    def eval_fn(params: Any, frozen: Any, batch: Batch) -> dict[str, Array]:
+        full = trainable.params_of(params, frozen)
+        first = jax.tree_util.tree_map(lambda x: x[0], batch)
+        sum_shapes = jax.eval_shape(lambda: objective.sums(full, first)[1])
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
+        sums, _ = jax.lax.scan(lambda c, mb: (_tree_add(c, objective.sums(full, mb)[1]), None), zeros, batch)
         return sums
 
     return eval_fn
@@ -142,21 +196,24 @@ def make_eval_fn(model: Decoder, token_bytes: np.ndarray,
 
 @dataclass
 class ShardedTrainer:
-    """Everything compiled for one (model, optimizer, mesh): init, step and eval, with their shardings."""
+    """Everything compiled for one (objective, trainable filter, optimizer, mesh): init, step and eval with
+    their shardings, the one batch placement, and the host view of the full params."""
 
     mesh: Mesh
     state_shardings: TrainState
-    init: Callable[[Array, Any], TrainState]
+    init: Callable[..., TrainState]
     step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]
-    evaluate: Callable[[Any, Batch], tuple[Array, Array, Array]]
+    evaluate: Callable[[Any, Batch], dict[str, Array]]
+    full_params: Callable[[Any], Any]  # trainable params -> host params of the whole model (merged for LoRA)
+    frozen: Any = None  # device params that are read but never trained (the LoRA base)
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> Batch:
+    def put_batch(self, batch: dict[str, np.ndarray], batch_dim: int = 1) -> Batch:
         """Global host batch -> sharded device arrays. Every process computes the same global batch (a pure
         function of seed and step) and materialises only its addressable shards, so this is also correct
         on multi-host meshes (one process per host after `jax.distributed.initialize`)."""
         out = {}
         for k, v in batch.items():
-            sharding = parallel.batch_sharding(self.mesh, v.ndim, batch_dim=1)
+            sharding = parallel.batch_sharding(self.mesh, v.ndim, batch_dim=batch_dim)
             out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
         return out
 
@@ -168,47 +225,115 @@ class ShardedTrainer:
         )
 
 
+def _batch_shardings(mesh: Mesh, batch: Batch) -> Any:
+    return {k: parallel.batch_sharding(mesh, v.ndim, batch_dim=1) for k, v in batch.items()}
+
+
 def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                  token_bytes: np.ndarray, mesh: Mesh, *, ce_chunk_tokens: int = 0) -> ShardedTrainer:
-    """Compile init/step/eval for `mesh`. `ce_chunk_tokens` > 0 computes the loss in chunks of about that
-    many tokens (see `chunked_token_losses`): the same numbers, less memory."""
-    # Shardings come from the logical axis names on the *boxed* params: optax's state mirrors the params
-    # tree, boxes included, so one get_partition_spec call covers params and optimizer moments.
-    def boxed_state(rng_data):
-        boxed = model.init(jax.random.wrap_key_data(rng_data), _dummy_tokens(model.cfg))["params"]
-        return TrainState(jnp.zeros((), jnp.int32), boxed, optimizer.init(boxed), rng_data)
+                  token_bytes: np.ndarray | None, mesh: Mesh, *, ce_chunk_tokens: int = 0, objective: Any = None,
+                  lora_cfg: lora.LoraConfig | None = None, base_params: Any = None,
+                  base_dtype: Any = jnp.float32) -> ShardedTrainer:
+    """Compile init/step/eval for `mesh`.
 
-    abstract_boxed = jax.eval_shape(boxed_state, jnp.zeros((2,), jnp.uint32))
-    logical_specs = nn.get_partition_spec(abstract_boxed)
-    abstract_plain = nn.meta.unbox(abstract_boxed)
-    state_shardings = parallel.tree_shardings(logical_specs, abstract_plain, mesh)
+    `objective` defaults to CausalLM (with `ce_chunk_tokens` > 0 the loss runs in chunks of about that many
+    tokens, see `chunked_token_losses`: the same numbers, less memory). With `lora_cfg`, the trainable params
+    are adapters over `base_params` (frozen, stored in `base_dtype`, sharded by their logical axes); otherwise
+    every param trains, with shardings from the logical axis names and `init(rng, params)` resharding given
+    params (SFT from a base checkpoint) on the way in.
+    """
+    objective = objective or CausalLM(model, np.asarray(token_bytes, np.float32), ce_chunk_tokens)
     replicated = parallel.replicated(mesh)
+    if lora_cfg is None:
+        trainable: Any = FullParams()
+        frozen = None
+        frozen_shardings: Any = replicated  # a prefix for the empty pytree
 
-    def fresh_state(rng_data: Array) -> TrainState:
-        params = nn.meta.unbox(model.init(jax.random.wrap_key_data(rng_data), _dummy_tokens(model.cfg))["params"])
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng_data)
+        # Shardings come from the logical axis names on the *boxed* params: optax's state mirrors the params
+        # tree, boxes included, so one get_partition_spec call covers params and optimizer moments.
+        def boxed_state(rng_data: Array) -> TrainState:
+            boxed = model.init(jax.random.wrap_key_data(rng_data), dummy_tokens(model.cfg))["params"]
+            return TrainState(jnp.zeros((), jnp.int32), boxed, optimizer.init(boxed), rng_data)
 
-    def state_from_params(rng_data: Array, params: Any) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng_data)
+        abstract_boxed = jax.eval_shape(boxed_state, jnp.zeros((2,), jnp.uint32))
+        state_shardings = parallel.tree_shardings(nn.get_partition_spec(abstract_boxed),
+                                                  nn.meta.unbox(abstract_boxed), mesh)
 
-    # Fresh params are born sharded; given params (SFT from a base checkpoint) are resharded on the way in.
-    jit_fresh = jax.jit(fresh_state, in_shardings=replicated, out_shardings=state_shardings)
-    jit_from_params = jax.jit(state_from_params, in_shardings=(replicated, state_shardings.params),
-                              out_shardings=state_shardings)
+        def fresh_state(rng_data: Array) -> TrainState:
+            params = nn.meta.unbox(model.init(jax.random.wrap_key_data(rng_data), dummy_tokens(model.cfg))["params"])
+            return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng_data)
 
-    def init(rng_data: Array, params: Any | None = None) -> TrainState:
-        return jit_fresh(rng_data) if params is None else jit_from_params(rng_data, params)
+        def state_from_params(rng_data: Array, params: Any) -> TrainState:
+            return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng_data)
 
-    # Every batch leaf is (grad_accum, batch, seq): one sharding, used as a pytree prefix for the batch dict.
-    batch_in = parallel.batch_sharding(mesh, 3, batch_dim=1)
-    compiled_step = jax.jit(parallel.traced_under(mesh, make_step_fn(model, optimizer, schedule, token_bytes,
-                                                                     ce_chunk_tokens)),
-                            in_shardings=(state_shardings, batch_in),
-                            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    compiled_eval = jax.jit(parallel.traced_under(mesh, make_eval_fn(model, token_bytes, ce_chunk_tokens)),
-                            in_shardings=(state_shardings.params, batch_in), out_shardings=replicated)
+        # Fresh params are born sharded; given params are resharded on the way in.
+        jit_fresh = jax.jit(fresh_state, in_shardings=replicated, out_shardings=state_shardings)
+        jit_from_params = jax.jit(state_from_params, in_shardings=(replicated, state_shardings.params),
+                                  out_shardings=state_shardings)
 
-    return ShardedTrainer(mesh, state_shardings, init, compiled_step, compiled_eval)
+        def init(rng_data: Array, params: Any | None = None) -> TrainState:
+            return jit_fresh(rng_data) if params is None else jit_from_params(rng_data, params)
+
+        full_params: Callable[[Any], Any] = jax.device_get
+    else:
+        if base_params is None:
+            raise ValueError("LoRA training needs the frozen base params")
+        trainable = LoraParams(lora_cfg)
+        # The frozen base is only read, so bf16 runs keep it in bf16: half the memory, no master copy needed.
+        host_base = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(base_dtype), base_params)
+        frozen_shardings = parallel.tree_shardings(logical_axes(model), host_base, mesh)
+        frozen = jax.device_put(host_base, frozen_shardings)
+
+        def lora_state(rng_data: Array) -> TrainState:
+            adapters = lora.init_adapters(base_params, lora_cfg, jax.random.wrap_key_data(rng_data))
+            return TrainState(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters), rng_data)
+
+        # Adapters are small: every device holds them (and their optimizer moments) whole.
+        abstract = jax.eval_shape(lora_state, jnp.zeros((2,), jnp.uint32))
+        state_shardings = jax.tree_util.tree_map(lambda _: replicated, abstract)
+
+        def init(rng_data: Array, params: Any | None = None) -> TrainState:
+            if params is not None:
+                raise ValueError("LoRA adapters start fresh; the base params were given to build_trainer")
+            return jax.device_put(lora_state(rng_data), state_shardings)
+
+        def full_params(adapters: Any) -> Any:
+            return lora.merge_host(base_params, adapters, lora_cfg)
+
+    step_fn = parallel.traced_under(mesh, make_step_fn(objective, optimizer, schedule, trainable))
+    eval_fn = parallel.traced_under(mesh, make_eval_fn(objective, trainable))
+    compiled: dict[tuple, Any] = {}
+
+    def jitted(kind: str, batch: Batch) -> Any:
+        """One program per batch layout (key set and ranks), with every batch leaf split over data*fsdp."""
+        key = (kind, tuple(sorted((k, v.ndim) for k, v in batch.items())))
+        if key not in compiled:
+            batch_in = _batch_shardings(mesh, batch)
+            if kind == "step":
+                compiled[key] = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_in),
+                                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+            else:
+                compiled[key] = jax.jit(eval_fn, in_shardings=(state_shardings.params, frozen_shardings, batch_in),
+                                        out_shardings=replicated)
+        return compiled[key]
+
+    def evaluate(params: Any, batch: Batch) -> dict[str, Array]:
+        return jitted("eval", batch)(params, frozen, batch)
+
+    return ShardedTrainer(mesh, state_shardings, init, _BoundStep(jitted, frozen), evaluate, full_params, frozen)
+
+
+@dataclass(frozen=True)
+class _BoundStep:
+    """`trainer.step(state, batch)` with the frozen params bound; `.lower(state, batch)` shows the program."""
+
+    jitted: Callable[[str, Batch], Any]
+    frozen: Any
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        return self.jitted("step", batch)(state, self.frozen, batch)
+
+    def lower(self, state: Any, batch: Batch) -> Any:
+        return self.jitted("step", batch).lower(state, self.frozen, batch)
 
 
 # XLA:GPU flags worth having for training on one or more NVIDIA GPUs. Opt-in (XLA reads XLA_FLAGS once, when
