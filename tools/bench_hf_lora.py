@@ -189,7 +189,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "fuse_projections": model.fuse_projections,
         "attention": resolve_attention_impl(None, compute_dtype(args.precision), head_dim),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "params": n_params, "trainable_params": trainer.trainable, "batch_size": batch, "seq_len": seq,
+        "params": n_params, "trainable_params": count_params(state0.params), "batch_size": batch, "seq_len": seq,
         "steps": args.steps, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_step": tokens, "tokens_per_sec": tokens / step_s,
