@@ -405,7 +405,7 @@ def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, pre
                 chunk_tokens: int = 8) -> tuple[Engine, NativeChatFormat]:
     """Engine and chat format for a native checkpoint folder (RUN/sft/checkpoint and friends); the tokenizer
     defaults to the folder's own copy and must be the one the model was trained with."""
-    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
+    from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
 
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from picochat_jax.config import DPOConfig, ModelConfig, ScaleConfig, TrainConfig, load_scale, with_overrides
-from picochat_jax.data.chat import encode_conversations, pad_examples
+from picochat_jax.data.chat import sft_examples
 from picochat_jax.data.loader import base_examples, split_examples
 from picochat_jax.data.pack import Corpus, DatasetPack, load_corpus, load_pack, pack_inputs, write_corpus_report
 from picochat_jax.data.records import (
@@ -65,14 +63,6 @@ def base_stage(scale: ScaleConfig, train_cfg: TrainConfig, tok: ChatTokenizer, t
     return train(stage="base", model_cfg=model_cfg, train_cfg=train_cfg, train_examples=train_ex,
                  val_examples=val_ex, out_dir=out_dir, mesh_shape=mesh_shape,
                  token_bytes=tok.token_byte_lengths(), tokenizer_path=tokenizer_path, **train_kwargs)
-
-
-def sft_examples(conversations: list[Conversation], tok: ChatTokenizer, max_seq_len: int,
-                 all_assistant_turns: bool = False) -> tuple[dict[str, np.ndarray], int]:
-    encoded = encode_conversations(conversations, tok, all_assistant_turns)
-    longest = max(len(ids) for ids, _ in encoded) - 1
-    seq_len = min(max_seq_len, -(-longest // 16) * 16)  # one fixed shape, no longer than the data needs
-    return pad_examples(encoded, seq_len, tok.pad_id)
 
 
 def sft_stage(model_cfg: ModelConfig, train_cfg: TrainConfig, tok: ChatTokenizer, tokenizer_path: Path,
@@ -196,7 +186,7 @@ def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | 
     `--resume` after an interruption in a *later* stage (e.g. during eval) reuses finished stages instead of
     re-entering their training loops.
     """
-    from picochat_jax.train.checkpoint import load_model_checkpoint
+    from picochat_jax.checkpoint import load_model_checkpoint
 
     summary_path = stage_dir / "summary.json"
     if not (stage_dir / "checkpoint" / "model_config.json").exists() or not summary_path.exists():

@@ -14,6 +14,7 @@ import pytest
 
 from picochat_jax.config import ModelConfig
 from picochat_jax.model.layers import attend, resolve_attention_impl, swiglu_packed
+from picochat_jax.model.loss import ce_chunk_rows, loss_sums
 from picochat_jax.model.transformer import (
     Decoder,
     default_scan_unroll,
@@ -23,7 +24,7 @@ from picochat_jax.model.transformer import (
     training_model,
     vocab_logits,
 )
-from picochat_jax.train.step import apply_gpu_xla_flags, ce_chunk_rows, loss_sums
+from picochat_jax.train.step import apply_gpu_xla_flags
 
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64", "--vocab", "128",
         "--seq-len", "32", "--batch-size", "8", "--steps", "3", "--warmup", "2", "--matmul-size", "128"]

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from picochat_jax.checkpoint import load_model_checkpoint, save_model_checkpoint
 from picochat_jax.cli import main
 from picochat_jax.config import ModelConfig
+from picochat_jax.data.chat import preference_examples
 from picochat_jax.data.records import Message, PreferenceRow
 from picochat_jax.model.transformer import init_params, make_model
 from picochat_jax.tokenizer import train_tokenizer
-from picochat_jax.train.checkpoint import load_model_checkpoint, save_model_checkpoint
-from picochat_jax.train.dpo import dpo_losses, pair_logps, preference_examples, sequence_logps
+from picochat_jax.train.dpo import dpo_losses, pair_logps, sequence_logps
 
 PROMPTS = ["Can you help me plan a picnic?", "Will you check my essay?", "Could you explain rainbows?",
            "Can you suggest a book?", "Would you review my code?", "Can you name a river?",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from picochat_jax.checkpoint import load_model_checkpoint
 from picochat_jax.cli import main
 from picochat_jax.cli.chat import fit_history
 from picochat_jax.config import load_scale
@@ -19,7 +20,6 @@ from picochat_jax.eval.fit import assistant_loss, sft_fit_report, token_f1
 from picochat_jax.generate import SamplingParams, load_native
 from picochat_jax.pipeline import RunOptions, run_tiny
 from picochat_jax.tokenizer import ChatTokenizer
-from picochat_jax.train.checkpoint import load_model_checkpoint
 
 
 def row(**fields) -> object:

@@ -29,6 +29,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from picochat_jax.checkpoint import load_model_checkpoint, save_model_checkpoint
 from picochat_jax.cli import main
 from picochat_jax.config import ModelConfig, available_scales, load_scale
 from picochat_jax.data.chat import encode_conversations, encode_prompt
@@ -37,7 +38,6 @@ from picochat_jax.data.records import read_chat_jsonl
 from picochat_jax.hf import convert
 from picochat_jax.model.transformer import make_model
 from picochat_jax.tokenizer import train_tokenizer
-from picochat_jax.train.checkpoint import load_model_checkpoint, save_model_checkpoint
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=256)

@@ -18,10 +18,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from picochat_jax.cli import main
+from picochat_jax.data.chat import encode_template_rows, template_examples
 from picochat_jax.data.records import read_chat_jsonl
 from picochat_jax.hf.chat_format import HFChatFormat
 from picochat_jax.hf.convert import load_hf_model
-from picochat_jax.hf.sft import HFSFTOptions, build_examples, encode_chat_rows, run_hf_sft
+from picochat_jax.hf.sft import HFSFTOptions, run_hf_sft
 from picochat_jax.model.lora import LoraConfig
 from picochat_jax.model.transformer import make_model
 
@@ -81,16 +82,16 @@ def test_target_is_what_the_full_render_adds_beyond_the_prompt(tiny):
     model_dir, chat = tiny
     fmt = HFChatFormat.load(model_dir)
     rows = read_chat_jsonl(chat)
-    encoded, mismatched = encode_chat_rows(rows, fmt)
+    encoded, mismatched = encode_template_rows(rows, fmt)
     assert mismatched == 0
     for row, (ids, mask) in zip(rows, encoded, strict=True):
         assert fmt.tokenizer.decode(ids[mask]) == f"{row.messages[-1].content}<|im_end|>\n"
         # everything before the target is exactly the generation prompt
         assert ids[~mask].tolist() == fmt.encode_prompt(row.messages[:-1])
-    examples, stats = build_examples(rows, fmt, max_length=128)
+    examples, stats = template_examples(rows, fmt, max_length=128)
     assert stats["rows"] == len(rows) and stats["truncated_rows"] == 0
     assert examples["inputs"].shape == (len(rows), stats["seq_len"])
-    examples, stats = build_examples(rows, fmt, max_length=32)  # too long rows lose their start, not the target
+    examples, stats = template_examples(rows, fmt, max_length=32)  # too long rows lose their start, not the target
     assert stats["truncated_rows"] > 0 and examples["inputs"].shape[1] == 32
     np.testing.assert_array_equal(examples["loss_mask"].sum(1), [m[1:].sum() for _, m in encoded])
 
@@ -102,7 +103,7 @@ def test_template_whose_prompt_is_not_a_prefix(tiny):
     fmt.tokenizer.chat_template = CHATML.replace("<|im_start|>assistant\n{% endif %}",
                                                  "<|im_start|>assistant:{% endif %}")
     rows = read_chat_jsonl(chat)[:4]
-    encoded, mismatched = encode_chat_rows(rows, fmt)
+    encoded, mismatched = encode_template_rows(rows, fmt)
     assert mismatched == len(rows)
     ids, mask = encoded[0]
     # The target starts where the renderings part ways ('\n' vs ':' after the shared 'assistant' token).

@@ -19,12 +19,12 @@ import jax
 import pytest
 from click.testing import CliRunner
 
+from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.cli import main
 from picochat_jax.config import ModelConfig
 from picochat_jax.model.transformer import init_params, make_model
 from picochat_jax.outdir import MARKER, OutDirError, check_out_dir, claim_out_dir, delete_owned, write_marker
 from picochat_jax.tokenizer import train_tokenizer
-from picochat_jax.train.checkpoint import save_model_checkpoint
 from picochat_jax.train.loop import read_history
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello there, how are you today?"] * 20
@@ -333,7 +333,7 @@ def test_checkpoint_records_its_tokenizer_and_the_default_is_its_own(tmp_path, m
     meta = json.loads((model_dir / "checkpoint.json").read_text())
     own = hashlib.sha256((model_dir / "tokenizer.json").read_bytes()).hexdigest()
     assert meta["tokenizer"]["sha256"] == own
-    from picochat_jax.train.checkpoint import checkpoint_tokenizer
+    from picochat_jax.checkpoint import checkpoint_tokenizer
 
     assert checkpoint_tokenizer(model_dir) == model_dir / "tokenizer.json"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from picochat_jax.checkpoint import load_model_checkpoint
 from picochat_jax.cli import main
-from picochat_jax.train.checkpoint import load_model_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.config import ModelConfig
 from picochat_jax.data.records import Message
 from picochat_jax.generate import ChunkResult, Engine, SamplingParams
@@ -27,7 +28,6 @@ from picochat_jax.model.transformer import init_params, make_model
 from picochat_jax.serve.app import StopText, create_app, load_backend
 from picochat_jax.serve.batcher import Batcher, GenerationRequest
 from picochat_jax.tokenizer import train_tokenizer
-from picochat_jax.train.checkpoint import save_model_checkpoint
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from picochat_jax.cli.common import friendly_errors, input_or_pack_file, select_device
-from picochat_jax.cli.train import _train_cfg, claim_stage_dir, train_flags
+from picochat_jax.cli.train import claim_stage_dir, train_cfg_from_flags, train_flags
 
 
 @click.command(name="dpo")
@@ -34,11 +34,11 @@ def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     rate, 20 steps, no weight decay).
     """
     select_device(opts["device"])
+    from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
     from picochat_jax.config import load_scale, with_overrides
     from picochat_jax.data.records import read_preference_jsonl
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.tokenizer import ChatTokenizer
-    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
     from picochat_jax.train.dpo import dpo_train_config, train_dpo
 
     prefs_path = input_or_pack_file(input_path, pack_path, "preferences")
@@ -49,7 +49,7 @@ def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     scale = load_scale(opts["scale"], opts["sets"])
     dpo_cfg = with_overrides(scale.dpo, beta=beta)
     base_cfg = dpo_train_config(scale.sft, dpo_cfg, opts["steps"], opts["learning_rate"])
-    cfg = _train_cfg(base_cfg, {**opts, "steps": None, "learning_rate": None})
+    cfg = train_cfg_from_flags(base_cfg, {**opts, "steps": None, "learning_rate": None})
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "dpo", opts, [checkpoint_dir, tokenizer_path, prefs_path, pack_path])
     result = train_dpo(model_cfg=model_cfg, train_cfg=cfg, dpo_cfg=dpo_cfg, tok=tok, rows=rows,

@@ -180,11 +180,11 @@ def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, 
          all_assistant_turns: bool) -> None:
     """Teacher-forced loss and bits per byte on the assistant targets of chat JSONL."""
     select_device(device)
+    from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
     from picochat_jax.data.records import read_chat_jsonl
     from picochat_jax.eval.fit import assistant_loss
     from picochat_jax.fileio import save_json
     from picochat_jax.tokenizer import ChatTokenizer
-    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
 
     chat_path = input_or_pack_file(input_path, pack_path, "chat")
     conversations = read_chat_jsonl(chat_path)

@@ -62,7 +62,7 @@ def perf_kwargs(scale: Any) -> dict[str, Any]:
     return {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
 
 
-def _train_cfg(stage_cfg: Any, opts: dict[str, Any]) -> Any:
+def train_cfg_from_flags(stage_cfg: Any, opts: dict[str, Any]) -> Any:
     from picochat_jax.config import with_overrides
 
     return with_overrides(stage_cfg, steps=opts["steps"], batch_size=opts["batch_size"],
@@ -92,7 +92,7 @@ def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> N
     documents = load_corpus(pack).documents
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "base", opts, [tokenizer_path, *pack_inputs(pack)])
-    result = base_stage(scale, _train_cfg(scale.base, opts), tok, tokenizer_path, documents,
+    result = base_stage(scale, train_cfg_from_flags(scale.base, opts), tok, tokenizer_path, documents,
                         out_dir, mesh_shape, progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
     _report(result, out_dir)
 
@@ -113,12 +113,12 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
         out_dir: Path, all_assistant_turns: bool, **opts: Any) -> None:
     """Chat SFT of a native checkpoint; loss on the final assistant message only."""
     select_device(opts["device"])
+    from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
     from picochat_jax.config import load_scale, with_overrides
     from picochat_jax.data.records import read_chat_jsonl
     from picochat_jax.parallel import parse_mesh
     from picochat_jax.pipeline import sft_stage
     from picochat_jax.tokenizer import ChatTokenizer
-    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint
 
     chat_path = input_or_pack_file(input_path, pack_path, "chat")
     conversations = read_chat_jsonl(chat_path)
@@ -126,7 +126,7 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tok = ChatTokenizer.load(tokenizer_path)
     scale = load_scale(opts["scale"], opts["sets"])
-    cfg = with_overrides(_train_cfg(scale.sft, opts), all_assistant_turns=all_assistant_turns or None)
+    cfg = with_overrides(train_cfg_from_flags(scale.sft, opts), all_assistant_turns=all_assistant_turns or None)
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "sft", opts, [checkpoint_dir, tokenizer_path, chat_path, pack_path])
     result = sft_stage(model_cfg, cfg, tok, tokenizer_path, conversations, params, out_dir, mesh_shape,

@@ -13,10 +13,11 @@ dataset in one batched call to the Rust tokenizer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from picochat_jax.data.records import Conversation, Message
+from picochat_jax.data.records import Conversation, DataError, Message, PreferenceRow
 from picochat_jax.tokenizer import BOS, END, ROLE_TOKENS, ChatTokenizer
 
 
@@ -99,3 +100,85 @@ def pad_examples(
         targets[i, :L] = ids[1:]
         mask[i, :L] = m[1:]
     return {"inputs": inputs, "targets": targets, "loss_mask": mask}, truncated
+
+
+SEQ_LEN_MULTIPLE = 16  # padded row lengths are rounded up to this: few shapes, little padding
+
+
+def fit_seq_len(longest: int, cap: int) -> int:
+    """One fixed row length for a dataset: its longest row rounded up to SEQ_LEN_MULTIPLE, at most `cap`."""
+    return min(cap, -(-longest // SEQ_LEN_MULTIPLE) * SEQ_LEN_MULTIPLE)
+
+
+def sft_examples(conversations: Sequence[Conversation], tok: ChatTokenizer, max_seq_len: int,
+                 all_assistant_turns: bool = False) -> tuple[dict[str, np.ndarray], int]:
+    """(inputs, targets, loss_mask) rows for native chat SFT, and how many rows were left-truncated."""
+    encoded = encode_conversations(conversations, tok, all_assistant_turns)
+    return pad_examples(encoded, fit_seq_len(max(len(ids) for ids, _ in encoded) - 1, max_seq_len), tok.pad_id)
+
+
+PREFERENCE_SIDES = ("chosen", "rejected")
+
+
+def preference_examples(rows: Sequence[PreferenceRow], tok: ChatTokenizer, max_seq_len: int
+                        ) -> tuple[dict[str, np.ndarray], int]:
+    """Row-aligned arrays `{side}_inputs|targets|mask` for both sides of each preference pair, one shared padded
+    length; the mask is the SFT encoder's (reply + `<|end|>`). Returns the arrays and how many sides were cut."""
+    convs = {side: [Conversation(tuple(r.prompt) + (Message("assistant", getattr(r, side)),), source=r.source,
+                                 line=r.line) for r in rows] for side in PREFERENCE_SIDES}
+    encoded = {side: encode_conversations(convs[side], tok) for side in PREFERENCE_SIDES}
+    seq_len = fit_seq_len(max(len(ids) for side in PREFERENCE_SIDES for ids, _ in encoded[side]) - 1, max_seq_len)
+    out: dict[str, np.ndarray] = {}
+    truncated = 0
+    for side in PREFERENCE_SIDES:
+        arrays, cut = pad_examples(encoded[side], seq_len, tok.pad_id)
+        truncated += cut
+        out[f"{side}_inputs"], out[f"{side}_targets"], out[f"{side}_mask"] = (
+            arrays["inputs"], arrays["targets"], arrays["loss_mask"])
+    return out, truncated
+
+
+# --------------------------------------------------------------------------------------------------------
+# rows rendered with a model's own chat template (Hugging Face models: any object with `render` and
+# `encode_rendered`, e.g. hf.chat_format.HFChatFormat)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _render(fmt: Any, conv: Conversation, prompt: bool) -> str:
+    messages = conv.messages[:-1] if prompt else conv.messages
+    try:
+        return fmt.render(messages, add_generation_prompt=prompt)
+    except Exception as exc:  # jinja raises its own types (e.g. templates that reject a role order)
+        raise DataError(conv.source, conv.line, "messages", f"the model's chat template failed: {exc}") from exc
+
+
+def encode_template_rows(conversations: Sequence[Conversation], fmt: Any,
+                         ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """[(ids, target mask)] per row with the model's chat template — the target is what `render(full)` adds
+    beyond `render(prompt, add_generation_prompt=True)` — and how many rows had a prompt rendering that is not
+    a prefix of the full rendering (their target starts at the common prefix)."""
+    full = fmt.encode_rendered([_render(fmt, c, prompt=False) for c in conversations])
+    prompt = fmt.encode_rendered([_render(fmt, c, prompt=True) for c in conversations])
+    out, mismatched = [], 0
+    for conv, f_ids, p_ids in zip(conversations, full, prompt, strict=True):
+        f_arr, p_arr = np.asarray(f_ids, np.int32), np.asarray(p_ids, np.int32)
+        n = min(len(f_arr), len(p_arr))
+        differs = f_arr[:n] != p_arr[:n]
+        start = int(np.argmax(differs)) if differs.any() else n
+        mismatched += int(start < len(p_arr))
+        if start >= len(f_arr):
+            raise DataError(conv.source, conv.line, "messages",
+                            "the chat template renders no tokens for the final assistant message")
+        out.append((f_arr, np.arange(len(f_arr)) >= start))
+    return out, mismatched
+
+
+def template_examples(conversations: Sequence[Conversation], fmt: Any, max_length: int,
+                      ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(inputs, targets, loss_mask) rows rendered with the model's chat template, and their statistics."""
+    encoded, mismatched = encode_template_rows(conversations, fmt)
+    seq_len = fit_seq_len(max(len(ids) for ids, _ in encoded) - 1, max_length)
+    examples, truncated = pad_examples(encoded, seq_len, fmt.pad_id)
+    return examples, {"rows": len(encoded), "seq_len": seq_len, "truncated_rows": truncated,
+                      "template_prefix_mismatches": mismatched,
+                      "target_tokens": int(examples["loss_mask"].sum())}

@@ -90,13 +90,17 @@ def base_examples(docs: Sequence[str], tok: ChatTokenizer, seq_len: int) -> dict
     return pack_documents(tok.encode_batch(docs), tok.bos_id, seq_len)
 
 
-def eval_batches(examples: dict[str, np.ndarray], batch_size: int, max_batches: int) -> list[dict[str, np.ndarray]]:
-    """Fixed, unshuffled validation batches. The last batch is filled up by wrapping around (one compiled
-    shape), with the wrapped rows' loss mask zeroed so no example counts twice."""
+def eval_batches(examples: dict[str, np.ndarray], batch_size: int,
+                 max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Fixed, unshuffled validation batches of shape (1, batch_size, ...): every row once (at most
+    `max_batches` batches). The last batch is filled up by wrapping around (one compiled shape), with the
+    wrapped rows' loss mask zeroed so no example counts twice."""
     n = len(next(iter(examples.values())))
     if n == 0:
         return []
-    count = min(max_batches, max(1, -(-n // batch_size)))
+    count = max(1, -(-n // batch_size))
+    if max_batches is not None:
+        count = min(max_batches, count)
     out = []
     for b in range(count):
         positions = np.arange(b * batch_size, (b + 1) * batch_size)

@@ -115,8 +115,8 @@ def sft_fit_report(engine: Engine, fmt: ChatFormat, conversations: list[Conversa
 def assistant_loss(params: Any, model_cfg: ModelConfig, tok: ChatTokenizer, conversations: list[Conversation],
                    batch_size: int = 16, precision: str = "fp32", all_assistant_turns: bool = False) -> dict:
     """Teacher-forced mean loss and bits per byte over the assistant-target tokens of chat rows."""
-    from picochat_jax.pipeline import sft_examples
-    from picochat_jax.train.step import loss_sums
+    from picochat_jax.data.chat import sft_examples
+    from picochat_jax.model.loss import loss_sums
 
     if not conversations:
         raise ValueError("no chat rows to score")

@@ -571,8 +571,8 @@ def export_native(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Pa
 
     The folder follows the out-dir policy (outdir.py); its marker records the source checkpoint and the
     tokenizer's vocab size and hash."""
+    from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint, tokenizer_fingerprint
     from picochat_jax.outdir import MARKER, check_out_dir, marker_payload
-    from picochat_jax.train.checkpoint import checkpoint_tokenizer, load_model_checkpoint, tokenizer_fingerprint
 
     tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
     plan = check_out_dir(out_dir, "hf-export", overwrite=overwrite, resumable=False,
@@ -597,8 +597,8 @@ def export_params(params: Params, cfg: ModelConfig, tokenizer_path: Path, out_di
 def save_imported_checkpoint(hf: HFModel, out_dir: Path, source: str) -> Path:
     """An imported HF model as a native checkpoint folder (params, model_config.json, hf_tokenizer/), marked as
     an `import-hf` output. The tokenizer files travel in the same atomic write as the weights."""
+    from picochat_jax.checkpoint import save_model_checkpoint
     from picochat_jax.outdir import MARKER, marker_payload
-    from picochat_jax.train.checkpoint import save_model_checkpoint
 
     tokenizer_files = {}
     for name in (*TOKENIZER_FILES, "generation_config.json"):

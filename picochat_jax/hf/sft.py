@@ -22,7 +22,7 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,9 @@ import numpy as np
 
 from picochat_jax import parallel
 from picochat_jax.config import HFSFTConfig, TrainConfig
-from picochat_jax.data.chat import pad_examples
-from picochat_jax.data.loader import BatchSource, split_examples
-from picochat_jax.data.records import Conversation, DataError, read_chat_jsonl
+from picochat_jax.data.chat import template_examples
+from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
+from picochat_jax.data.records import read_chat_jsonl
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
 from picochat_jax.hf.convert import (
@@ -92,62 +92,6 @@ class HFSFTOptions:
 
 
 # --------------------------------------------------------------------------------------------------------
-# rows -> ids + target mask
-# --------------------------------------------------------------------------------------------------------
-
-
-def _render(fmt: HFChatFormat, conv: Conversation, prompt: bool) -> str:
-    messages = conv.messages[:-1] if prompt else conv.messages
-    try:
-        return fmt.render(messages, add_generation_prompt=prompt)
-    except Exception as exc:  # jinja raises its own types (e.g. templates that reject a role order)
-        raise DataError(conv.source, conv.line, "messages", f"the model's chat template failed: {exc}") from exc
-
-
-def encode_chat_rows(conversations: Sequence[Conversation], fmt: HFChatFormat,
-                     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """[(ids, target mask)] per row with the model's chat template, and how many rows had a prompt
-    rendering that is not a prefix of the full rendering (their target starts at the common prefix)."""
-    full = fmt.encode_rendered([_render(fmt, c, prompt=False) for c in conversations])
-    prompt = fmt.encode_rendered([_render(fmt, c, prompt=True) for c in conversations])
-    out, mismatched = [], 0
-    for conv, f_ids, p_ids in zip(conversations, full, prompt, strict=True):
-        f_arr, p_arr = np.asarray(f_ids, np.int32), np.asarray(p_ids, np.int32)
-        n = min(len(f_arr), len(p_arr))
-        differs = f_arr[:n] != p_arr[:n]
-        start = int(np.argmax(differs)) if differs.any() else n
-        mismatched += int(start < len(p_arr))
-        if start >= len(f_arr):
-            raise DataError(conv.source, conv.line, "messages",
-                            "the chat template renders no tokens for the final assistant message")
-        out.append((f_arr, np.arange(len(f_arr)) >= start))
-    return out, mismatched
-
-
-def build_examples(conversations: Sequence[Conversation], fmt: HFChatFormat, max_length: int,
-                   ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    encoded, mismatched = encode_chat_rows(conversations, fmt)
-    longest = max(len(ids) for ids, _ in encoded) - 1
-    seq_len = min(max_length, -(-longest // 16) * 16)  # one fixed shape, no longer than the data needs
-    examples, truncated = pad_examples(encoded, seq_len, fmt.pad_id)
-    return examples, {"rows": len(encoded), "seq_len": seq_len, "truncated_rows": truncated,
-                      "template_prefix_mismatches": mismatched,
-                      "target_tokens": int(examples["loss_mask"].sum())}
-
-
-def val_batches(examples: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Every held-out row exactly once; the last batch is filled with masked-out copies (fixed shapes)."""
-    n = len(examples["inputs"])
-    out = []
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        batch = {k: v[idx % n] for k, v in examples.items()}
-        batch["loss_mask"] = batch["loss_mask"] * (idx < n)[:, None]
-        out.append({k: v[None] for k, v in batch.items()})
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------------
 
@@ -192,7 +136,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     if len(conversations) < 2:
         raise ValueError(f"{opts.input}: hf-sft needs at least 2 chat rows (one held out), got {len(conversations)}")
     max_length = min(opts.max_length, hf.config.max_seq_len)
-    examples, data_stats = build_examples(conversations, fmt, max_length)
+    examples, data_stats = template_examples(conversations, fmt, max_length)
     train_cfg = hf_train_config(opts)
     train_ex, val_ex = split_examples(examples, opts.val_fraction, opts.seed)
     n_train, n_val = len(train_ex["inputs"]), len(val_ex["inputs"])
@@ -213,7 +157,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     state0 = trainer.init(rng, None if lora_cfg else hf.params)
     trainable = count_params(state0.params)
     source = BatchSource(train_ex, opts.batch_size, opts.grad_accum_steps, opts.seed)
-    val = val_batches(val_ex, opts.batch_size) if n_val else []
+    val = eval_batches(val_ex, opts.batch_size) if n_val else []
 
     def evaluate(params: Any) -> dict[str, float] | None:
         if not val:

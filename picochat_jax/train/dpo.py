@@ -27,20 +27,20 @@ import numpy as np
 import optax
 
 from picochat_jax import parallel
+from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.config import DPOConfig, ModelConfig, TrainConfig
-from picochat_jax.data.chat import encode_conversations, pad_examples
+from picochat_jax.data.chat import PREFERENCE_SIDES as SIDES
+from picochat_jax.data.chat import preference_examples
 from picochat_jax.data.loader import BatchSource, split_examples
-from picochat_jax.data.records import Conversation, Message, PreferenceRow
+from picochat_jax.data.records import PreferenceRow
 from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import Decoder, training_model
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
 from picochat_jax.tokenizer import ChatTokenizer
-from picochat_jax.train.checkpoint import save_model_checkpoint
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import ShardedTrainer, build_trainer
 
 Array = jax.Array
-SIDES = ("chosen", "rejected")
 
 # DPO moves a converged SFT model: a fraction of its learning rate and a short run are enough, and more
 # drifts the policy away from the reference (the beta term only slows that down).
@@ -57,24 +57,6 @@ def dpo_train_config(sft_cfg: TrainConfig, dpo_cfg: DPOConfig, steps: int | None
 
 
 # --------------------------------------------------------------------------------------------- data
-
-
-def preference_examples(rows: Sequence[PreferenceRow], tok: ChatTokenizer, max_seq_len: int
-                        ) -> tuple[dict[str, np.ndarray], int]:
-    """Row-aligned arrays `{side}_inputs|targets|mask` for both sides, one shared padded length."""
-    convs = {side: [Conversation(tuple(r.prompt) + (Message("assistant", getattr(r, side)),), source=r.source,
-                                 line=r.line) for r in rows] for side in SIDES}
-    encoded = {side: encode_conversations(convs[side], tok) for side in SIDES}
-    longest = max(len(ids) for side in SIDES for ids, _ in encoded[side]) - 1
-    seq_len = min(max_seq_len, -(-longest // 16) * 16)
-    out: dict[str, np.ndarray] = {}
-    truncated = 0
-    for side in SIDES:
-        arrays, cut = pad_examples(encoded[side], seq_len, tok.pad_id)
-        truncated += cut
-        out[f"{side}_inputs"], out[f"{side}_targets"], out[f"{side}_mask"] = (
-            arrays["inputs"], arrays["targets"], arrays["loss_mask"])
-    return out, truncated
 
 
 # --------------------------------------------------------------------------------------------- math

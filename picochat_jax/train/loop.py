@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 from typing_extensions import Self
 
+from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.config import ModelConfig, TrainConfig
 from picochat_jax.data.loader import BatchSource, eval_batches
 from picochat_jax.data.records import DataError
@@ -30,7 +31,7 @@ from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import count_params, training_model
 from picochat_jax.outdir import OutDirError, OutDirInUse, read_marker, write_marker
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
-from picochat_jax.train.checkpoint import ResumeManager, save_model_checkpoint
+from picochat_jax.train.checkpoint import ResumeManager
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import ShardedTrainer, build_trainer
 

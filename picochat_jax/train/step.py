@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from picochat_jax import parallel
 from picochat_jax.model import lora
+from picochat_jax.model.loss import loss_sums
 from picochat_jax.model.transformer import Decoder, dummy_tokens, logical_axes
 
 Array = jax.Array
@@ -38,55 +39,6 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: Array  # raw uint32 key data, so it checkpoints like any array
-
-
-def token_losses(model: Decoder, params: Any, batch: Batch, ce_chunk_tokens: int = 0) -> Array:
-    """Per-token cross-entropy in float32, shape (B, T).
-
-    With `ce_chunk_tokens` > 0 the (B, T, V) float32 logits never exist at once: see `chunked_token_losses`.
-    """
-    hidden = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                         return_hidden=True)
-    if ce_chunk_tokens > 0:
-        return chunked_token_losses(model, params, hidden, batch["targets"], ce_chunk_tokens)
-    return model.apply({"params": params}, hidden, batch["targets"], method=Decoder.token_cross_entropy)
-
-
-def ce_chunk_rows(batch: int, seq: int, chunk_tokens: int) -> int:
-    """Rows per cross-entropy chunk: the largest divisor of `batch` with at most `chunk_tokens` tokens."""
-    rows = max(1, min(batch, chunk_tokens // max(seq, 1)))
-    while batch % rows:
-        rows -= 1
-    return rows
-
-
-def chunked_token_losses(model: Decoder, params: Any, hidden: Array, targets: Array, chunk_tokens: int) -> Array:
-    """Cross-entropy from the final hidden state, a few rows at a time, logits recomputed in the backward.
-
-    Only one chunk's (rows, T, V) float32 logits is live in the forward and in the backward, instead of the
-    whole batch's (1 GB at 64x512x8192; 4 GB at 16x2048x32768): the price is one extra vocab matmul.
-    """
-    B, T, D = hidden.shape
-    rows = ce_chunk_rows(B, T, chunk_tokens)
-    n = B // rows
-
-    @jax.checkpoint
-    def chunk_ce(h: Array, y: Array) -> Array:
-        return model.apply({"params": params}, h, y, method=Decoder.token_cross_entropy)
-
-    def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
-        return carry, chunk_ce(*xs)
-
-    _, ce = jax.lax.scan(body, None, (hidden.reshape(n, rows, T, D), targets.reshape(n, rows, T)))
-    return ce.reshape(B, T)
-
-
-def loss_sums(model: Decoder, params: Any, batch: Batch, token_bytes: Array,
-              ce_chunk_tokens: int = 0) -> tuple[Array, Array, Array]:
-    """(sum of masked CE, masked tokens, masked target bytes) for one micro-batch."""
-    mask = batch["loss_mask"]
-    ce = token_losses(model, params, batch, ce_chunk_tokens)
-    return jnp.sum(ce * mask), jnp.sum(mask), jnp.sum(token_bytes[batch["targets"]] * mask)
 
 
 # --------------------------------------------------------------------------------------------- objectives
@@ -236,7 +188,7 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
     """Compile init/step/eval for `mesh`.
 
     `objective` defaults to CausalLM (with `ce_chunk_tokens` > 0 the loss runs in chunks of about that many
-    tokens, see `chunked_token_losses`: the same numbers, less memory). With `lora_cfg`, the trainable params
+    tokens, see `model.loss.chunked_token_losses`: the same numbers, less memory). With `lora_cfg`, the trainable params
     are adapters over `base_params` (frozen, stored in `base_dtype`, sharded by their logical axes); otherwise
     every param trains, with shardings from the logical axis names and `init(rng, params)` resharding given
     params (SFT from a base checkpoint) on the way in.
