@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model import layers, norm_rope_kernel, rms_norm_kernel
+from picochat_jax.model import norm_rope_kernel, ops, rms_norm_kernel
 from picochat_jax.model.transformer import make_model
 from picochat_jax.parallel import MeshShape, make_mesh
 from picochat_jax.train.step import build_trainer
@@ -27,7 +27,7 @@ def _packed_inputs(B: int, T: int, H: int, K: int, D: int, dtype=jnp.float32, pe
     positions = jnp.broadcast_to(jnp.arange(T) + 3, (B, T))
     if per_row_positions:  # packed documents: positions restart at each document, differently in every row
         positions = positions % jax.random.randint(keys[3], (B, 1), 5, T)
-    rope = layers.rope_tables(positions, layers.rope_inv_freq(D, 10000.0, None))
+    rope = ops.rope_tables(positions, ops.rope_inv_freq(D, 10000.0, None))
     return qkv, q_scale, k_scale, rope
 
 
@@ -37,7 +37,7 @@ def test_kernels_equal_the_xla_path_forward_and_backward(B, T, per_row_positions
     qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D, per_row_positions=per_row_positions)
 
     def heads(impl):
-        return lambda x, qs, ks: layers.heads_from_qkv(x, qs, ks, rope, H, K, 1e-6, impl)
+        return lambda x, qs, ks: ops.heads_from_qkv(x, qs, ks, rope, H, K, 1e-6, impl)
 
     want, want_vjp = jax.vjp(heads("xla"), qkv, q_scale, k_scale)
     got, got_vjp = jax.vjp(heads("pallas"), qkv, q_scale, k_scale)
@@ -51,24 +51,24 @@ def test_kernels_equal_the_xla_path_forward_and_backward(B, T, per_row_positions
 def test_kernels_in_bf16_stay_within_rounding_of_the_float32_path():
     B, T, H, K, D = 2, 32, 4, 2, 64
     qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D, jnp.bfloat16)
-    want = layers.heads_from_qkv(qkv.astype(jnp.float32), q_scale, k_scale, rope, H, K, 1e-6, "xla")
-    got = layers.heads_from_qkv(qkv, q_scale, k_scale, rope, H, K, 1e-6, "pallas")
+    want = ops.heads_from_qkv(qkv.astype(jnp.float32), q_scale, k_scale, rope, H, K, 1e-6, "xla")
+    got = ops.heads_from_qkv(qkv, q_scale, k_scale, rope, H, K, 1e-6, "pallas")
     for w, g in zip(want, got, strict=True):
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=3e-2, rtol=1e-2)
 
 
 def test_resolution_picks_the_kernels_only_where_they_apply():
-    assert layers.resolve_norm_rope_impl(None, True, True, 1024, 64, platform="gpu") == "pallas"
-    assert layers.resolve_norm_rope_impl("auto", True, True, 1024, 64, platform="cpu") == "xla"
-    assert layers.resolve_norm_rope_impl("pallas", True, True, 1024, 64, platform="cpu") == "pallas"
-    assert layers.resolve_norm_rope_impl("pallas", False, True, 1024, 64) == "xla"  # no QK-norm scale
-    assert layers.resolve_norm_rope_impl("pallas", True, False, 1024, 64) == "xla"  # learned positions
-    assert layers.resolve_norm_rope_impl(None, True, True, 7, 64, platform="gpu") == "xla"  # decode rows
-    assert layers.resolve_norm_rope_impl(None, True, True, 1024, 48, platform="gpu") == "xla"
+    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 64, platform="gpu") == "pallas"
+    assert ops.resolve_norm_rope_impl("auto", True, True, 1024, 64, platform="cpu") == "xla"
+    assert ops.resolve_norm_rope_impl("pallas", True, True, 1024, 64, platform="cpu") == "pallas"
+    assert ops.resolve_norm_rope_impl("pallas", False, True, 1024, 64) == "xla"  # no QK-norm scale
+    assert ops.resolve_norm_rope_impl("pallas", True, False, 1024, 64) == "xla"  # learned positions
+    assert ops.resolve_norm_rope_impl(None, True, True, 7, 64, platform="gpu") == "xla"  # decode rows
+    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 48, platform="gpu") == "xla"
     assert norm_rope_kernel.block_tokens(96) == 16 and norm_rope_kernel.block_tokens(96, 64) == 32
     with pytest.raises(ValueError, match="norm/rope implementation"):
-        layers.resolve_norm_rope_impl("triton", True, True, 1024, 64)
+        ops.resolve_norm_rope_impl("triton", True, True, 1024, 64)
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 64), (1, 64, 96), (4, 32, 768)])
@@ -90,10 +90,10 @@ def test_rms_norm_backward_kernel_equals_autodiff_with_the_residual_gradient(sha
 
 
 def test_rms_norm_resolution():
-    assert layers.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="gpu") == "pallas"
-    assert layers.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="cpu") == "xla"
-    assert layers.resolve_rms_norm_impl("pallas", "layernorm", 32768, 768) == "xla"
-    assert layers.resolve_rms_norm_impl("pallas", "rmsnorm", 32768, 100) == "xla"  # no power-of-two chunk
+    assert ops.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="gpu") == "pallas"
+    assert ops.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="cpu") == "xla"
+    assert ops.resolve_rms_norm_impl("pallas", "layernorm", 32768, 768) == "xla"
+    assert ops.resolve_rms_norm_impl("pallas", "rmsnorm", 32768, 100) == "xla"  # no power-of-two chunk
     assert rms_norm_kernel.column_chunk(768) == 256 and rms_norm_kernel.column_chunk(96) == 32
 
 

@@ -140,8 +140,8 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     from picochat_jax import parallel
     from picochat_jax.hf.convert import load_hf_model
     from picochat_jax.hf.sft import HFSFTOptions, hf_train_config
-    from picochat_jax.model.layers import resolve_attention_impl
     from picochat_jax.model.lora import LoraConfig, parse_targets
+    from picochat_jax.model.ops import resolve_attention_impl
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.train.optim import make_optimizer
     from picochat_jax.train.step import build_trainer

@@ -62,19 +62,19 @@ def bench_norm_rope(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> li
     import jax
     import jax.numpy as jnp
 
-    from picochat_jax.model import layers, norm_rope_kernel
+    from picochat_jax.model import norm_rope_kernel, ops
 
     B, T, H, K, D = a.batch, a.seq, a.heads, a.kv_heads, a.head_dim
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
     qkv = jax.random.normal(keys[0], (B, T, (H + 2 * K) * D), jnp.bfloat16)
     q_scale, k_scale = (1 + 0.1 * jax.random.normal(k, (D,)) for k in keys[1:3])
-    rope = layers.rope_tables(jnp.broadcast_to(jnp.arange(T), (B, T)), layers.rope_inv_freq(D, 10000.0, None))
+    rope = ops.rope_tables(jnp.broadcast_to(jnp.arange(T), (B, T)), ops.rope_inv_freq(D, 10000.0, None))
     dq, dk, dv = (jax.random.normal(k, (B, T, n, D), jnp.bfloat16) for k, n in zip(keys[3:], (H, K, K), strict=True))
     packed = qkv.size * 2
     rows = []
 
     def xla_heads(x, qs, ks):
-        return layers.heads_from_qkv(x, qs, ks, rope, H, K, 1e-6, "xla")
+        return ops.heads_from_qkv(x, qs, ks, rope, H, K, 1e-6, "xla")
 
     fwd = jax.jit(xla_heads)
     fwd_bwd = jax.jit(lambda x, qs, ks: jax.vjp(xla_heads, x, qs, ks)[1]((dq, dk, dv)))

@@ -263,7 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from picochat_jax.config import TrainConfig, load_scale
-    from picochat_jax.model.layers import resolve_attention_impl, resolve_norm_rope_impl, resolve_rms_norm_impl
+    from picochat_jax.model.ops import resolve_attention_impl, resolve_norm_rope_impl, resolve_rms_norm_impl
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
     from picochat_jax.train.optim import make_optimizer
@@ -446,7 +446,7 @@ def check_attention(seed: int = 0) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from picochat_jax.model.layers import attend
+    from picochat_jax.model.ops import attend
 
     rng = np.random.default_rng(seed)
     B, T, H, K, D = 2, 256, 12, 4, 64

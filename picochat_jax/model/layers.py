@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: norms, rotary embeddings, attention, MLP.
+"""Building blocks of the decoder as Flax modules: norms, projections, attention, MLP. The array operations
+they run (rotary embeddings, attention backends, fused kernels and their VJPs) are model/ops.py's.
 
 Every parameter carries *logical* axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`, `layers`);
 `picochat_jax.parallel` maps them to mesh axes, so changing the parallelism never touches this file.
@@ -8,18 +9,25 @@ bridge is a transpose-and-stack, never a permutation.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model import norm_rope_kernel, rms_norm_kernel
-from picochat_jax.parallel import shard_activation_batch
+from picochat_jax.model import rms_norm_kernel
+from picochat_jax.model.ops import (
+    apply_rope,
+    attend,
+    concat_projections,
+    heads_from_qkv,
+    project,
+    resolve_attention_impl,
+    resolve_norm_rope_impl,
+    swiglu_packed,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -50,46 +58,6 @@ class Norm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Array:
-    """Inverse frequencies, including the HF `rope_scaling` types we import (linear, llama3)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(is_mid, mid, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
-
-
-def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
-    """(cos, sin), each (B, T, 1, D) float32, for rotate-half RoPE at `positions` (B, T).
-
-    Built once per forward and shared by every layer's q and k, rather than re-evaluating sin/cos inside
-    each layer's fused RoPE kernels (forward and backward).
-    """
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
-    """Rotate-half RoPE (HF layout). x: (B, T, H, D); rope: `rope_tables` output."""
-    return _rms_rope(x.astype(jnp.float32), None, rope, 0.0).astype(x.dtype)
-
-
 class Projection(nn.Module):
     """A dense layer's parameters without the matmul: `kernel` (in, out) and optional `bias`.
 
@@ -115,93 +83,6 @@ class Projection(nn.Module):
         return kernel, bias
 
 
-def _concat_projections(weights: list[tuple[Array, Array | None]]) -> tuple[Array, Array | None]:
-    """One (kernel, bias) whose outputs are the given projections' outputs side by side."""
-    kernel = jnp.concatenate([k for k, _ in weights], axis=1)
-    biases = [b for _, b in weights]  # a fused group shares one bias setting (qkv_bias, mlp_bias)
-    return kernel, None if biases[0] is None else jnp.concatenate(biases)
-
-
-def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, fuse: bool) -> list[Array]:
-    """x @ kernel (+ bias) for each (kernel, bias), in `dtype`, as nn.Dense computes it.
-
-    With `fuse`, one matmul against the kernels concatenated along their output axis: the input is read
-    once, the backward's input gradient comes out of one matmul instead of a sum of several, and GQA's
-    narrow K/V projections stop being separate small (tensor-core-starved) matmuls. Concatenating kernels
-    that are sharded on their output axis would reshuffle them across devices, so tensor-parallel meshes
-    run unfused (see `Decoder.fuse_projections`).
-    """
-    if fuse and len(weights) > 1:
-        (fused,) = project(x, [_concat_projections(weights)], dtype, fuse=False)
-        return jnp.split(fused, np.cumsum([k.shape[1] for k, _ in weights])[:-1].tolist(), axis=-1)
-    x = x.astype(dtype)
-    contract = (((x.ndim - 1,), (0,)), ((), ()))
-    outs = [jax.lax.dot_general(x, k.astype(dtype), contract) for k, _ in weights]
-    outs = [y if b is None else y + b.astype(dtype) for y, (_, b) in zip(outs, weights, strict=True)]
-    return [shard_activation_batch(y) for y in outs]
-
-
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-# Large-but-finite additive bias for masked logits: -inf would make a fully masked row NaN in bf16.
-_MASKED_BIAS = -1e9
-
-
-def resolve_attention_impl(impl: str | None, dtype: Dtype, head_dim: int, platform: str | None = None) -> str:
-    """The attention kernel a Decoder will use: explicit choices stand; None/"auto" picks for the chip.
-
-    "auto" means cuDNN flash attention on an NVIDIA GPU when it supports the call (bf16/fp16 operands,
-    head_dim a multiple of 8 up to 128) and XLA's einsum/softmax otherwise (CPU, TPU, float32), so float32
-    CPU results are bit-for-bit what the plain XLA path gives.
-    """
-    if impl not in (None, *ATTENTION_IMPLS):
-        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    if impl not in (None, "auto"):
-        return impl
-    platform = platform or jax.default_backend()
-    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if platform in ("gpu", "cuda") and low_precision and head_dim % 8 == 0 and head_dim <= 128:
-        return "cudnn"
-    return "xla"
-
-
-def _pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
-    """Causal flash attention with in-kernel document masking (Pallas/Triton), for packed GPU batches.
-
-    The kernel wants as many K/V heads as query heads, so GQA heads are repeated first (the repeat's
-    gradient sums them back).
-    """
-    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
-
-    groups = q.shape[2] // k.shape[2]
-    if groups > 1:
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
-                          interpret=norm_rope_kernel.default_interpret(None))
-
-
-def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str) -> Array:
-    """Scaled dot-product attention, causal unless `mask` (B|1, 1, T, S) is given.
-
-    `segment_ids` (B, T) restricts attention to the query's own packed document. The XLA path takes that
-    restriction as a boolean `mask` built by the caller; the fused kernels take the ids themselves and
-    never materialise a (B, H, T, T) score tensor.
-    """
-    if mask is not None or impl == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="xla")
-    if impl == "cudnn":
-        bias = None
-        if segment_ids is not None:
-            # cuDNN keeps its causal tile skipping; the document boundary is an additive (B, 1, T, T) bias,
-            # which is a few MB per layer against the ~0.8 GB of fp32 scores the XLA path writes.
-            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-            bias = jnp.where(same_doc, 0.0, _MASKED_BIAS).astype(q.dtype)[:, None]
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="cudnn")
-    if impl == "pallas":
-        return _pallas_attention(q, k, v, segment_ids)
-    raise ValueError(f"unknown attention implementation {impl!r}")
-
-
 class NormScale(nn.Module):
     """An RMSNorm's `scale` parameter alone (same name, axes and init as `Norm`), for fused kernels that
     apply the norm themselves (`heads_from_qkv`)."""
@@ -211,117 +92,6 @@ class NormScale(nn.Module):
     @nn.compact
     def __call__(self) -> Array:
         return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.width,))
-
-
-def _rms_rope(x: Array, scale: Array | None, rope: tuple[Array, Array] | None, eps: float) -> Array:
-    """float32 x (B, T, H, D) -> RMSNorm(x) * scale (if scale) -> rotate-half RoPE (if rope)."""
-    if scale is not None:
-        x = rms_norm_kernel.rms_norm(x, scale, eps, jnp.float32)
-    if rope is not None:
-        cos, sin = rope
-        x1, x2 = jnp.split(x, 2, axis=-1)
-        x = x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-    return x
-
-
-def _rms_rope_bwd(x: Array, scale: Array | None, rope: tuple[Array, Array] | None, eps: float,
-                  dy: Array) -> tuple[Array, Array | None]:
-    """(d x, d scale) of `_rms_rope` for the output cotangent dy, all float32."""
-    if rope is not None:
-        cos, sin = rope
-        t1, t2 = jnp.split(dy * sin, 2, axis=-1)
-        dy = dy * cos + jnp.concatenate([t2, -t1], axis=-1)  # the transpose of the rotate-half
-    if scale is None:
-        return dy, None
-    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    n = x * r
-    d_scale = jnp.sum(dy * n, axis=tuple(range(dy.ndim - 1)))
-    dn = dy * scale
-    return r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True)), d_scale
-
-
-def _split_qkv(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[Array, Array, Array]:
-    B, T, width = qkv.shape
-    hd = width // (n_heads + 2 * n_kv_heads)
-    q, k, v = jnp.split(qkv, [n_heads * hd, (n_heads + n_kv_heads) * hd], axis=-1)
-    return q.reshape(B, T, n_heads, hd), k.reshape(B, T, n_kv_heads, hd), v.reshape(B, T, n_kv_heads, hd)
-
-
-KERNEL_IMPLS = ("auto", "xla", "pallas")
-
-
-def _resolve_kernel(impl: str | None, what: str, applies: bool, platform: str | None) -> str:
-    """"pallas" or "xla" for one of the Pallas kernels: where it doesn't apply even an explicit "pallas" gets
-    the XLA path; "auto" picks the kernel on an NVIDIA GPU only, so CPU and TPU results are the XLA path's."""
-    if impl not in (None, *KERNEL_IMPLS):
-        raise ValueError(f"{what} implementation must be one of {KERNEL_IMPLS}, got {impl!r}")
-    if not applies or impl == "xla":
-        return "xla"
-    if impl == "pallas":
-        return "pallas"
-    return "pallas" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
-
-
-def resolve_rms_norm_impl(impl: str | None, kind: str, n_rows: int, width: int, platform: str | None = None) -> str:
-    """Which code runs the pre-norms' backward: "pallas" (`rms_norm_kernel`, RMSNorm with power-of-two tiles
-    only) or "xla"."""
-    applies = kind == "rmsnorm" and rms_norm_kernel.supported(n_rows, width)
-    return _resolve_kernel(impl, "rms-norm", applies, platform)
-
-
-def resolve_norm_rope_impl(impl: str | None, qk_norm: bool, rope: bool, n_tokens: int, head_dim: int,
-                           platform: str | None = None) -> str:
-    """Which code applies QK-norm + RoPE in `heads_from_qkv`: "pallas" (`norm_rope_kernel`, which needs both a
-    norm scale and RoPE tables, and power-of-two tiles) or "xla"."""
-    applies = qk_norm and rope and norm_rope_kernel.supported(n_tokens, head_dim)
-    return _resolve_kernel(impl, "norm/rope", applies, platform)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def heads_from_qkv(qkv: Array, q_scale: Array | None, k_scale: Array | None, rope: tuple[Array, Array] | None,
-                   n_heads: int, n_kv_heads: int, eps: float, impl: str = "xla") -> tuple[Array, Array, Array]:
-    """q, k, v heads from the fused q|k|v projection output: QK-norm (when scales are given) and RoPE
-    (when tables are given) applied to q and k, in float32, cast back to the compute dtype.
-
-    The custom VJP returns the packed (B, T, (H + 2K) * D) gradient from one pass: autodiff through the
-    split writes d_q and d_k, then copies them and d_v into the packed layout (docs/performance.md).
-    impl="pallas" (see `resolve_norm_rope_impl`) runs both directions as the `norm_rope_kernel` kernels.
-    """
-    if impl == "pallas":
-        return norm_rope_kernel.norm_rope_forward(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps)
-    q, k, v = _split_qkv(qkv, n_heads, n_kv_heads)
-    q = _rms_rope(q.astype(jnp.float32), q_scale, rope, eps).astype(qkv.dtype)
-    k = _rms_rope(k.astype(jnp.float32), k_scale, rope, eps).astype(qkv.dtype)
-    return q, k, v
-
-
-def _heads_from_qkv_fwd(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps, impl):
-    heads = heads_from_qkv(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps, impl)
-    return heads, (qkv, q_scale, k_scale, rope)
-
-
-def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, impl, res, grads):
-    qkv, q_scale, k_scale, rope = res
-    dq, dk, dv = grads
-    rope_zero = None if rope is None else tuple(jnp.zeros_like(t) for t in rope)
-    if impl == "pallas":
-        d_qkv, d_q_scale, d_k_scale = norm_rope_kernel.norm_rope_backward(qkv, q_scale, k_scale, rope, dq, dk, dv,
-                                                                          n_heads, n_kv_heads, eps)
-        return d_qkv, d_q_scale, d_k_scale, rope_zero
-    q, k, _ = _split_qkv(qkv, n_heads, n_kv_heads)
-    dq, d_q_scale = _rms_rope_bwd(q.astype(jnp.float32), q_scale, rope, eps, dq.astype(jnp.float32))
-    dk, d_k_scale = _rms_rope_bwd(k.astype(jnp.float32), k_scale, rope, eps, dk.astype(jnp.float32))
-    # Each piece zero-padded to the packed width and summed, rather than concatenated: XLA:GPU fuses pads and
-    # adds into the kernel that computes d_q and d_k, where a concatenate became a separate copy.
-    B, T, width = qkv.shape
-    pieces = [dq.reshape(B, T, -1), dk.reshape(B, T, -1), dv.reshape(B, T, -1).astype(jnp.float32)]
-    offsets = np.cumsum([0] + [p.shape[-1] for p in pieces])
-    d_qkv = sum(jnp.pad(p, ((0, 0), (0, 0), (int(lo), int(width - hi)))) for p, lo, hi in
-                zip(pieces, offsets[:-1], offsets[1:], strict=True))
-    return d_qkv.astype(qkv.dtype), d_q_scale, d_k_scale, rope_zero
-
-
-heads_from_qkv.defvjp(_heads_from_qkv_fwd, _heads_from_qkv_bwd)
 
 
 class Attention(nn.Module):
@@ -352,7 +122,7 @@ class Attention(nn.Module):
             Projection(d, cfg.n_kv_heads * hd, ("embed", "kv"), cfg.qkv_bias, cfg.init_std, name="v_proj")(),
         ]
         if self.fuse_projections:
-            (qkv,) = project(x, [_concat_projections(qkv_weights)], self.dtype, fuse=False)
+            (qkv,) = project(x, [concat_projections(qkv_weights)], self.dtype, fuse=False)
             scales = (NormScale(hd, name="q_norm")(), NormScale(hd, name="k_norm")()) if cfg.qk_norm else (None, None)
             norm_rope = resolve_norm_rope_impl(self.norm_rope_impl, cfg.qk_norm, rope is not None, B * T, hd)
             q, k, v = heads_from_qkv(qkv, *scales, rope, cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, norm_rope)
@@ -384,39 +154,6 @@ class Attention(nn.Module):
         return out, new_cache
 
 
-@jax.custom_vjp
-def swiglu_packed(gate_up: Array) -> Array:
-    """silu(gate) * up for `gate_up` = [gate | up] along the last axis (the fused gate/up matmul's output).
-
-    The custom VJP writes the gradient of the packed input in one elementwise pass. Autodiff through the
-    split computes d_gate and d_up in separate kernels and then copies both into the packed layout: on an
-    H100 that copy alone was 5.6 ms of a 67 ms h100-100m step (docs/performance.md).
-    """
-    gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=-1)
-    return (nn.silu(gate) * up).astype(gate_up.dtype)
-
-
-def _swiglu_packed_fwd(gate_up: Array) -> tuple[Array, Array]:
-    return swiglu_packed(gate_up), gate_up
-
-
-def _swiglu_packed_bwd(gate_up: Array, d_out: Array) -> tuple[Array]:
-    # Viewed as (..., 2, F), both halves' gradients are one select over broadcasts: a single elementwise
-    # kernel. Written as a concatenate, XLA:GPU computed each half in its own kernel and then copied both.
-    *lead, width = gate_up.shape
-    pair = gate_up.astype(jnp.float32).reshape(*lead, 2, width // 2)
-    gate, up = pair[..., :1, :], pair[..., 1:, :]
-    d_out = d_out.astype(jnp.float32)[..., None, :]
-    sig = jax.nn.sigmoid(gate)
-    d_gate = d_out * up * sig * (1.0 + gate * (1.0 - sig))
-    d_up = d_out * gate * sig
-    first_half = jax.lax.broadcasted_iota(jnp.int32, pair.shape, pair.ndim - 2) == 0
-    return (jnp.where(first_half, d_gate, d_up).reshape(gate_up.shape).astype(gate_up.dtype),)
-
-
-swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
-
-
 class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
@@ -431,7 +168,7 @@ class MLP(nn.Module):
         if cfg.activation == "swiglu":
             gate_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="gate_proj")()
             if self.fuse_projections:
-                (gate_up,) = project(x, [_concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
+                (gate_up,) = project(x, [concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
                 h = swiglu_packed(gate_up)
             else:
                 gate, up = project(x, [gate_proj, up_proj], self.dtype, fuse=False)

@@ -10,7 +10,7 @@ partial-sums array that XLA adds up afterwards.
 Layouts: `qkv` is the fused projection output viewed as (N, H + 2K, D) with N = batch * time; heads 0..H-1
 are queries, H..H+K-1 keys, the rest values (passed through). cos/sin are the first halves, (N, D/2), of the
 rotate-half tables.
-The math is `layers._rms_rope` / `_rms_rope_bwd`, which stay the reference (tests compare the two).
+The math is `ops.rms_rope` / `rms_rope_bwd`, which stay the reference (tests compare the two).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
 
 
 def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:
-    """(B, T, D/2) float32 cos and sin: a rotate-half table's two halves are equal (`layers.rope_tables`
+    """(B, T, D/2) float32 cos and sin: a rotate-half table's two halves are equal (`ops.rope_tables`
     repeats the angles), so the kernels read only the first."""
     B, T, _ = qkv.shape
     cos, sin = (jnp.broadcast_to(t[..., : t.shape[-1] // 2], (B, T, 1, t.shape[-1] // 2)).reshape(B, T, -1)

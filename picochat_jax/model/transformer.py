@@ -20,17 +20,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_policies
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model.layers import (
-    MLP,
-    Attention,
-    Norm,
-    NormScale,
-    Projection,
-    resolve_attention_impl,
-    resolve_rms_norm_impl,
-    rope_inv_freq,
-    rope_tables,
-)
+from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection
+from picochat_jax.model.ops import resolve_attention_impl, resolve_rms_norm_impl, rope_inv_freq, rope_tables
 from picochat_jax.model.rms_norm_kernel import residual_rms_norm
 from picochat_jax.parallel import gather_whole, shard_activation_batch
 
@@ -148,13 +139,13 @@ class Decoder(nn.Module):
     # Layers per scan iteration. Unrolled, XLA keeps each layer's residuals as plain buffers instead of
     # copying them into (n_layers, ...) stacks: see default_scan_unroll and docs/performance.md.
     scan_unroll: int = 1
-    # Several projections of one input (q/k/v, gate/up) as one matmul: see layers.project. Off for
+    # Several projections of one input (q/k/v, gate/up) as one matmul: see ops.project. Off for
     # tensor-parallel meshes, where it would reshuffle kernels sharded on their output axis.
     fuse_projections: bool = True
-    # QK-norm + RoPE: None/"auto" = fused Pallas kernels on GPU, XLA elsewhere (layers.resolve_norm_rope_impl).
+    # QK-norm + RoPE: None/"auto" = fused Pallas kernels on GPU, XLA elsewhere (ops.resolve_norm_rope_impl).
     norm_rope_impl: str | None = None
     # The pre-norms' backward (with the residual gradient): None/"auto" = a Pallas kernel on GPU, see
-    # layers.resolve_rms_norm_impl and model/rms_norm_kernel.py.
+    # ops.resolve_rms_norm_impl and model/rms_norm_kernel.py.
     rms_norm_impl: str | None = None
 
     def setup(self) -> None:
