@@ -35,7 +35,9 @@ from picochat_jax.config import ModelConfig, available_scales, load_scale
 from picochat_jax.data.chat import encode_conversations, encode_prompt
 from picochat_jax.data.pack import load_pack
 from picochat_jax.data.records import read_chat_jsonl
-from picochat_jax.hf import convert
+from picochat_jax.hf import export as hf_export
+from picochat_jax.hf import families as hf_families
+from picochat_jax.hf import io as hf_io
 from picochat_jax.model.transformer import make_model
 from picochat_jax.tokenizer import train_tokenizer
 
@@ -86,7 +88,7 @@ FAMILIES = {
 def test_import_matches_transformers(name, tmp_path):
     cls, make_cfg, family = FAMILIES[name]
     ref_model = _save_random(cls, make_cfg(), tmp_path)
-    hf = convert.load_hf_model(tmp_path)
+    hf = hf_io.load_hf_model(tmp_path)
     assert hf.family == family
     ours = _our_logits(hf.params, hf.config)
     np.testing.assert_allclose(ours, _torch_logits(ref_model), atol=1e-4, rtol=0)
@@ -94,26 +96,26 @@ def test_import_matches_transformers(name, tmp_path):
 
 def test_import_reads_config_details(tmp_path):
     _save_random(LlamaForCausalLM, FAMILIES["llama3"][1](), tmp_path / "llama")
-    cfg = convert.load_hf_model(tmp_path / "llama").config
+    cfg = hf_io.load_hf_model(tmp_path / "llama").config
     assert (cfg.rope_theta, cfg.n_kv_heads, cfg.tie_embeddings, cfg.qk_norm) == (50000.0, 2, False, False)
     assert cfg.rope_scaling_dict["rope_type"] == "llama3" and cfg.rope_scaling_dict["factor"] == 8.0
     _save_random(MistralForCausalLM, FAMILIES["mistral"][1](), tmp_path / "mistral")
     # Sliding-window attention is plain causal attention within the window: the context is capped there.
-    assert convert.load_hf_model(tmp_path / "mistral").config.max_seq_len == 64
+    assert hf_io.load_hf_model(tmp_path / "mistral").config.max_seq_len == 64
 
 
 def test_legacy_rope_keys_are_read():
     hf = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
           "intermediate_size": 128, "vocab_size": 256, "rope_theta": 500000.0,
           "rope_scaling": {"type": "linear", "factor": 4.0}}
-    _, cfg = convert.config_from_hf(hf)
+    _, cfg = hf_families.config_from_hf(hf)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}
 
 
 def test_sharded_bf16_checkpoint(tmp_path):
     _save_random(Qwen2ForCausalLM, Qwen2Config(**SMALL), tmp_path, dtype=torch.bfloat16, max_shard_size="50KB")
-    assert (tmp_path / convert.WEIGHTS_INDEX_NAME).exists()
-    hf = convert.load_hf_model(tmp_path)
+    assert (tmp_path / hf_io.WEIGHTS_INDEX_NAME).exists()
+    hf = hf_io.load_hf_model(tmp_path)
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(hf.params))
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()  # same bf16 values, upcast
     np.testing.assert_allclose(_our_logits(hf.params, hf.config), _torch_logits(ref), atol=1e-4, rtol=0)
@@ -128,33 +130,33 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path):
     shutil.copytree(model_dir, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    hf = convert.load_hf_model("acme/tiny-llama", cache_dir=tmp_path / "cache")
+    hf = hf_io.load_hf_model("acme/tiny-llama", cache_dir=tmp_path / "cache")
     assert hf.path == repo / "snapshots" / commit and hf.family == "llama"
     with pytest.raises(FileNotFoundError, match="local Hugging Face cache"):
-        convert.resolve_model_dir("acme/not-downloaded", cache_dir=tmp_path / "cache")
+        hf_io.resolve_model_dir("acme/not-downloaded", cache_dir=tmp_path / "cache")
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
     with pytest.raises(ValueError, match="GemmaForCausalLM") as err:
-        convert.load_hf_model(tmp_path)
+        hf_io.load_hf_model(tmp_path)
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert arch in str(err.value)
     with pytest.raises(ValueError, match="yarn"):
-        convert.config_from_hf({**json.loads(LlamaConfig(**SMALL).to_json_string()),
+        hf_families.config_from_hf({**json.loads(LlamaConfig(**SMALL).to_json_string()),
                                 "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
 
 
 def test_weights_that_do_not_fit_the_config_are_an_error(tmp_path):
     _save_random(LlamaForCausalLM, LlamaConfig(**SMALL), tmp_path)
-    tensors = convert.read_safetensors(tmp_path)
-    family, cfg = convert.config_from_hf(convert.read_hf_config(tmp_path))
+    tensors = hf_io.read_safetensors(tmp_path)
+    family, cfg = hf_families.config_from_hf(hf_io.read_hf_config(tmp_path))
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_proj.weight"}
     with pytest.raises(ValueError, match="model.layers.1.self_attn.k_proj.weight"):
-        convert.params_from_hf(missing, cfg, family)
+        hf_families.params_from_hf(missing, cfg, family)
     extra = {**tensors, "model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)}
     with pytest.raises(ValueError, match="do not fit the config"):
-        convert.params_from_hf(extra, cfg, family)
+        hf_families.params_from_hf(extra, cfg, family)
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -178,7 +180,7 @@ def _random_native(cfg: ModelConfig, seed: int = 0):
         base = 1.0 if getattr(path[-1], "key", "") == "scale" else 0.0
         return (base + rng.normal(0.0, 0.1, shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(leaf, convert.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree_util.tree_map_with_path(leaf, hf_families.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 
 
 NATIVE = {
@@ -211,14 +213,14 @@ def test_native_export_loads_in_transformers(name, tmp_path, native_tokenizer):
     assert type(ref).__name__ == arch
     ours = _our_logits(params, cfg, tokens)
     np.testing.assert_allclose(_torch_logits(ref, tokens), ours, atol=1e-4, rtol=0)
-    back = convert.load_hf_model(tmp_path / "hf")  # and our own importer reads the export back
+    back = hf_io.load_hf_model(tmp_path / "hf")  # and our own importer reads the export back
     np.testing.assert_allclose(_our_logits(back.params, back.config, tokens), ours, atol=1e-5, rtol=0)
 
 
 def test_every_default_scale_is_exportable():
     expected = {"smoke": "gpt2", "pico": "gpt2", "small": "gpt2", "medium": "llama", "h100-pilot": "qwen3",
                 "h100-100m": "qwen3", "h200-1b": "qwen3"}
-    got = {name: convert.export_family(load_scale(name).model) for name in available_scales()}
+    got = {name: hf_families.export_family(load_scale(name).model) for name in available_scales()}
     assert {k: got[k] for k in expected if k in got} == {k: v for k, v in expected.items() if k in got}
     assert set(got.values()) <= {"gpt2", "llama", "qwen3"}
 
@@ -230,12 +232,12 @@ def test_inexpressible_native_configs_name_the_option():
     for needle, change in cases.items():
         cfg = ModelConfig(**{**base.to_dict(), "rope_scaling": None, **change})
         with pytest.raises(ValueError, match=needle):
-            convert.export_family(cfg)
+            hf_families.export_family(cfg)
 
 
 def test_exported_tokenizer_reproduces_native_chat_ids(tmp_path, native_tokenizer):
     tok, tok_path, rows = native_tokenizer
-    convert.export_tokenizer(tok_path, tmp_path, 256)
+    hf_export.export_tokenizer(tok_path, tmp_path, 256)
     hf_tok = AutoTokenizer.from_pretrained(tmp_path)
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.end_id, tok.pad_id)
     native = encode_conversations(rows, tok)
@@ -255,7 +257,7 @@ def test_import_cli_writes_a_native_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     params, cfg, meta = load_model_checkpoint(tmp_path / "ckpt")
     assert meta["family"] == "qwen3" and cfg.qk_norm and cfg.head_dim == 32
-    expected = convert.load_hf_model(tmp_path / "hf").params
+    expected = hf_io.load_hf_model(tmp_path / "hf").params
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
     assert (tmp_path / "ckpt" / "hf_tokenizer").is_dir()
 
@@ -263,13 +265,13 @@ def test_import_cli_writes_a_native_checkpoint(tmp_path):
 def test_peft_names_and_family_check():
     adapters = {"q_proj": {"a": np.ones((2, 8, 4)), "b": np.zeros((2, 4, 16))},
                 "down_proj": {"a": np.ones((2, 32, 4)), "b": np.zeros((2, 4, 8))}}
-    tensors, config = convert.peft_adapter(adapters, n_layers=2, family="qwen3", rank=4, alpha=8)
+    tensors, config = hf_export.peft_adapter(adapters, n_layers=2, family="qwen3", rank=4, alpha=8)
     assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 8)
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (16, 4)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 32)
     assert len(tensors) == 2 * 2 * 2 and config["target_modules"] == ["down_proj", "q_proj"]
     with pytest.raises(ValueError, match="--peft none"):
-        convert.check_peft_family("falcon")
+        hf_families.check_peft_family("falcon")
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
@@ -284,14 +286,14 @@ def test_gpt2_peft_adapter_equals_our_merge(targets, tmp_path):
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=100, n_positions=32,
                      activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     base_model = _save_random(GPT2LMHeadModel, cfg, tmp_path / "base")
-    hf = convert.load_hf_model(tmp_path / "base")
+    hf = hf_io.load_hf_model(tmp_path / "base")
     lcfg = lora.LoraConfig(rank=3, alpha=6, targets=targets)
     rng = np.random.default_rng(0)
     adapters = {t: {k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in ab.items()}
                 for t, ab in lora.init_adapters(hf.params, lcfg, jax.random.key(0)).items()}
-    convert.save_peft_adapter(tmp_path / "adapter", adapters, 3, 6.0, 0.0, 2, "gpt2", str(tmp_path / "base"))
+    hf_export.save_peft_adapter(tmp_path / "adapter", adapters, 3, 6.0, 0.0, 2, "gpt2", str(tmp_path / "base"))
     merged = lora.merge_host(hf.params, adapters, lcfg)
-    convert.save_hf_model(tmp_path / "merged", merged, hf.config, "gpt2", hf.hf_config)
+    hf_export.save_hf_model(tmp_path / "merged", merged, hf.config, "gpt2", hf.hf_config)
     tokens = np.random.default_rng(1).integers(0, 100, (2, 20))
     merged_logits = _torch_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), tokens)
     base_logits = _torch_logits(base_model, tokens)  # before PEFT wraps (and so changes) the base in place

@@ -21,7 +21,7 @@ from picochat_jax.cli import main
 from picochat_jax.data.chat import encode_template_rows, template_examples
 from picochat_jax.data.records import read_chat_jsonl
 from picochat_jax.hf.chat_format import HFChatFormat
-from picochat_jax.hf.convert import load_hf_model
+from picochat_jax.hf.io import load_hf_model
 from picochat_jax.hf.sft import HFSFTOptions, run_hf_sft
 from picochat_jax.model.lora import LoraConfig
 from picochat_jax.model.transformer import make_model

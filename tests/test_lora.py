@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.hf.convert import param_shapes
+from picochat_jax.hf.families import param_shapes
 from picochat_jax.model import lora
 from picochat_jax.model.transformer import make_model
 from picochat_jax.train.step import CausalLM, LoraParams, TrainState, make_eval_fn, make_step_fn

@@ -414,11 +414,11 @@ def test_cli_serve_needs_exactly_one_model(native):
 
 def test_hf_model_folder_serves_the_same_replies(native, client, tmp_path):
     """--hf-model: the native checkpoint exported as a stock transformers folder answers like the native one."""
-    convert = pytest.importorskip("picochat_jax.hf.convert")
+    hf_export = pytest.importorskip("picochat_jax.hf.export")
     from starlette.testclient import TestClient
 
     root, _, _ = native
-    _, folder = convert.export_native(root / "ckpt", root / "tokenizer.json", tmp_path / "hf")
+    _, folder = hf_export.export_native(root / "ckpt", root / "tokenizer.json", tmp_path / "hf")
     backend = load_backend(hf_model=folder, model_name="hf-test", max_batch=1, chunk_tokens=CHUNK, warmup=False)
     assert backend.max_context == CTX
     messages = [{"role": "user", "content": "hello there"}]

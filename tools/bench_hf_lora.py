@@ -2,7 +2,7 @@
 """Time LoRA fine-tuning of a SmolLM2-135M-shaped random Llama: picochat-jax against transformers + peft.
 
 What is timed on our side is what `picochat train hf-sft --peft lora` runs: the HF folder loaded with
-`hf.convert.load_hf_model`, `training_model`, and the one trainer's LoRA step (`build_trainer(...,
+`hf.io.load_hf_model`, `training_model`, and the one trainer's LoRA step (`build_trainer(...,
 lora_cfg=...)`: frozen bf16 base,
 float32 adapters, hf-sft's AdamW and clipping; the learning rate held constant so both sides do the same
 optimizer arithmetic). The peer (tools/peft_baseline.py) trains the same folder with `peft.get_peft_model`,
@@ -138,7 +138,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     import optax
 
     from picochat_jax import parallel
-    from picochat_jax.hf.convert import load_hf_model
+    from picochat_jax.hf.io import load_hf_model
     from picochat_jax.hf.sft import HFSFTOptions, hf_train_config
     from picochat_jax.model.lora import LoraConfig, parse_targets
     from picochat_jax.model.ops import resolve_attention_impl

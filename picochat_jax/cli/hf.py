@@ -34,7 +34,7 @@ def export() -> None:
 @friendly_errors
 def export_hf(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Path, overwrite: bool) -> None:
     """Write a folder that stock transformers loads (AutoModelForCausalLM, AutoTokenizer, chat template)."""
-    from picochat_jax.hf.convert import export_native
+    from picochat_jax.hf.export import export_native
 
     family, path = export_native(checkpoint_dir, tokenizer_path, out_dir, overwrite=overwrite)
     click.echo(f"exported {checkpoint_dir} as {family} -> {path}")
@@ -53,7 +53,8 @@ def import_group() -> None:
 @friendly_errors
 def import_hf(model: str, out_dir: Path, overwrite: bool) -> None:
     """Convert an HF causal LM (Llama, Mistral, Qwen2, Qwen3, GPT-2 shaped) into a native checkpoint."""
-    from picochat_jax.hf.convert import load_hf_model, save_imported_checkpoint
+    from picochat_jax.hf.export import save_imported_checkpoint
+    from picochat_jax.hf.io import load_hf_model
     from picochat_jax.model.transformer import count_params
     from picochat_jax.outdir import check_out_dir
 

@@ -59,7 +59,7 @@ class HFChatFormat:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> HFChatFormat:
-        from picochat_jax.hf.convert import read_generation_config
+        from picochat_jax.hf.io import read_generation_config
 
         return cls(load_hf_tokenizer(model_dir), read_generation_config(Path(model_dir)))
 
@@ -122,7 +122,7 @@ def load_hf_chat(model: str | Path, *, precision: str = "fp32", max_len: int | N
     """(generate.Engine, HFChatFormat) for an HF folder or cached hub id. The KV cache defaults to at most
     `default_max_len` positions (serve.hf_max_len): HF configs often advertise 128k contexts no eval needs."""
     from picochat_jax.generate import Engine
-    from picochat_jax.hf.convert import load_hf_model
+    from picochat_jax.hf.io import load_hf_model
 
     hf = load_hf_model(model, cache_dir)
     fmt = HFChatFormat.load(hf.path)

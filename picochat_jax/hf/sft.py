@@ -2,7 +2,7 @@
 
 The stages, top to bottom:
 
-1. load the HF folder as our Decoder (hf/convert.py) and its tokenizer + chat template (HFChatFormat);
+1. load the HF folder as our Decoder (hf/io.py, hf/families.py) and its tokenizer + chat template (HFChatFormat);
 2. render every chat row with the model's *own* template; the target is what
    `apply_chat_template(full)` adds beyond `apply_chat_template(prompt, add_generation_prompt=True)`
    (the final assistant message, plus whatever the template wraps around it);
@@ -38,14 +38,9 @@ from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
 from picochat_jax.data.records import read_chat_jsonl
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
-from picochat_jax.hf.convert import (
-    check_peft_family,
-    load_hf_model,
-    read_generation_config,
-    resolve_model_dir,
-    save_hf_model,
-    save_peft_adapter,
-)
+from picochat_jax.hf.export import save_hf_model, save_peft_adapter
+from picochat_jax.hf.families import check_peft_family
+from picochat_jax.hf.io import load_hf_model, read_generation_config, resolve_model_dir
 from picochat_jax.model import lora
 from picochat_jax.model.transformer import count_params, training_model
 from picochat_jax.outdir import check_out_dir, claim_out_dir

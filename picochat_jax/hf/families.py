@@ -1,36 +1,26 @@
-"""The Hugging Face bridge: the only module that knows HF config keys and weight names.
+"""The Hugging Face bridge's maps: the only module that knows HF config keys and weight names.
 
-transformers v5 ships no Flax models, so an HF causal LM becomes our own `Decoder`: `config.json` maps
-onto a `ModelConfig` and the safetensors weights onto our scanned param tree (kernel = weight.T, one
-leading layer axis per block weight). The mapping runs both ways, so a native checkpoint exports to a
-folder that stock `AutoModelForCausalLM.from_pretrained` loads, and merged LoRA adapters export in PEFT's
-own key names. Weights are read and written with `safetensors` on numpy: torch is never needed here.
+transformers v5 ships no Flax models, so an HF causal LM becomes our own `Decoder`: `config.json` maps onto a
+`ModelConfig` and the safetensors weights onto our scanned param tree (kernel = weight.T, one leading layer
+axis per block weight). The mapping runs both ways, so a native checkpoint exports to a folder that stock
+`AutoModelForCausalLM.from_pretrained` loads, and merged LoRA adapters export in PEFT's own key names.
 
 Families: llama (Llama 2/3, SmolLM/SmolLM2), mistral, qwen2 (qkv bias), qwen3 (QK-norm), gpt2 (the
-layernorm/learned-position/GELU shape of our small scales).
+layernorm/learned-position/GELU shape of our small scales). Files: hf/io.py; writing folders: hf/export.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.fileio import discard_temp, replace_dir, save_json
 from picochat_jax.model.lora import get_path
 from picochat_jax.model.transformer import dummy_tokens, make_model
 
@@ -42,21 +32,29 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
+
+
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
 PEFT_FAMILIES = (*LLAMA_LIKE, "gpt2")
+
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
 # Buffers some checkpoints carry that are not weights (recomputed by every implementation).
-_IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
 # Our block param path -> the llama-family module path under `model.layers.{i}.`.
-_LLAMA_MODULES = {
+LLAMA_MODULES = {
     **{("attn", p): f"self_attn.{p}" for p in ATTN_PROJ},
     **{("mlp", p): f"mlp.{p}" for p in MLP_PROJ},
     ("attn", "q_norm"): "self_attn.q_norm",
@@ -64,82 +62,12 @@ _LLAMA_MODULES = {
     ("input_norm",): "input_layernorm",
     ("post_attention_norm",): "post_attention_layernorm",
 }
+
+
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
+
 Params = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class HFModel:
-    """An HF checkpoint as our model: where it came from, its family, our config and float32 params."""
-
-    path: Path
-    family: str
-    config: ModelConfig
-    hf_config: dict[str, Any]
-    params: Params
-
-
-# --------------------------------------------------------------------------------------------------------
-# Locating and reading a checkpoint
-# --------------------------------------------------------------------------------------------------------
-
-
-def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """A local folder, or a hub id already in the local HF cache. Never touches the network."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"--model must be a folder or a hub id, got the file {path}")
-    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model folder not found: {path}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = snapshot_download(str(model), local_files_only=True, cache_dir=cache_dir)
-    except Exception as exc:  # the hub raises several types for "not cached"
-        raise FileNotFoundError(
-            f"{model!r} is neither a local folder nor a model in the local Hugging Face cache (no network is "
-            f"used); download it first, e.g. `hf download {model}`") from exc
-    return Path(snapshot)
-
-
-def read_hf_config(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"config.json not found: {path}")
-    return json.loads(path.read_text())
-
-
-def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """Every tensor of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
-    model_dir = Path(model_dir)
-    index = model_dir / WEIGHTS_INDEX_NAME
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [model_dir / s for s in shards]
-    elif (model_dir / WEIGHTS_NAME).exists():
-        files = [model_dir / WEIGHTS_NAME]
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {model_dir} "
-                                f"(only safetensors weights are read; convert .bin checkpoints first)")
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        if not file.exists():
-            raise FileNotFoundError(f"weight shard listed in {index.name} is missing: {file}")
-        with safe_open(str(file), framework="np") as fh:
-            names = list(fh.keys())
-            for key in names:
-                tensors[key] = fh.get_tensor(key)
-    return tensors
-
-
-# --------------------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
-# --------------------------------------------------------------------------------------------------------
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
@@ -283,11 +211,6 @@ def hf_config_from_native(cfg: ModelConfig, family: str, token_ids: dict[str, in
     return out
 
 
-# --------------------------------------------------------------------------------------------------------
-# weights: HF tensors <-> our param tree
-# --------------------------------------------------------------------------------------------------------
-
-
 def param_shapes(cfg: ModelConfig) -> Params:
     """The Decoder's param tree as shapes (traced abstractly: nothing is compiled or allocated)."""
     model = make_model(cfg)
@@ -315,9 +238,9 @@ def _llama_name(path: tuple[str, ...]) -> str:
            ("lm_head", "kernel"): "lm_head.weight"}
     if path in top:
         return top[path]
-    if path[0] != "layers" or path[1:-1] not in _LLAMA_MODULES:
+    if path[0] != "layers" or path[1:-1] not in LLAMA_MODULES:
         raise KeyError(f"no llama-family name for param {'/'.join(path)}")
-    return f"model.layers.{{i}}.{_LLAMA_MODULES[path[1:-1]]}.{_LEAF_TO_HF[path[-1]]}"
+    return f"model.layers.{{i}}.{LLAMA_MODULES[path[1:-1]]}.{_LEAF_TO_HF[path[-1]]}"
 
 
 class _Tensors:
@@ -334,7 +257,7 @@ class _Tensors:
 
     def check_all_used(self, optional: tuple[str, ...] = ()) -> None:
         left = sorted(k for k in self.tensors if k not in self.used and k not in optional
-                      and not _IGNORED_KEYS.search(k))
+                      and not IGNORED_KEYS.search(k))
         if left:
             raise ValueError(f"{self.source}: {len(left)} weights do not fit the config (e.g. {left[:4]}); "
                              "the config.json and the weights disagree")
@@ -473,153 +396,10 @@ def _gpt2_params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray
     return out
 
 
-# --------------------------------------------------------------------------------------------------------
-# Whole folders
-# --------------------------------------------------------------------------------------------------------
-
-
-def load_hf_model(model: str | Path, cache_dir: str | Path | None = None) -> HFModel:
-    """Load an HF causal-LM folder (or cached hub id) as (family, ModelConfig, float32 params)."""
-    path = resolve_model_dir(model, cache_dir)
-    hf = read_hf_config(path)
-    family, cfg = config_from_hf(hf)
-    params = params_from_hf(read_safetensors(path), cfg, family, path)
-    return HFModel(path=path, family=family, config=cfg, hf_config=hf, params=params)
-
-
-def _dtype_of(hf_config: dict[str, Any]) -> str:
-    name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32").replace("torch.", "")
-    return name if name in DTYPES else "float32"
-
-
-@contextmanager
-def atomic_dir(directory: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `directory` in one rename."""
-    directory = Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, directory)
-    except BaseException:
-        discard_temp(tmp)
-        raise
-
-
-def write_weights(folder: Path, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
-    cast = DTYPES[dtype]
-    save_file({k: np.ascontiguousarray(v.astype(cast)) for k, v in tensors.items()}, str(Path(folder) / WEIGHTS_NAME),
-              metadata={"format": "pt"})  # transformers refuses safetensors files without a format tag
-
-
-def save_hf_model(out_dir: Path, params: Params, cfg: ModelConfig, family: str, hf_config: dict[str, Any],
-                  tokenizer_dir: Path | None = None, generation_config: dict[str, Any] | None = None,
-                  extra_json: dict[str, Any] | None = None) -> Path:
-    """Write a complete HF folder atomically: config.json, model.safetensors (in the config's dtype),
-    generation_config.json, the tokenizer files found in `tokenizer_dir` and any `extra_json` files (the
-    out-dir marker, which must be inside before the folder appears)."""
-    dtype = _dtype_of(hf_config)
-    hf_config = {**hf_config, "dtype": dtype, "torch_dtype": dtype}
-    tensors = params_to_hf(params, cfg, family)
-    with atomic_dir(Path(out_dir)) as tmp:
-        save_json(tmp / "config.json", hf_config)
-        write_weights(tmp, tensors, dtype)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-        gen = generation_config or {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                                    if hf_config.get(k) is not None}
-        save_json(tmp / "generation_config.json", gen)
-        for name, payload in (extra_json or {}).items():
-            save_json(tmp / name, payload)
-    return Path(out_dir)
-
-
-def read_generation_config(model_dir: Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / "generation_config.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def export_tokenizer(tokenizer_path: Path, out_dir: Path, max_len: int) -> dict[str, int]:
-    """Our tokenizer.json as a transformers fast tokenizer with bos/eos/pad and the native chat template.
-    Returns the special ids for config.json."""
-    from transformers import PreTrainedTokenizerFast
-
-    from picochat_jax.data.chat import JINJA_CHAT_TEMPLATE
-    from picochat_jax.tokenizer import BOS, END, PAD, ChatTokenizer
-
-    tokenizer_path = Path(tokenizer_path)
-    if tokenizer_path.is_dir():
-        tokenizer_path = tokenizer_path / "tokenizer.json"
-    ours = ChatTokenizer.load(tokenizer_path)  # validates the special tokens
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path), bos_token=BOS, eos_token=END, pad_token=PAD,
-                                  model_max_length=max_len, chat_template=JINJA_CHAT_TEMPLATE)
-    tok.save_pretrained(str(out_dir))
-    # The generic class name loads in both transformers 4.x and 5.x.
-    config_path = Path(out_dir) / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text())
-    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_config.setdefault("chat_template", JINJA_CHAT_TEMPLATE)
-    save_json(config_path, tok_config)
-    return {"bos": ours.bos_id, "eos": ours.end_id, "pad": ours.pad_id}
-
-
-def export_native(checkpoint_dir: Path, tokenizer_path: Path | None, out_dir: Path,
-                  overwrite: bool = False) -> tuple[str, Path]:
-    """A native picochat checkpoint -> a stock transformers folder. Returns (family, out_dir).
-
-    The folder follows the out-dir policy (outdir.py); its marker records the source checkpoint and the
-    tokenizer's vocab size and hash."""
-    from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint, tokenizer_fingerprint
-    from picochat_jax.outdir import MARKER, check_out_dir, marker_payload
-
-    tokenizer_path = checkpoint_tokenizer(checkpoint_dir, tokenizer_path)
-    plan = check_out_dir(out_dir, "hf-export", overwrite=overwrite, resumable=False,
-                         inputs=[checkpoint_dir, tokenizer_path])
-    params, cfg, _ = load_model_checkpoint(checkpoint_dir)
-    family = export_family(cfg)
-    marker = marker_payload("hf-export", source_checkpoint=str(Path(checkpoint_dir).absolute()),
-                            tokenizer=tokenizer_fingerprint(tokenizer_path))
-    return family, export_params(params, cfg, tokenizer_path, plan.path, extra_json={MARKER: marker})
-
-
-def export_params(params: Params, cfg: ModelConfig, tokenizer_path: Path, out_dir: Path,
-                  extra_json: dict[str, Any] | None = None) -> Path:
-    family = export_family(cfg)
-    with tempfile.TemporaryDirectory() as tok_dir:
-        ids = export_tokenizer(tokenizer_path, Path(tok_dir), cfg.max_seq_len)
-        hf_config = hf_config_from_native(cfg, family, ids)
-        gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
-        return save_hf_model(out_dir, params, cfg, family, hf_config, Path(tok_dir), gen, extra_json)
-
-
-def save_imported_checkpoint(hf: HFModel, out_dir: Path, source: str) -> Path:
-    """An imported HF model as a native checkpoint folder (params, model_config.json, hf_tokenizer/), marked as
-    an `import-hf` output. The tokenizer files travel in the same atomic write as the weights."""
-    from picochat_jax.checkpoint import save_model_checkpoint
-    from picochat_jax.outdir import MARKER, marker_payload
-
-    tokenizer_files = {}
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (hf.path / name).exists():
-            tokenizer_files[f"hf_tokenizer/{name}"] = hf.path / name
-    save_model_checkpoint(out_dir, hf.params, hf.config, None,
-                          {"stage": "import-hf", "source": source, "family": hf.family, "hf_config": hf.hf_config},
-                          extra_json={MARKER: marker_payload("import-hf", source=source)},
-                          extra_files=tokenizer_files)
-    return Path(out_dir)
-
-
-# --------------------------------------------------------------------------------------------------------
-# PEFT adapters
-# --------------------------------------------------------------------------------------------------------
-
-
 def peft_module_path(target: str) -> str:
     """HF module path (under `model.layers.{i}.`) of one of our LoRA targets (q_proj, ..., down_proj)."""
     module = "attn" if target in ATTN_PROJ else "mlp"
-    return _LLAMA_MODULES[(module, target)]
+    return LLAMA_MODULES[(module, target)]
 
 
 def check_peft_family(family: str) -> None:
@@ -629,63 +409,7 @@ def check_peft_family(family: str) -> None:
 
 
 # GPT-2 modules for our targets; q, k and v share the fused c_attn.
-_GPT2_PEFT_MODULES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
-_QKV = ("q_proj", "k_proj", "v_proj")
+GPT2_PEFT_MODULES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
 
 
-def peft_adapter(adapters: dict[str, dict[str, Any]], n_layers: int, family: str, rank: int,
-                 alpha: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(tensors in PEFT's saved key names, the family-specific adapter_config.json entries).
-
-    PEFT computes lora_B(lora_A(x)) * alpha / r with lora_A.weight (r, in) = A[i].T and lora_B.weight
-    (out, r) = B[i].T. GPT-2 fuses q, k, v into one c_attn; their adapters become one adapter of rank
-    n*r whose A stacks the A's and whose B is block-diagonal, with alpha scaled by n so alpha/r is unchanged.
-    """
-    check_peft_family(family)
-    host = {t: (np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)) for t, ab in adapters.items()}
-    out: dict[str, np.ndarray] = {}
-    if family in LLAMA_LIKE:
-        for target, (a, b) in host.items():
-            for i in range(n_layers):
-                prefix = f"base_model.model.model.layers.{i}.{peft_module_path(target)}"
-                out[f"{prefix}.lora_A.weight"] = a[i].T
-                out[f"{prefix}.lora_B.weight"] = b[i].T
-        return out, {"target_modules": sorted(host), "fan_in_fan_out": False}
-    modules = {_GPT2_PEFT_MODULES[t]: t for t in host if t in _GPT2_PEFT_MODULES}
-    qkv = [t for t in _QKV if t in host]
-    for i in range(n_layers):
-        prefix = f"base_model.model.transformer.h.{i}"
-        for module, target in modules.items():
-            out[f"{prefix}.{module}.lora_A.weight"] = host[target][0][i].T
-            out[f"{prefix}.{module}.lora_B.weight"] = host[target][1][i].T
-        if qkv:
-            d = host[qkv[0]][0].shape[1]  # q, k and v all map d_model -> d_model in an MHA GPT-2
-            fused_b = np.zeros((3 * d, len(qkv) * rank), np.float32)
-            for j, target in enumerate(qkv):
-                row = _QKV.index(target) * d
-                fused_b[row:row + d, j * rank:(j + 1) * rank] = host[target][1][i].T
-            out[f"{prefix}.attn.c_attn.lora_A.weight"] = np.concatenate([host[t][0][i].T for t in qkv])
-            out[f"{prefix}.attn.c_attn.lora_B.weight"] = fused_b
-    config: dict[str, Any] = {"target_modules": sorted(modules) + (["attn.c_attn"] if qkv else []),
-                              "fan_in_fan_out": True}  # GPT-2's Conv1D stores weights as (in, out)
-    if len(qkv) > 1:
-        config["rank_pattern"] = {"attn.c_attn": len(qkv) * rank}
-        config["alpha_pattern"] = {"attn.c_attn": len(qkv) * alpha}
-    return out, config
-
-
-def save_peft_adapter(out_dir: Path, adapters: dict[str, dict[str, Any]], rank: int, alpha: float,
-                      dropout: float, n_layers: int, family: str, base_model: str) -> Path:
-    """adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
-    tensors, family_config = peft_adapter(adapters, n_layers, family, rank, alpha)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, **family_config,
-    }
-    with atomic_dir(Path(out_dir)) as tmp:
-        save_json(tmp / "adapter_config.json", config)
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
-    return Path(out_dir)
+QKV = ("q_proj", "k_proj", "v_proj")
