@@ -339,7 +339,7 @@ def test_checkpoint_records_its_tokenizer_and_the_default_is_its_own(tmp_path, m
 
 
 def test_serve_and_chat_refuse_a_foreign_tokenizer(model_dir, other_tokenizer):
-    from picochat_jax.serve.app import load_backend
+    from picochat_jax.serve.backend import load_backend
 
     with pytest.raises(ValueError, match="does not belong to the model"):
         load_backend(model_dir, other_tokenizer, warmup=False)

@@ -25,8 +25,10 @@ from picochat_jax.config import ModelConfig
 from picochat_jax.data.records import Message
 from picochat_jax.generate import ChunkResult, Engine, SamplingParams
 from picochat_jax.model.transformer import init_params, make_model
-from picochat_jax.serve.app import StopText, create_app, load_backend
+from picochat_jax.serve.app import create_app
+from picochat_jax.serve.backend import load_backend
 from picochat_jax.serve.batcher import Batcher, GenerationRequest
+from picochat_jax.serve.text import StopText
 from picochat_jax.tokenizer import train_tokenizer
 
 openai = pytest.importorskip("openai")

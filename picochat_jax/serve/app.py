@@ -1,15 +1,13 @@
 """OpenAI-compatible HTTP API (FastAPI) over the batcher: /v1/models, /v1/completions, /v1/chat/completions.
 
-    backend = load_backend(checkpoint=Path("RUN/sft/checkpoint"))
+    backend = load_backend(checkpoint=Path("RUN/sft/checkpoint"))      # serve/backend.py
     uvicorn.run(create_app(backend), host="127.0.0.1", port=8000)
 
 Every error a client causes is a 4xx with OpenAI's error JSON; FastAPI's own 422 validation answers are
 replaced by 400s of that shape. A body over `max_request_bytes` is answered 413 before the rest is read, and
 tokenizing and detokenizing run in worker threads, so one huge or slow request never stalls `/health` or other
-clients. Message contents are encoded as text: control tokens come only from the chat template. Text is
-decoded as token chunks arrive from the worker:
-stop strings cut the reply there (and cancel the row), and streams hold back the last few characters that
-could still turn out to be the start of a stop string, so a stream never emits text past a stop.
+clients. Message contents are encoded as text: control tokens come only from the chat template. Replies become
+text in serve/text.py (stop strings, stream hold-back).
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,10 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from picochat_jax.config import ServeConfig
 from picochat_jax.data.records import Message
 from picochat_jax.generate import SamplingParams
-from picochat_jax.serve.batcher import Batcher, Event, GenerationRequest, Overloaded, ShuttingDown
+from picochat_jax.serve.backend import Backend
 from picochat_jax.serve.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -41,188 +36,11 @@ from picochat_jax.serve.schemas import (
     check_supported,
     error_body,
 )
+from picochat_jax.serve.text import ChoiceRun, Piece
 
 # OpenAI's defaults where a request leaves a field out.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
-
-
-DEFAULTS = ServeConfig()  # mirrors configs/base.yaml serve: (tests/test_config.py keeps them equal)
-
-
-@dataclass
-class Backend:
-    """One served model: its name, chat format (ChatFormat protocol of generate.py), batcher and request limits."""
-
-    model_id: str
-    fmt: Any
-    batcher: Batcher
-    default_max_tokens: int = DEFAULTS.default_max_tokens
-    created: int = field(default_factory=lambda: int(time.time()))
-    owned_by: str = "picochat"
-    max_request_bytes: int = DEFAULTS.max_request_bytes  # larger bodies get 413
-    max_prompt_tokens: int | None = DEFAULTS.max_prompt_tokens  # per request (all its prompts); None = the context
-
-    @property
-    def max_context(self) -> int:
-        return self.batcher.max_len
-
-
-def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, hf_model: str | Path | None = None,
-                 *, model_name: str | None = None, precision: str = DEFAULTS.precision, max_len: int | None = None,
-                 max_batch: int = DEFAULTS.max_batch, chunk_tokens: int = DEFAULTS.chunk_tokens,
-                 batch_wait_ms: float = DEFAULTS.batch_wait_ms, default_max_tokens: int = DEFAULTS.default_max_tokens,
-                 max_queue: int = DEFAULTS.max_queue, warmup: bool = True,
-                 max_request_bytes: int = DEFAULTS.max_request_bytes,
-                 max_prompt_tokens: int | None = DEFAULTS.max_prompt_tokens,
-                 hf_max_len: int = DEFAULTS.hf_max_len) -> Backend:
-    """A Backend for a native checkpoint folder (+ tokenizer.json) or a Hugging Face model folder."""
-    if (checkpoint is None) == (hf_model is None):
-        raise ValueError("give exactly one of a native checkpoint (--checkpoint) or an HF model folder (--hf-model)")
-    if checkpoint is not None:
-        from picochat_jax.generate import load_native
-
-        engine, fmt = load_native(Path(checkpoint), tokenizer, precision=precision, max_len=max_len,
-                                  max_batch=max_batch, chunk_tokens=chunk_tokens)
-        name = model_name or "picochat"
-    else:
-        try:
-            from picochat_jax.hf.chat_format import load_hf_chat
-        except ImportError as exc:  # the HF bridge is optional for native-only installs
-            raise ValueError(f"--hf-model needs the HF bridge (picochat_jax.hf), which failed to import: {exc}") \
-                from exc
-        engine, fmt = load_hf_chat(hf_model, precision=precision, max_len=max_len, max_batch=max_batch,
-                                   default_max_len=hf_max_len, chunk_tokens=chunk_tokens)
-        name = model_name or Path(str(hf_model)).name
-    batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)
-    if warmup:
-        batcher.warmup(fmt.encode_text("hi"))
-    return Backend(name, fmt, batcher, default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,
-                   max_prompt_tokens=max_prompt_tokens)
-
-
-# ------------------------------------------------------------------------------------------ text and stops
-
-
-class StopText:
-    """Incremental detokenizer for one reply that cuts at the first stop string.
-
-    `add` returns the text that is safe to show now; `finish` returns the rest. Their concatenation is
-    the whole reply cut at the first stop string, whatever the chunking, so a stream's deltas add up to
-    exactly the non-streamed text.
-    """
-
-    def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str]):
-        self.decode = decode
-        self.stops = [s for s in stops if s]
-        # A stop string that starts in the last len-1 characters may still be completed by the next tokens.
-        self.holdback = max((len(s) for s in self.stops), default=1) - 1
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.stopped = False
-
-    def _cut(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return max(min(hits), self.emitted) if hits else None
-
-    def add(self, ids: Sequence[int]) -> str:
-        if self.stopped:
-            return ""
-        self.ids.extend(ids)
-        text = self.decode(self.ids)
-        cut = self._cut(text)
-        if cut is not None:
-            self.stopped = True
-            return self._emit(text, cut)
-        safe = len(text)
-        while safe > self.emitted and text[safe - 1] == "\ufffd":  # a multi-byte character not yet complete
-            safe -= 1
-        return self._emit(text, max(self.emitted, min(safe, len(text) - self.holdback)))
-
-    def finish(self) -> str:
-        if self.stopped:
-            return ""
-        text = self.decode(self.ids)
-        cut = self._cut(text)
-        self.stopped = cut is not None
-        return self._emit(text, len(text) if cut is None else cut)
-
-    def _emit(self, text: str, end: int) -> str:
-        delta = text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return delta
-
-
-@dataclass
-class Piece:
-    index: int
-    text: str
-    finish_reason: str | None = None  # set on a choice's last piece: "stop" | "length"
-
-
-class ChoiceRun:
-    """The prompts of one HTTP request in flight on the batcher, read back as text pieces on the event loop."""
-
-    def __init__(self, backend: Backend, prompts: list[list[int]], sampling: SamplingParams, stops: Sequence[str]):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.texts = [StopText(backend.fmt.decode, stops) for _ in prompts]
-        self.prompt_tokens = sum(len(p) for p in prompts)
-        self.completion_tokens = 0
-        self.requests = [GenerationRequest(p, sampling, self._callback(i)) for i, p in enumerate(prompts)]
-        try:
-            for req in self.requests:
-                backend.batcher.submit(req)
-        except Overloaded as exc:
-            self.cancel()
-            raise APIError(503, str(exc), type="server_error", code="overloaded") from exc
-        except ShuttingDown as exc:
-            self.cancel()
-            raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
-
-    def _callback(self, index: int) -> Callable[[Event], None]:
-        def push(event: Event) -> None:  # worker thread -> event loop
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-        return push
-
-    def cancel(self) -> None:
-        for req in self.requests:
-            req.cancel()
-
-    async def pieces(self) -> AsyncIterator[Piece]:
-        """Text pieces as they become safe to show; every choice ends with one piece carrying its reason."""
-        open_choices = set(range(len(self.requests)))
-        try:
-            while open_choices:
-                index, event = await self.queue.get()
-                if index not in open_choices:
-                    continue  # a choice already cut at a stop string: its last events don't matter
-                text = self.texts[index]
-                if event.kind == "tokens":
-                    self.completion_tokens += len(event.tokens)
-                    delta = await asyncio.to_thread(text.add, event.tokens)
-                    if text.stopped:
-                        self.requests[index].cancel()
-                        open_choices.discard(index)
-                        yield Piece(index, delta, "stop")
-                    elif delta:
-                        yield Piece(index, delta)
-                elif event.kind == "finish":
-                    if event.reason == "cancelled":  # not by us (a stop string closes its choice first)
-                        raise APIError(503, "generation was cancelled: the server is shutting down",
-                                       type="server_error", code="shutting_down")
-                    open_choices.discard(index)
-                    tail = await asyncio.to_thread(text.finish)
-                    yield Piece(index, tail, "stop" if text.stopped else event.reason or "stop")
-                else:
-                    raise APIError(500, event.message or "generation failed", type="server_error")
-        finally:
-            self.cancel()  # no-op for finished rows; frees the batch slot when a client goes away mid-stream
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 # ------------------------------------------------------------------------------------------ request handling
@@ -326,20 +144,57 @@ async def _collect(run: ChoiceRun, n: int) -> tuple[list[str], list[str]]:
     return texts, reasons
 
 
-def create_app(backend: Backend) -> FastAPI:
-    """The ASGI app. Its lifespan starts the backend's batcher and closes it on shutdown."""
+async def _complete(req: CompletionRequest, backend: Backend) -> Any:
+    """POST /v1/completions: text or token-id prompts, one choice each, plain or streamed."""
+    _check_model(req, backend)
+    check_supported(req)
+    prompts = await asyncio.to_thread(_encode_completion, req, backend)
+    _check_prompt_budget(req, prompts, backend)
+    sampling = _sampling(req, req.max_tokens, [len(p) for p in prompts], backend)
+    run = ChoiceRun(backend, prompts, sampling, req.stop_strings)
+    base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": backend.model_id}
+    if req.stream:
+        def chunk(piece: Piece) -> dict[str, Any]:
+            return {**base, "choices": [{"index": piece.index, "text": piece.text, "logprobs": None,
+                                         "finish_reason": piece.finish_reason}]}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        backend.batcher.start()
-        try:
-            yield
-        finally:
-            await asyncio.to_thread(backend.batcher.close)
+        usage = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
+        return _stream(run, chunk, [], usage)
+    texts, reasons = await _collect(run, len(prompts))
+    return {**base, "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))], "usage": run.usage()}
 
-    app = FastAPI(title="picochat-jax", version="1", lifespan=lifespan)
-    app.state.backend = backend
-    app.add_middleware(BodySizeLimit, max_bytes=backend.max_request_bytes)
+
+async def _chat_complete(req: ChatCompletionRequest, backend: Backend) -> Any:
+    """POST /v1/chat/completions: one reply to the messages, plain or streamed."""
+    _check_model(req, backend)
+    check_supported(req)
+    prompt = await asyncio.to_thread(_encode_chat, req, backend)
+    _check_prompt_budget(req, [prompt], backend)
+    sampling = _sampling(req, req.token_limit, [len(prompt)], backend)
+    run = ChoiceRun(backend, [prompt], sampling, req.stop_strings)
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": backend.model_id}
+    if req.stream:
+        def chunk(piece: Piece) -> dict[str, Any]:
+            delta = {"content": piece.text} if piece.text else {}
+            return {**base, "choices": [{"index": piece.index, "delta": delta, "logprobs": None,
+                                         "finish_reason": piece.finish_reason}]}
+
+        role = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}]}
+        usage = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
+        return _stream(run, chunk, [role], usage)
+    texts, reasons = await _collect(run, 1)
+    return {**base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": None,
+                         "finish_reason": reasons[0]}],
+            "usage": run.usage()}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's {"error": {...}}: client errors 4xx (FastAPI's 422s become 400s), the rest 500."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -373,6 +228,23 @@ def create_app(backend: Backend) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", type="server_error"),
                             status_code=500)
 
+
+def create_app(backend: Backend) -> FastAPI:
+    """The ASGI app. Its lifespan starts the backend's batcher and closes it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend.batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(backend.batcher.close)
+
+    app = FastAPI(title="picochat-jax", version="1", lifespan=lifespan)
+    app.state.backend = backend
+    app.add_middleware(BodySizeLimit, max_bytes=backend.max_request_bytes)
+    _install_error_handlers(app)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         stats = backend.batcher.stats()
@@ -393,50 +265,11 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> Any:
-        _check_model(req, backend)
-        check_supported(req)
-        prompts = await asyncio.to_thread(_encode_completion, req, backend)
-        _check_prompt_budget(req, prompts, backend)
-        sampling = _sampling(req, req.max_tokens, [len(p) for p in prompts], backend)
-        run = ChoiceRun(backend, prompts, sampling, req.stop_strings)
-        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": backend.model_id}
-        if req.stream:
-            def chunk(piece: Piece | None) -> dict[str, Any]:
-                return {**base, "choices": [{"index": piece.index, "text": piece.text, "logprobs": None,
-                                             "finish_reason": piece.finish_reason}]}
-
-            usage = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
-            return _stream(run, chunk, [], usage)
-        texts, reasons = await _collect(run, len(prompts))
-        return {**base, "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))], "usage": run.usage()}
+        return await _complete(req, backend)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest) -> Any:
-        _check_model(req, backend)
-        check_supported(req)
-        prompt = await asyncio.to_thread(_encode_chat, req, backend)
-        _check_prompt_budget(req, [prompt], backend)
-        sampling = _sampling(req, req.token_limit, [len(prompt)], backend)
-        run = ChoiceRun(backend, [prompt], sampling, req.stop_strings)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": backend.model_id}
-        if req.stream:
-            def chunk(piece: Piece | None) -> dict[str, Any]:
-                delta = {"content": piece.text} if piece.text else {}
-                return {**base, "choices": [{"index": piece.index, "delta": delta, "logprobs": None,
-                                             "finish_reason": piece.finish_reason}]}
-
-            role = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]}
-            usage = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
-            return _stream(run, chunk, [role], usage)
-        texts, reasons = await _collect(run, 1)
-        return {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": None,
-                             "finish_reason": reasons[0]}],
-                "usage": run.usage()}
+        return await _chat_complete(req, backend)
 
     return app
 
