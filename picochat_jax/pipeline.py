@@ -29,6 +29,7 @@ from picochat_jax.data.records import (
     read_preference_jsonl,
 )
 from picochat_jax.eval.preflight import PreflightBlocked, blocked_message, run_preflight, write_preflight
+from picochat_jax.eval.text import number
 from picochat_jax.fileio import read_json_object, save_json, save_text
 from picochat_jax.outdir import check_out_dir, claim_out_dir
 from picochat_jax.parallel import MeshShape, parse_mesh
@@ -111,21 +112,18 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
              "| stage | steps | tokens | first loss | final loss | final BPB | best val loss | tokens/s | MFU |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-    def fmt(v: Any, spec: str) -> str:
-        return "n/a" if v is None else format(v, spec)
-
     for name in ("base", "sft", "dpo"):
         if name not in summary:
             continue
         s = summary[name]
         if name == "dpo":
-            lines.append(f"| dpo | {s['steps']} | {s['tokens_seen']:,} | {fmt(s['first_loss'], '.3f')} | "
-                         f"{fmt(s['final_loss'], '.3f')} | n/a | {fmt(s['best_val_loss'], '.3f')} | n/a | n/a |")
+            lines.append(f"| dpo | {s['steps']} | {s['tokens_seen']:,} | {number(s['first_loss'], '.3f')} | "
+                         f"{number(s['final_loss'], '.3f')} | n/a | {number(s['best_val_loss'], '.3f')} | n/a | n/a |")
             continue
-        lines.append(f"| {name} | {s['steps']} | {s['tokens_seen']:,} | {fmt(s['first_loss'], '.3f')} | "
-                     f"{fmt(s['final_loss'], '.3f')} | {fmt(s['final_bpb'], '.3f')} | "
-                     f"{fmt(s['best_val_loss'], '.3f')} | "
-                     f"{fmt(s['tokens_per_sec'], ',.0f')} | {fmt(s['mfu'], '.2%')} |")
+        lines.append(f"| {name} | {s['steps']} | {s['tokens_seen']:,} | {number(s['first_loss'], '.3f')} | "
+                     f"{number(s['final_loss'], '.3f')} | {number(s['final_bpb'], '.3f')} | "
+                     f"{number(s['best_val_loss'], '.3f')} | "
+                     f"{number(s['tokens_per_sec'], ',.0f')} | {number(s['mfu'], '.2%')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,14 +155,8 @@ def honesty_stage(engine: Any, tok: ChatTokenizer, corpus: Corpus, conversations
                   eval_rows: list[EvalRow] | None, planted: list[tuple[str, str]], model_name: str,
                   options: RunOptions, out_dir: Path) -> dict[str, Any]:
     """Contamination scan plus memorisation canaries on the candidate model -> honesty/."""
-    from picochat_jax.eval.honesty import (
-        corpus_canaries,
-        document_sources,
-        memorization_check,
-        planted_canaries,
-        scan_contamination,
-        write_honesty_report,
-    )
+    from picochat_jax.eval.honesty import corpus_canaries, memorization_check, planted_canaries, write_honesty_report
+    from picochat_jax.eval.ngram import document_sources, scan_contamination
     from picochat_jax.generate import SamplingParams
 
     labels = document_sources(corpus)

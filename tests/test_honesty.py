@@ -14,17 +14,14 @@ from picochat_jax.data.records import Conversation, EvalRow, Message, read_chat_
 from picochat_jax.eval.honesty import (
     Canary,
     corpus_canaries,
-    document_sources,
     make_planted_canaries,
     memorization_check,
-    ngram_hashes,
-    normalize,
     plant_canaries,
     planted_canaries,
-    scan_contamination,
-    word_ids,
     write_honesty_report,
 )
+from picochat_jax.eval.ngram import document_sources, ngram_hashes, scan_contamination, word_ids
+from picochat_jax.eval.text import normalize
 from picochat_jax.tokenizer import train_tokenizer
 
 
@@ -45,7 +42,7 @@ def _eval(user: str, line: int, **kw) -> EvalRow:
 
 
 def test_normalize_and_ngram_hashes():
-    assert normalize("  What's a TOKEN?\n\n(Really!)  ") == "what s a token really"
+    assert normalize("  What's a TOKEN?\n\n(Really!)  ", strip_punctuation=True) == "what s a token really"
     words = ["the", "cat", "sat", "on", "the", "mat", "and", "then", "the", "cat", "sat", "on", "the", "mat"]
     h = ngram_hashes(word_ids(words), 4)
     assert len(h) == len(words) - 3
@@ -60,7 +57,7 @@ def test_planted_eval_question_and_answer_are_found_in_chat_and_corpus(tmp_path,
     baseline = _scan(pack_dir / "dataset_pack.json")
     eval_rows = read_eval_jsonl(pack_dir / "eval.jsonl")
     clean = [r for r in eval_rows if r.line not in baseline["contaminated_eval_lines"]
-             and len(normalize(r.user).split()) >= 5]
+             and len(normalize(r.user, strip_punctuation=True).split()) >= 5]
     assert clean, "the example pack needs a clean eval row of five or more words to plant"
     row = clean[0]
     answer = "The answer involves " + " and ".join(row.must_include or [g[0] for g in row.must_include_any]) + "."

@@ -18,7 +18,7 @@ from picochat_jax.cli import main
 from picochat_jax.config import load_scale
 from picochat_jax.data.pack import load_corpus, load_pack
 from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl, read_preference_jsonl
-from picochat_jax.eval.honesty import scan_contamination
+from picochat_jax.eval.ngram import scan_contamination
 from picochat_jax.eval.preflight import LEVELS, PreflightBlocked, bytes_per_token, run_preflight
 from picochat_jax.pipeline import RunOptions, run_tiny
 

@@ -127,9 +127,8 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
     if report["status"] != "completed":
         click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)
         raise SystemExit(3)
+    from picochat_jax.eval.text import number
 
-    def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
-
-    click.echo(f"hf-sft: held-out loss {fmt(report['initial_val_loss'])} -> best {fmt(report['best_val_loss'])} "
+    click.echo(f"hf-sft: held-out loss {number(report['initial_val_loss'], '.4f')} -> best "
+               f"{number(report['best_val_loss'], '.4f')} "
                f"(step {report['best_step']}); models in {out_dir}")

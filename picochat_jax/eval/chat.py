@@ -12,7 +12,6 @@ it cannot or does not know, which is right for unanswerable rows and wrong for a
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Sequence
@@ -21,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from picochat_jax.data.records import EvalRow
+from picochat_jax.eval.text import md_cell, normalize, percent, words, write_jsonl
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.generate import ChatFormat, Engine, SamplingParams
-
-_WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 # First-person phrases a model uses to decline or admit ignorance, matched on normalised text (lower case,
 # straight apostrophes, single spaces). Deliberately specific: "If you do not know, say so" is advice, not
@@ -43,16 +41,6 @@ REFUSAL_PATTERNS = (
     r"\bi(?:'m| am) sorry,? but\b",
 )
 _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS))
-
-
-def normalize(text: str) -> str:
-    """Case-fold, straighten quotes and collapse whitespace: the form every rule compares in."""
-    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    return " ".join(text.casefold().split())
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.casefold())
 
 
 def score_reply(row: EvalRow, reply: str) -> tuple[bool, list[str]]:
@@ -120,10 +108,6 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def percent(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1%}"
-
-
 def report_markdown(report: dict[str, Any], results: Sequence[dict[str, Any]], max_failures: int = 20) -> str:
     s = report["sampling"]
     lines = [
@@ -149,15 +133,6 @@ def report_markdown(report: dict[str, Any], results: Sequence[dict[str, Any]], m
         lines += [f"| {r['line']} | {r['category']} | {md_cell(r['prompt'])} | {md_cell(r['reply'])} | "
                   f"{md_cell('; '.join(r['reasons']))} |" for r in failed[:max_failures]]
     return "\n".join(lines) + "\n"
-
-
-def md_cell(text: str, limit: int = 120) -> str:
-    text = " ".join(text.split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    save_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def evaluate_chat(engine: Engine, fmt: ChatFormat, rows: list[EvalRow], out_dir: Path,

@@ -18,7 +18,7 @@ from typing import Any
 from picochat_jax.config import ModelConfig, ScaleConfig, TrainConfig
 from picochat_jax.data.pack import Corpus, DatasetPack
 from picochat_jax.data.records import Conversation, EvalRow, PreferenceRow
-from picochat_jax.eval.honesty import NGRAM, document_sources, scan_contamination
+from picochat_jax.eval.ngram import NGRAM, document_sources, scan_contamination
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.parallel import MeshShape
 from picochat_jax.tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS

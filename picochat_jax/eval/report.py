@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from picochat_jax.eval.gate import EVIDENCE, gate_table
+from picochat_jax.eval.text import number
 from picochat_jax.fileio import read_json_object, save_text
 
 STAGES = ("base", "sft", "dpo")
@@ -61,10 +62,6 @@ def plot_losses(run_dir: Path, out_path: Path) -> list[str]:
 
 
 
-def _f(v: Any, spec: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def write_run_report(run_dir: str | Path) -> Path:
     """Write RUN/report.md (and RUN/loss_curves.png); returns the report path."""
     run_dir = Path(run_dir)
@@ -88,15 +85,16 @@ def write_run_report(run_dir: str | Path) -> Path:
         lines += ["**Release gate: not run** (`picochat gate RUN_DIR`).", ""]
     if summary:
         lines += [(f"{summary.get('params', 0):,} parameters, mesh {summary.get('mesh')} on "
-                  f"{summary.get('device_kind')}, wall time {_f(summary.get('wall_sec'), '.0f')} s."), "",
+                  f"{summary.get('device_kind')}, wall time {number(summary.get('wall_sec'), '.0f')} s."), "",
                   "| stage | steps | tokens | first loss | final loss | best val loss | tokens/s | MFU |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for stage in STAGES:
             s = summary.get(stage)
             if isinstance(s, dict):
                 lines.append(f"| {stage} | {s.get('steps')} | {s.get('tokens_seen', 0) or 0:,} | "
-                             f"{_f(s.get('first_loss'))} | {_f(s.get('final_loss'))} | {_f(s.get('best_val_loss'))} | "
-                             f"{_f(s.get('tokens_per_sec'), ',.0f')} | {_f(s.get('mfu'), '.2%')} |")
+                             f"{number(s.get('first_loss'))} | {number(s.get('final_loss'))} | "
+                             f"{number(s.get('best_val_loss'))} | "
+                             f"{number(s.get('tokens_per_sec'), ',.0f')} | {number(s.get('mfu'), '.2%')} |")
         lines.append("")
     if stages:
         lines += [f"![loss curves]({PLOT_NAME})", ""]
@@ -106,16 +104,17 @@ def write_run_report(run_dir: str | Path) -> Path:
                                                             if pre.get("warnings") else ""))
     if fit:
         lines.append(f"- SFT fit: {fit.get('reproduced')}/{fit.get('rows')} rows reproduced exactly, mean F1 "
-                     f"{_f(fit.get('mean_f1'))}")
+                     f"{number(fit.get('mean_f1'))}")
     if ev:
         lines.append(f"- held-out eval: {ev.get('passed')}/{ev.get('rows')} passed "
-                     f"({_f(ev.get('pass_rate'), '.1%')}), prompt echo {_f(ev.get('prompt_echo_rate'), '.1%')}, "
-                     f"refusals {_f(ev.get('refusal_rate'), '.1%')}")
+                     f"({number(ev.get('pass_rate'), '.1%')}), "
+                     f"prompt echo {number(ev.get('prompt_echo_rate'), '.1%')}, "
+                     f"refusals {number(ev.get('refusal_rate'), '.1%')}")
     dpo = summary.get("dpo") if summary else None
     if isinstance(dpo, dict) and dpo.get("after"):
-        lines.append(f"- DPO: reward accuracy {_f(dpo['before']['reward_accuracy'], '.2f')} -> "
-                     f"{_f(dpo['after']['reward_accuracy'], '.2f')}, chosen-rejected log-prob margin "
-                     f"{_f(dpo['before']['logp_margin'], '.2f')} -> {_f(dpo['after']['logp_margin'], '.2f')}")
+        lines.append(f"- DPO: reward accuracy {number(dpo['before']['reward_accuracy'], '.2f')} -> "
+                     f"{number(dpo['after']['reward_accuracy'], '.2f')}, chosen-rejected log-prob margin "
+                     f"{number(dpo['before']['logp_margin'], '.2f')} -> {number(dpo['after']['logp_margin'], '.2f')}")
     if hon:
         c = hon.get("counts", {})
         mem = hon.get("memorization") or {}

@@ -19,7 +19,6 @@ continues its exact trajectory) and the same metrics.jsonl keys as every other s
 from __future__ import annotations
 
 import json
-import math
 import time
 import traceback
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from picochat_jax.config import HFSFTConfig, TrainConfig
 from picochat_jax.data.chat import template_examples
 from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
 from picochat_jax.data.records import read_chat_jsonl
+from picochat_jax.eval.text import number
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
 from picochat_jax.hf.export import save_hf_model, save_peft_adapter
@@ -222,9 +222,13 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     }
     save_json(out_dir / "hf_sft_report.json", report)
     save_text(out_dir / "report.md", _report_markdown(report))
-    log(f"[hf-sft] held-out loss {_fmt(initial_val)} -> best {_fmt(best.get('val_loss'))} at step "
+    log(f"[hf-sft] held-out loss {_loss(initial_val)} -> best {_loss(best.get('val_loss'))} at step "
         f"{best.get('step')}; outputs in {out_dir}")
     return report
+
+
+def _loss(v: float | None) -> str:
+    return number(v, ".4f")
 
 
 def _loss_curve(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -239,10 +243,6 @@ def _loss_curve(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
     return [{k: row.get(k) for k in keys} for _, row in sorted(by_step.items())]
 
 
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
 def _report_markdown(r: dict[str, Any]) -> str:
     peft = r["peft"]
     method = (f"LoRA r={peft['rank']} alpha={peft['alpha']} on {', '.join(peft['targets'])}" if peft
@@ -253,14 +253,15 @@ def _report_markdown(r: dict[str, Any]) -> str:
         (f"- data: {r['examples']} rows from {r['input']} -> {r['split']['train']} train / "
          f"{r['split']['val']} held out; seq_len {r['data']['seq_len']}, {r['data']['truncated_rows']} truncated"),
         (f"- {r['steps']} steps, {r['precision']}, mesh {r['mesh']} on {r['device_kind']}, "
-         f"{_fmt(r['tokens_per_sec'], ',.0f')} tokens/s, {r['train_sec']:.1f} s training"),
-        (f"- held-out loss: {_fmt(r['initial_val_loss'])} before -> {_fmt(r['final_val_loss'])} final, "
-         f"best {_fmt(r['best_val_loss'])} at step {r['best_step']} (-> best_model/)"), "",
+         f"{number(r['tokens_per_sec'], ',.0f')} tokens/s, {r['train_sec']:.1f} s training"),
+        (f"- held-out loss: {_loss(r['initial_val_loss'])} before -> {_loss(r['final_val_loss'])} final, "
+         f"best {_loss(r['best_val_loss'])} at step {r['best_step']} (-> best_model/)"), "",
         "| step | train loss | held-out loss | lr | grad norm | elapsed s |", "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["loss_curve"]:
-        lines.append(f"| {row['step']} | {_fmt(row['loss'])} | {_fmt(row['val_loss'])} | {_fmt(row['lr'], '.2e')} | "
-                     f"{_fmt(row['grad_norm'], '.3f')} | {_fmt(row['elapsed_sec'], '.1f')} |")
+        lines.append(f"| {row['step']} | {_loss(row['loss'])} | {_loss(row['val_loss'])} | "
+                     f"{number(row['lr'], '.2e')} | {number(row['grad_norm'], '.3f')} | "
+                     f"{number(row['elapsed_sec'], '.1f')} |")
     lines += ["", "Outputs: " + ", ".join(f"`{Path(p).name}/`" for k, p in r["paths"].items()
                                          if k.endswith(("_model", "_adapter")))]
     return "\n".join(lines) + "\n"
