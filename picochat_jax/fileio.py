@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,8 @@ def replace_dir(tmp: Path | str, directory: Path | str) -> None:
         directory.rename(old)
     tmp.rename(directory)
     discard_temp(old)
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One JSON object per line (results files), written atomically."""
+    save_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

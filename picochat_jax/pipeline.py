@@ -29,8 +29,8 @@ from picochat_jax.data.records import (
     read_preference_jsonl,
 )
 from picochat_jax.eval.preflight import PreflightBlocked, blocked_message, run_preflight, write_preflight
-from picochat_jax.eval.text import number
 from picochat_jax.fileio import read_json_object, save_json, save_text
+from picochat_jax.markdown import number
 from picochat_jax.outdir import check_out_dir, claim_out_dir
 from picochat_jax.parallel import MeshShape, parse_mesh
 from picochat_jax.tokenizer import ChatTokenizer, train_tokenizer

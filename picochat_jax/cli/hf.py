@@ -127,7 +127,7 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
     if report["status"] != "completed":
         click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)
         raise SystemExit(3)
-    from picochat_jax.eval.text import number
+    from picochat_jax.markdown import number
 
     click.echo(f"hf-sft: held-out loss {number(report['initial_val_loss'], '.4f')} -> best "
                f"{number(report['best_val_loss'], '.4f')} "

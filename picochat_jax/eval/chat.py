@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from picochat_jax.data.records import EvalRow
-from picochat_jax.eval.text import md_cell, normalize, percent, words, write_jsonl
-from picochat_jax.fileio import save_json, save_text
+from picochat_jax.eval.text import normalize, words
+from picochat_jax.fileio import save_json, save_text, write_jsonl
 from picochat_jax.generate import ChatFormat, Engine, SamplingParams
+from picochat_jax.markdown import md_cell, percent
 
 # First-person phrases a model uses to decline or admit ignorance, matched on normalised text (lower case,
 # straight apostrophes, single spaces). Deliberately specific: "If you do not know, say so" is advice, not

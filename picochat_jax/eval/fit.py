@@ -25,9 +25,10 @@ import numpy as np
 
 from picochat_jax.config import ModelConfig
 from picochat_jax.data.records import Conversation
-from picochat_jax.eval.chat import md_cell, normalize, percent, words, write_jsonl
-from picochat_jax.fileio import save_json, save_text
+from picochat_jax.eval.text import normalize, words
+from picochat_jax.fileio import save_json, save_text, write_jsonl
 from picochat_jax.generate import ChatFormat, Engine, SamplingParams
+from picochat_jax.markdown import md_cell, percent
 from picochat_jax.model.transformer import make_model
 from picochat_jax.tokenizer import ChatTokenizer
 

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from picochat_jax.eval.ngram import MIN_PHRASE_WORDS, preview, tail
-from picochat_jax.eval.text import md_cell
 from picochat_jax.fileio import save_json, save_text
+from picochat_jax.markdown import md_cell
 
 
 class Generator(Protocol):

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from picochat_jax.eval.gate import EVIDENCE, gate_table
-from picochat_jax.eval.text import number
 from picochat_jax.fileio import read_json_object, save_text
+from picochat_jax.markdown import number
 
 STAGES = ("base", "sft", "dpo")
 PLOT_NAME = "loss_curves.png"

@@ -1,15 +1,8 @@
-"""Text helpers every evaluation shares: the one normaliser the scoring rules and the contamination scan compare
-in, word splitting, markdown table cells and JSONL results."""
+"""The one text normaliser the eval scoring rules and the contamination scan compare in, and word splitting."""
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-from picochat_jax.fileio import save_text
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _NON_WORD = re.compile(r"[^\w\s]|_", re.UNICODE)
@@ -28,22 +21,3 @@ def normalize(text: str, strip_punctuation: bool = False) -> str:
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.casefold())
-
-
-def percent(v: float | None) -> str:
-    return number(v, ".1%")
-
-
-def number(v: Any, spec: str = ".3f") -> str:
-    """A figure for a report: formatted with `spec`, or "n/a" when missing (None or NaN)."""
-    return "n/a" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
-
-
-def md_cell(text: Any, limit: int | None = 120) -> str:
-    """A markdown table cell: one line, pipes escaped, cut to `limit` characters (None: whole)."""
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if limit is None or len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    save_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

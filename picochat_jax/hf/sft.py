@@ -35,12 +35,12 @@ from picochat_jax.config import HFSFTConfig, TrainConfig
 from picochat_jax.data.chat import template_examples
 from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
 from picochat_jax.data.records import read_chat_jsonl
-from picochat_jax.eval.text import number
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
 from picochat_jax.hf.export import save_hf_model, save_peft_adapter
 from picochat_jax.hf.families import check_peft_family
 from picochat_jax.hf.io import load_hf_model, read_generation_config, resolve_model_dir
+from picochat_jax.markdown import number
 from picochat_jax.model import lora
 from picochat_jax.model.transformer import count_params, training_model
 from picochat_jax.outdir import check_out_dir, claim_out_dir
