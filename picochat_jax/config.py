@@ -197,6 +197,14 @@ class HFSFTConfig:
     grad_accum_steps: int = 1
     val_fraction: float = 0.05
     evals_per_run: int = 5  # held-out evaluations spread over the run (plus one before the first step)
+    # The fine-tuning optimizer: short warmup, cosine to min_lr_ratio, no weight decay, HF Trainer's Adam betas.
+    warmup_fraction: float = 0.1
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
 
 
 @dataclass(frozen=True)

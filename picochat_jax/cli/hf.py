@@ -122,7 +122,7 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
                         peft=f["peft"], lora=lora_cfg, learning_rate=f["learning_rate"], batch_size=f["batch_size"],
                         grad_accum_steps=f["grad_accum_steps"], val_fraction=f["val_fraction"], mesh=mesh,
                         done_file=done_file, overwrite=overwrite, resume=resume, resume_or_start=resume_or_start,
-                        progress=not no_progress, evals_per_run=cfg.evals_per_run)
+                        progress=not no_progress, evals_per_run=cfg.evals_per_run, optimizer=cfg)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)

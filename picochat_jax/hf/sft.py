@@ -67,6 +67,7 @@ class HFSFTOptions:
     grad_accum_steps: int = _D.grad_accum_steps
     val_fraction: float = _D.val_fraction
     evals_per_run: int = _D.evals_per_run  # held-out evaluations spread over the run (plus one before step 1)
+    optimizer: HFSFTConfig = _D  # warmup, decay, betas, clipping (the config tree's hf_sft: section)
     mesh: str | None = None
     done_file: Path | None = None
     overwrite: bool = False  # replace an earlier hf-sft output in out_dir (outdir.py policy)
@@ -92,11 +93,13 @@ class HFSFTOptions:
 
 
 def hf_train_config(opts: HFSFTOptions) -> TrainConfig:
-    """Fine-tuning defaults: short warmup, cosine to 10%, no weight decay, HF Trainer's Adam betas."""
+    """The TrainConfig of an hf-sft run: its options plus the config tree's fine-tuning optimizer settings."""
+    o = opts.optimizer
     return TrainConfig(
         steps=opts.max_steps, batch_size=opts.batch_size, grad_accum_steps=opts.grad_accum_steps,
-        learning_rate=opts.learning_rate, warmup_steps=max(1, opts.max_steps // 10), decay="cosine",
-        min_lr_ratio=0.1, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0, precision=opts.precision,
+        learning_rate=opts.learning_rate, warmup_steps=max(1, int(opts.max_steps * o.warmup_fraction + 1e-9)),
+        decay=o.decay, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2,
+        grad_clip=o.grad_clip, precision=opts.precision,
         remat="full" if opts.gradient_checkpointing else "none", log_every=max(1, opts.max_steps // 50),
         eval_every=max(1, opts.max_steps // opts.evals_per_run), eval_batches=0, checkpoint_every=0,
         keep_checkpoints=1, val_fraction=opts.val_fraction, seed=opts.seed)
