@@ -116,3 +116,28 @@ def test_train_dpo_command_raises_the_chosen_rejected_margin(tmp_path, tok, tiny
     assert s["after"]["logp_margin"] == pytest.approx(after, rel=1e-3)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 12 and all(math.isfinite(r.get("loss", 0)) for r in rows)
+
+
+@pytest.mark.slow
+def test_dpo_accumulates_gradients_and_shards_like_one_big_batch(tmp_path, tok, tiny_cfg):
+    """DPO runs on the one trainer: 2 micro-batches of 4 on a 2x1 mesh take the same steps as one batch of 8 on
+    one device (the same 8 pairs per step, the loss a mean over all of them)."""
+    import dataclasses
+
+    from picochat_jax.config import DPOConfig, load_scale
+    from picochat_jax.parallel import MeshShape
+    from picochat_jax.train.dpo import dpo_train_config, train_dpo
+
+    params = init_params(make_model(tiny_cfg), jax.random.key(0))
+    base = dpo_train_config(load_scale("smoke").sft, DPOConfig(), steps=4, learning_rate=3e-3)
+    runs = {}
+    for name, batch, accum, mesh in (("one", 8, 1, MeshShape(1, 1, 1)), ("accum_mesh", 4, 2, MeshShape(2, 1, 1))):
+        cfg = dataclasses.replace(base, batch_size=batch, grad_accum_steps=accum, log_every=1, eval_every=0)
+        runs[name] = train_dpo(model_cfg=tiny_cfg, train_cfg=cfg, dpo_cfg=DPOConfig(0.1), tok=tok, rows=_rows(),
+                               init_params=params, out_dir=tmp_path / name, mesh_shape=mesh, tokenizer_path=None,
+                               progress=False)
+    losses = {k: [json.loads(x)["loss"] for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()
+                  if '"loss"' in x] for k in runs}
+    assert len(losses["one"]) == 4
+    np.testing.assert_allclose(losses["accum_mesh"], losses["one"], rtol=2e-5)
+    assert runs["accum_mesh"].summary["after"]["loss"] == pytest.approx(runs["one"].summary["after"]["loss"], rel=1e-4)
