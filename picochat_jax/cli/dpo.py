@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from picochat_jax.cli.common import friendly_errors, input_or_pack_file, select_device
+from picochat_jax.cli.common import config_default, friendly_errors, input_or_pack_file, select_device
 from picochat_jax.cli.train import claim_stage_dir, train_cfg_from_flags, train_flags
 
 
@@ -22,8 +22,8 @@ from picochat_jax.cli.train import claim_stage_dir, train_cfg_from_flags, train_
               help="Use the pack's preferences file instead of --input.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--beta", type=float, default=None,
-              help="Strength of the pull towards the reference model, higher = stay closer (default: the config's "
-                   "dpo.beta, 0.1 in configs/base.yaml).")
+              help="Strength of the pull towards the reference model, higher = stay closer. "
+                   + config_default("dpo", "beta"))
 @train_flags
 @friendly_errors
 def dpo(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | None, pack_path: Path | None,

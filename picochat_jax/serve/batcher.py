@@ -20,7 +20,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from picochat_jax.config import ServeConfig
 from picochat_jax.generate import Engine, SamplingParams
+
+_SERVE = ServeConfig()  # the defaults of the config tree's serve: section
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class Batcher:
     """Owns the decode engine on a background thread; `submit` is safe from any thread."""
 
     def __init__(self, engine: Engine, stop_ids: Sequence[int], *, max_batch: int | None = None,
-                 batch_wait_s: float = 0.005, max_queue: int = 256):
+                 batch_wait_s: float = _SERVE.batch_wait_ms / 1000.0, max_queue: int = _SERVE.max_queue):
         self.engine = engine
         self.stop_ids = tuple(int(s) for s in stop_ids)
         self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
