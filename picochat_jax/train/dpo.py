@@ -200,7 +200,8 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
               settings={"beta": dpo_cfg.beta, "model": model_cfg.to_dict(), "train": asdict(train_cfg)},
               log_keys=("loss", "reward_accuracy", "margin", "logp_margin", "chosen_reward", "rejected_reward",
                         "lr", "grad_norm"),
-              resume=resume, resume_or_start=resume_or_start, should_stop=should_stop, progress=progress)
+              flops_per_token=model_cfg.flops_per_token(seq_len), resume=resume, resume_or_start=resume_or_start,
+              should_stop=should_stop, progress=progress)
     train_rows, val_rows = run.history, run.val_history
     summary = {
         "stage": "dpo", "status": run.status, "steps": run.final_step, "beta": dpo_cfg.beta, "pairs": len(rows),
@@ -213,7 +214,8 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
         # Over every pair: the policy starts equal to the reference.
         "before": before, "after": on(run.state.params, examples),
         "learning_rate": train_cfg.learning_rate, "wall_sec": run.wall_sec, "tokens_per_sec": run.tokens_per_sec,
-        "mesh": str(mesh_shape), "precision": train_cfg.precision,
+        "mfu": run.mfu, "mesh": str(mesh_shape), "device_kind": jax.devices()[0].device_kind,
+        "precision": train_cfg.precision,
     }
     save_json(out_dir / "summary.json", summary)
     return DPOResult(run.status, run.final_step, summary, run.state.params)
