@@ -25,14 +25,24 @@ from picochat_jax.data.records import (
 )
 from picochat_jax.fileio import save_json, save_text
 
-KNOWN_PACK_KEYS = {"name", "description", "corpus", "chat", "eval", "preferences", "external_eval", "sft_eval"}
-TEXT_SUFFIXES = {".txt", ".md", ".jsonl", ".parquet"}
+KNOWN_PACK_KEYS = {"name", "description", "corpus", "chat", "eval", "preferences", "external_eval", "sft_eval",
+                   "chat_input", "eval_input"}
+PLAIN_TEXT_SUFFIXES = {".txt", ".md", ".text", ".py"}  # one document per file
+DOCUMENT_SUFFIXES = {".docx", ".pdf"}  # through python-docx / pypdf (the `documents` extra)
+CORPUS_SUFFIXES = PLAIN_TEXT_SUFFIXES | DOCUMENT_SUFFIXES | {".jsonl", ".csv", ".parquet"}
+DOCUMENTS_EXTRA = "pip install 'picochat-jax[documents]'"
 
 
 @dataclass(frozen=True)
 class CorpusSource:
+    """One corpus source of a pack or recipe: a file or folder, with the original picochat's per-source fields."""
+
     path: Path
     label: str
+    include: bool = True  # false: every file is recorded as skipped, with `reason`
+    exclude: tuple[str, ...] = ()  # globs for this source only (the recipe's own apply to every source)
+    reason: str = "recipe_excluded"
+    base: Path | None = None  # the recipe's folder: globs also match paths relative to it
 
 
 @dataclass(frozen=True)
@@ -62,117 +72,225 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _optional_path(obj: dict[str, Any], key: str, root: Path, pack_path: Path) -> Path | None:
+def _optional_path(obj: dict[str, Any], key: str, root: Path, pack_path: Path,
+                   alias: str | None = None) -> Path | None:
+    """A pack path field (or its original-picochat alias, e.g. chat_input), resolved against the pack's folder."""
+    if key not in obj and alias is not None and alias in obj:
+        key = alias
     value = obj.get(key)
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise DataError(pack_path, None, key, "must be a path string")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(pack_path, None, key, "must be a non-empty path string")
     path = root / value
     if not path.exists():
         raise DataError(pack_path, None, key, f"points to a missing file: {path}")
     return path
 
 
+def _recipe_source(src: Any, i: int, path: Path) -> CorpusSource:
+    """A recipe source: a path string, or {"path", "label"?, "include"?, "exclude"?, "reason"?}."""
+    where = f"sources[{i}]"
+    if isinstance(src, str):
+        src = {"path": src}
+    if not isinstance(src, dict) or not isinstance(src.get("path"), str) or not src["path"].strip():
+        raise DataError(path, None, f"{where}.path", "is missing or not a path string")
+    label = src.get("label", Path(src["path"]).stem)
+    include = src.get("include", True)
+    exclude = src.get("exclude", [])
+    reason = src.get("reason", "recipe_excluded")
+    if not isinstance(label, str):
+        raise DataError(path, None, f"{where}.label", "must be a string")
+    if not isinstance(include, bool):
+        raise DataError(path, None, f"{where}.include", "must be true or false")
+    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+        raise DataError(path, None, f"{where}.exclude", "must be a list of glob strings")
+    if not isinstance(reason, str) or not reason.strip():
+        raise DataError(path, None, f"{where}.reason", "must be a non-empty string")
+    return CorpusSource(path.parent / src["path"], label, include, tuple(exclude), reason, path.parent)
+
+
 def load_recipe(path: Path) -> tuple[list[CorpusSource], list[str]]:
+    """A corpus recipe (the original picochat's format): its sources and its global exclude globs. A source
+    that does not exist is kept and reported as skipped (`missing_source`), as the original does."""
     recipe = _read_json_object(path)
     sources = recipe.get("sources")
     if not isinstance(sources, list) or not sources:
         raise DataError(path, None, "sources", "must be a non-empty list")
-    out = []
-    for i, src in enumerate(sources):
-        if not isinstance(src, dict) or not isinstance(src.get("path"), str):
-            raise DataError(path, None, f"sources[{i}].path", "is missing or not a string")
-        full = path.parent / src["path"]
-        if not full.exists():
-            raise DataError(path, None, f"sources[{i}].path", f"points to a missing file or folder: {full}")
-        out.append(CorpusSource(full, str(src.get("label", Path(src["path"]).stem))))
+    out = [_recipe_source(src, i, path) for i, src in enumerate(sources)]
     exclude = recipe.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
         raise DataError(path, None, "exclude", "must be a list of glob strings")
     return out, exclude
 
 
+def _corpus_sources(corpus: Any, root: Path, path: Path) -> tuple[list[CorpusSource], list[str]]:
+    """The pack's `corpus`: a path string, or exactly one of {"recipe"}, {"input"} (the original's) or {"path"}."""
+    if isinstance(corpus, str):
+        corpus = {"path": corpus}
+    if not isinstance(corpus, dict):
+        raise DataError(path, None, "corpus", "must be a path string or an object with 'recipe', 'input' or 'path'")
+    given = [k for k in ("recipe", "input", "path") if k in corpus]
+    if len(given) != 1:
+        raise DataError(path, None, "corpus", "needs exactly one of 'recipe', 'input' or 'path'"
+                        + (f" (got {', '.join(given)})" if given else ""))
+    key = given[0]
+    value = corpus[key]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(path, None, f"corpus.{key}", "must be a non-empty path string")
+    full = root / value
+    if not full.exists():
+        raise DataError(path, None, f"corpus.{key}", f"points to a missing file or folder: {full}")
+    if key == "recipe":
+        return load_recipe(full)
+    return [CorpusSource(full, str(corpus.get("label", full.stem)))], []
+
+
 def load_pack(path: str | Path) -> DatasetPack:
+    """A dataset pack (ours, or the original picochat's: `corpus.input`, `chat_input`, `eval_input` too), with
+    every path resolved against the pack's folder."""
     path = Path(path)
     obj = _read_json_object(path)
     root = path.parent
     corpus = obj.get("corpus")
-    exclude: list[str] = []
     if corpus is None:
         raise DataError(path, None, "corpus", "is missing")
-    if isinstance(corpus, str):
-        corpus = {"path": corpus}
-    if not isinstance(corpus, dict):
-        raise DataError(path, None, "corpus", "must be a path string or an object with 'recipe' or 'path'")
-    if "recipe" in corpus:
-        recipe_path = root / str(corpus["recipe"])
-        if not recipe_path.exists():
-            raise DataError(path, None, "corpus.recipe", f"points to a missing file: {recipe_path}")
-        sources, exclude = load_recipe(recipe_path)
-    elif "path" in corpus:
-        full = root / str(corpus["path"])
-        if not full.exists():
-            raise DataError(path, None, "corpus.path", f"points to a missing file or folder: {full}")
-        sources = [CorpusSource(full, str(corpus.get("label", full.stem)))]
-    else:
-        raise DataError(path, None, "corpus", "needs a 'recipe' or a 'path'")
+    sources, exclude = _corpus_sources(corpus, root, path)
     return DatasetPack(
         path=path,
-        name=str(obj.get("name", path.stem)),
+        name=str(obj.get("name") or path.stem),
         description=str(obj.get("description", "")),
         sources=tuple(sources),
         exclude=tuple(exclude),
-        chat=_optional_path(obj, "chat", root, path),
-        eval=_optional_path(obj, "eval", root, path),
+        chat=_optional_path(obj, "chat", root, path, alias="chat_input"),
+        eval=_optional_path(obj, "eval", root, path, alias="eval_input"),
         preferences=_optional_path(obj, "preferences", root, path),
         external_eval=_optional_path(obj, "external_eval", root, path),
         extra={k: v for k, v in obj.items() if k not in KNOWN_PACK_KEYS},
     )
 
 
-def _excluded(path: Path, base: Path, patterns: tuple[str, ...]) -> bool:
-    rel = path.relative_to(base).as_posix() if path != base else path.name
+def _excluded(path: Path, source: CorpusSource, patterns: tuple[str, ...]) -> bool:
+    """Whether a glob matches the file: relative to the source folder or the recipe's folder, or its name."""
+    rels = [path.relative_to(source.path).as_posix() if path != source.path else path.name]
+    if source.base is not None and source.base in path.parents:
+        rels.append(path.relative_to(source.base).as_posix())
     # "**/x" should also match "x" at the top of the walked folder.
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("./" + rel, p) or fnmatch.fnmatch(path.name, p.split("/")[-1])
-               for p in patterns)
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch("./" + rel, p) for rel in rels for p in patterns) or \
+        any(fnmatch.fnmatch(path.name, p.split("/")[-1]) for p in patterns)
 
 
-def source_files(pack: DatasetPack) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """Files to import (sorted, per source) and the files the exclude globs removed."""
-    files, skipped = [], []
+def source_files(pack: DatasetPack) -> tuple[list[tuple[Path, str]], list[dict[str, str]]]:
+    """Files to import (sorted, per source) and every file left out, with its label and why (a recipe's
+    `include: false` reason, `recipe_excluded`, `missing_source`, `unsupported_extension`)."""
+    files: list[tuple[Path, str]] = []
+    skipped: list[dict[str, str]] = []
+
+    def skip(f: Path, src: CorpusSource, reason: str) -> None:
+        skipped.append({"path": str(f), "label": src.label, "reason": reason})
+
     for src in pack.sources:
-        if src.path.is_dir():
-            for f in sorted(p for p in src.path.rglob("*") if p.is_file()):
-                if _excluded(f, src.path, pack.exclude) or f.suffix not in TEXT_SUFFIXES:
-                    skipped.append(f)
-                else:
-                    files.append((f, src.label))
-        else:
-            files.append((src.path, src.label))
+        if not src.path.exists():
+            skip(src.path, src, "missing_source")
+            continue
+        walked = sorted(p for p in src.path.rglob("*") if p.is_file()) if src.path.is_dir() else [src.path]
+        for f in walked:
+            if not src.include:
+                skip(f, src, src.reason)
+            elif src.path.is_dir() and _excluded(f, src, (*pack.exclude, *src.exclude)):
+                skip(f, src, "recipe_excluded")
+            elif f.suffix.lower() not in CORPUS_SUFFIXES:
+                skip(f, src, "unsupported_extension")
+            else:
+                files.append((f, src.label))
     return files, skipped
 
 
-def read_documents(path: Path) -> list[str]:
-    """A .txt/.md file is one document; .jsonl rows give their `text`; .parquet rows their `text` column."""
-    if path.suffix in (".txt", ".md"):
+def _jsonl_documents(path: Path) -> list[str]:
+    """Rows' `text`; a file whose rows have no `text` at all is one raw-text document (the original's reading)."""
+    rows = list(iter_jsonl(path, max_row_bytes=None))  # documents may be long; they are windowed
+    if rows and not any("text" in obj for _, obj in rows):
         return [read_text_file(path)]
-    if path.suffix == ".jsonl":
-        docs = []
-        for line, obj in iter_jsonl(path, max_row_bytes=None):  # documents may be long; they are windowed
-            text = obj.get("text")
-            if not isinstance(text, str):
-                raise DataError(path, line, "text", "is missing or not a string")
-            docs.append(text)
-        return docs
-    if path.suffix == ".parquet":
+    docs = []
+    for line, obj in rows:
+        text = obj.get("text")
+        if not isinstance(text, str):
+            raise DataError(path, line, "text", "is missing or not a string")
+        docs.append(text)
+    return docs
+
+
+def _csv_documents(path: Path) -> list[str]:
+    """A `text` column's rows; a CSV without one is one raw-text document (the original's reading)."""
+    import csv
+    import io
+
+    text = read_text_file(path)
+    reader = csv.DictReader(io.StringIO(text))
+    if "text" not in (reader.fieldnames or []):
+        return [text]
+    docs = []
+    for row in reader:
+        value = row.get("text")
+        if value is None:
+            raise DataError(path, reader.line_num, "text", "is missing in this row")
+        docs.append(value)
+    return docs
+
+
+def _docx_text(path: Path) -> str:
+    try:
+        import docx
+    except ImportError:
+        raise DataError(path, None, None, f"reading .docx needs python-docx: {DOCUMENTS_EXTRA}") from None
+    try:
+        document = docx.Document(str(path))
+    except Exception as exc:  # python-docx raises several types for a broken file
+        raise DataError(path, None, None, f"is not a readable .docx ({type(exc).__name__}: {exc})") from None
+    parts = [p.text.strip() for p in document.paragraphs if p.text.strip()]
+    for table in document.tables:
+        for row in table.rows:
+            cells = [c.text.strip() for c in row.cells if c.text.strip()]
+            if cells:
+                parts.append(" | ".join(cells))
+    return "\n".join(parts)
+
+
+def _pdf_text(path: Path) -> str:
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        raise DataError(path, None, None, f"reading .pdf needs pypdf: {DOCUMENTS_EXTRA}") from None
+    try:
+        pages = [(page.extract_text() or "").strip() for page in PdfReader(str(path)).pages]
+    except Exception as exc:  # pypdf raises several types for a broken file
+        raise DataError(path, None, None, f"is not a readable .pdf ({type(exc).__name__}: {exc})") from None
+    return "\n\n".join(p for p in pages if p)
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of one corpus file: .txt/.md/.text/.py whole; .jsonl rows' `text`; .csv a `text` column;
+    .parquet a `text` column; .docx paragraphs and tables; .pdf page text."""
+    suffix = path.suffix.lower()
+    if suffix in PLAIN_TEXT_SUFFIXES:
+        return [read_text_file(path)]
+    if suffix == ".jsonl":
+        return _jsonl_documents(path)
+    if suffix == ".csv":
+        return _csv_documents(path)
+    if suffix == ".docx":
+        return [_docx_text(path)]
+    if suffix == ".pdf":
+        return [_pdf_text(path)]
+    if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise RuntimeError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            raise DataError(path, None, None, "reading .parquet needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path, columns=["text"])
         return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
-    raise DataError(path, None, None, f"unsupported corpus file type {path.suffix!r} (use .txt, .md, .jsonl, .parquet)")
+    raise DataError(path, None, None, f"unsupported corpus file type {path.suffix!r} "
+                    f"(use {', '.join(sorted(CORPUS_SUFFIXES))})")
 
 
 @dataclass
@@ -185,7 +303,9 @@ class Corpus:
 def load_corpus(pack: DatasetPack) -> Corpus:
     files, skipped = source_files(pack)
     if not files:
-        raise DataError(pack.path, None, "corpus", "no corpus files found after applying exclude globs")
+        reasons = collections.Counter(x["reason"] for x in skipped)
+        raise DataError(pack.path, None, "corpus", "no corpus files to read"
+                        + (f" (skipped: {', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else ""))
     docs, labels, entries = [], [], []
     for f, label in files:
         raw = f.read_bytes()
@@ -199,7 +319,8 @@ def load_corpus(pack: DatasetPack) -> Corpus:
     manifest = {
         "pack": pack.name,
         "files": entries,
-        "excluded": [str(p) for p in skipped],
+        "excluded": [x["path"] for x in skipped],
+        "skipped": skipped,  # every file left out, with its label and reason
         "exclude_globs": list(pack.exclude),
         "total_files": len(entries),
         "total_bytes": sum(e["bytes"] for e in entries),
@@ -250,7 +371,9 @@ def write_corpus_report(corpus: Corpus, pack: DatasetPack, out_dir: Path) -> Non
     lines = [
         f"# Corpus report: {pack.name}",
         "",
-        f"- files: {corpus.manifest['total_files']} ({len(corpus.manifest['excluded'])} excluded by globs)",
+        f"- files: {corpus.manifest['total_files']} ({len(corpus.manifest['excluded'])} left out: "
+        + (", ".join(f"{n} {r}" for r, n in
+                     collections.Counter(x["reason"] for x in corpus.manifest["skipped"]).items()) or "none") + ")",
         f"- documents: {stats['documents']} ({stats['duplicate_documents']} exact duplicates)",
         (f"- bytes: {stats['bytes']:,}  chars: {stats['chars']:,}  words: {stats['words']:,}"
         f"  unique words: {stats['unique_words']:,}"),
