@@ -84,7 +84,6 @@ def _tiny_corpus(pack_path: Path) -> None:
 
 
 @pytest.mark.parametrize("plant, kwargs, blocked", [
-    (_eval_is_the_chat_file, {}, "eval_in_sft"),
     (_tiny_corpus, {}, "corpus_tokens"),
     (None, {"mesh": "2x2"}, "mesh"),
     (None, {"device_memory": 2**20}, "memory"),
@@ -104,6 +103,16 @@ def test_batch_not_divisible_by_the_mesh_blocks(example_pack):
     assert "not divisible by data*fsdp = 8" in _check(report, "base_batch_divisible")["message"]
 
 
+def test_eval_in_sft_warns_below_the_long_run_threshold(pack_copy):
+    """The original's own example pack repeats eval prompts in its SFT rows and trains: a small run warns (the
+    release gate still blocks it); only a long run is stopped."""
+    _eval_is_the_chat_file(pack_copy)
+    report = _preflight(pack_copy)
+    leak = _check(report, "eval_in_sft")
+    assert not report["long_run"] and leak["level"] == "warn" and leak["value"] >= 10  # of the 12 planted
+    assert "eval_in_sft" not in report["blocking"] and "release gate will block" in leak["message"]
+
+
 def test_any_contamination_blocks_a_long_run(example_pack):
     report = _preflight(example_pack, scale="h100-pilot")
     assert report["long_run"] and _check(report, "eval_in_sft")["value"] > 0
@@ -111,9 +120,9 @@ def test_any_contamination_blocks_a_long_run(example_pack):
 
 
 def test_run_tiny_stops_before_training_with_a_clear_message(pack_copy, tmp_path):
-    _eval_is_the_chat_file(pack_copy)
+    _tiny_corpus(pack_copy)
     out = tmp_path / "run"
-    with pytest.raises(PreflightBlocked, match="eval_in_sft.*--allow-preflight-warnings"):
+    with pytest.raises(PreflightBlocked, match="corpus_tokens.*--allow-preflight-warnings"):
         run_tiny(pack_copy, out, RunOptions(scale="smoke", progress=False))
     saved = json.loads((out / "preflight.json").read_text())
     assert saved["status"] == "block" and not saved["overridden"]

@@ -9,14 +9,13 @@ only that behaviour. The phrase itself is two words, too generic to be contamina
 having learned the behaviour, not by recalling an answer; the gate profile in this test asks exactly that
 (and zero contamination), while the default profile blocks the same run as not releasable.
 
-The contaminated twin plants eval questions and answers into the chat rows and the corpus: preflight blocks
-it, `--allow-preflight-warnings` lets it train, and the gate blocks it, naming the planted rows.
+The contaminated twin plants eval questions and answers into the chat rows and the corpus: preflight warns
+(a small run is not stopped, as in the original), it trains, and the gate blocks it, naming the planted rows.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -164,27 +163,24 @@ def test_clean_run_passes_a_profile_it_can_honestly_meet(clean_run):
 
 
 @pytest.mark.slow
-def test_contaminated_pack_is_let_through_by_the_flag_and_blocked_by_the_gate(tmp_path, clean_run):
+def test_contaminated_small_run_trains_with_a_warning_and_is_blocked_by_the_gate(tmp_path, clean_run):
+    """As the original picochat does with its own example pack: a small run trains on a contaminated pack (the
+    preflight warns; only a long run is stopped) and the release gate refuses it, naming the planted rows."""
     pack = write_original_style_pack(tmp_path / "pack", contaminate=True)
     args = ["run", "tiny", "--dataset-pack", str(pack), "--out-dir", str(tmp_path / "run"), "--scale", "smoke",
-            "--no-progress", "--base-steps", "10", "--sft-steps", "10", "--no-dpo"]
-    blocked = CliRunner().invoke(main, args)
-    assert blocked.exit_code != 0 and "preflight blocked the run" in blocked.output
-
-    shutil.rmtree(tmp_path / "run")
-    result = CliRunner().invoke(main, [*args, "--allow-preflight-warnings",
-                                       *[x for k, v in TINY_PROFILE.items() for x in ("--gate-set", f"{k}={v}")]])
+            "--no-progress", "--base-steps", "10", "--sft-steps", "10", "--no-dpo",
+            *[x for k, v in TINY_PROFILE.items() for x in ("--gate-set", f"{k}={v}")]]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     pre = json.loads((run / "preflight.json").read_text())
-    assert pre["status"] == "block" and pre["overridden"] and "eval_in_sft" in pre["blocking"]
+    assert pre["status"] == "warn" and not pre["blocking"] and {"eval_in_sft", "eval_in_corpus"} <= set(pre["warnings"])
     gate = json.loads((run / "release" / "gate.json").read_text())
     assert gate["decision"] == "block"
-    assert {"preflight", "eval_in_sft", "eval_in_corpus"} <= set(gate["blocking"])
+    assert {"eval_in_sft", "eval_in_corpus"} <= set(gate["blocking"]) and "preflight" not in gate["blocking"]
     lines = {c["name"]: c for c in gate["checks"]}
     assert lines["eval_in_sft"]["value"] == 4 and "(eval lines 1, 2, 3, 4)" in lines["eval_in_sft"]["reason"]
     assert lines["eval_in_corpus"]["value"] == 2 and "(eval lines 5, 6)" in lines["eval_in_corpus"]["reason"]
-    assert "overridden with --allow-preflight-warnings" in lines["preflight"]["reason"]
     # The same thresholds let the clean twin through: contamination is what blocks this one.
     assert evaluate_gate(clean_run[0], load_gate_profile("default", TINY_PROFILE))["decision"] == "pass"
 

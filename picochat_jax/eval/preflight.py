@@ -28,7 +28,6 @@ LEVELS = ("ok", "warn", "block")
 # release gate blocks anyway). Contamination blocks long runs, and any run whose eval is mostly contaminated.
 LONG_RUN_PARAMS = 10_000_000
 LONG_RUN_TOKENS = 100_000_000
-MAX_CONTAMINATED_SHARE = 0.5
 # Per-role header + <|end|> tokens around each message, and <|bos|>.
 CHAT_OVERHEAD_TOKENS = 3
 
@@ -164,16 +163,17 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
         c = scan["counts"]
 
         def leak_level(count: int) -> str:
+            # Only a long run is worth stopping: a small run on a contaminated pack (the original picochat's own
+            # example pack is one) still trains, and the release gate blocks its release.
             if not count:
                 return "ok"
-            return "block" if long_run or count / n_eval > MAX_CONTAMINATED_SHARE else "warn"
+            return "block" if long_run else "warn"
 
         for name, part, where in (("eval_in_sft", "sft", "SFT rows"), ("eval_in_corpus", "corpus", "corpus")):
             key = f"eval_rows_in_{part}"
             lines = ", ".join(str(x) for x in scan[f"eval_lines_in_{part}"][:10])
             level = leak_level(c[key])
-            why = ("" if level != "block" else " (a long run)" if long_run else
-                   f" (more than {MAX_CONTAMINATED_SHARE:.0%} of the eval)")
+            why = " (a long run)" if level == "block" else "; the release gate will block this run"
             checks.append(_check(name, c[key], 0, level,
                                  f"{c[key]} of {n_eval} eval rows found in the {where} ({NGRAM}-gram/exact match)"
                                  + (f"; eval lines {lines}: the eval score would measure recall{why}; remove them "
