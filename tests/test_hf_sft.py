@@ -265,3 +265,33 @@ def test_hf_sft_resumes_the_exact_trajectory_and_logs_the_common_metric_keys(tin
     assert resumed["best_val_loss"] == pytest.approx(full_report["best_val_loss"], rel=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(rows[-2]) and "val_loss" in rows[-1]
+
+
+@pytest.mark.slow
+def test_done_and_progress_files_are_placed_as_the_original_places_them(tiny, tmp_path):
+    """A bare --done-file/--progress-file name lands inside the out-dir, a path with a folder is used as given;
+    the progress file ends with status done at the last step."""
+    model_dir, chat = tiny
+    base = ["train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--max-steps", "4",
+            "--max-length", "64", "--batch-size", "8", "--no-progress"]
+    result = CliRunner().invoke(main, [*base, "--out-dir", str(tmp_path / "a"), "--progress-file", "progress.json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "done.txt").read_text())["status"] == "completed"  # the default, inside
+    progress = json.loads((tmp_path / "a" / "progress.json").read_text())
+    assert progress["status"] == "done" and progress["step"] == 4 and progress["max_steps"] == 4
+    result = CliRunner().invoke(main, [*base, "--out-dir", str(tmp_path / "b"), "--done-file",
+                                       str(tmp_path / "elsewhere" / "b.done")])
+    assert result.exit_code == 0 and (tmp_path / "elsewhere" / "b.done").exists()
+    assert not (tmp_path / "b" / "done.txt").exists()
+
+
+def test_a_refused_out_dir_gets_no_done_file(tiny, tmp_path):
+    """The done file is written on failure too, but never into a folder the run was refused (a user's)."""
+    model_dir, chat = tiny
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine\n")
+    result = CliRunner().invoke(main, ["train", "hf-sft", "--model", str(model_dir), "--input", str(chat),
+                                       "--out-dir", str(user)])
+    assert result.exit_code == 2 and "not a picochat output folder" in result.output
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]

@@ -84,8 +84,11 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
               help="Compute precision (default: bf16 on accelerators, fp32 on CPU).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute blocks in the backward pass (less memory).")
 @_hf_sft_option("--peft", click.Choice(["lora", "none"]), "lora: train adapters only; none: full fine-tuning.")
-@click.option("--done-file", type=click.Path(path_type=Path), default=None,
-              help="JSON status + output paths, written last (also on failure).")
+@click.option("--done-file", type=click.Path(path_type=Path), default="done.txt", show_default=True,
+              help="JSON status + output paths, written last (also on failure); a bare name goes inside --out-dir.")
+@click.option("--progress-file", type=click.Path(path_type=Path), default=None,
+              help="JSON status (loading, training: step, loss, lr, done) rewritten at every log step; a bare name "
+                   "goes inside --out-dir.")
 @out_dir_flags()
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @_hf_sft_option("--lora-rank", int)
@@ -100,7 +103,8 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
 @set_option
 @friendly_errors
 def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, precision: str | None,
-           gradient_checkpointing: bool, done_file: Path | None, overwrite: bool, resume: bool,
+           gradient_checkpointing: bool, done_file: Path | None, progress_file: Path | None, overwrite: bool,
+           resume: bool,
            resume_or_start: bool, no_progress: bool, mesh: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
     select_device(device)
@@ -121,8 +125,9 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
                         max_length=f["max_length"], precision=precision, gradient_checkpointing=gradient_checkpointing,
                         peft=f["peft"], lora=lora_cfg, learning_rate=f["learning_rate"], batch_size=f["batch_size"],
                         grad_accum_steps=f["grad_accum_steps"], val_fraction=f["val_fraction"], mesh=mesh,
-                        done_file=done_file, overwrite=overwrite, resume=resume, resume_or_start=resume_or_start,
-                        progress=not no_progress, evals_per_run=cfg.evals_per_run, optimizer=cfg)
+                        done_file=done_file, progress_file=progress_file, overwrite=overwrite, resume=resume,
+                        resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
+                        optimizer=cfg)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)

@@ -19,6 +19,7 @@ continues its exact trajectory) and the same metrics.jsonl keys as every other s
 from __future__ import annotations
 
 import json
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from picochat_jax.hf.io import load_hf_model, read_generation_config, resolve_mo
 from picochat_jax.markdown import number
 from picochat_jax.model import lora
 from picochat_jax.model.transformer import count_params, training_model
-from picochat_jax.outdir import check_out_dir, claim_out_dir
+from picochat_jax.outdir import check_out_dir, claim_out_dir, read_marker
 from picochat_jax.train.loop import fit
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import build_trainer
@@ -69,7 +70,8 @@ class HFSFTOptions:
     evals_per_run: int = _D.evals_per_run  # held-out evaluations spread over the run (plus one before step 1)
     optimizer: HFSFTConfig = _D  # warmup, decay, betas, clipping (the config tree's hf_sft: section)
     mesh: str | None = None
-    done_file: Path | None = None
+    done_file: Path | None = None  # a bare name lands in out_dir; a path with a folder is used as given
+    progress_file: Path | None = None  # status JSON rewritten at every log step (same placement rule)
     overwrite: bool = False  # replace an earlier hf-sft output in out_dir (outdir.py policy)
     resume: bool = False  # continue an interrupted run in out_dir
     resume_or_start: bool = False
@@ -105,18 +107,38 @@ def hf_train_config(opts: HFSFTOptions) -> TrainConfig:
         keep_checkpoints=1, val_fraction=opts.val_fraction, seed=opts.seed)
 
 
+def status_file_path(out_dir: Path, name: Path | str | None) -> Path | None:
+    """Where a done or progress file goes, as the original picochat places it: a bare file name inside the
+    out-dir, a path with a folder (or an absolute one) as given."""
+    if name is None:
+        return None
+    path = Path(name)
+    return path if path.is_absolute() or path.parent != Path(".") else Path(out_dir) / path
+
+
+def _write_status(path: Path | None, out_dir: Path, payload: dict[str, Any]) -> None:
+    """Write a done/progress file atomically, but never into an out-dir this run did not claim (a refused
+    folder of the user's must stay untouched)."""
+    if path is None:
+        return
+    if Path(out_dir).absolute() in path.absolute().parents and read_marker(out_dir) is None:
+        return
+    save_json(path, payload)
+
+
 def run_hf_sft(opts: HFSFTOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run Path B end to end; returns the report (also written to hf_sft_report.json). The done file, when
     asked for, is written last, with status "failed" and the error if anything raises."""
+    done = status_file_path(opts.out_dir, opts.done_file)
     try:
         report = _run(opts, log)
     except BaseException as exc:
-        if opts.done_file is not None:
-            save_json(opts.done_file, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                       "out_dir": str(opts.out_dir), "traceback": traceback.format_exc(limit=5)})
+        failure = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "out_dir": str(opts.out_dir),
+                   "traceback": traceback.format_exc(limit=5)}
+        _write_status(status_file_path(opts.out_dir, opts.progress_file), Path(opts.out_dir), failure)
+        _write_status(done, Path(opts.out_dir), failure)
         raise
-    if opts.done_file is not None:
-        save_json(opts.done_file, {"status": report["status"], **report["paths"]})
+    _write_status(done, Path(opts.out_dir), {"status": report["status"], **report["paths"]})
     return report
 
 
@@ -139,6 +161,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     train_ex, val_ex = split_examples(examples, opts.val_fraction, opts.seed)
     n_train, n_val = len(train_ex["inputs"]), len(val_ex["inputs"])
     claim_out_dir(plan, model=str(opts.model))
+    progress_path = status_file_path(out_dir, opts.progress_file)
+    _write_status(progress_path, out_dir, {"status": "loading", "step": 0, "max_steps": opts.max_steps})
     log(f"[hf-sft] {hf.family} model {hf.path}: {len(conversations)} rows -> {n_train} train / {n_val} held out, "
         f"seq_len {data_stats['seq_len']}, {data_stats['truncated_rows']} truncated")
 
@@ -190,7 +214,12 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
               tokens_per_step=data_stats["seq_len"] * opts.batch_size * opts.grad_accum_steps,
               evaluate=evaluate, save_model=save_model, log_keys=("loss", "lr", "grad_norm"), eval_at_start=True,
               resume=plan.action == "resume", resume_or_start=opts.resume_or_start, should_stop=opts.should_stop,
-              progress=opts.progress)
+              progress=opts.progress,
+              on_row=lambda row: _write_status(progress_path, out_dir, {"status": "training",
+                                                                          "max_steps": opts.max_steps, **row}))
+    end = {"step": run.final_step, "max_steps": opts.max_steps, "best_val_loss": None if math.isinf(run.best_val)
+           else run.best_val, "elapsed_sec": time.perf_counter() - t0}
+    _write_status(progress_path, out_dir, {"status": "done" if run.status == "completed" else run.status, **end})
     if run.status != "completed":
         log(f"[hf-sft] stopped at step {run.final_step}; continue with --resume")
         return {"status": "interrupted", "step": run.final_step, "paths": {"out_dir": str(out_dir)}}

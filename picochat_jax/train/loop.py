@@ -169,10 +169,12 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
         save_model: Callable[[str, Any, dict[str, Any]], None],
         log_keys: tuple[str, ...] = ("loss", "bpb", "lr", "grad_norm"), flops_per_token: float | None = None,
         eval_at_start: bool = False, resume: bool = False, resume_or_start: bool = False,
-        should_stop: Callable[[int], bool] | None = None, progress: bool = True) -> FitResult:
+        should_stop: Callable[[int], bool] | None = None, progress: bool = True,
+        on_row: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
     """The one training driver: resume, the step loop, metrics.jsonl, progress, evaluation and best-model
     saves, resume checkpoints (async orbax) and SIGTERM, the final model. Every kind of training runs here.
 
+    `on_row(row)` sees every train and validation row as it is logged (progress files, dashboards).
     `evaluate(trainable_params)` returns the validation row (`val_loss` picks the best model) or None;
     `save_model(name, trainable_params, meta)` writes the stage's model folder `name` ("checkpoint" = final,
     "best_checkpoint" = best val loss); `settings` is what a resume must match (named keys on a mismatch).
@@ -217,6 +219,8 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
     def append(row: dict[str, Any]) -> None:
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if on_row is not None:
+            on_row(row)
 
     def validate(step: int) -> dict[str, Any] | None:
         nonlocal best_val
