@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from picochat_jax.cli.common import friendly_errors, out_dir_flags
+from picochat_jax.cli.common import friendly_errors, out_dir_flags, scale_option, set_option
 from picochat_jax.data.pack import load_corpus, load_pack, pack_inputs, validate_pack, write_corpus_report
 from picochat_jax.outdir import check_out_dir, claim_out_dir
 
@@ -56,3 +56,30 @@ def import_(pack: Path, out_dir: Path, overwrite: bool) -> None:
     m = corpus.manifest
     click.echo(f"imported {m['total_files']} files, {m['total_documents']} documents, {m['total_bytes']:,} bytes "
                f"-> {out_dir / 'corpus_manifest.json'}")
+
+
+@data.command(name="init-pack")
+@click.argument("folder", type=click.Path(path_type=Path))
+@friendly_errors
+def init_pack_cmd(folder: Path) -> None:
+    """Write a valid skeleton pack (pack, recipe, corpus folder, chat, eval, README) into a new or empty FOLDER."""
+    from picochat_jax.data.inspect import init_pack
+
+    for path in init_pack(folder):
+        click.echo(f"wrote {path}")
+    click.echo(f"next: edit the files, then `picochat data inspect {folder / 'dataset_pack.json'}`")
+
+
+@data.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@scale_option("The scale to size the pack against:")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly_errors
+def inspect(pack: Path, scale: str, sets: tuple[str, ...], as_json: bool) -> None:
+    """Per-source documents, bytes, estimated tokens, duplicates and text heuristics, and the pack's readiness
+    for a scale (the preflight checks: tokens per parameter, eval/SFT overlap, context fit). Writes nothing."""
+    from picochat_jax.data.inspect import inspect_markdown, inspect_pack
+
+    report = inspect_pack(pack, scale, sets)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else inspect_markdown(report), nl=not as_json)
