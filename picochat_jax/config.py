@@ -23,6 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("swiglu", "gelu", "relu2")
+SAMPLINGS = ("uniform", "balanced", "sqrt")
 
 
 @dataclass(frozen=True)
@@ -154,12 +155,15 @@ class TrainConfig:
     seed: int
     seq_len: int | None = None  # defaults to model.max_seq_len
     all_assistant_turns: bool = False  # SFT: train on every assistant turn, not only the last
+    sampling: str = "uniform"  # SFT rows per category: uniform | balanced | sqrt (data/loader.resample_by_category)
 
     def __post_init__(self) -> None:
         if self.decay not in ("cosine", "linear", "none"):
             raise ValueError(f"decay must be cosine|linear|none, got {self.decay!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32|bf16, got {self.precision!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {'|'.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from picochat_jax.config import DPOConfig, ModelConfig, ScaleConfig, TrainConfig, load_scale, with_overrides
 from picochat_jax.data.chat import sft_examples
-from picochat_jax.data.loader import base_examples, split_examples
+from picochat_jax.data.loader import base_examples, resample_by_category, split_examples
 from picochat_jax.data.pack import Corpus, DatasetPack, load_corpus, load_pack, pack_inputs, write_corpus_report
 from picochat_jax.data.records import (
     Conversation,
@@ -73,7 +75,13 @@ def sft_stage(model_cfg: ModelConfig, train_cfg: TrainConfig, tok: ChatTokenizer
                                        train_cfg.all_assistant_turns)
     if truncated:
         print(f"[sft] {truncated} rows longer than the context were left-truncated (targets kept)")
+    # Categories ride through the split so the train rows can be resampled by category; the model never sees them.
+    examples["category"] = np.asarray([c.category for c in conversations], dtype=object)
     train_ex, val_ex = split_examples(examples, train_cfg.val_fraction, train_cfg.seed)
+    train_ex = resample_by_category(train_ex, train_ex.pop("category"), train_cfg.sampling)
+    val_ex.pop("category")
+    if train_cfg.sampling != "uniform":
+        print(f"[sft] {train_cfg.sampling} sampling over categories: {len(train_ex['inputs'])} rows per epoch")
     return train(stage="sft", model_cfg=model_cfg, train_cfg=train_cfg, train_examples=train_ex,
                  val_examples=val_ex, out_dir=out_dir, mesh_shape=mesh_shape,
                  token_bytes=tok.token_byte_lengths(), tokenizer_path=tokenizer_path, init_params=init_params,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -124,3 +125,21 @@ def test_pack_resolves_external_eval_and_names_a_missing_one(tmp_path):
     pack.write_text(json.dumps({"name": "p", "corpus": "corpus.txt", "external_eval": "gone.jsonl"}))
     with pytest.raises(DataError, match="field 'external_eval' points to a missing file"):
         load_pack(pack)
+
+
+def test_category_sampling_balances_or_sqrt_weights_every_epoch():
+    from picochat_jax.data.loader import category_repeats, resample_by_category
+
+    cats = ["big"] * 16 + ["mid"] * 4 + ["small"] * 1
+    assert category_repeats(cats, "uniform").tolist() == [1] * 21
+    balanced = category_repeats(cats, "balanced")
+    per_cat = {c: int(balanced[[i for i, x in enumerate(cats) if x == c]].sum()) for c in set(cats)}
+    assert per_cat == {"big": 16, "mid": 16, "small": 16}  # equal shares; the biggest keeps one copy per row
+    root = category_repeats(cats, "sqrt")
+    per_cat = {c: int(root[[i for i, x in enumerate(cats) if x == c]].sum()) for c in set(cats)}
+    assert per_cat == {"big": 16, "mid": 8, "small": 4}  # shares 4 : 2 : 1 = sqrt(16) : sqrt(4) : sqrt(1)
+    examples = {"inputs": np.arange(21)[:, None]}
+    out = resample_by_category(examples, cats, "balanced")
+    assert len(out["inputs"]) == 48 and set(out["inputs"][:, 0].tolist()) == set(range(21))  # no row dropped
+    with pytest.raises(ValueError, match="uniform|balanced|sqrt"):
+        category_repeats(cats, "weighted")

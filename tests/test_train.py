@@ -161,3 +161,24 @@ def test_eval_batches_count_every_validation_row_once():
     assert len(batches) == 2 and all(b["inputs"].shape == (1, 4, 16) for b in batches)
     counted = sum(float(b["loss_mask"].sum()) for b in batches)
     assert counted == float(examples["loss_mask"].sum())
+
+
+def test_sft_stage_resamples_its_train_rows_by_category(tmp_path):
+    """`sft.sampling: balanced` gives each category the same share of an epoch (the biggest keeps one copy of
+    each row, smaller ones are repeated) and the run records it as a setting a resume must match."""
+    from picochat_jax.data.records import Conversation, Message
+    from picochat_jax.pipeline import sft_stage
+    from picochat_jax.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["question answer words"] * 10, "byte", 0)
+    convs = [Conversation((Message("user", f"q{i}"), Message("assistant", f"a{i}")), "big" if i < 12 else "small")
+             for i in range(15)]
+    cfg = dataclasses.replace(load_scale("smoke").sft, steps=2, batch_size=8, val_fraction=0.0, sampling="balanced",
+                              eval_every=0, checkpoint_every=0)
+    model_cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32,
+                            max_seq_len=32)
+    result = sft_stage(model_cfg, cfg, tok, None, convs, None, tmp_path / "sft", MeshShape(1, 1, 1), progress=False)
+    assert result.summary["train_examples"] == 24  # 12 big rows once, 3 small rows 4 times each
+    with pytest.raises(ValueError, match="train.sampling: 'balanced' -> 'sqrt'"):
+        sft_stage(model_cfg, dataclasses.replace(cfg, sampling="sqrt", steps=3), tok, None, convs, None,
+                  tmp_path / "sft", MeshShape(1, 1, 1), progress=False, resume=True)

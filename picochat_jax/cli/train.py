@@ -107,10 +107,13 @@ def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> N
               help="Use the pack's chat file instead of --input.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--all-assistant-turns", is_flag=True, help="Train on every assistant turn, not only the last.")
+@click.option("--sampling", type=click.Choice(["uniform", "balanced", "sqrt"]), default=None,
+              help="Rows per category in each epoch: as given, equal per category, or by sqrt of its size "
+                   "(default: the scale's sft.sampling).")
 @train_flags
 @friendly_errors
 def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | None, pack_path: Path | None,
-        out_dir: Path, all_assistant_turns: bool, **opts: Any) -> None:
+        out_dir: Path, all_assistant_turns: bool, sampling: str | None, **opts: Any) -> None:
     """Chat SFT of a native checkpoint; loss on the final assistant message only."""
     select_device(opts["device"])
     from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
@@ -126,7 +129,8 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     params, model_cfg, _ = load_model_checkpoint(checkpoint_dir)
     tok = ChatTokenizer.load(tokenizer_path)
     scale = load_scale(opts["scale"], opts["sets"])
-    cfg = with_overrides(train_cfg_from_flags(scale.sft, opts), all_assistant_turns=all_assistant_turns or None)
+    cfg = with_overrides(train_cfg_from_flags(scale.sft, opts), all_assistant_turns=all_assistant_turns or None,
+                         sampling=sampling)
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "sft", opts, [checkpoint_dir, tokenizer_path, chat_path, pack_path])
     result = sft_stage(model_cfg, cfg, tok, tokenizer_path, conversations, params, out_dir, mesh_shape,

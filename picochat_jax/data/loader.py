@@ -45,6 +45,37 @@ def split_examples(examples: dict[str, np.ndarray], val_fraction: float, seed: i
     return ({k: v[train_idx] for k, v in examples.items()}, {k: v[val_idx] for k, v in examples.items()})
 
 
+def category_repeats(categories: Sequence[str], mode: str) -> np.ndarray:
+    """How many times each row appears per epoch so that categories get equal shares (`balanced`) or shares
+    proportional to the square root of their size (`sqrt`); `uniform` is once each. Every row appears at least
+    once, and the repeats are a pure function of the categories, so resume replays the same batches."""
+    n = len(categories)
+    if mode == "uniform" or n == 0:
+        return np.ones(n, np.int64)
+    names, inverse, counts = np.unique(np.asarray(categories, dtype=object).astype(str), return_inverse=True,
+                                       return_counts=True)
+    if mode == "balanced":
+        share = np.full(len(names), 1.0 / len(names))
+    elif mode == "sqrt":
+        share = np.sqrt(counts) / np.sqrt(counts).sum()
+    else:
+        raise ValueError(f"sampling must be uniform|balanced|sqrt, got {mode!r}")
+    # A category's rows are repeated to fill its share of an epoch as long as the largest category's own
+    # share needs: the biggest category (relative to its share) keeps one copy per row.
+    epoch = float(np.max(counts / share))
+    per_row = share * epoch / counts
+    return np.maximum(1, np.rint(per_row[inverse])).astype(np.int64)
+
+
+def resample_by_category(examples: dict[str, np.ndarray], categories: Sequence[str],
+                         mode: str) -> dict[str, np.ndarray]:
+    """Row-aligned examples with each row repeated `category_repeats` times (an epoch with the given mix)."""
+    if mode == "uniform":
+        return examples
+    idx = np.repeat(np.arange(len(categories)), category_repeats(categories, mode))
+    return {k: v[idx] for k, v in examples.items()}
+
+
 @dataclass
 class BatchSource:
     """Global batches of shape (grad_accum, batch_size, ...) drawn from row-aligned example arrays."""

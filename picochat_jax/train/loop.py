@@ -99,8 +99,9 @@ def prepare_stage_dir(out_dir: Path | str, stage: str, resume: bool, resume_or_s
 
 
 def check_resume_settings(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """Refuse to resume a checkpoint made with other settings, naming every key that differs."""
-    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+    """Refuse to resume a checkpoint made with other settings, naming every key that differs. A setting the
+    checkpoint does not record (one added since it was made) keeps its default and is not a mismatch."""
+    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(saved)
              if k.split(".")[-1] not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
     if diffs:
         raise ValueError(f"--resume: {where} was made with other settings ({'; '.join(diffs)}); resume with the "
