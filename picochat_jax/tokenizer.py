@@ -7,7 +7,7 @@ which is what the smoke scale uses.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,27 @@ def train_tokenizer(texts: Iterable[str], kind: str, vocab_size: int, min_freque
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return ChatTokenizer(tok)
+
+
+class SampledTexts:
+    """Documents from a stream, each kept with probability max_bytes / total_bytes (seeded), so a tokenizer
+    trains on a bounded, representative sample of a corpus of any size without holding it in memory. Counts
+    what it passed on (`documents_used`, `bytes_used`)."""
+
+    def __init__(self, documents: Iterable[tuple[str, str]], total_bytes: int, max_bytes: int, seed: int = 0):
+        self.documents = documents
+        self.keep = 1.0 if total_bytes <= max_bytes else max_bytes / total_bytes
+        self.rng = np.random.default_rng(seed)
+        self.documents_used = 0
+        self.bytes_used = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for doc, _label in self.documents:
+            if self.keep < 1.0 and self.rng.random() >= self.keep:
+                continue
+            self.documents_used += 1
+            self.bytes_used += len(doc.encode("utf-8"))
+            yield doc
 
 
 class ChatTokenizer:

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,29 @@ def read_documents(path: Path) -> list[str]:
         return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
     raise DataError(path, None, None, f"unsupported corpus file type {path.suffix!r} "
                     f"(use {', '.join(sorted(CORPUS_SUFFIXES))})")
+
+
+def text_pack(path: Path | str) -> DatasetPack:
+    """A pack of corpus text alone (a file or folder), for commands that take text instead of a pack."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"file or folder not found: {path}")
+    return DatasetPack(path=path, name=path.stem, description="", sources=(CorpusSource(path, path.stem),),
+                       exclude=(), chat=None, eval=None, preferences=None)
+
+
+def iter_documents(pack: DatasetPack) -> Iterator[tuple[str, str]]:
+    """(document, label) one file at a time, so a caller can stream a corpus larger than memory."""
+    files, _ = source_files(pack)
+    for f, label in files:
+        for doc in read_documents(f):
+            if doc.strip():
+                yield doc, label
+
+
+def corpus_bytes(pack: DatasetPack) -> int:
+    """The corpus files' total size on disk, without reading them."""
+    return sum(f.stat().st_size for f, _ in source_files(pack)[0])
 
 
 @dataclass
