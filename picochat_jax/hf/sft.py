@@ -176,8 +176,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, lora_cfg=lora_cfg, base_params=hf.params,
                             base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32)
     rng = jax.random.key_data(jax.random.key(opts.seed))
-    state0 = trainer.init(rng, None if lora_cfg else hf.params)
-    trainable = count_params(state0.params)
+    trainable = count_params(trainer.abstract_state().params)  # shapes only: a resume never builds a fresh state
     source = BatchSource(train_ex, opts.batch_size, opts.grad_accum_steps, opts.seed)
     val = eval_batches(val_ex, opts.batch_size) if n_val else []
 
@@ -209,7 +208,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     settings = {"model": str(opts.model), "input": str(opts.input), "peft": opts.peft,
                 "lora": asdict(opts.lora) if lora_cfg else None, "train": asdict(train_cfg),
                 "max_length": max_length}
-    run = fit(stage="hf-sft", trainer=trainer, init_state=lambda: state0, source=source, train_cfg=train_cfg,
+    run = fit(stage="hf-sft", trainer=trainer, init_state=lambda: trainer.init(rng, None if lora_cfg else hf.params),
+              source=source, train_cfg=train_cfg,
               out_dir=out_dir, settings=settings,
               tokens_per_step=data_stats["seq_len"] * opts.batch_size * opts.grad_accum_steps,
               evaluate=evaluate, save_model=save_model, log_keys=("loss", "lr", "grad_norm"), eval_at_start=True,
