@@ -168,3 +168,16 @@ def test_report_files(tmp_path):
     md = (tmp_path / "honesty_report.md").read_text()
     assert "eval_prompt_in_sft" in md and "| eval rows found in SFT rows | 1 |" in md
     assert np.isfinite(saved["sft_corpus"]["answer_ngram_overlap"])
+
+
+def test_a_short_prompt_repeated_with_other_punctuation_is_still_an_exact_match(example_pack):
+    """The shipped pack's eval line 1 ("What is picochat?") repeats an SFT prompt: three words, below the n-gram
+    length, caught by the normalised exact match whatever its punctuation and case."""
+    pack = load_pack(example_pack)
+    corpus = load_corpus(pack)
+    scan = scan_contamination(read_eval_jsonl(pack.eval), read_chat_jsonl(pack.chat), corpus.documents,
+                              document_sources(corpus))
+    assert scan["eval_lines_in_sft"] == [1, 2, 3, 4, 5, 6, 7]
+    rows = [EvalRow(prompt=(Message("user", "WHAT is picochat!!"),), line=1)]
+    chat = [Conversation((Message("user", "what is Picochat?"), Message("assistant", "a toy")))]
+    assert scan_contamination(rows, chat, [], [])["eval_lines_in_sft"] == [1]

@@ -163,7 +163,7 @@ def scan_contamination(eval_rows: Sequence[EvalRow], conversations: Sequence[Con
                                                                             range(len(documents))]), n, cache)
     exact_prompts: dict[str, str] = {}
     for c, label in zip(conversations, conv_labels, strict=True):
-        exact_prompts.setdefault(normalize(_user_text(c.messages)), label)
+        exact_prompts.setdefault(normalize(_user_text(c.messages), strip_punctuation=True), label)
 
     findings: list[dict[str, Any]] = []
     in_sft: set[int] = set()
