@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,12 @@ def tokenizer_texts(corpus: Corpus, conversations: list[Conversation]) -> list[s
     return corpus.documents + [m.content for c in conversations for m in c.messages]
 
 
-def train_tokenizer_stage(scale: ScaleConfig, texts: list[str], out_path: Path,
-                          vocab_size: int | None = None) -> ChatTokenizer:
-    tok = train_tokenizer(texts, scale.tokenizer.kind, vocab_size or scale.tokenizer.vocab_size,
-                          scale.tokenizer.min_frequency)
+def train_tokenizer_stage(scale: ScaleConfig, texts: Iterable[str], out_path: Path, vocab_size: int | None = None,
+                          kind: str | None = None, min_frequency: int | None = None) -> ChatTokenizer:
+    """Train (with the scale's tokenizer settings unless given) and save the tokenizer: `run tiny` and
+    `tokenizer train` both come here."""
+    tok = train_tokenizer(texts, kind or scale.tokenizer.kind, vocab_size or scale.tokenizer.vocab_size,
+                          min_frequency or scale.tokenizer.min_frequency)
     tok.save(out_path)
     return tok
 

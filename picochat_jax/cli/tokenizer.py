@@ -11,7 +11,8 @@ from picochat_jax.cli.common import UserError, friendly_errors, scale_option, se
 from picochat_jax.config import load_scale
 from picochat_jax.data.pack import corpus_bytes, iter_documents, load_pack, pack_inputs, text_pack
 from picochat_jax.data.records import read_chat_jsonl
-from picochat_jax.tokenizer import SampledTexts, train_tokenizer
+from picochat_jax.pipeline import train_tokenizer_stage
+from picochat_jax.tokenizer import SampledTexts
 
 
 @click.group()
@@ -53,13 +54,12 @@ def train_cmd(input_path: Path | None, pack_path: Path | None, out_path: Path, s
         raise UserError(f"--out {out_path} already exists; pass --overwrite to replace it")
     if out_path.exists() and any(out_path.resolve() == Path(p).resolve() for p in pack_inputs(pack)):
         raise UserError(f"--out {out_path} is one of the pack's own files; write elsewhere")
-    cfg = load_scale(scale, sets).tokenizer
+    scale_cfg = load_scale(scale, sets)
     total = corpus_bytes(pack)
     sample = SampledTexts(iter_documents(pack), total, max_bytes, seed=0)
     texts = itertools.chain(sample, (m.content for c in rows for m in c.messages))
-    kind = "bpe" if kind == "hf_bpe" else (kind or cfg.kind)
-    tok = train_tokenizer(texts, kind, vocab_size or cfg.vocab_size, min_freq or cfg.min_frequency)
-    tok.save(out_path)
+    kind = "bpe" if kind == "hf_bpe" else (kind or scale_cfg.tokenizer.kind)
+    tok = train_tokenizer_stage(scale_cfg, texts, out_path, vocab_size, kind, min_freq)
     used = sample.bytes_used
     click.echo(f"tokenizer: {kind}, vocab {tok.vocab_size}, trained on {used:,} of {total:,} corpus bytes "
                f"({sample.documents_used:,} documents) + {len(rows)} chat rows -> {out_path}")

@@ -183,11 +183,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
             return None
-        ce = tokens = 0.0
-        for vb in val:
-            got = jax.device_get(trainer.evaluate(params, trainer.put_batch(vb)))
-            ce, tokens = ce + float(got["ce"]), tokens + float(got["tokens"])
-        return {"val_loss": ce / max(tokens, 1.0)}
+        sums = trainer.evaluate_batches(params, val)
+        return {"val_loss": sums["ce"] / max(sums["tokens"], 1.0)}
 
     hf_config = {**hf.hf_config, "dtype": "float32", "torch_dtype": "float32"}
     gen = read_generation_config(hf.path)

@@ -111,14 +111,17 @@ class PreferenceObjective:
         return {k: v / denominator for k, v in sums.items()}
 
 
-def reference_logps(trainer: ShardedTrainer, model: Decoder, params: Any, examples: dict[str, np.ndarray],
+def compile_pair_logps(trainer: ShardedTrainer, model: Decoder) -> Any:
+    """`(params, pair batch) -> (chosen, rejected)` log-probs, jitted once with the trainer's mesh and shardings."""
+    return jax.jit(parallel.traced_under(trainer.mesh, lambda p, b: pair_logps(model, p, b)),
+                   in_shardings=(trainer.state_shardings.params, parallel.batch_sharding(trainer.mesh, 2, batch_dim=0)),
+                   out_shardings=parallel.replicated(trainer.mesh))
+
+
+def reference_logps(logps: Any, trainer: ShardedTrainer, params: Any, examples: dict[str, np.ndarray],
                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen/rejected log-probs of every pair under `params`, in fixed-size batches (the last one wrapped
-    around), with the trainer's mesh and param shardings."""
-    logps = jax.jit(parallel.traced_under(trainer.mesh, lambda p, b: pair_logps(model, p, b)),
-                    in_shardings=(trainer.state_shardings.params,
-                                  parallel.batch_sharding(trainer.mesh, 2, batch_dim=0)),
-                    out_shardings=parallel.replicated(trainer.mesh))
+    """Chosen/rejected log-probs of every pair under `params` (`logps` from `compile_pair_logps`), in
+    fixed-size batches, the last one wrapped around."""
     n = len(examples["chosen_inputs"])
     keys = [f"{s}_{k}" for s in SIDES for k in ("inputs", "targets", "mask")]
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
@@ -172,8 +175,9 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
         return trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)), init_params)
 
     # The frozen reference: scored once, never differentiated.
+    logps = compile_pair_logps(trainer, model)
     ref_params = init_state().params
-    examples["ref_chosen"], examples["ref_rejected"] = reference_logps(trainer, model, ref_params, examples,
+    examples["ref_chosen"], examples["ref_rejected"] = reference_logps(logps, trainer, ref_params, examples,
                                                                        train_cfg.batch_size)
     del ref_params
     before = preference_metrics(examples["ref_chosen"], examples["ref_rejected"], examples["ref_chosen"],
@@ -182,7 +186,7 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
     source = BatchSource(train_ex, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
 
     def on(params: Any, ex: dict[str, np.ndarray]) -> dict[str, float]:
-        c, r = reference_logps(trainer, model, params, ex, train_cfg.batch_size)
+        c, r = reference_logps(logps, trainer, params, ex, train_cfg.batch_size)
         return preference_metrics(c, r, ex["ref_chosen"], ex["ref_rejected"], dpo_cfg.beta)
 
     def evaluate(params: Any) -> dict[str, float] | None:

@@ -154,7 +154,6 @@ class FitResult:
 
     status: str  # "completed" or "interrupted"
     final_step: int
-    start_step: int
     history: list[dict[str, Any]]  # train rows (loss, lr, grad_norm, tokens_per_sec, ...)
     val_history: list[dict[str, Any]]  # val rows (val_loss, ...)
     best_val: float
@@ -249,7 +248,8 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
             state, metrics = trainer.step(state, trainer.put_batch(next(batches)))
             done = step + 1
             bar.update(1)
-            if done % train_cfg.log_every == 0 or done == total or done == start + 1:
+            log_now = done % train_cfg.log_every == 0 or done == total or done == start + 1
+            if log_now:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 # The first logged window holds the compile; the summary's throughput skips it.
@@ -267,7 +267,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
                     bar.write(f"[{stage}] step {done}: " + " ".join(f"{k} {v:.4f}" for k, v in vrow.items()
                                                                    if k != "step"))
                 t_last += time.perf_counter() - t_eval  # evaluation is not training throughput
-            if done % train_cfg.log_every == 0 or done == total or done == start + 1:
+            if log_now:
                 t_last, last_log_step = time.perf_counter(), done
             if train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 and done != total:
                 manager.save(done, state, meta(done))
@@ -294,7 +294,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
     timed = [r for r in train_rows if r["step"] > start + 1]
     mean_tok_s = float(np.mean([r["tokens_per_sec"] for r in timed])) if timed else None
     mfu = (mean_tok_s * flops_per_token / (peak * n_devices)) if (peak and mean_tok_s and flops_per_token) else None
-    return FitResult(status, final_step, start, train_rows, val_rows, best_val, state, wall, mean_tok_s, mfu)
+    return FitResult(status, final_step, train_rows, val_rows, best_val, state, wall, mean_tok_s, mfu)
 
 
 def train(
@@ -329,12 +329,9 @@ def train(
     def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
             return None
-        sums = {"ce": 0.0, "tokens": 0.0, "bytes": 0.0}
-        for vb in val:
-            got = jax.device_get(trainer.evaluate(params, trainer.put_batch(vb)))
-            sums = {k: sums[k] + float(got[k]) for k in sums}
-        return {"val_loss": sums["ce"] / max(sums["tokens"], 1), "val_bpb": sums["ce"] / (math.log(2) *
-                                                                                        max(sums["bytes"], 1))}
+        sums = trainer.evaluate_batches(params, val)
+        return {"val_loss": sums["ce"] / max(sums["tokens"], 1),
+                "val_bpb": sums["ce"] / (math.log(2) * max(sums["bytes"], 1))}
 
     def save_model(name: str, params: Any, meta: dict[str, Any]) -> None:
         save_model_checkpoint(out_dir / name, params, model_cfg, tokenizer_path, meta)

@@ -157,7 +157,6 @@ class ShardedTrainer:
     step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]
     evaluate: Callable[[Any, Batch], dict[str, Array]]
     full_params: Callable[[Any], Any]  # trainable params -> host params of the whole model (merged for LoRA)
-    frozen: Any = None  # device params that are read but never trained (the LoRA base)
 
     def put_batch(self, batch: dict[str, np.ndarray], batch_dim: int = 1) -> Batch:
         """Global host batch -> sharded device arrays. Every process computes the same global batch (a pure
@@ -168,6 +167,14 @@ class ShardedTrainer:
             sharding = parallel.batch_sharding(self.mesh, v.ndim, batch_dim=batch_dim)
             out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
         return out
+
+    def evaluate_batches(self, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The objective's metric sums over host batches (e.g. `data.loader.eval_batches`), as floats."""
+        totals: dict[str, float] = {}
+        for batch in batches:
+            for k, v in jax.device_get(self.evaluate(params, self.put_batch(batch))).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        return totals
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings: the restore target for orbax."""
@@ -271,7 +278,7 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
     def evaluate(params: Any, batch: Batch) -> dict[str, Array]:
         return jitted("eval", batch)(params, frozen, batch)
 
-    return ShardedTrainer(mesh, state_shardings, init, _BoundStep(jitted, frozen), evaluate, full_params, frozen)
+    return ShardedTrainer(mesh, state_shardings, init, _BoundStep(jitted, frozen), evaluate, full_params)
 
 
 @dataclass(frozen=True)
