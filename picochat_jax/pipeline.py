@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 
 from picochat_jax.config import DPOConfig, ModelConfig, ScaleConfig, TrainConfig, load_scale, with_overrides
 from picochat_jax.data.chat import sft_examples
-from picochat_jax.data.loader import base_examples, resample_by_category, split_examples
+from picochat_jax.data.loader import resample_by_category, split_examples
 from picochat_jax.data.pack import Corpus, DatasetPack, load_corpus, load_pack, pack_inputs, write_corpus_report
 from picochat_jax.data.records import (
     Conversation,
@@ -60,15 +60,44 @@ def model_config_for(scale: ScaleConfig, tok: ChatTokenizer) -> ModelConfig:
     return dataclasses.replace(scale.model, vocab_size=tok.vocab_size)
 
 
+def tokenize_stage(documents: Callable[[], Iterable[tuple[str, str]]], num_documents: int, tok: ChatTokenizer,
+                   tokenizer_path: Path, shards_dir: Path, train_cfg: TrainConfig, progress: bool = True,
+                   total_bytes: int | None = None) -> dict[str, Any]:
+    """Tokenize (text, label) documents into disk shards with the stage's document holdout (val_fraction,
+    seed); continues an interrupted tokenization. `run tiny` and `train base --dataset-pack` come here."""
+    from picochat_jax.data.shards import tokenize_to_shards
+
+    manifest = tokenize_to_shards(documents, tok, tokenizer_path, shards_dir, num_documents=num_documents,
+                                  val_fraction=train_cfg.val_fraction, seed=train_cfg.seed, total_bytes=total_bytes,
+                                  progress=progress)
+    splits = manifest["splits"]
+    print(f"[tokenize] {splits['train']['tokens']:,} train tokens ({splits['train']['documents']} documents), "
+          f"{splits['val']['tokens']:,} held-out tokens ({splits['val']['documents']} documents) -> {shards_dir}")
+    return manifest
+
+
 def base_stage(scale: ScaleConfig, train_cfg: TrainConfig, tok: ChatTokenizer, tokenizer_path: Path,
-               documents: list[str], out_dir: Path, mesh_shape: MeshShape, **train_kwargs: Any) -> TrainResult:
+               shards_dir: Path, out_dir: Path, mesh_shape: MeshShape, **train_kwargs: Any) -> TrainResult:
+    """Pretrain on token shards: BOS-aligned best-fit rows streamed from disk, validation on the held-out
+    documents."""
+    from picochat_jax.data.shards import (
+        PackedRows,
+        TokenShards,
+        check_shards_tokenizer,
+        read_manifest,
+        shards_fingerprint,
+    )
+
+    manifest = read_manifest(shards_dir)
+    check_shards_tokenizer(manifest, shards_dir, tokenizer_path)
     model_cfg = model_config_for(scale, tok)
     seq_len = train_cfg.seq_len or model_cfg.max_seq_len
-    windows = base_examples(documents, tok, seq_len)
-    train_ex, val_ex = split_examples(windows, train_cfg.val_fraction, train_cfg.seed)
-    return train(stage="base", model_cfg=model_cfg, train_cfg=train_cfg, train_examples=train_ex,
-                 val_examples=val_ex, out_dir=out_dir, mesh_shape=mesh_shape,
-                 token_bytes=tok.token_byte_lengths(), tokenizer_path=tokenizer_path, **train_kwargs)
+    train_rows = PackedRows(TokenShards(shards_dir, "train", manifest), seq_len)
+    val_shards = TokenShards(shards_dir, "val", manifest)
+    val_rows = PackedRows(val_shards, seq_len) if val_shards.total else None
+    return train(stage="base", model_cfg=model_cfg, train_cfg=train_cfg, train_rows=train_rows,
+                 val_rows=val_rows, out_dir=out_dir, mesh_shape=mesh_shape, token_bytes=tok.token_byte_lengths(),
+                 tokenizer_path=tokenizer_path, data_fingerprint=shards_fingerprint(manifest), **train_kwargs)
 
 
 def sft_stage(model_cfg: ModelConfig, train_cfg: TrainConfig, tok: ChatTokenizer, tokenizer_path: Path,
@@ -85,8 +114,8 @@ def sft_stage(model_cfg: ModelConfig, train_cfg: TrainConfig, tok: ChatTokenizer
     val_ex.pop("category")
     if train_cfg.sampling != "uniform":
         print(f"[sft] {train_cfg.sampling} sampling over categories: {len(train_ex['inputs'])} rows per epoch")
-    return train(stage="sft", model_cfg=model_cfg, train_cfg=train_cfg, train_examples=train_ex,
-                 val_examples=val_ex, out_dir=out_dir, mesh_shape=mesh_shape,
+    return train(stage="sft", model_cfg=model_cfg, train_cfg=train_cfg, train_rows=train_ex,
+                 val_rows=val_ex, out_dir=out_dir, mesh_shape=mesh_shape,
                  token_bytes=tok.token_byte_lengths(), tokenizer_path=tokenizer_path, init_params=init_params,
                  **train_kwargs)
 
@@ -284,9 +313,13 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     train_kwargs = {"resume": resume, "resume_or_start": True, "progress": options.progress}
     perf = {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
     done = finished_stage(out_dir / "base", base_cfg.steps) if resume else None
+    if not done:
+        tokenize_stage(lambda: zip(documents, corpus.labels, strict=True), len(documents), tok, tokenizer_path,
+                       out_dir / "tokens", base_cfg, progress=options.progress)
+        lap("tokenize")
     base = (TrainResult("completed", base_cfg.steps, summary=done[1], params=done[0]) if done else
-            base_stage(scale, base_cfg, tok, tokenizer_path, documents, out_dir / "base", mesh_shape, **train_kwargs,
-                       **perf))
+            base_stage(scale, base_cfg, tok, tokenizer_path, out_dir / "tokens", out_dir / "base", mesh_shape,
+                       **train_kwargs, **perf))
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
     lap("base")

@@ -15,14 +15,15 @@ from picochat_jax.cli import main
 def tiny_run(tmp_path_factory, example_pack):
     out = tmp_path_factory.mktemp("run") / "tiny"
     result = CliRunner().invoke(main, ["run", "tiny", "--dataset-pack", str(example_pack), "--out-dir", str(out),
-                                       "--base-steps", "60", "--sft-steps", "400", "--no-dpo", "--no-progress"])
+                                       "--base-steps", "90", "--sft-steps", "400", "--no-dpo", "--no-progress"])
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.mark.slow
 def test_run_tiny_writes_the_spec_layout(tiny_run):
-    for rel in ("corpus_manifest.json", "corpus_report.md", "tokenizer.json", "summary.json", "summary.md",
+    for rel in ("corpus_manifest.json", "corpus_report.md", "tokenizer.json", "tokens/manifest.json",
+                "tokens/train-00000.bin", "tokens/holdout.jsonl", "summary.json", "summary.md",
                 "base/metrics.jsonl", "base/checkpoint/model_config.json", "base/checkpoint/tokenizer.json",
                 "base/best_checkpoint/params", "base/resume_checkpoint", "sft/metrics.jsonl",
                 "sft/checkpoint/params", "sft/best_checkpoint/model_config.json", "sft/resume_checkpoint"):
@@ -33,7 +34,7 @@ def test_run_tiny_writes_the_spec_layout(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "base" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "bpb", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(rows[0])
     tree = json.loads((tiny_run / "run_config.json").read_text())["config"]  # the whole resolved config tree
-    assert {"base", "sft", "dpo", "hf_sft", "serve", "perf"} <= set(tree) and tree["base"]["steps"] == 60
+    assert {"base", "sft", "dpo", "hf_sft", "serve", "perf"} <= set(tree) and tree["base"]["steps"] == 90
     _params, cfg, meta = load_model_checkpoint(tiny_run / "sft" / "checkpoint")
     assert meta["stage"] == "sft" and meta["step"] == 400 and cfg.vocab_size == 512
 

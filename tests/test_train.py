@@ -99,8 +99,8 @@ def test_fsdp_step_gathers_params_and_never_moves_whole_batch_activations():
 
 
 def _run(out_dir, steps_cfg, **kw):
-    return train(stage="base", model_cfg=TINY, train_cfg=steps_cfg, train_examples=_examples(),
-                 val_examples=_examples(16, seed=1), out_dir=out_dir, mesh_shape=MeshShape(1, 1, 1),
+    return train(stage="base", model_cfg=TINY, train_cfg=steps_cfg, train_rows=_examples(),
+                 val_rows=_examples(16, seed=1), out_dir=out_dir, mesh_shape=MeshShape(1, 1, 1),
                  token_bytes=np.ones(64), tokenizer_path=None, progress=False, **kw)
 
 

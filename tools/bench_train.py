@@ -415,8 +415,8 @@ def measure_loop(args: argparse.Namespace) -> dict[str, Any]:
                                "remat": args.remat if args.remat in ("none", "full", "dots") else "none",
                                "log_every": 10, "eval_every": 0, "checkpoint_every": 0})
     with tempfile.TemporaryDirectory() as out:
-        result = train(stage="bench", model_cfg=cfg, train_cfg=train_cfg, train_examples=examples,
-                       val_examples=None, out_dir=Path(out), mesh_shape=parse_mesh(args.mesh),
+        result = train(stage="bench", model_cfg=cfg, train_cfg=train_cfg, train_rows=examples,
+                       val_rows=None, out_dir=Path(out), mesh_shape=parse_mesh(args.mesh),
                        token_bytes=np.ones(cfg.vocab_size, np.float32), tokenizer_path=None, progress=False,
                        attention_impl=None if args.attention == "auto" else args.attention,
                        ce_chunk_tokens=args.ce_chunk)

@@ -83,3 +83,46 @@ def inspect(pack: Path, scale: str, sets: tuple[str, ...], as_json: bool) -> Non
 
     report = inspect_pack(pack, scale, sets)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else inspect_markdown(report), nl=not as_json)
+
+
+@data.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=Path),
+              help="tokenizer.json (e.g. from `picochat tokenizer train`).")
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--shard-tokens", type=click.IntRange(min=1024), default=1 << 24, show_default=True,
+              help="Tokens per shard (the last shard holds the rest).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+              help="Share of whole documents held out for validation.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the document holdout.")
+@click.option("--no-progress", is_flag=True)
+@out_dir_flags()
+@friendly_errors
+def tokenize(pack: Path, tokenizer_path: Path, out_dir: Path, shard_tokens: int, val_fraction: float, seed: int,
+             no_progress: bool, overwrite: bool, resume: bool, resume_or_start: bool) -> None:
+    """Tokenize PACK's corpus (a pack, a text file or a folder) into fixed-size token shards with a
+    document-level holdout; `train base --shards OUT_DIR` streams them. An interrupted run continues with
+    --resume and writes the same bytes as an uninterrupted one."""
+    from picochat_jax.data.pack import corpus_bytes, iter_documents, load_pack_or_text, source_files
+    from picochat_jax.data.shards import tokenize_to_shards
+    from picochat_jax.tokenizer import ChatTokenizer
+
+    loaded = load_pack_or_text(pack)
+    tok = ChatTokenizer.load(tokenizer_path)
+    files, _ = source_files(loaded)
+    plan = check_out_dir(out_dir, "tokens", overwrite=overwrite, resume=resume, resume_or_start=resume_or_start,
+                         inputs=[tokenizer_path, *pack_inputs(loaded)])
+    click.echo(f"counting documents in {len(files)} files ...")
+    count = sum(1 for _ in iter_documents(loaded))
+    if count == 0:
+        raise click.UsageError(f"{pack}: the corpus has no documents")
+    claim_out_dir(plan)
+    sources = [{"file": str(f), "label": label, "bytes": f.stat().st_size} for f, label in files]
+    manifest = tokenize_to_shards(lambda: iter_documents(loaded), tok, tokenizer_path, out_dir, num_documents=count,
+                                  val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens,
+                                  total_bytes=corpus_bytes(loaded), progress=not no_progress, sources=sources)
+    for split in ("train", "val"):
+        s = manifest["splits"][split]
+        click.echo(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
+    click.echo(f"-> {out_dir / 'manifest.json'}")
+

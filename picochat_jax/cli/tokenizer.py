@@ -9,7 +9,7 @@ import click
 
 from picochat_jax.cli.common import UserError, friendly_errors, scale_option, set_option
 from picochat_jax.config import load_scale
-from picochat_jax.data.pack import corpus_bytes, iter_documents, load_pack, pack_inputs, text_pack
+from picochat_jax.data.pack import corpus_bytes, iter_documents, load_pack_or_text, pack_inputs
 from picochat_jax.data.records import read_chat_jsonl
 from picochat_jax.pipeline import train_tokenizer_stage
 from picochat_jax.tokenizer import SampledTexts
@@ -46,7 +46,7 @@ def train_cmd(input_path: Path | None, pack_path: Path | None, out_path: Path, s
     if (input_path is None) == (pack_path is None):
         raise click.UsageError("give exactly one of --input or --dataset-pack")
     source = input_path or pack_path
-    pack = load_pack(source) if source.suffix == ".json" else text_pack(source)
+    pack = load_pack_or_text(source)
     rows = read_chat_jsonl(pack.chat) if pack.chat else []
     if out_path.is_dir():
         raise UserError(f"--out {out_path} is a folder; give the tokenizer.json file to write")

@@ -72,28 +72,45 @@ def train_cfg_from_flags(stage_cfg: Any, opts: dict[str, Any]) -> Any:
 
 
 @train.command()
-@click.option("--dataset-pack", "pack_path", required=True, type=click.Path(path_type=Path))
+@click.option("--dataset-pack", "pack_path", default=None, type=click.Path(path_type=Path),
+              help="Tokenize the pack's corpus into OUT_DIR/tokens first (continued on --resume).")
+@click.option("--shards", "shards_dir", default=None, type=click.Path(path_type=Path),
+              help="Token shards made by `picochat data tokenize` (instead of --dataset-pack).")
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(path_type=Path))
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @train_flags
 @friendly_errors
-def base(pack_path: Path, tokenizer_path: Path, out_dir: Path, **opts: Any) -> None:
-    """Pretrain a native model on the pack's corpus (packed token windows)."""
+def base(pack_path: Path | None, shards_dir: Path | None, tokenizer_path: Path, out_dir: Path, **opts: Any) -> None:
+    """Pretrain a native model on token shards: BOS-aligned best-fit rows streamed from disk, validated on the
+    held-out documents."""
+    if (pack_path is None) == (shards_dir is None):
+        raise click.UsageError("give exactly one of --dataset-pack or --shards")
     select_device(opts["device"])
     from picochat_jax.config import load_scale
-    from picochat_jax.data.pack import load_corpus, load_pack, pack_inputs
+    from picochat_jax.data.pack import corpus_bytes, iter_documents, load_pack, pack_inputs
+    from picochat_jax.data.shards import read_manifest
     from picochat_jax.parallel import parse_mesh
-    from picochat_jax.pipeline import base_stage
+    from picochat_jax.pipeline import base_stage, tokenize_stage
     from picochat_jax.tokenizer import ChatTokenizer
 
     scale = load_scale(opts["scale"], opts["sets"])
+    cfg = train_cfg_from_flags(scale.base, opts)
     tok = ChatTokenizer.load(tokenizer_path)
-    pack = load_pack(pack_path)
-    documents = load_corpus(pack).documents
     mesh_shape = parse_mesh(opts["mesh"])
-    resume = claim_stage_dir(out_dir, "base", opts, [tokenizer_path, *pack_inputs(pack)])
-    result = base_stage(scale, train_cfg_from_flags(scale.base, opts), tok, tokenizer_path, documents,
-                        out_dir, mesh_shape, progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
+    if shards_dir is not None:
+        read_manifest(shards_dir)  # a missing or foreign folder fails before anything is written
+        inputs: list[Path | None] = [tokenizer_path, shards_dir]
+    else:
+        pack = load_pack(pack_path)
+        inputs = [tokenizer_path, *pack_inputs(pack)]
+    resume = claim_stage_dir(out_dir, "base", opts, inputs)
+    if shards_dir is None:
+        shards_dir = out_dir / "tokens"
+        count = sum(1 for _ in iter_documents(pack))
+        tokenize_stage(lambda: iter_documents(pack), count, tok, tokenizer_path, shards_dir, cfg,
+                       progress=not opts["no_progress"], total_bytes=corpus_bytes(pack))
+    result = base_stage(scale, cfg, tok, tokenizer_path, shards_dir, out_dir, mesh_shape,
+                        progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
     _report(result, out_dir)
 
 

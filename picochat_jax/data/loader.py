@@ -1,4 +1,5 @@
-"""grain pipelines for base pretraining (packed token windows) and SFT (padded chat rows).
+"""grain pipelines over row tables: packed token rows from disk shards (base pretraining, data/shards.py) and
+padded chat rows in memory (SFT, DPO, hf-sft).
 
 Both produce *global* batches indexable by step: `source.batch(step)` is a pure function of (seed, step),
 so the data position in a checkpoint is just the step number and resume replays the exact same batches.
@@ -10,30 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-
-from picochat_jax.tokenizer import ChatTokenizer
-
-
-def pack_documents(docs_ids: Sequence[Sequence[int]], bos_id: int, window: int) -> dict[str, np.ndarray]:
-    """Concatenate `<|bos|> doc` streams and cut non-overlapping windows of window+1 tokens.
-
-    Segment ids number the documents inside each window so attention never crosses a boundary.
-    """
-    stream = np.concatenate([np.concatenate([[bos_id], np.asarray(d, np.int32)]) for d in docs_ids]).astype(np.int32)
-    n = len(stream) // (window + 1)
-    if n == 0:
-        raise ValueError(f"corpus has {len(stream)} tokens: too few for one window of {window + 1}")
-    stream = stream[: n * (window + 1)].reshape(n, window + 1)
-    segments = np.cumsum(stream == bos_id, axis=1).astype(np.int32)
-    return {
-        "inputs": stream[:, :-1],
-        "targets": stream[:, 1:],
-        # Predicting the next document's <|bos|> is not learnable: leave it out of the loss.
-        "loss_mask": (stream[:, 1:] != bos_id).astype(np.float32),
-        "segment_ids": segments[:, :-1],
-    }
 
 
 def split_examples(examples: dict[str, np.ndarray], val_fraction: float, seed: int) -> tuple[dict, dict]:
@@ -76,18 +56,49 @@ def resample_by_category(examples: dict[str, np.ndarray], categories: Sequence[s
     return {k: v[idx] for k, v in examples.items()}
 
 
+class RowTable(Protocol):
+    """Rows addressable by index: `take(indices)` gives a dict of arrays with a leading (len(indices),) axis."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class ArrayRows:
+    """A RowTable over row-aligned in-memory arrays."""
+
+    def __init__(self, examples: dict[str, np.ndarray]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(next(iter(self.examples.values())))
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[indices] for k, v in self.examples.items()}
+
+
+def as_rows(table: RowTable | dict[str, np.ndarray]) -> RowTable:
+    return ArrayRows(table) if isinstance(table, dict) else table
+
+
+def row_length(table: RowTable | dict[str, np.ndarray]) -> int:
+    """Tokens per row (the model's sequence length for this data)."""
+    return int(as_rows(table).take(np.zeros(1, np.int64))["inputs"].shape[1])
+
+
 @dataclass
 class BatchSource:
-    """Global batches of shape (grad_accum, batch_size, ...) drawn from row-aligned example arrays."""
+    """Global batches of shape (grad_accum, batch_size, ...) drawn from a row table (or row-aligned arrays)."""
 
-    examples: dict[str, np.ndarray]
+    examples: Any  # RowTable | dict[str, np.ndarray]
     batch_size: int
     grad_accum: int = 1
     seed: int = 0
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        self.num_examples = len(next(iter(self.examples.values())))
+        self.rows = as_rows(self.examples)
+        self.num_examples = len(self.rows)
         if self.num_examples == 0:
             raise ValueError("no examples to batch")
         import grain  # here, not at module import: hf-sft's trainers and the GPU benchmarks import this module
@@ -99,9 +110,8 @@ class BatchSource:
         self._dataset = ds.repeat(None).batch(rows, drop_remainder=True).map(self._gather)
 
     def _gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        idx = np.asarray(idx)
         shape = (self.grad_accum, self.batch_size)
-        return {k: v[idx].reshape(shape + v.shape[1:]) for k, v in self.examples.items()}
+        return {k: v.reshape(shape + v.shape[1:]) for k, v in self.rows.take(np.asarray(idx)).items()}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return self._dataset[step]
@@ -117,16 +127,13 @@ class BatchSource:
         return self.batch_size * self.grad_accum / self.num_examples
 
 
-def base_examples(docs: Sequence[str], tok: ChatTokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    return pack_documents(tok.encode_batch(docs), tok.bos_id, seq_len)
-
-
-def eval_batches(examples: dict[str, np.ndarray], batch_size: int,
+def eval_batches(examples: RowTable | dict[str, np.ndarray], batch_size: int,
                  max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
     """Fixed, unshuffled validation batches of shape (1, batch_size, ...): every row once (at most
     `max_batches` batches). The last batch is filled up by wrapping around (one compiled shape), with the
     wrapped rows' loss mask zeroed so no example counts twice."""
-    n = len(next(iter(examples.values())))
+    rows = as_rows(examples)
+    n = len(rows)
     if n == 0:
         return []
     count = max(1, -(-n // batch_size))
@@ -135,7 +142,7 @@ def eval_batches(examples: dict[str, np.ndarray], batch_size: int,
     out = []
     for b in range(count):
         positions = np.arange(b * batch_size, (b + 1) * batch_size)
-        batch = {k: v[positions % n] for k, v in examples.items()}
+        batch = rows.take(positions % n)
         batch["loss_mask"] = batch["loss_mask"] * (positions < n)[:, None]
         out.append({k: v[None] for k, v in batch.items()})
     return out

@@ -303,6 +303,12 @@ def text_pack(path: Path | str) -> DatasetPack:
                        exclude=(), chat=None, eval=None, preferences=None)
 
 
+def load_pack_or_text(path: Path | str) -> DatasetPack:
+    """A dataset pack (a .json file), or a corpus file or folder taken as a pack of text alone."""
+    path = Path(path)
+    return load_pack(path) if path.suffix == ".json" and path.is_file() else text_pack(path)
+
+
 def iter_documents(pack: DatasetPack) -> Iterator[tuple[str, str]]:
     """(document, label) one file at a time, so a caller can stream a corpus larger than memory."""
     files, _ = source_files(pack)

@@ -19,8 +19,9 @@ def token_losses(model: Decoder, params: Any, batch: Batch, ce_chunk_tokens: int
 
     With `ce_chunk_tokens` > 0 the (B, T, V) float32 logits never exist at once: see `chunked_token_losses`.
     """
-    hidden = model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                         return_hidden=True)
+    # Packed rows carry per-segment positions (each document starts at 0); without them positions are 0..T-1.
+    hidden = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                         segment_ids=batch.get("segment_ids"), return_hidden=True)
     if ce_chunk_tokens > 0:
         return chunked_token_losses(model, params, hidden, batch["targets"], ce_chunk_tokens)
     return model.apply({"params": params}, hidden, batch["targets"], method=Decoder.token_cross_entropy)

@@ -25,7 +25,7 @@ from typing_extensions import Self
 
 from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.config import ModelConfig, TrainConfig
-from picochat_jax.data.loader import BatchSource, eval_batches
+from picochat_jax.data.loader import BatchSource, RowTable, as_rows, eval_batches, row_length
 from picochat_jax.data.records import DataError
 from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import count_params, training_model
@@ -302,8 +302,8 @@ def train(
     stage: str,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
-    train_examples: dict[str, np.ndarray],
-    val_examples: dict[str, np.ndarray] | None,
+    train_rows: RowTable | dict[str, np.ndarray],
+    val_rows: RowTable | dict[str, np.ndarray] | None,
     out_dir: Path,
     mesh_shape: MeshShape,
     token_bytes: np.ndarray,
@@ -315,16 +315,19 @@ def train(
     progress: bool = True,
     attention_impl: str | None = None,
     ce_chunk_tokens: int = 0,
+    data_fingerprint: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Base pretraining and SFT of a native model (causal-LM loss on every param) through `fit`."""
+    """Base pretraining and SFT of a native model (causal-LM loss on every param) through `fit`. The rows are
+    tables (`data.shards.PackedRows` streamed from disk, or in-memory arrays)."""
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
     model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor, attention_impl)
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, ce_chunk_tokens=ce_chunk_tokens)
-    source = BatchSource(train_examples, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
-    val = eval_batches(val_examples, train_cfg.batch_size, train_cfg.eval_batches) if val_examples else []
-    seq_len = train_examples["inputs"].shape[1]
+    source = BatchSource(train_rows, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
+    val_table = as_rows(val_rows) if val_rows is not None else None
+    val = eval_batches(val_table, train_cfg.batch_size, train_cfg.eval_batches) if val_table is not None else []
+    seq_len = row_length(source.rows)
 
     def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
@@ -341,7 +344,8 @@ def train(
 
     flops_per_token = model_cfg.flops_per_token(seq_len)
     run = fit(stage=stage, trainer=trainer, init_state=init_state, source=source, train_cfg=train_cfg,
-              out_dir=out_dir, settings={"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg)},
+              out_dir=out_dir, settings={"model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+                                         **({"data": data_fingerprint} if data_fingerprint else {})},
               tokens_per_step=seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps, evaluate=evaluate,
               save_model=save_model, flops_per_token=flops_per_token, resume=resume,
               resume_or_start=resume_or_start, should_stop=should_stop, progress=progress)
@@ -350,7 +354,7 @@ def train(
         "stage": stage, "status": run.status, "steps": run.final_step, "params": count_params(run.state.params),
         "tokens_seen": run.final_step * seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps,
         "seq_len": seq_len, "train_examples": source.num_examples,
-        "val_examples": 0 if not val_examples else len(val_examples["inputs"]),
+        "val_examples": 0 if val_table is None else len(val_table),
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None,
         "final_bpb": rows[-1]["bpb"] if rows else None,
