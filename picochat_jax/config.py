@@ -156,6 +156,7 @@ class TrainConfig:
     seq_len: int | None = None  # defaults to model.max_seq_len
     all_assistant_turns: bool = False  # SFT: train on every assistant turn, not only the last
     sampling: str = "uniform"  # SFT rows per category: uniform | balanced | sqrt (data/loader.resample_by_category)
+    packing: str = "none"  # SFT rows: none (one per row) | bos_bestfit (best-fit packed, data/packing.py)
 
     def __post_init__(self) -> None:
         if self.decay not in ("cosine", "linear", "none"):
@@ -164,6 +165,8 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32|bf16, got {self.precision!r}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {'|'.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.packing not in ("none", "bos_bestfit"):
+            raise ValueError(f"packing must be none|bos_bestfit, got {self.packing!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:

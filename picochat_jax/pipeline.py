@@ -114,6 +114,13 @@ def sft_stage(model_cfg: ModelConfig, train_cfg: TrainConfig, tok: ChatTokenizer
     val_ex.pop("category")
     if train_cfg.sampling != "uniform":
         print(f"[sft] {train_cfg.sampling} sampling over categories: {len(train_ex['inputs'])} rows per epoch")
+    if train_cfg.packing == "bos_bestfit":
+        from picochat_jax.data.packing import pack_examples
+
+        before = len(train_ex["inputs"])
+        train_ex = pack_examples(train_ex, train_ex["inputs"].shape[1], tok.pad_id)
+        filled = float((train_ex["segment_ids"] > 0).mean())
+        print(f"[sft] packed {before} examples into {len(train_ex['inputs'])} rows ({filled:.0%} of tokens used)")
     return train(stage="sft", model_cfg=model_cfg, train_cfg=train_cfg, train_rows=train_ex,
                  val_rows=val_ex, out_dir=out_dir, mesh_shape=mesh_shape,
                  token_bytes=tok.token_byte_lengths(), tokenizer_path=tokenizer_path, init_params=init_params,

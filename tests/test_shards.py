@@ -12,10 +12,10 @@ from click.testing import CliRunner
 import picochat_jax.data.shards as shards_mod
 from picochat_jax.cli import main
 from picochat_jax.data.loader import BatchSource
+from picochat_jax.data.packing import best_fit_rows
 from picochat_jax.data.shards import (
     PackedRows,
     TokenShards,
-    best_fit_rows,
     holdout_indices,
     read_manifest,
     tokenize_to_shards,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -126,3 +127,87 @@ def tokenize(pack: Path, tokenizer_path: Path, out_dir: Path, shard_tokens: int,
         click.echo(f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens in {len(s['shards'])} shards")
     click.echo(f"-> {out_dir / 'manifest.json'}")
 
+
+
+def import_flags(fn: Any) -> Any:
+    """Options shared by hf-import and climbmix-import."""
+    for opt in reversed([
+        click.option("--pack-out", "--out-dir", "pack_out", required=True, type=click.Path(path_type=Path),
+                     help="New or empty folder for the pack (corpus/, dataset_pack.json, import_manifest.json)."),
+        click.option("--max-rows", type=click.IntRange(min=1), default=None,
+                     help="Stop after reading this many rows (default: all)."),
+        click.option("--min-chars", type=click.IntRange(min=0), default=20, show_default=True,
+                     help="Skip rows whose text is shorter."),
+        click.option("--document-shard-rows", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Rows per JSONL document file under corpus/."),
+        click.option("--no-streaming", is_flag=True, help="Download/load the split whole instead of streaming."),
+        click.option("--chat", "chat", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="Chat JSONL to copy into the pack (run tiny needs SFT rows)."),
+        click.option("--eval", "eval_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Eval JSONL to copy into the pack."),
+        click.option("--preferences", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="Preference JSONL to copy into the pack."),
+        click.option("--no-progress", is_flag=True),
+        out_dir_flags(resume=False),
+        friendly_errors,
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _import(rows: Any, sources: list[dict], pack_out: Path, name: str, description: str, text_column: str,
+            opts: dict[str, Any]) -> None:
+    from picochat_jax.data.importers import write_import_pack
+
+    manifest = write_import_pack(rows, pack_out, name=name, description=description, sources=sources,
+                                 text_column=text_column, max_rows=opts["max_rows"], min_chars=opts["min_chars"],
+                                 document_shard_rows=opts["document_shard_rows"], chat=opts["chat"],
+                                 eval_file=opts["eval_file"], preferences=opts["preferences"],
+                                 progress=not opts["no_progress"])
+    rows_ = manifest["rows"]
+    click.echo(f"read {rows_['read']:,} rows, wrote {rows_['written']:,} ({manifest['text_bytes']:,} bytes of text) "
+               f"in {len(manifest['files'])} files; skipped {rows_['skipped_short']:,} short, "
+               f"{rows_['skipped_not_text']:,} not text -> {pack_out / 'dataset_pack.json'}")
+    if opts["chat"] is None:
+        click.echo("note: the pack has no chat rows; add them (--chat, or a 'chat' key) before `run tiny`")
+
+
+def _claim_import(pack_out: Path, opts: dict[str, Any]) -> None:
+    inputs = [opts["chat"], opts["eval_file"], opts["preferences"]]
+    claim_out_dir(check_out_dir(pack_out, "pack-import", overwrite=opts["overwrite"], resumable=False,
+                                inputs=inputs))
+
+
+@data.command(name="hf-import")
+@click.option("--dataset", required=True, help="Hub id (e.g. HuggingFaceFW/fineweb-edu) or a local file/folder "
+                                               "of parquet, JSON/JSONL, CSV or Arrow files, or a save_to_disk folder.")
+@click.option("--config", "config_name", default=None, help="Dataset configuration (hub datasets).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--text-column", default="text", show_default=True)
+@import_flags
+def hf_import(dataset: str, config_name: str | None, split: str, text_column: str, pack_out: Path,
+              **opts: Any) -> None:
+    """Import a Hugging Face dataset's text column as a dataset pack (streamed, bounded memory)."""
+    from picochat_jax.data.importers import checked_rows, open_dataset
+
+    rows, sources = open_dataset(dataset, config_name, split, streaming=not opts["no_streaming"])
+    rows = checked_rows(rows, text_column, dataset)
+    _claim_import(pack_out, opts)
+    _import(rows, sources, pack_out, Path(dataset).name if Path(dataset).exists() else dataset,
+            f"Hugging Face dataset import: {dataset} ({split}, column {text_column}).", text_column, opts)
+
+
+@data.command(name="climbmix-import")
+@click.option("--shards", required=True, metavar="GLOB|N|IDS",
+              help="Local parquet shards (a glob), or ClimbMix shard ids on the hub: N = the first N, or "
+                   "'0-3,7'.")
+@import_flags
+def climbmix_import(shards: str, pack_out: Path, **opts: Any) -> None:
+    """Import ClimbMix-style parquet shards (a `text` column; nanochat's karpathy/climbmix-400b-shuffle) as a
+    dataset pack."""
+    from picochat_jax.data.importers import checked_rows, open_climbmix
+
+    rows, sources = open_climbmix(shards, streaming=not opts["no_streaming"])
+    rows = checked_rows(rows, "text", shards)
+    _claim_import(pack_out, opts)
+    _import(rows, sources, pack_out, "climbmix", f"ClimbMix parquet shards: {shards}.", "text", opts)

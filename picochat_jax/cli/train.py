@@ -127,10 +127,14 @@ def base(pack_path: Path | None, shards_dir: Path | None, tokenizer_path: Path, 
 @click.option("--sampling", type=click.Choice(["uniform", "balanced", "sqrt"]), default=None,
               help="Rows per category in each epoch: as given, equal per category, or by sqrt of its size "
                    "(default: the scale's sft.sampling).")
+@click.option("--packing", type=click.Choice(["none", "bos_bestfit"]), default=None,
+              help="Pack several chat examples into each row by best fit (segment-aware attention, per-example "
+                   "positions and assistant masks) instead of one padded example per row (default: the scale's "
+                   "sft.packing).")
 @train_flags
 @friendly_errors
 def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | None, pack_path: Path | None,
-        out_dir: Path, all_assistant_turns: bool, sampling: str | None, **opts: Any) -> None:
+        out_dir: Path, all_assistant_turns: bool, sampling: str | None, packing: str | None, **opts: Any) -> None:
     """Chat SFT of a native checkpoint; loss on the final assistant message only."""
     select_device(opts["device"])
     from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
@@ -147,7 +151,7 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     tok = ChatTokenizer.load(tokenizer_path)
     scale = load_scale(opts["scale"], opts["sets"])
     cfg = with_overrides(train_cfg_from_flags(scale.sft, opts), all_assistant_turns=all_assistant_turns or None,
-                         sampling=sampling)
+                         sampling=sampling, packing=packing)
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "sft", opts, [checkpoint_dir, tokenizer_path, chat_path, pack_path])
     result = sft_stage(model_cfg, cfg, tok, tokenizer_path, conversations, params, out_dir, mesh_shape,

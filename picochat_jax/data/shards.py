@@ -17,12 +17,10 @@ a few integers per piece; the tokens stay on disk, so memory does not grow with 
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import itertools
 import json
 import os
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from picochat_jax.data.packing import best_fit_rows
 from picochat_jax.fileio import save_json
 from picochat_jax.tokenizer import ChatTokenizer
 
@@ -297,59 +296,6 @@ class RowPlan:
     @property
     def rows(self) -> int:
         return len(self.row_start) - 1
-
-
-def best_fit_rows(piece_lengths: Iterable[int], row_tokens: int, pool_size: int = 1000,
-                  crop: bool = True) -> tuple[array, array, array]:
-    """Pack pieces (in stream order) into rows of `row_tokens`: each row takes, while it has room, the longest
-    piece in a pool of the next `pool_size` pieces that fits. With `crop`, when none fits the row is filled
-    with the head of the pool's longest piece and its tail goes back into the pool (nothing is dropped);
-    without it the row is closed and padded. Pieces longer than a row must be cut before (crop) or rejected.
-
-    Returns (row_start, span_piece, span_offset, span_length) as arrays: span k is `span_length[k]` tokens of
-    piece `span_piece[k]` from `span_offset[k]`.
-    """
-    lengths = iter(piece_lengths)
-    row_start, span_piece, span_offset, span_length = array("q", [0]), array("q"), array("q"), array("q")
-    pool: list[tuple[int, int, int, int]] = []  # sorted (remaining length, arrival, piece, offset)
-    arrival = itertools.count()
-    next_piece = 0
-    exhausted = False
-
-    def refill() -> None:
-        nonlocal next_piece, exhausted
-        while not exhausted and len(pool) < pool_size:
-            n = next(lengths, None)
-            if n is None:
-                exhausted = True
-                break
-            if n > row_tokens:
-                raise ValueError(f"piece {next_piece} has {n} tokens, more than a row's {row_tokens}")
-            if n > 0:
-                bisect.insort(pool, (n, next(arrival), next_piece, 0))
-            next_piece += 1
-
-    refill()
-    while pool:
-        room = row_tokens
-        while pool and room:
-            i = bisect.bisect_right(pool, (room, float("inf"))) - 1
-            if i >= 0:
-                n, _, piece, offset = pool.pop(i)
-                take = n
-            elif crop:
-                n, _, piece, offset = pool.pop()  # the longest piece: it would be cut somewhere anyway
-                take = room
-                bisect.insort(pool, (n - take, next(arrival), piece, offset + take))
-            else:
-                break
-            span_piece.append(piece)
-            span_offset.append(offset)
-            span_length.append(take)
-            room -= take
-            refill()
-        row_start.append(len(span_piece))
-    return row_start, span_piece, span_offset, span_length
 
 
 def plan_rows(document_starts: np.ndarray, total_tokens: int, row_tokens: int, pool_size: int = 1000) -> RowPlan:
