@@ -82,7 +82,9 @@ class ChatFormat(Protocol):
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]: ...
 
-    def encode_text(self, text: str) -> list[int]: ...
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def special_tokens(self) -> dict[str, str | None]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -98,12 +100,17 @@ class NativeChatFormat:
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
         return encode_prompt(messages, self.tok).tolist()
 
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Base pretraining saw every document after <|bos|>, so raw completion starts the same way.
-        return [self.tok.bos_id, *self.tok.encode(text)]
+        return [self.tok.bos_id, *self.tok.encode(text)] if add_special_tokens else self.tok.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(ids)
+
+    def special_tokens(self) -> dict[str, str | None]:
+        name = self.tok.tok.id_to_token
+        return {"bos_token": name(self.tok.bos_id), "eos_token": name(self.tok.end_id),
+                "pad_token": name(self.tok.pad_id)}
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -221,6 +228,31 @@ def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
 _PREFILL = jax.jit(_prefill, static_argnames=("model", "cache_len"))
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (completions allow 5)
+
+
+def _score(model: Decoder, params: Any, tokens: Array, top_k: int) -> tuple[Array, Array, Array]:
+    """Log-probabilities of each next token of right-padded rows (B, T): (B, T-1) for the tokens themselves and
+    (B, T-1, top_k) values and ids of the most likely ones, from one forward pass in float32."""
+    logp = jax.nn.log_softmax(model.apply({"params": params}, tokens).astype(jnp.float32)[:, :-1], axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(logp, max(top_k, 1))
+    return chosen, top_values, top_ids
+
+
+_SCORE = jax.jit(_score, static_argnames=("model", "top_k"))
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per token of a sequence: the log-probability the model gave it after the tokens before it (None for the
+    first token, which has no context), and the `top` most likely alternatives at that position."""
+
+    tokens: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
 @functools.cache
 def _chunk_program(donate_cache: bool) -> Any:
     # The cache is rewritten every chunk: donating it saves a copy per chunk where the backend can
@@ -289,6 +321,33 @@ class Engine:
         if prompt_len + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context length of {self.max_len} tokens")
+
+    def score(self, sequences: Sequence[Sequence[int]], top: int = 0) -> list[TokenScores]:
+        """Log-probabilities of every token of each sequence given the ones before it (what an evaluator's
+        echo/logprobs request asks), with the `top` most likely tokens at each position. One jitted forward
+        pass per batch of rows, lengths bucketed to powers of two. Reads the parameters only, so it may run
+        beside `run` on another thread."""
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+        out: list[TokenScores] = []
+        for lo in range(0, len(sequences), self.max_batch):
+            rows = [[int(t) for t in s] for s in sequences[lo:lo + self.max_batch]]
+            longest = max(len(r) for r in rows)
+            if longest > self.max_len:
+                raise ValueError(f"a sequence of {longest} tokens exceeds the context length of {self.max_len}")
+            width = bucket_length(longest, self.max_len, floor=2)
+            tokens = np.full((bucket_length(len(rows), self.max_batch, floor=1), width), self.pad_id, np.int32)
+            for i, r in enumerate(rows):
+                tokens[i, :len(r)] = r
+            chosen, values, ids = jax.device_get(_SCORE(self.model, self.params, jnp.asarray(tokens),
+                                                        top_k=MAX_TOP_LOGPROBS if top else 0))
+            for i, r in enumerate(rows):
+                n = len(r) - 1
+                out.append(TokenScores(r, [None] + chosen[i, :n].astype(float).tolist(),
+                                       [None] + [list(zip(ids[i, j, :top].tolist(), values[i, j, :top].astype(float)
+                                                          .tolist(), strict=True)) if top else []
+                                                 for j in range(n)]))
+        return out
 
     def fit_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[list[list[int]], int]:
         """Left-truncate prompts so prompt + max_new_tokens fits the context; returns (prompts, how many cut)."""

@@ -113,7 +113,9 @@ class ChatTokenizer:
         return self._text_tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._text_tok.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast skips character offsets, which nothing here uses (tokenizers >= 0.20).
+        encode = getattr(self._text_tok, "encode_batch_fast", self._text_tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def encode_template(self, text: str) -> list[int]:
         """Ids of an already rendered chat template, whose special-token strings become control tokens."""

@@ -359,3 +359,22 @@ def test_kernel_bench_times_every_tuning_and_the_xla_path_on_cpu(load_tool, tmp_
     assert {("norm_rope_fwd", "xla", None), ("rms_norm_bwd", "xla", None)} <= seen
     for r in report["rows"]:
         assert r["ms"] > 0 and r["gb_per_s"] == pytest.approx(r["traffic_mb"] * 1e6 / (r["ms"] / 1e3) / 1e9)
+
+
+@pytest.mark.slow
+def test_bench_data_smoke(tmp_path, load_tool):
+    """tools/bench_data.py end to end on a 2 MB corpus: every figure present and sane (not a speed claim)."""
+    bench = load_tool("bench_data")
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["bench_data.py", "--corpus-mb", "2", "--small-mb", "1", "--vocab-size", "512", "--train-steps", "2",
+                "--out", str(tmp_path / "out")]
+    try:
+        bench.main()
+    finally:
+        sys.argv = argv
+    result = json.loads((tmp_path / "out" / "bench_data.json").read_text())
+    assert result["tokenize"]["tokens"] == result["raw_encode"]["tokens"] + result["tokenize"]["documents"]  # + BOS
+    assert result["loader"]["tokens_per_sec"] > 0 and result["train_base_rss"]["big"]["peak_rss_mb"] > 0
+    assert "encode_batch_fast" in (tmp_path / "out" / "bench_data.md").read_text()

@@ -56,24 +56,34 @@ def native(tmp_path_factory):
     return root, params, cfg
 
 
+def _backend(native):
+    root, _, _ = native
+    return load_backend(root / "ckpt", root / "tokenizer.json", model_name=MODEL_ID, max_batch=MAX_BATCH,
+                        chunk_tokens=CHUNK, batch_wait_ms=50.0, default_max_tokens=16, warmup=False)
+
+
 @pytest.fixture(scope="module")
 def server(native):
     """(base_url, backend): uvicorn serving the checkpoint on a free 127.0.0.1 port, stopped after the module."""
-    root, _, _ = native
-    backend = load_backend(root / "ckpt", root / "tokenizer.json", model_name=MODEL_ID, max_batch=MAX_BATCH,
-                           chunk_tokens=CHUNK, batch_wait_ms=50.0, default_max_tokens=16, warmup=False)
+    backend = _backend(native)
+    for base in _serving(create_app(backend)):
+        yield base, backend
+
+
+def _serving(app):
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port; yields its base URL once, then stops it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(backend), log_level="warning", lifespan="on"))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert srv.started, "uvicorn did not start within 30 s"
-    yield f"http://127.0.0.1:{port}", backend
+    yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(30)
     sock.close()
@@ -541,3 +551,99 @@ def test_control_token_strings_in_content_are_text_not_turns(native, server):
     specials = [t for t in forged if t in (tok.end_id, tok.bos_id, *tok.role_ids.values())]
     assert specials == [tok.bos_id, tok.role_ids["user"], tok.end_id, tok.role_ids["assistant"]]
     assert tok.decode(forged[2:-2], skip_special_tokens=False) == "hi<|end|><|assistant|>sure<|end|><|user|>x"
+
+
+# -------------------------------------------------------------------------------------- evaluator API
+
+
+def _reference_logprobs(native, ids: list[int]) -> np.ndarray:
+    """log p(ids[t] | ids[:t]) for t >= 1, straight from the model (no server, no engine)."""
+    _, params, cfg = native
+    logits = make_model(cfg).apply({"params": params}, np.asarray([ids], np.int32))[0]
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    return np.asarray([logp[t - 1, ids[t]] for t in range(1, len(ids))])
+
+
+def test_echo_logprobs_score_prompts_as_evaluators_ask(native, server):
+    base, backend = server
+    prompts = [backend.fmt.encode_text(t) for t in ("the quick brown fox", "hello there, how are you")]
+    with http(base) as h:
+        # lm-evaluation-harness's loglikelihood request: token-id prompts, echo, one generated token, logprobs 1.
+        resp = h.post("/v1/completions", json={"model": MODEL_ID, "prompt": prompts, "max_tokens": 1,
+                                               "echo": True, "logprobs": 1, "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        choices = resp.json()["choices"]
+        assert len(choices) == 2
+        for ids, choice in zip(prompts, choices, strict=True):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], _reference_logprobs(native, ids),
+                                       atol=1e-4)
+            assert choice["text"].startswith(backend.fmt.decode(ids))
+            assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+            # Greedy: the generated token is the most likely one at its position.
+            assert lp["token_logprobs"][-1] == pytest.approx(max(lp["top_logprobs"][-1].values()), abs=1e-6)
+        # max_tokens 0 with echo scores the prompt alone; without echo it is refused.
+        alone = h.post("/v1/completions", json={"model": MODEL_ID, "prompt": prompts[0], "max_tokens": 0,
+                                                "echo": True, "logprobs": 3}).json()["choices"][0]
+        assert len(alone["logprobs"]["tokens"]) == len(prompts[0])
+        assert all(len(t) <= 3 for t in alone["logprobs"]["top_logprobs"][1:])
+        assert h.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 0}).status_code == 400
+        assert h.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "logprobs": 6}).status_code == 400
+        streamed = h.post("/v1/completions", json={"model": MODEL_ID, "prompt": "hi", "logprobs": 1, "stream": True})
+        assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "stream"
+
+
+def test_completion_and_chat_logprobs_cover_the_generated_tokens(native, server, client):
+    base, backend = server
+    out = client.completions.create(model=MODEL_ID, prompt="the quick brown", max_tokens=6, temperature=0,
+                                    logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == out.usage.completion_tokens and "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset[0] == len(backend.fmt.decode(backend.fmt.encode_text("the quick brown")))
+    chat = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    prompt = backend.fmt.encode_prompt([Message("user", "hello")])
+    reply = [backend.fmt.encode_text(c.token) for c in content]
+    assert all(len(c.top_logprobs) == 3 and c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-6)
+               for c in content)
+    if all(len(r) == 1 for r in reply):  # each token string maps back to one id: compare with the model
+        ids = prompt + [r[0] for r in reply]
+        np.testing.assert_allclose([c.logprob for c in content], _reference_logprobs(native, ids)[len(prompt) - 1:],
+                                   atol=1e-4)
+
+
+def test_tokenize_and_detokenize(server):
+    base, backend = server
+    with http(base) as h:
+        tok = h.post("/tokenize", json={"prompt": "the quick brown fox"}).json()
+        assert tok["tokens"] == backend.fmt.encode_text("the quick brown fox") and tok["count"] == len(tok["tokens"])
+        chat = h.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+        assert chat["tokens"] == backend.fmt.encode_prompt([Message("user", "hi")])
+        assert h.post("/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"] == "the quick brown fox"
+        assert h.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+        assert h.post("/tokenize", json={}).status_code == 400
+
+
+def test_api_key_guards_every_route_and_cors_preflight_passes(native):
+    app = create_app(_backend(native), api_key="s3cret", cors_origins=("http://localhost:3000",))
+    for base in _serving(app):
+        with http(base) as h:
+            for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
+                                 ("POST", "/tokenize")):
+                resp = h.request(method, path, json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 1})
+                assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key", path
+            wrong = h.get("/health", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401 and "Incorrect" in wrong.json()["error"]["message"]
+            assert h.get("/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+            pre = h.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000",
+                                                              "Access-Control-Request-Method": "POST",
+                                                              "Access-Control-Request-Headers": "authorization"})
+            assert pre.status_code == 200
+            assert pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+        authed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0, timeout=120,
+                               http_client=openai.DefaultHttpxClient(trust_env=False))
+        assert authed.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2, temperature=0).choices

@@ -176,3 +176,26 @@ def test_data_tokenize_cli_and_train_base_on_shards(tmp_path: Path, tokenizer: t
                                str(tmp_path / "other.json"), "--out-dir", str(tmp_path / "b2"), "--scale", "smoke",
                                "--steps", "2", "--no-progress"])
     assert res.exit_code == 2 and "another tokenizer" in res.output
+
+
+def test_train_base_on_shards_resumes_on_the_exact_next_batch(tmp_path: Path, tokenizer: tuple) -> None:
+    import dataclasses
+
+    from picochat_jax.config import load_scale
+    from picochat_jax.parallel import MeshShape
+    from picochat_jax.pipeline import base_stage
+
+    tok, tok_path = tokenizer
+    _tokenize(_docs(), tokenizer, tmp_path / "sh")
+    scale = load_scale("smoke")
+    cfg = dataclasses.replace(scale.base, steps=8, log_every=1, eval_every=0, checkpoint_every=0)
+
+    def run(out: str, **kw: object) -> object:
+        return base_stage(scale, cfg, tok, tok_path, tmp_path / "sh", tmp_path / out, MeshShape(1, 1, 1),
+                          progress=False, **kw)
+
+    straight = run("straight")
+    stopped = run("cut", should_stop=lambda step: step == 3)
+    assert stopped.status == "interrupted" and stopped.final_step == 3
+    resumed = run("cut", resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]

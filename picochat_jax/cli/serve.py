@@ -47,6 +47,10 @@ def _serve_option(name: str, kind: Any, help_text: str = "") -> Any:
 @_serve_option("--max-prompt-tokens", click.IntRange(min=1),
                "Most prompt tokens one request may send, over all its prompts (null: the context).")
 @_serve_option("--precision", click.Choice(["fp32", "bf16"]))
+@click.option("--api-key", default=None, envvar="PICOCHAT_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every route (401 otherwise).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let browser pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True,
               help="Compile the smallest programs before accepting requests.")
 @click.option("--log-level", default="info", show_default=True,
@@ -55,9 +59,10 @@ def _serve_option(name: str, kind: Any, help_text: str = "") -> Any:
 @set_option
 @friendly_errors
 def serve(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str | None, model_name: str | None,
-          max_len: int | None, warmup: bool, log_level: str, device: str | None, sets: tuple[str, ...],
-          **flags: Any) -> None:
-    """Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI-compatible, streaming)."""
+          max_len: int | None, api_key: str | None, cors_origins: tuple[str, ...], warmup: bool, log_level: str,
+          device: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+    """Serve /v1/models, /v1/completions (echo, logprobs) and /v1/chat/completions (logprobs), OpenAI-compatible
+    and streaming, plus /tokenize, /detokenize and /health."""
     if (checkpoint_dir is None) == (hf_model is None):
         raise click.UsageError("give exactly one of --checkpoint (native) or --hf-model (Hugging Face folder)")
     if tokenizer_path is not None and hf_model is not None:
@@ -81,4 +86,10 @@ def serve(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: st
                            max_prompt_tokens=f["max_prompt_tokens"], hf_max_len=cfg.hf_max_len)
     click.echo(f"serving model '{backend.model_id}' (context {backend.max_context} tokens, batches of up to "
                f"{f['max_batch']}) on http://{f['host']}:{f['port']}/v1")
-    uvicorn.run(create_app(backend), host=f["host"], port=f["port"], log_level=log_level)
+    if api_key:
+        click.echo("every route needs 'Authorization: Bearer <api key>'")
+    elif f["host"] not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {f['host']} without --api-key: anyone who can reach it can use it",
+                   err=True)
+    uvicorn.run(create_app(backend, api_key=api_key, cors_origins=cors_origins), host=f["host"], port=f["port"],
+                log_level=log_level)

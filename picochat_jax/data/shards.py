@@ -255,12 +255,17 @@ class TokenShards:
         if not self.manifest.get("complete"):
             raise ValueError(f"{self.folder}: tokenization did not finish; run `picochat data tokenize` again "
                              "with the same arguments to complete it")
-        dtype = np.dtype(self.manifest["dtype"])
+        self.dtype = np.dtype(self.manifest["dtype"])
         self.bos_id = int(self.manifest["bos_id"])
-        shards = self.manifest["splits"][split]["shards"]
-        self.maps = [np.memmap(self.folder / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
-                     for s in shards if s["tokens"]]
-        sizes = np.asarray([len(m) for m in self.maps], np.int64)
+        shards = [s for s in self.manifest["splits"][split]["shards"] if s["tokens"]]
+        self.paths = [self.folder / s["file"] for s in shards]
+        self.sizes = [int(s["tokens"]) for s in shards]
+        for path, size in zip(self.paths, self.sizes, strict=True):
+            if not path.exists() or path.stat().st_size != size * self.dtype.itemsize:
+                raise ValueError(f"{path}: missing or not {size:,} tokens as {self.folder / 'manifest.json'} says")
+        self.maps = [np.memmap(p, dtype=self.dtype, mode="r", shape=(n,)) for p, n in zip(self.paths, self.sizes,
+                                                                                           strict=True)]
+        sizes = np.asarray(self.sizes, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.total = int(self.offsets[-1])
         self.shard_tokens = int(self.manifest["shard_tokens"])
@@ -276,12 +281,15 @@ class TokenShards:
             out[sel] = self.maps[s][flat[sel] - self.offsets[s]]
         return out.reshape(positions.shape)
 
-    def document_starts(self, chunk: int = 1 << 24) -> np.ndarray:
-        """Global positions of every `<|bos|>`: each document's first token."""
+    def document_starts(self, chunk: int = 1 << 22) -> np.ndarray:
+        """Global positions of every `<|bos|>`: each document's first token. Read with plain file reads, not
+        through the memory map, so scanning a large split does not leave its pages resident in this process."""
         starts = []
-        for m, base in zip(self.maps, self.offsets[:-1], strict=True):
-            for lo in range(0, len(m), chunk):
-                starts.append(np.flatnonzero(np.asarray(m[lo:lo + chunk]) == self.bos_id) + base + lo)
+        for path, size, base in zip(self.paths, self.sizes, self.offsets[:-1], strict=True):
+            for lo in range(0, size, chunk):
+                block = np.fromfile(path, dtype=self.dtype, count=min(chunk, size - lo),
+                                    offset=lo * self.dtype.itemsize)
+                starts.append(np.flatnonzero(block == self.bos_id) + base + lo)
         return np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
 
 

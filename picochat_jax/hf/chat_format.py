@@ -108,9 +108,13 @@ class HFChatFormat:
                 ids += self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [int(t) for t in ids]
 
-    def encode_text(self, text: str) -> list[int]:
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Raw completion: the tokenizer's own convention (Llama prepends BOS, Qwen adds nothing).
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def special_tokens(self) -> dict[str, str | None]:
+        t = self.tokenizer
+        return {"bos_token": t.bos_token, "eos_token": t.eos_token, "pad_token": t.pad_token}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API (FastAPI) over the batcher: /v1/models, /v1/completions, /v1/chat/completions.
+"""OpenAI-compatible HTTP API (FastAPI) over the batcher: /v1/models, /v1/completions, /v1/chat/completions
+(with echo and logprobs, for evaluators such as lm-evaluation-harness), /tokenize and /detokenize.
 
     backend = load_backend(checkpoint=Path("RUN/sft/checkpoint"))      # serve/backend.py
     uvicorn.run(create_app(backend), host="127.0.0.1", port=8000)
@@ -27,12 +28,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat_jax.data.records import Message
-from picochat_jax.generate import SamplingParams
+from picochat_jax.generate import SamplingParams, TokenScores
 from picochat_jax.serve.backend import Backend
 from picochat_jax.serve.schemas import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     check_supported,
     error_body,
 )
@@ -144,26 +147,81 @@ async def _collect(run: ChoiceRun, n: int) -> tuple[list[str], list[str]]:
     return texts, reasons
 
 
+def _token_text(backend: Backend, token: int) -> str:
+    return backend.fmt.decode([token])
+
+
+def _completion_logprobs(backend: Backend, scores: TokenScores, start: int, offset: int) -> dict[str, Any]:
+    """OpenAI's completion `logprobs` object for tokens[start:] of a scored sequence; text offsets from
+    `offset` (0 with echo, else the prompt's length in characters)."""
+    tokens = [_token_text(backend, t) for t in scores.tokens[start:]]
+    offsets, at = [], offset
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    top = [None if alts is None else {_token_text(backend, t): lp for t, lp in reversed(alts)}
+           for alts in scores.top[start:]]
+    return {"tokens": tokens, "token_logprobs": scores.logprobs[start:], "top_logprobs": top,
+            "text_offset": offsets}
+
+
 async def _complete(req: CompletionRequest, backend: Backend) -> Any:
-    """POST /v1/completions: text or token-id prompts, one choice each, plain or streamed."""
+    """POST /v1/completions: text or token-id prompts, one choice each, plain or streamed; with echo and/or
+    logprobs, the prompt's and the completion's token log-probabilities from one batched scoring pass."""
     _check_model(req, backend)
     check_supported(req)
     prompts = await asyncio.to_thread(_encode_completion, req, backend)
     _check_prompt_budget(req, prompts, backend)
-    sampling = _sampling(req, req.max_tokens, [len(p) for p in prompts], backend)
-    run = ChoiceRun(backend, prompts, sampling, req.stop_strings)
     base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": backend.model_id}
-    if req.stream:
-        def chunk(piece: Piece) -> dict[str, Any]:
-            return {**base, "choices": [{"index": piece.index, "text": piece.text, "logprobs": None,
-                                         "finish_reason": piece.finish_reason}]}
+    scoring = bool(req.echo) or req.logprobs is not None
+    if req.max_tokens == 0:  # echo alone: score the prompts, generate nothing
+        longest = max(len(p) for p in prompts)
+        if longest > backend.max_context:
+            raise APIError(400, f"This model's maximum context length is {backend.max_context} tokens, but the "
+                                f"prompt has {longest} tokens.", param="prompt", code="context_length_exceeded")
+        texts, reasons, generated = [""] * len(prompts), ["length"] * len(prompts), [[] for _ in prompts]
+        usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0,
+                 "total_tokens": sum(map(len, prompts))}
+    else:
+        sampling = _sampling(req, req.max_tokens, [len(p) for p in prompts], backend)
+        run = ChoiceRun(backend, prompts, sampling, req.stop_strings)
+        if req.stream:
+            def chunk(piece: Piece) -> dict[str, Any]:
+                return {**base, "choices": [{"index": piece.index, "text": piece.text, "logprobs": None,
+                                             "finish_reason": piece.finish_reason}]}
 
-        usage = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
-        return _stream(run, chunk, [], usage)
-    texts, reasons = await _collect(run, len(prompts))
-    return {**base, "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                                for i, (t, r) in enumerate(zip(texts, reasons, strict=True))], "usage": run.usage()}
+            usage_chunk = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
+            return _stream(run, chunk, [], usage_chunk)
+        texts, reasons = await _collect(run, len(prompts))
+        generated, usage = run.ids, run.usage()
+    if not scoring:
+        return {**base, "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                                    for i, (t, r) in enumerate(zip(texts, reasons, strict=True))], "usage": usage}
+    sequences = [p + g for p, g in zip(prompts, generated, strict=True)]
+    scored = await asyncio.to_thread(backend.batcher.engine.score, sequences, req.logprobs or 0)
+    choices = []
+    for i, prompt in enumerate(prompts):
+        prompt_text = await asyncio.to_thread(backend.fmt.decode, prompt) if req.echo else ""
+        start = 0 if req.echo else len(prompt)
+        offset = 0 if req.echo else len(await asyncio.to_thread(backend.fmt.decode, prompt))
+        logprobs = _completion_logprobs(backend, scored[i], start, offset) if req.logprobs is not None else None
+        choices.append({"index": i, "text": prompt_text + texts[i], "logprobs": logprobs,
+                        "finish_reason": reasons[i]})
+    return {**base, "choices": choices, "usage": usage}
+
+
+def _chat_logprobs(backend: Backend, scores: TokenScores, start: int) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object ({"content": [...]}) for the reply tokens tokens[start:]."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(backend, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token, logprob, alts in zip(scores.tokens[start:], scores.logprobs[start:], scores.top[start:],
+                                    strict=True):
+        content.append({**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in alts or []]})
+    return {"content": content}
 
 
 async def _chat_complete(req: ChatCompletionRequest, backend: Backend) -> Any:
@@ -187,8 +245,12 @@ async def _chat_complete(req: ChatCompletionRequest, backend: Backend) -> Any:
         usage = (lambda: {**base, "choices": [], "usage": run.usage()}) if req.wants_usage_chunk else None
         return _stream(run, chunk, [role], usage)
     texts, reasons = await _collect(run, 1)
+    logprobs = None
+    if req.logprobs:
+        scored = await asyncio.to_thread(backend.batcher.engine.score, [prompt + run.ids[0]], req.top_logprobs or 0)
+        logprobs = _chat_logprobs(backend, scored[0], len(prompt))
     return {**base, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": logprobs,
                          "finish_reason": reasons[0]}],
             "usage": run.usage()}
 
@@ -229,8 +291,9 @@ def _install_error_handlers(app: FastAPI) -> None:
                             status_code=500)
 
 
-def create_app(backend: Backend) -> FastAPI:
-    """The ASGI app. Its lifespan starts the backend's batcher and closes it on shutdown."""
+def create_app(backend: Backend, api_key: str | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The ASGI app. Its lifespan starts the backend's batcher and closes it on shutdown. With `api_key`, every
+    route needs `Authorization: Bearer KEY` (401 otherwise); `cors_origins` lets those browser origins call it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -243,6 +306,13 @@ def create_app(backend: Backend) -> FastAPI:
     app = FastAPI(title="picochat-jax", version="1", lifespan=lifespan)
     app.state.backend = backend
     app.add_middleware(BodySizeLimit, max_bytes=backend.max_request_bytes)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    if cors_origins:  # outermost, so a browser's preflight OPTIONS is answered without credentials
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -271,7 +341,57 @@ def create_app(backend: Backend) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         return await _chat_complete(req, backend)
 
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.model is not None:
+            _check_model(req, backend)
+        if req.prompt is not None:
+            tokens = await asyncio.to_thread(backend.fmt.encode_text, req.prompt, req.add_special_tokens)
+        else:
+            tokens = await asyncio.to_thread(_encode_chat, req, backend)
+        return {"tokens": list(tokens), "count": len(tokens), "max_model_len": backend.max_context}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """The special tokens and context (vLLM's endpoint: lm-evaluation-harness tokenizes through it)."""
+        return {**backend.fmt.special_tokens(), "model_max_length": backend.max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            _check_model(req, backend)
+        vocab = backend.batcher.engine.model_cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(backend.fmt.decode, req.tokens)}
+
     return app
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer <api key>`, else 401 in OpenAI's error
+    shape. The key is compared in constant time."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        if secrets.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = ("Incorrect API key provided." if given else
+                   "You didn't provide an API key: send it as 'Authorization: Bearer KEY'.")
+        body = json.dumps(error_body(message, code="invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class BodySizeLimit:

@@ -87,11 +87,14 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    """POST /v1/completions. A prompt is text, token ids, or a list of either (one choice each)."""
+    """POST /v1/completions. A prompt is text, token ids, or a list of either (one choice each). `echo` returns
+    the prompt before the completion (with `max_tokens: 0`, the prompt alone) and `logprobs: N` the log-probability
+    of every returned token with the N most likely alternatives: what evaluators score choices with."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -129,7 +132,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -150,18 +153,40 @@ def check_supported(req: _Sampling) -> None:
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if req.logprobs:
-            raise APIError(400, "logprobs is not supported", param="logprobs")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo)", param="max_tokens")
+        if req.stream and (req.echo or req.logprobs is not None):
+            raise APIError(400, "echo and logprobs are not supported with stream; send the request without "
+                                "stream", param="stream")
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, f"best_of={req.best_of} is not supported (only 1)", param="best_of")
     if isinstance(req, ChatCompletionRequest):
-        if req.logprobs or req.top_logprobs:
-            raise APIError(400, "logprobs is not supported", param="logprobs")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if req.logprobs and req.stream:
+            raise APIError(400, "logprobs is not supported with stream; send the request without stream",
+                           param="stream")
         if req.tools:
             raise APIError(400, "tools / function calling is not supported by this server", param="tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: text (`prompt`) or chat `messages` (rendered with the generation prompt) to token ids."""
+
+    model_config = REQUEST_CONFIG
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for `prompt`: the BOS (or whatever the tokenizer adds) that completions use
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids to text."""
+
+    model_config = REQUEST_CONFIG
+    model: str | None = None
+    tokens: list[int]

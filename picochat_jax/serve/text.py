@@ -80,6 +80,7 @@ class ChoiceRun:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.texts = [StopText(backend.fmt.decode, stops) for _ in prompts]
+        self.ids: list[list[int]] = [[] for _ in prompts]  # generated ids per choice (for logprobs)
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
         self.requests = [GenerationRequest(p, sampling, self._callback(i)) for i, p in enumerate(prompts)]
@@ -114,6 +115,7 @@ class ChoiceRun:
                 text = self.texts[index]
                 if event.kind == "tokens":
                     self.completion_tokens += len(event.tokens)
+                    self.ids[index].extend(event.tokens)
                     delta = await asyncio.to_thread(text.add, event.tokens)
                     if text.stopped:
                         self.requests[index].cancel()
