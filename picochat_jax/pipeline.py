@@ -274,7 +274,11 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     conversations = read_chat_jsonl(pack.chat)
     eval_rows = read_eval_jsonl(pack.eval) if pack.eval else None
     preferences = read_preference_jsonl(pack.preferences) if (pack.preferences and options.dpo) else None
-    external_rows = read_eval_jsonl(pack.external_eval) if pack.external_eval else None
+    from picochat_jax.eval.external import is_choice_file, read_choice_questions
+
+    external_mc = bool(pack.external_eval) and is_choice_file(pack.external_eval)
+    external_rows = read_eval_jsonl(pack.external_eval) if pack.external_eval and not external_mc else None
+    external_questions = read_choice_questions(pack.external_eval) if external_mc else None
     print(f"[import] {pack.name}: reading corpus")
     corpus = load_corpus(pack)
     # Every check happens before the first byte is written: the out-dir policy, then (to resume) the settings.
@@ -372,6 +376,13 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     if external_rows:
         ext = evaluate_chat(engine, fmt, external_rows, out_dir / "external_eval", sampling, options.eval_batch_size)
         print(f"[external_eval] {ext['passed']}/{ext['rows']} passed")
+    if external_questions:
+        from picochat_jax.eval.external import evaluate_external
+
+        ext = evaluate_external(engine, fmt, external_questions, out_dir / "external_eval",
+                                str(pack.external_eval), f"{candidate}/checkpoint", seed=base_cfg.seed)
+        print(f"[external_eval] multiple choice: acc {ext['acc']:.1%}, acc_norm {ext['acc_norm']:.1%} on "
+              f"{ext['questions']} questions (chance {ext['chance']:.1%})")
     lap("eval")
     hon = honesty_stage(engine, tok, corpus, conversations, eval_rows, planted, f"{candidate}/checkpoint",
                         options, out_dir / "honesty")

@@ -201,3 +201,36 @@ def loss(checkpoint_dir: Path, tokenizer_path: Path | None, device: str | None, 
     if plan is not None:
         claim_out_dir(plan)
         save_json(Path(out_dir) / "loss_report.json", result)
+
+
+@eval_group.command()
+@functools.partial(model_options, allow_hf=True)
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Multiple-choice questions: .jsonl, .json or .csv (generic, ARC or MMLU shapes).")
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@out_dir_flags(resume=False)
+@click.option("--bootstrap-samples", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Resamples for the 95% confidence intervals (0 = none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+@friendly_errors
+def external(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: str | None, device: str | None,
+             precision: str, input_path: Path, out_dir: Path, overwrite: bool, bootstrap_samples: int,
+             seed: int) -> None:
+    """Score ARC/MMLU-style multiple choice by log-likelihood (raw and byte-normalised), per subject, with
+    bootstrap confidence intervals."""
+    select_device(device)
+    from picochat_jax.eval.external import evaluate_external, read_choice_questions
+
+    questions = read_choice_questions(input_path)
+    plan = check_out_dir(out_dir, "eval-external", overwrite=overwrite, resumable=False,
+                         inputs=[checkpoint_dir, tokenizer_path, hf_model and Path(hf_model), input_path])
+    engine, fmt = _load_engine(checkpoint_dir, tokenizer_path, hf_model, precision)
+    claim_out_dir(plan)
+    summary = evaluate_external(engine, fmt, questions, out_dir, str(input_path),
+                                str(checkpoint_dir or hf_model), bootstrap_samples, seed)
+    lo, hi = summary["acc_ci95"]
+    click.echo(f"external: acc {summary['acc']:.1%} (95% CI {lo:.1%}-{hi:.1%}), acc_norm {summary['acc_norm']:.1%} "
+               f"on {summary['questions']} questions (chance {summary['chance']:.1%})")
+    for name, b in summary["subjects"].items():
+        click.echo(f"  {name}: acc {b['acc']:.1%}, acc_norm {b['acc_norm']:.1%} ({b['questions']})")
+    click.echo(f"report -> {out_dir / 'external_report.md'}")

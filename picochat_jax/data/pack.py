@@ -463,6 +463,15 @@ def validate_pack(path: str | Path, max_row_bytes: int | None = None) -> tuple[d
         file = getattr(pack, key)
         if file is None:
             continue
+        if key == "external_eval":
+            from picochat_jax.eval.external import is_choice_file, read_choice_questions
+
+            if file.is_file() and is_choice_file(file):
+                try:
+                    summary[key] = {"file": str(file), "questions": len(read_choice_questions(file))}
+                except (DataError, FileNotFoundError, ValueError) as exc:
+                    errors.append(str(exc))
+                continue
         row_errors: list[DataError] = []
         try:
             rows = reader(file, max_row_bytes, row_errors)

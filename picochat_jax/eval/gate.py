@@ -156,9 +156,12 @@ def _at_most(name: str, value: Any, threshold: float, what: str) -> dict[str, An
                  f"{what} {v:.3g} {'is within' if ok else 'exceeds'} the maximum {threshold}")
 
 
+EXTERNAL_CHOICE_SUMMARY = "external_eval/external_summary.json"  # eval/external.py (multiple choice)
+
+
 def _external_expected(run_dir: Path) -> bool:
     cfg_path = run_dir / "run_config.json"
-    if (run_dir / EVIDENCE["external_eval"]).exists():
+    if (run_dir / EVIDENCE["external_eval"]).exists() or (run_dir / EXTERNAL_CHOICE_SUMMARY).exists():
         return True
     if not cfg_path.exists():
         return False
@@ -253,7 +256,12 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
             checks.append(_at_most("memorization_rate", mem.get("rate"), profile.max_memorization_rate,
                                    f"share of {mem.get('canaries')} canaries completed verbatim"))
 
-    if _external_expected(run_dir):
+    choice_summary = run_dir / EXTERNAL_CHOICE_SUMMARY
+    if choice_summary.exists():  # multiple choice: its accuracy is the external pass rate
+        acc = json.loads(choice_summary.read_text()).get("acc")
+        checks.append(_at_least("external_pass_rate", acc, profile.min_external_pass_rate,
+                                "external multiple-choice accuracy"))
+    elif _external_expected(run_dir):
         ext, why = _read(run_dir, "external_eval")
         checks.append(_missing("external_pass_rate", f">= {profile.min_external_pass_rate}", why) if ext is None else
                       _at_least("external_pass_rate", ext.get("pass_rate"), profile.min_external_pass_rate,

@@ -127,7 +127,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     lines += ["## Evidence", ""]
     links = [("preflight", "preflight.md"), ("training summary", "summary.md"), ("SFT fit", "sft_fit/fit_report.md"),
              ("held-out eval", "eval/eval_report.md"), ("eval rows", "eval/eval_results.jsonl"),
-             ("external benchmark", "external_eval/eval_report.md"), ("honesty", "honesty/honesty_report.md"),
+             ("external benchmark", "external_eval/eval_report.md"),
+             ("external multiple choice", "external_eval/external_report.md"), ("honesty", "honesty/honesty_report.md"),
              ("release card", "release/release_card.md"), ("gate decision", "release/gate.json"),
              ("corpus", "corpus_report.md")]
     lines += [f"- [{name}]({rel})" for name, rel in links if (run_dir / rel).exists()]
