@@ -63,3 +63,19 @@ def replace_dir(tmp: Path | str, directory: Path | str) -> None:
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """One JSON object per line (results files), written atomically."""
     save_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl_objects(path: Path | str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file we wrote (evidence files); missing file -> [], unreadable lines skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out

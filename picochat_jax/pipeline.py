@@ -32,7 +32,7 @@ from picochat_jax.data.records import (
     read_preference_jsonl,
 )
 from picochat_jax.eval.preflight import PreflightBlocked, blocked_message, run_preflight, write_preflight
-from picochat_jax.fileio import read_json_object, save_json, save_text
+from picochat_jax.fileio import read_json_object, read_jsonl_objects, save_json, save_text
 from picochat_jax.markdown import number
 from picochat_jax.outdir import check_out_dir, claim_out_dir
 from picochat_jax.parallel import MeshShape, parse_mesh
@@ -98,6 +98,12 @@ def base_stage(scale: ScaleConfig, train_cfg: TrainConfig, tok: ChatTokenizer, t
     return train(stage="base", model_cfg=model_cfg, train_cfg=train_cfg, train_rows=train_rows,
                  val_rows=val_rows, out_dir=out_dir, mesh_shape=mesh_shape, token_bytes=tok.token_byte_lengths(),
                  tokenizer_path=tokenizer_path, data_fingerprint=shards_fingerprint(manifest), **train_kwargs)
+
+
+def heldout_sft_indices(rows: int, sft_cfg: TrainConfig) -> list[int]:
+    """Indices of the chat rows `sft_stage`'s validation split held out of training (same rule, same seed)."""
+    _, val = split_examples({"index": np.arange(rows)}, sft_cfg.val_fraction, sft_cfg.seed)
+    return val["index"].tolist()
 
 
 def sft_stage(model_cfg: ModelConfig, train_cfg: TrainConfig, tok: ChatTokenizer, tokenizer_path: Path,
@@ -200,23 +206,19 @@ def dpo_stage(model_cfg: ModelConfig, sft_cfg: TrainConfig, dpo_cfg: DPOConfig, 
 
 def honesty_stage(engine: Any, tok: ChatTokenizer, corpus: Corpus, conversations: list[Conversation],
                   eval_rows: list[EvalRow] | None, planted: list[tuple[str, str]], model_name: str,
-                  options: RunOptions, out_dir: Path) -> dict[str, Any]:
-    """Contamination scan plus memorisation canaries on the candidate model -> honesty/."""
-    from picochat_jax.eval.honesty import corpus_canaries, memorization_check, planted_canaries, write_honesty_report
-    from picochat_jax.eval.ngram import document_sources, scan_contamination
-    from picochat_jax.generate import SamplingParams
+                  options: RunOptions, out_dir: Path, replies: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Contamination (exact, n-gram, near-duplicate), memorisation canaries on the candidate model and
+    regurgitation in its eval replies -> honesty/."""
+    from picochat_jax.eval.honesty import run_honesty
+    from picochat_jax.eval.ngram import document_sources
 
-    labels = document_sources(corpus)
-    scan = scan_contamination(eval_rows or [], conversations, corpus.documents, labels)
-    cont = 16  # tokens a canary must reproduce; the 32-token prefix shrinks only for tiny contexts
-    prefix = min(32, engine.max_len - cont - 1)
-    canaries = corpus_canaries(corpus.documents, labels, tok, options.memorization_canaries, prefix, cont)
-    canaries += planted_canaries(planted, tok)
-    mem = memorization_check(engine, tok, canaries, SamplingParams(max_new_tokens=cont), stop_ids=())
-    mem["model"] = model_name
     inputs = {"chat": str(conversations[0].source) if conversations else None,
               "eval": str(eval_rows[0].source) if eval_rows else None, "corpus_documents": len(corpus.documents)}
-    return write_honesty_report(out_dir, scan, mem, inputs)
+    return run_honesty(out_dir, eval_rows=eval_rows or [], conversations=conversations, documents=corpus.documents,
+                       doc_labels=document_sources(corpus), inputs=inputs, engine=engine, tok=tok,
+                       model_name=model_name, replies=[r["reply"] for r in replies or []],
+                       reply_labels=[f"eval line {r['line']}" for r in replies or []], planted=planted,
+                       canary_count=options.memorization_canaries)
 
 
 def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | None:
@@ -367,6 +369,11 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     sampling = SamplingParams(max_new_tokens=scale.eval_max_new_tokens)
     fit = sft_fit_report(engine, fmt, conversations, out_dir / "sft_fit", sampling, options.eval_batch_size)
     print(f"[sft_fit] {candidate}: {fit['reproduced']}/{fit['rows']} rows reproduced, mean F1 {fit['mean_f1']:.3f}")
+    held_out = [conversations[i] for i in heldout_sft_indices(len(conversations), sft_cfg)]
+    if held_out:  # the SFT rows its validation split kept out of training: does the behaviour transfer?
+        held = sft_fit_report(engine, fmt, held_out, out_dir / "sft_fit" / "heldout", sampling,
+                              options.eval_batch_size)
+        print(f"[sft_fit] held-out SFT rows: {held['reproduced']}/{held['rows']} reproduced")
     lap("sft_fit")
     if eval_rows:
         ev = evaluate_chat(engine, fmt, eval_rows, out_dir / "eval", sampling, options.eval_batch_size)
@@ -384,8 +391,9 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
         print(f"[external_eval] multiple choice: acc {ext['acc']:.1%}, acc_norm {ext['acc_norm']:.1%} on "
               f"{ext['questions']} questions (chance {ext['chance']:.1%})")
     lap("eval")
+    replies = read_jsonl_objects(out_dir / "eval" / "eval_results.jsonl") if eval_rows else None
     hon = honesty_stage(engine, tok, corpus, conversations, eval_rows, planted, f"{candidate}/checkpoint",
-                        options, out_dir / "honesty")
+                        options, out_dir / "honesty", replies)
     print(f"[honesty] {hon['status']}: {hon['counts']['eval_rows_in_sft']} eval rows in SFT, "
           f"{hon['counts']['eval_rows_in_corpus']} in corpus; memorised {hon['memorization']['memorized']}/"
           f"{hon['memorization']['canaries']} canaries")

@@ -146,7 +146,7 @@ def test_run_tiny_writes_every_evidence_file_of_the_spec(clean_run):
 def test_finished_run_is_not_a_release_under_the_default_profile(clean_run):
     run, summary = clean_run
     gate = json.loads((run / "release" / "gate.json").read_text())
-    assert summary["release"] == gate["decision"] == "block"
+    assert summary["release"] == gate["decision"] == "blocked"
     assert "eval_rows" in gate["blocking"]  # six rows cannot clear the default bar of ten
     assert "eval_in_sft" not in gate["blocking"] and "eval_in_corpus" not in gate["blocking"]
 
@@ -158,7 +158,7 @@ def test_clean_run_passes_a_profile_it_can_honestly_meet(clean_run):
     assert honesty["counts"]["eval_rows_contaminated"] == 0
     ev = json.loads((run / "eval" / "eval_report.json").read_text())
     gate = evaluate_gate(run, load_gate_profile("default", TINY_PROFILE))
-    assert gate["decision"] == "pass", [c for c in gate["checks"] if c["verdict"] != "pass"]
+    assert gate["decision"] == "approved", [c for c in gate["checks"] if c["verdict"] != "pass"]
     assert ev["pass_rate"] >= 0.6  # the behaviour was learned, on prompts the model never saw
 
 
@@ -176,13 +176,13 @@ def test_contaminated_small_run_trains_with_a_warning_and_is_blocked_by_the_gate
     pre = json.loads((run / "preflight.json").read_text())
     assert pre["status"] == "warn" and not pre["blocking"] and {"eval_in_sft", "eval_in_corpus"} <= set(pre["warnings"])
     gate = json.loads((run / "release" / "gate.json").read_text())
-    assert gate["decision"] == "block"
+    assert gate["decision"] == "blocked"
     assert {"eval_in_sft", "eval_in_corpus"} <= set(gate["blocking"]) and "preflight" not in gate["blocking"]
     lines = {c["name"]: c for c in gate["checks"]}
     assert lines["eval_in_sft"]["value"] == 4 and "(eval lines 1, 2, 3, 4)" in lines["eval_in_sft"]["reason"]
     assert lines["eval_in_corpus"]["value"] == 2 and "(eval lines 5, 6)" in lines["eval_in_corpus"]["reason"]
     # The same thresholds let the clean twin through: contamination is what blocks this one.
-    assert evaluate_gate(clean_run[0], load_gate_profile("default", TINY_PROFILE))["decision"] == "pass"
+    assert evaluate_gate(clean_run[0], load_gate_profile("default", TINY_PROFILE))["decision"] == "approved"
 
 
 @pytest.mark.slow

@@ -211,3 +211,64 @@ def climbmix_import(shards: str, pack_out: Path, **opts: Any) -> None:
     rows = checked_rows(rows, "text", shards)
     _claim_import(pack_out, opts)
     _import(rows, sources, pack_out, "climbmix", f"ClimbMix parquet shards: {shards}.", "text", opts)
+
+
+@data.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", "checkpoint_dir", default=None, type=click.Path(path_type=Path, file_okay=False),
+              help="Also check this model: memorisation canaries, and regurgitation in its greedy eval replies.")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(path_type=Path),
+              help="tokenizer.json for --checkpoint (default: the copy inside it).")
+@click.option("--near-threshold", type=click.FloatRange(0.0, 1.0), default=0.86, show_default=True,
+              help="Estimated Jaccard similarity at which a text counts as a near duplicate.")
+@click.option("--ngram-size", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Characters per shingle of the near-duplicate check.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Reply length for the regurgitation check.")
+@out_dir_flags(resume=False)
+@friendly_errors
+def honesty(pack: Path, out_dir: Path, checkpoint_dir: Path | None, tokenizer_path: Path | None,
+            near_threshold: float, ngram_size: int, max_new_tokens: int, overwrite: bool) -> None:
+    """Contamination of PACK's eval rows in its SFT rows and corpus (exact, word n-gram and near-duplicate),
+    and with --checkpoint the model's memorisation and regurgitation -> honesty_report.json|md."""
+    from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl
+    from picochat_jax.eval.honesty import run_honesty
+    from picochat_jax.eval.ngram import document_sources
+
+    loaded = load_pack(pack)
+    if loaded.eval is None:
+        raise click.UsageError(f"{pack} names no eval file: there is nothing to check for contamination")
+    eval_rows = read_eval_jsonl(loaded.eval)
+    conversations = read_chat_jsonl(loaded.chat) if loaded.chat else []
+    corpus = load_corpus(loaded)
+    plan = check_out_dir(out_dir, "honesty", overwrite=overwrite, resumable=False,
+                         inputs=[*pack_inputs(loaded), checkpoint_dir, tokenizer_path])
+    engine = tok = None
+    replies: list[str] = []
+    if checkpoint_dir is not None:
+        from picochat_jax.generate import SamplingParams, load_native
+
+        engine, fmt = load_native(checkpoint_dir, tokenizer_path)
+        tok = fmt.tok
+        ids = engine.generate([fmt.encode_prompt(r.prompt) for r in eval_rows],
+                              SamplingParams(max_new_tokens=max_new_tokens), fmt.stop_ids)
+        replies = [fmt.decode(x) for x in ids]
+    claim_out_dir(plan)
+    model = str(checkpoint_dir) if checkpoint_dir else None
+    report = run_honesty(out_dir, eval_rows=eval_rows, conversations=conversations, documents=corpus.documents,
+                         doc_labels=document_sources(corpus), inputs={"pack": str(loaded.path), "checkpoint": model},
+                         engine=engine, tok=tok, model_name=model,
+                         replies=replies, reply_labels=[f"eval line {r.line}" for r in eval_rows],
+                         near_threshold=near_threshold, char_ngram=ngram_size)
+    c = report["counts"]
+    click.echo(f"honesty: {report['status']}; {c['eval_rows_contaminated']} of {c['eval_rows']} eval rows found in "
+               f"training data ({c['eval_rows_in_sft']} in SFT, {c['eval_rows_in_corpus']} in the corpus, "
+               f"{c['eval_rows_near_duplicated']} near duplicates)")
+    if report.get("memorization"):
+        m = report["memorization"]
+        click.echo(f"memorised {m['memorized']}/{m['canaries']} canaries")
+    if report.get("regurgitation"):
+        r = report["regurgitation"]
+        click.echo(f"regurgitated corpus text in {r['regurgitated']}/{r['replies']} replies")
+    click.echo(f"report -> {out_dir / 'honesty_report.md'}")

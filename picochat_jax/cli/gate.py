@@ -15,12 +15,16 @@ from picochat_jax.cli.common import UserError, friendly_errors
               help="Gate profile: configs/gate/NAME.yaml or a YAML file of thresholds.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one threshold, e.g. --set min_eval_pass_rate=0.5 (repeatable).")
+@click.option("--ci-bootstrap-samples", type=click.IntRange(min=0), default=None,
+              help="Resamples for the 95% intervals of rate checks (default: the profile's, 1000; 0 = none).")
 @click.option("--no-report", is_flag=True, help="Do not rebuild RUN_DIR/report.md.")
 @friendly_errors
-def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], no_report: bool) -> None:
+def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], ci_bootstrap_samples: int | None,
+         no_report: bool) -> None:
     """Read RUN_DIR's evidence, write release/gate.json and release/release_card.md.
 
-    Exits 0 when every check passes and 1 when the gate blocks (the reasons are printed).
+    Profiles: default, research, first_release, skill_release (configs/gate/). Exits 0 when approved, 0 with a
+    warning when only warn-level checks failed, and 1 when the gate blocks (the reasons are printed).
     """
     from picochat_jax.eval.gate import evaluate_gate, load_gate_profile, parse_overrides
     from picochat_jax.eval.report import write_run_report
@@ -32,11 +36,17 @@ def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], no_report: boo
     if marker is None or marker["kind"] != "run":
         raise UserError(f"{run_dir} is not a `picochat run` folder (no {MARKER} of kind 'run'); the "
                                    "gate writes release/ and report.md only into runs picochat made")
-    result = evaluate_gate(run_dir, load_gate_profile(profile, parse_overrides(overrides)))
+    settings = parse_overrides(overrides)
+    if ci_bootstrap_samples is not None:
+        settings["ci_bootstrap_samples"] = str(ci_bootstrap_samples)
+    result = evaluate_gate(run_dir, load_gate_profile(profile, settings))
     for c in result["checks"]:
-        click.echo(f"  {'PASS ' if c['verdict'] == 'pass' else 'BLOCK'} {c['name']}: {c['reason']}")
+        interval = f" [95% {c['interval'][0]:.3g}-{c['interval'][1]:.3g}]" if c.get("interval") else ""
+        click.echo(f"  {c['verdict'].upper():5} {c['name']}: {c['reason']}{interval}")
     if not no_report:
         write_run_report(run_dir)
     click.echo(f"release gate: {result['decision'].upper()} -> {run_dir / 'release' / 'gate.json'}")
-    if result["decision"] != "pass":
+    if result["decision"] == "warn":
+        click.echo(f"warning: approved with warnings ({', '.join(result['warnings'])})", err=True)
+    if result["decision"] == "blocked":
         raise SystemExit(1)

@@ -63,6 +63,8 @@ class EvalRow:
     source: str = ""
     line: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    split: str = "default"  # `split` / `eval_split`: the report breaks pass rates down by it
+    choice: bool = False  # a multiple-choice row (`choice_labels`): the gate's non-choice rate leaves it out
 
     @property
     def user(self) -> str:
@@ -277,12 +279,24 @@ def parse_eval_row(obj: dict[str, Any], path: Path, line: int) -> EvalRow:
     if not isinstance(answerable, bool):
         raise DataError(path, line, "answerable", "must be true or false")
     known = {"user", "messages", "system", "tools", "assistant", "category", "answerable", "must_include",
-             "must_include_any", "must_not_include"}
+             "must_include_any", "must_not_include", "expected", "split", "eval_split"}
+    must_include = _str_list(obj, "must_include", path, line)
+    expected = obj.get("expected")
+    if expected is not None:  # the original's exact-answer field: required in the reply, and the reference
+        if not isinstance(expected, str) or not expected.strip():
+            raise DataError(path, line, "expected", "must be a non-empty string")
+        must_include += (expected,)
+        reference = reference if reference is not None else expected
+    split = obj.get("split", obj.get("eval_split", "default"))
+    if not isinstance(split, str) or not split.strip():
+        raise DataError(path, line, "split", "must be a non-empty string")
     return EvalRow(
         prompt=tuple(prompt),
         category=str(obj.get("category", "general")),
         answerable=answerable,
-        must_include=_str_list(obj, "must_include", path, line),
+        split=split.strip(),
+        choice=bool(obj.get("choice_labels")),
+        must_include=must_include,
         must_include_any=tuple(tuple(g) for g in groups),
         must_not_include=_str_list(obj, "must_not_include", path, line),
         reference=reference,

@@ -95,13 +95,19 @@ def _group(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Overall, per-category and answerable/unanswerable pass rates plus echo and refusal rates."""
+    """Overall, per-category, per-split, non-choice and answerable/unanswerable pass rates, echo and refusal rates,
+    and the unsupported-claim rate (unanswerable rows answered instead of refused, over all rows)."""
     categories = sorted({r["category"] for r in results})
+    splits = sorted({r.get("split", "default") for r in results})
     answerable = [r for r in results if r["answerable"]]
     unanswerable = [r for r in results if not r["answerable"]]
+    claims = sum(1 for r in unanswerable if not r["refusal"])
     return {
         **_group(results),
         "by_category": {c: _group([r for r in results if r["category"] == c]) for c in categories},
+        "by_split": {s: _group([r for r in results if r.get("split", "default") == s]) for s in splits},
+        "non_choice": _group([r for r in results if not r.get("choice")]),
+        "unsupported_claim_rate": claims / len(results) if results else None,
         "prompt_echo_rate": _rate(results, "prompt_echo"),
         "refusal_rate": _rate(results, "refusal"),
         "answerable": {**_group(answerable), "refusal_rate": _rate(answerable, "refusal")},
@@ -127,6 +133,10 @@ def report_markdown(report: dict[str, Any], results: Sequence[dict[str, Any]], m
     ]
     lines += [f"| {c} | {g['rows']} | {g['passed']} | {percent(g['pass_rate'])} |"
               for c, g in report["by_category"].items()]
+    if len(report.get("by_split", {})) > 1:
+        lines += ["", "| split | rows | passed | pass rate |", "|---|---:|---:|---:|"]
+        lines += [f"| {sp} | {g['rows']} | {g['passed']} | {percent(g['pass_rate'])} |"
+                  for sp, g in report["by_split"].items()]
     failed = [r for r in results if not r["pass"]]
     if failed:
         lines += ["", f"## Failures (first {min(len(failed), max_failures)} of {len(failed)})", "",
@@ -150,12 +160,15 @@ def evaluate_chat(engine: Engine, fmt: ChatFormat, rows: list[EvalRow], out_dir:
     for i, (row, ids) in enumerate(zip(rows, replies_ids, strict=True)):
         reply = fmt.decode(ids)
         passed, reasons = score_reply(row, reply)
+        echo = is_prompt_echo(row.user, reply)
+        if echo:  # parroting the question is never an answer, whatever words it happens to contain
+            passed, reasons = False, [*reasons, "echoes the prompt"]
         results.append({
             "index": i, "line": row.line, "category": row.category, "answerable": row.answerable,
-            "prompt": row.user,
+            "split": row.split, "choice": row.choice, "prompt": row.user,
             **({"messages": [asdict(m) for m in row.prompt]} if len(row.prompt) > 1 else {}),
             "reply": reply, "pass": passed, "reasons": reasons,
-            "prompt_echo": is_prompt_echo(row.user, reply), "refusal": is_refusal(reply),
+            "prompt_echo": echo, "refusal": is_refusal(reply),
             "reply_tokens": len(ids),
         })
     generated = sum(len(ids) for ids in replies_ids)

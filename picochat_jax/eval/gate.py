@@ -6,9 +6,12 @@ can be re-run later, with another profile, on any run folder:
     preflight.json, summary.json, sft_fit/fit_report.json, eval/eval_report.json,
     honesty/honesty_report.json, external_eval/eval_report.json (when the pack names a benchmark)
 
-Each check is `{name, value, threshold, verdict: pass|block, reason}`; missing or unreadable evidence is a
-block, never a silent pass. Thresholds come from a gate profile (`configs/gate/<name>.yaml`, a YAML path,
-plus `key=value` overrides). Outputs: `release/gate.json` and `release/release_card.md`.
+Each check is `{name, value, threshold, verdict: pass|warn|block, reason[, interval]}`; missing or unreadable
+evidence fails its check, never a silent pass. A failed check blocks unless the profile lists it under
+`warn_checks`; the decision is `blocked` (any block), `warn` (only warnings) or `approved`. Rates measured on
+eval or SFT rows carry a 95% bootstrap interval (`ci_bootstrap_samples`). Thresholds come from a gate profile
+(`configs/gate/<name>.yaml`: default, research, first_release, skill_release; or a YAML path, plus `key=value`
+overrides). Outputs: `release/gate.json` and `release/release_card.md`.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import yaml
 
 from picochat_jax.config import CONFIG_DIR
 from picochat_jax.data.records import DataError
-from picochat_jax.fileio import read_json_object, save_json, save_text
+from picochat_jax.fileio import read_json_object, read_jsonl_objects, save_json, save_text
 
 GATE_CONFIG_DIR = CONFIG_DIR / "gate"
+
+HELDOUT_FIT = "sft_fit/heldout/fit_report.json"  # SFT rows held out of training, replayed
 
 EVIDENCE = {
     "preflight": "preflight.json",
@@ -52,12 +57,50 @@ class GateProfile:
     min_sft_fit_f1: float = 0.5
     min_external_pass_rate: float = 0.25
     allow_preflight_override: bool = False
+    # The original picochat's release checks; None leaves a check out of the profile.
+    min_sft_fit_rate: float | None = None  # share of SFT rows reproduced exactly
+    min_heldout_sft_fit_rate: float | None = None  # the same on SFT rows held out of training
+    min_non_choice_pass_rate: float | None = None  # eval rows without choice_labels ...
+    min_non_choice_rows: int = 20  # ... judged only when there are at least this many
+    min_refusal_pass_rate: float | None = None  # unanswerable rows passed (refused as they should be)
+    max_unsupported_claim_rate: float | None = None  # unanswerable rows answered instead, over all rows
+    min_category_pass_rate: dict[str, float] = dataclasses.field(default_factory=dict)  # per-skill thresholds
+    require_external: bool = False  # an external benchmark must be attached (release profiles)
+    warn_checks: tuple[str, ...] = ()  # checks whose failure warns instead of blocking ("category:*" = all)
+    ci_bootstrap_samples: int = 1000
 
     def thresholds(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+                if k != "name"}
+
+    def severity(self, check: str) -> str:
+        wildcard = check.split(":")[0] + ":*"
+        return "warn" if check in self.warn_checks or wildcard in self.warn_checks else "block"
+
+
+OPTIONAL_RATES = {"min_sft_fit_rate", "min_heldout_sft_fit_rate", "min_non_choice_pass_rate", "min_refusal_pass_rate",
+                  "max_unsupported_claim_rate"}
 
 
 def _coerce(name: str, raw: Any, like: Any) -> Any:
+    if name in OPTIONAL_RATES:
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("null", "none", "")):
+            return None
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"gate setting {name} must be a number or null, got {raw!r}") from None
+    if name == "min_category_pass_rate":
+        if isinstance(raw, str):  # --set min_category_pass_rate=identity:0.6,math:0.3
+            raw = dict(part.split(":", 1) for part in raw.split(",") if part.strip())
+        if not isinstance(raw, dict):
+            raise ValueError(f"gate setting {name} must map categories to rates, got {raw!r}")
+        return {str(k).strip(): float(v) for k, v in raw.items()}
+    if name == "warn_checks":
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"gate setting {name} must be a list of check names, got {raw!r}")
+        return tuple(str(x).strip() for x in items if str(x).strip())
     if isinstance(like, bool):
         if isinstance(raw, str):
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -126,8 +169,25 @@ def _read(run_dir: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def _line(name: str, value: Any, threshold: Any, ok: bool, reason: str) -> dict[str, Any]:
+    # "block" until the profile's severity is applied (gate_checks): a failed check may only warn.
     return {"name": name, "value": value, "threshold": threshold, "verdict": "pass" if ok else "block",
             "reason": reason}
+
+
+def _rows(run_dir: Path, rel: str) -> list[dict[str, Any]]:
+    return read_jsonl_objects(run_dir / rel)
+
+
+def _with_interval(check: dict[str, Any], flags: list[bool], samples: int, seed: int = 0) -> dict[str, Any]:
+    """Attach the 95% bootstrap interval of a rate measured on these per-row outcomes."""
+    if flags and samples > 0:
+        import numpy as np
+
+        from picochat_jax.eval.external import bootstrap_interval
+
+        lo, hi = bootstrap_interval(np.asarray(flags, float), samples, seed)
+        check["interval"] = [round(lo, 4), round(hi, 4)]
+    return check
 
 
 def _missing(name: str, threshold: Any, why: str) -> dict[str, Any]:
@@ -216,10 +276,14 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
             checks.append(_missing(name, thr, why))
     else:
         checks.append(_at_least("eval_rows", ev.get("rows"), profile.min_eval_rows, "held-out eval rows"))
-        checks.append(_at_least("eval_pass_rate", ev.get("pass_rate"), profile.min_eval_pass_rate,
-                                "held-out eval pass rate"))
-        checks.append(_at_most("prompt_echo_rate", ev.get("prompt_echo_rate"), profile.max_prompt_echo_rate,
-                               "prompt echo rate"))
+        eval_rows = _rows(run_dir, "eval/eval_results.jsonl")
+        samples = profile.ci_bootstrap_samples
+        checks.append(_with_interval(_at_least("eval_pass_rate", ev.get("pass_rate"), profile.min_eval_pass_rate,
+                                               "held-out eval pass rate"), [bool(r["pass"]) for r in eval_rows],
+                                     samples))
+        checks.append(_with_interval(_at_most("prompt_echo_rate", ev.get("prompt_echo_rate"),
+                                              profile.max_prompt_echo_rate, "prompt echo rate"),
+                                     [bool(r.get("prompt_echo")) for r in eval_rows], samples))
         answerable = ev.get("answerable") or {}
         if answerable.get("rows", 0) == 0:
             checks.append(_line("answerable_refusal_rate", None, f"<= {profile.max_answerable_refusal_rate}", True,
@@ -261,25 +325,101 @@ def gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
         acc = json.loads(choice_summary.read_text()).get("acc")
         checks.append(_at_least("external_pass_rate", acc, profile.min_external_pass_rate,
                                 "external multiple-choice accuracy"))
-    elif _external_expected(run_dir):
+    elif _external_expected(run_dir) or profile.require_external:
         ext, why = _read(run_dir, "external_eval")
         checks.append(_missing("external_pass_rate", f">= {profile.min_external_pass_rate}", why) if ext is None else
                       _at_least("external_pass_rate", ext.get("pass_rate"), profile.min_external_pass_rate,
                                 "external benchmark pass rate"))
+    checks += _release_checks(run_dir, profile, fit, ev)
+    for c in checks:
+        if c["verdict"] == "block":
+            c["verdict"] = profile.severity(c["name"])
     return checks
 
 
+def _release_checks(run_dir: Path, profile: GateProfile, fit: dict[str, Any] | None,
+                    ev: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The original picochat's release checks, each only when the profile sets its threshold."""
+    out: list[dict[str, Any]] = []
+    n = profile.ci_bootstrap_samples
+    fit_rows = _rows(run_dir, "sft_fit/fit_results.jsonl")
+    eval_rows = _rows(run_dir, "eval/eval_results.jsonl")
+    if profile.min_sft_fit_rate is not None:
+        thr = profile.min_sft_fit_rate
+        out.append(_missing("sft_fit_rate", f">= {thr}", "missing evidence: sft_fit/fit_report.json") if fit is None
+                   else _with_interval(_at_least("sft_fit_rate", fit.get("reproduced_rate"), thr,
+                                                 "share of SFT rows reproduced exactly"),
+                                       [bool(r.get("reproduced")) for r in fit_rows], n))
+    if profile.min_heldout_sft_fit_rate is not None:
+        thr = profile.min_heldout_sft_fit_rate
+        held = read_json_object(run_dir / HELDOUT_FIT) if (run_dir / HELDOUT_FIT).exists() else None
+        if held is None or not held.get("rows"):
+            out.append(_missing("heldout_sft_fit_rate", f">= {thr}",
+                                f"no held-out SFT fit ({HELDOUT_FIT}): the run held no SFT rows out"))
+        else:
+            out.append(_with_interval(_at_least("heldout_sft_fit_rate", held.get("reproduced_rate"), thr,
+                                                "share of held-out SFT rows reproduced exactly"),
+                                      [bool(r.get("reproduced")) for r in
+                                       _rows(run_dir, "sft_fit/heldout/fit_results.jsonl")], n))
+    if ev is None:
+        for name, thr in (("non_choice_pass_rate", profile.min_non_choice_pass_rate),
+                          ("refusal_pass_rate", profile.min_refusal_pass_rate),
+                          ("unsupported_claim_rate", profile.max_unsupported_claim_rate)):
+            if thr is not None:
+                out.append(_missing(name, thr, "missing evidence: eval/eval_report.json"))
+        for cat, thr in profile.min_category_pass_rate.items():
+            out.append(_missing(f"category:{cat}", f">= {thr}", "missing evidence: eval/eval_report.json"))
+        return out
+    if profile.min_non_choice_pass_rate is not None:
+        thr = profile.min_non_choice_pass_rate
+        group = ev.get("non_choice") or {}
+        rows = int(group.get("rows") or 0)
+        if rows < profile.min_non_choice_rows:
+            out.append(_line("non_choice_pass_rate", group.get("pass_rate"), f">= {thr}", True,
+                             f"{rows} non-choice eval rows, fewer than {profile.min_non_choice_rows}: not judged"))
+        else:
+            out.append(_with_interval(_at_least("non_choice_pass_rate", group.get("pass_rate"), thr,
+                                                "pass rate on eval rows that are not multiple choice"),
+                                      [bool(r["pass"]) for r in eval_rows if not r.get("choice")], n))
+    if profile.min_refusal_pass_rate is not None:
+        thr = profile.min_refusal_pass_rate
+        group = ev.get("unanswerable") or {}
+        if not group.get("rows"):
+            out.append(_missing("refusal_pass_rate", f">= {thr}", "no unanswerable eval rows to refuse"))
+        else:
+            out.append(_with_interval(_at_least("refusal_pass_rate", group.get("pass_rate"), thr,
+                                                "pass rate on unanswerable (refusal/boundary) rows"),
+                                      [bool(r["pass"]) for r in eval_rows if not r.get("answerable", True)], n))
+    if profile.max_unsupported_claim_rate is not None:
+        out.append(_with_interval(_at_most("unsupported_claim_rate", ev.get("unsupported_claim_rate"),
+                                           profile.max_unsupported_claim_rate,
+                                           "share of eval rows where an unanswerable question got an answer"),
+                                  [not r.get("answerable", True) and not r.get("refusal") for r in eval_rows], n))
+    by_cat = ev.get("by_category") or {}
+    for cat, thr in profile.min_category_pass_rate.items():
+        name = f"category:{cat}"
+        if cat not in by_cat or not by_cat[cat].get("rows"):
+            out.append(_missing(name, f">= {thr}", f"no eval rows of category {cat!r}: the skill is not covered"))
+        else:
+            out.append(_with_interval(_at_least(name, by_cat[cat].get("pass_rate"), thr,
+                                                f"pass rate on {cat} rows"),
+                                      [bool(r["pass"]) for r in eval_rows if r.get("category") == cat], n))
+    return out
+
+
 def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> dict[str, Any]:
-    """Decide pass/block for a run folder; write release/gate.json and release/release_card.md."""
+    """Decide approved/warn/blocked for a run folder; write release/gate.json and release/release_card.md."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     profile = profile or load_gate_profile()
     checks = gate_checks(run_dir, profile)
-    blocking = [c["name"] for c in checks if c["verdict"] != "pass"]
+    blocking = [c["name"] for c in checks if c["verdict"] == "block"]
+    warnings = [c["name"] for c in checks if c["verdict"] == "warn"]
     candidate = _candidate(run_dir)
     gate = {
-        "decision": "block" if blocking else "pass",
+        "decision": "blocked" if blocking else ("warn" if warnings else "approved"),
+        "warnings": warnings,
         "run_dir": str(run_dir.absolute()),
         "model": candidate,
         "profile": {"name": profile.name, **profile.thresholds()},
@@ -319,9 +459,10 @@ def _fmt(v: Any) -> str:
 
 
 def gate_table(gate: dict[str, Any]) -> list[str]:
-    lines = ["| check | verdict | value | threshold | reason |", "|---|---|---:|---:|---|"]
+    lines = ["| check | verdict | value | 95% interval | threshold | reason |", "|---|---|---:|---:|---:|---|"]
     for c in gate["checks"]:
-        lines.append(f"| {c['name']} | {'PASS' if c['verdict'] == 'pass' else 'BLOCK'} | {_fmt(c['value'])} | "
+        interval = "–".join(f"{x:.3g}" for x in c["interval"]) if c.get("interval") else ""
+        lines.append(f"| {c['name']} | {c['verdict'].upper()} | {_fmt(c['value'])} | {interval} | "
                      f"{c['threshold']} | {str(c['reason']).replace('|', '/')} |")
     return lines
 
@@ -336,7 +477,9 @@ def release_card(run_dir: Path, gate: dict[str, Any]) -> str:
     decision = gate["decision"].upper()
     lines = [f"# Release card: {summary.get('pack', cfg.get('pack', run_dir.name))}", "",
              f"**Decision: {decision}** (gate profile `{gate['profile']['name']}`). "
-             + ("Every check passed." if gate["decision"] == "pass" else
+             + ("Every check passed." if gate["decision"] == "approved" else
+                f"Approved with warnings: {', '.join(gate['warnings'])}. Read them before relying on it."
+                if gate["decision"] == "warn" else
                 f"Blocked by: {', '.join(gate['blocking'])}. A finished run is not a release."), "",
              "## Model", "",
              (f"- checkpoint: `{gate['model'] or 'none'}` (self-contained: params, `model_config.json` and "

@@ -4,9 +4,14 @@ Two kinds of check:
 
 * **Contamination** (text only, cheap; preflight runs it before any training): eval prompts and answers
   that occur in the SFT rows or the corpus, by exact match and by word n-gram overlap (eval/ngram.py).
+* **Near duplicates** (text only): eval rows whose MinHash similarity to an SFT prompt or a corpus passage
+  reaches the threshold (eval/neardup.py); they count as contamination like exact matches.
 * **Memorisation** (needs the model): canary prefixes drawn from the corpus (and, optionally, random canary
   strings planted into the corpus before base training) are fed to the model; a canary counts as memorised
   when greedy decoding reproduces its continuation token for token.
+* **Regurgitation** (needs replies): generated replies that copy a long run of corpus words.
+
+`run_honesty` runs them all; `run tiny`'s honesty stage and `picochat data honesty` call it.
 
 """
 
@@ -141,12 +146,29 @@ def honesty_status(contamination: dict[str, Any]) -> str:
     return "clean"
 
 
+def merge_near_duplicates(contamination: dict[str, Any], near: dict[str, Any]) -> dict[str, Any]:
+    """The contamination scan with near-duplicate findings (eval/neardup.py) folded in: a near-duplicated eval
+    row counts as found in the SFT rows or the corpus, exactly like an exact or n-gram match."""
+    out = {**contamination, "findings": [*contamination["findings"], *near["findings"]], "near_duplicates": {
+        k: near[k] for k in ("threshold", "char_ngram", "num_perm", "eval_rows_near_duplicated")}}
+    in_sft = set(contamination["eval_lines_in_sft"]) | {f["eval_line"] for f in near["findings"]
+                                                         if f["kind"].endswith("_near_sft")}
+    in_corpus = set(contamination["eval_lines_in_corpus"]) | {f["eval_line"] for f in near["findings"]
+                                                               if f["kind"].endswith("_near_corpus")}
+    out["eval_lines_in_sft"], out["eval_lines_in_corpus"] = sorted(in_sft), sorted(in_corpus)
+    out["contaminated_eval_lines"] = sorted(in_sft | in_corpus)
+    out["counts"] = {**contamination["counts"], "eval_rows_in_sft": len(in_sft),
+                     "eval_rows_in_corpus": len(in_corpus), "eval_rows_contaminated": len(in_sft | in_corpus),
+                     "eval_rows_near_duplicated": near["eval_rows_near_duplicated"]}
+    return out
+
+
 def write_honesty_report(out_dir: str | Path, contamination: dict[str, Any], memorization: dict[str, Any] | None,
-                         inputs: dict[str, Any]) -> dict[str, Any]:
+                         inputs: dict[str, Any], regurgitation: dict[str, Any] | None = None) -> dict[str, Any]:
     """honesty_report.json (everything) and honesty_report.md (counts and a few examples of each kind)."""
     out_dir = Path(out_dir)
     report = {"status": honesty_status(contamination), "inputs": inputs, **contamination,
-              "memorization": memorization}
+              "memorization": memorization, "regurgitation": regurgitation}
     save_json(out_dir / "honesty_report.json", report)
     save_text(out_dir / "honesty_report.md", honesty_markdown(report))
     return report
@@ -172,6 +194,21 @@ def honesty_markdown(report: dict[str, Any]) -> str:
         (f"| SFT answer {report['ngram']}-grams found in the corpus | "
         f"{100 * report['sft_corpus']['answer_ngram_overlap']:.1f}% |"), "",
     ]
+    near = report.get("near_duplicates")
+    if near:
+        lines += [(f"Near duplicates: {near['eval_rows_near_duplicated']} eval rows have a text at estimated "
+                   f"Jaccard >= {near['threshold']} ({near['char_ngram']}-character shingles, MinHash of "
+                   f"{near['num_perm']}) among the SFT prompts or corpus passages; they count as found above."), ""]
+    reg = report.get("regurgitation")
+    if reg:
+        lines += ["## Regurgitation", "",
+                  (f"{reg['regurgitated']} of {reg['replies']} generated replies contain a run of {reg['run_words']} "
+                   f"consecutive corpus words (rate {reg['rate']:.2f})."), ""]
+        if reg["examples"]:
+            lines += ["| reply | found in | copied share | text |", "|---|---|---:|---|"]
+            lines += [f"| {md_cell(e['label'])} | {md_cell(e['where'])} | {e['copied_share']:.2f} | "
+                      f"{md_cell(e['text'])} |" for e in reg["examples"][:10]]
+            lines.append("")
     mem = report.get("memorization")
     if mem:
         lines += [f"## Memorisation ({mem.get('model', 'model')})", "",
@@ -197,10 +234,51 @@ def honesty_markdown(report: dict[str, Any]) -> str:
         for f in report["findings"]:
             per_kind[f["kind"]] += 1
             if per_kind[f["kind"]] <= 10:
+                how = (f"{f['overlap']:.2f} ({f['how']})" if "overlap" in f else
+                       f"{f['similarity']:.2f} (MinHash)")
                 lines.append(f"| {f['severity']} | {f['kind']} | {f['eval_line']} | {md_cell(f['text'])} | "
-                             f"{md_cell(f['where'])} | {f['overlap']:.2f} ({f['how']}) |")
+                             f"{md_cell(f['where'])} | {how} |")
         hidden = sum(max(0, v - 10) for v in per_kind.values())
         if hidden:
             lines.append(f"\n({hidden} more findings in honesty_report.json)")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_honesty(out_dir: str | Path, *, eval_rows: Sequence[Any], conversations: Sequence[Any],
+                documents: Sequence[str], doc_labels: Sequence[str], inputs: dict[str, Any],
+                engine: Any = None, tok: Any = None, model_name: str | None = None,
+                replies: Sequence[str] | None = None, reply_labels: Sequence[str] | None = None,
+                planted: Sequence[tuple[str, str]] = (), canary_count: int = 8,
+                near_threshold: float | None = None, char_ngram: int | None = None) -> dict[str, Any]:
+    """Contamination (exact, n-gram, near-duplicate), and with a model its memorisation, and with replies their
+    regurgitation -> honesty_report.json|md under out_dir."""
+    from picochat_jax.eval.neardup import (
+        CHAR_NGRAM,
+        NEAR_THRESHOLD,
+        REGURGITATION_WORDS,
+        regurgitation,
+        scan_near_duplicates,
+    )
+    from picochat_jax.eval.ngram import TextIndex, scan_contamination
+
+    scan = scan_contamination(eval_rows, conversations, documents, doc_labels)
+    near = scan_near_duplicates(eval_rows, conversations, documents, doc_labels,
+                                NEAR_THRESHOLD if near_threshold is None else near_threshold,
+                                CHAR_NGRAM if char_ngram is None else char_ngram)
+    scan = merge_near_duplicates(scan, near)
+    mem = None
+    if engine is not None:
+        from picochat_jax.generate import SamplingParams
+
+        cont = 16  # tokens a canary must reproduce; the 32-token prefix shrinks only for tiny contexts
+        prefix = min(32, engine.max_len - cont - 1)
+        canaries = corpus_canaries(documents, doc_labels, tok, canary_count, prefix, cont)
+        canaries += planted_canaries(planted, tok)
+        mem = memorization_check(engine, tok, canaries, SamplingParams(max_new_tokens=cont), stop_ids=())
+        mem["model"] = model_name
+    reg = None
+    if replies:
+        index = TextIndex.build("corpus", list(documents), list(doc_labels), n=REGURGITATION_WORDS)
+        reg = regurgitation(replies, index, REGURGITATION_WORDS, reply_labels)
+    return write_honesty_report(out_dir, scan, mem, inputs, reg)

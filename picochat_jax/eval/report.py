@@ -78,7 +78,8 @@ def write_run_report(run_dir: str | Path) -> Path:
     lines = [title, ""]
     if gate:
         lines += [f"**Release gate: {gate['decision'].upper()}**"
-                  + ("" if gate["decision"] == "pass" else f" (blocked by {', '.join(gate['blocking'])})")
+                  + (f" (blocked by {', '.join(gate['blocking'])})" if gate.get("blocking") else "")
+                  + (f" (warnings: {', '.join(gate['warnings'])})" if gate.get("warnings") else "")
                   + f". Candidate model `{gate.get('model')}`, profile `{gate['profile']['name']}`. "
                   "A finished run is not a release; see [release card](release/release_card.md).", ""]
     else:
