@@ -295,3 +295,34 @@ def test_a_refused_out_dir_gets_no_done_file(tiny, tmp_path):
                                        "--out-dir", str(user)])
     assert result.exit_code == 2 and "not a picochat output folder" in result.output
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
+def test_gate_judges_an_hf_sft_folder_through_the_bridge(lora_run, tiny, tmp_path):
+    """`picochat gate OUT --eval-input ...` on an hf-sft out-dir: eval, external eval and honesty built with the
+    fine-tuned model, then judged; an eval row copied from the SFT input is caught as contamination."""
+    import shutil
+
+    report, out = lora_run
+    run = tmp_path / "hf_run"
+    shutil.copytree(out / "run", run)
+    model_dir, chat = tiny
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"user": f"Say hello to {n}.", "must_include": [n]}) + "\n"
+                             for n in ("Ada", "Zoe", "Kit")))
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": f"Who is greeted? {n}", "choices": [n, "nobody"], "answer": 0})
+                          + "\n" for n in ("Ada", "Bob")))
+    res = CliRunner().invoke(main, ["gate", str(run), "--eval-input", str(evals), "--external-input", str(mc),
+                                    "--set", "min_eval_rows=1", "--ci-bootstrap-samples", "50"])
+    assert res.exit_code in (0, 1), res.output
+    gate = json.loads((run / "release" / "gate.json").read_text())
+    names = [c["name"] for c in gate["checks"]]
+    assert gate["kind"] == "hf-sft" and gate["model"] == "final_model"
+    assert names[0] == "training" and gate["checks"][0]["verdict"] == "pass"
+    assert "preflight" not in names and "memorization_rate" not in names and "external_pass_rate" in names
+    assert (run / "eval" / "eval_report.json").exists() and (run / "external_eval" / "external_summary.json").exists()
+    honesty = json.loads((run / "honesty" / "honesty_report.json").read_text())
+    assert honesty["eval_lines_in_sft"] == [1]  # "Say hello to Ada." is an SFT row
+    assert "eval_in_sft" in gate["blocking"] and gate["decision"] == "blocked"
+    again = CliRunner().invoke(main, ["gate", str(run), "--set", "min_eval_rows=1"])  # evidence is reused
+    assert "built" not in again.output
