@@ -73,6 +73,9 @@ def tokenize_stage(documents: Callable[[], Iterable[tuple[str, str]]], num_docum
     splits = manifest["splits"]
     print(f"[tokenize] {splits['train']['tokens']:,} train tokens ({splits['train']['documents']} documents), "
           f"{splits['val']['tokens']:,} held-out tokens ({splits['val']['documents']} documents) -> {shards_dir}")
+    if not splits["val"]["tokens"]:
+        print("[tokenize] warning: no document is held out (a corpus of one document, or val_fraction 0), so base "
+              "pretraining reports no validation loss or BPB")
     return manifest
 
 
@@ -154,6 +157,8 @@ class RunOptions:
     eval_batch_size: int = 64  # rows per generation batch: fewer, larger batches compile fewer programs
     gate_profile: str | None = None
     gate_overrides: tuple[tuple[str, str], ...] = ()
+    tensorboard_dir: str | None = None  # TensorBoard events under DIR/<stage> (default: beside metrics.jsonl)
+    preflight_only: bool = False  # stop after the preflight report
 
 
 def _summary_markdown(summary: dict[str, Any]) -> str:
@@ -305,11 +310,16 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     print(f"[import] {corpus.manifest['total_documents']} documents, {corpus.manifest['total_bytes']:,} bytes")
     lap("import")
 
-    pre = preflight_stage(pack, corpus, conversations, eval_rows, preferences, scale, base_cfg, sft_cfg, options,
-                          out_dir)
+    pre = preflight_stage(pack, corpus, conversations, eval_rows, preferences, scale, base_cfg, sft_cfg,
+                          dataclasses.replace(options, allow_preflight_warnings=options.allow_preflight_warnings
+                                              or options.preflight_only), out_dir)
     print(f"[preflight] {pre['status']}" + (f": warnings {', '.join(pre['warnings'])}" if pre["warnings"] else "")
           + (f"; blocking {', '.join(pre['blocking'])} overridden" if pre["overridden"] else ""))
     lap("preflight")
+    if options.preflight_only:
+        print(f"[preflight] --preflight-only: stopping before training; report {out_dir / 'preflight.md'}")
+        return {"status": "preflight_only", "preflight": pre["status"], "blocking": pre["blocking"],
+                "warnings": pre["warnings"]}
 
     planted = make_planted_canaries(options.canaries, base_cfg.seed)
     documents = plant_canaries(corpus.documents, planted, seed=base_cfg.seed) if planted else corpus.documents
@@ -324,6 +334,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
 
     # Within a resumed run, a stage with no checkpoint yet simply starts.
     train_kwargs = {"resume": resume, "resume_or_start": True, "progress": options.progress}
+    tb_root = Path(options.tensorboard_dir) if options.tensorboard_dir else None
     perf = {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
     done = finished_stage(out_dir / "base", base_cfg.steps) if resume else None
     if not done:
@@ -332,7 +343,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
         lap("tokenize")
     base = (TrainResult("completed", base_cfg.steps, summary=done[1], params=done[0]) if done else
             base_stage(scale, base_cfg, tok, tokenizer_path, out_dir / "tokens", out_dir / "base", mesh_shape,
-                       **train_kwargs, **perf))
+                       **train_kwargs, **perf, tensorboard_dir=tb_root and tb_root / "base"))
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
     lap("base")
@@ -340,7 +351,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
     done = finished_stage(out_dir / "sft", sft_cfg.steps) if resume else None
     sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else
            sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
-                     mesh_shape, **train_kwargs, **perf))
+                     mesh_shape, **train_kwargs, **perf, tensorboard_dir=tb_root and tb_root / "sft"))
     if sft.status != "completed":
         return {"status": "interrupted", "stage": "sft", "step": sft.final_step}
     lap("sft")
@@ -352,7 +363,7 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
         done = finished_stage(out_dir / "dpo", scale.dpo.steps) if resume else None
         dpo = (DPOResult("completed", done[1]["steps"], done[1], done[0]) if done else
                dpo_stage(model_cfg, sft_cfg, scale.dpo, tok, tokenizer_path, preferences, sft.params, out_dir / "dpo",
-                         mesh_shape, **train_kwargs))
+                         mesh_shape, **train_kwargs, tensorboard_dir=tb_root and tb_root / "dpo"))
         candidate = "dpo"
         # Before training the policy is the reference, so both implicit rewards are 0 and accuracy starts at 0.
         print(f"[dpo] implicit-reward accuracy {dpo.summary['before']['reward_accuracy']:.2f} -> "

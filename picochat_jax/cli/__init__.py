@@ -13,6 +13,7 @@ from picochat_jax.cli import dpo as dpo_cli
 from picochat_jax.cli import eval as eval_cli
 from picochat_jax.cli import gate as gate_cli
 from picochat_jax.cli import hf as hf_cli
+from picochat_jax.cli import runs as runs_cli
 from picochat_jax.cli import serve as serve_cli
 
 
@@ -34,6 +35,10 @@ train.train.add_command(hf_cli.hf_sft)
 main.add_command(eval_cli.eval_group)
 main.add_command(chat_cli.chat)
 main.add_command(serve_cli.serve)
+run.run.add_command(runs_cli.bundle)
+run.run.add_command(runs_cli.inspect_bundle_cmd)
+main.add_command(runs_cli.compare)
+main.add_command(runs_cli.registry)
 
 if __name__ == "__main__":
     main()

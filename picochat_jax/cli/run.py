@@ -48,12 +48,17 @@ def run() -> None:
               help="Release gate thresholds (default: configs/gate/default.yaml).")
 @click.option("--gate-set", "gate_overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one gate threshold (repeatable).")
+@click.option("--tensorboard-dir", type=click.Path(path_type=Path), default=None,
+              help="Write TensorBoard events under DIR/base, DIR/sft, DIR/dpo (default: beside each metrics.jsonl).")
+@click.option("--preflight-only", is_flag=True,
+              help="Import, write the corpus and preflight reports, and stop (exit 1 when preflight blocks).")
 @friendly_errors
 def tiny(pack_path: Path, out_dir: Path, scale: str, sets: tuple[str, ...], mesh: str | None, device: str | None,
          precision: str | None, max_steps: int | None, base_steps: int | None, sft_steps: int | None, resume: bool,
          resume_or_start: bool, overwrite: bool, no_progress: bool, allow_preflight_warnings: bool,
          dpo_steps: int | None, dpo_beta: float | None, no_dpo: bool,
-         canaries: int, gate_profile: str | None, gate_overrides: tuple[str, ...]) -> None:
+         canaries: int, gate_profile: str | None, gate_overrides: tuple[str, ...], tensorboard_dir: Path | None,
+         preflight_only: bool) -> None:
     """Import -> preflight -> tokenizer -> base -> SFT -> [DPO] -> SFT fit -> eval -> honesty -> release gate
     -> report.md, writing the spec's out-dir layout. A finished run is not a release: see release/gate.json."""
     select_device(device)
@@ -70,8 +75,15 @@ def tiny(pack_path: Path, out_dir: Path, scale: str, sets: tuple[str, ...], mesh
                          resume=resume, resume_or_start=resume_or_start, overwrite=overwrite, progress=not no_progress,
                          allow_preflight_warnings=allow_preflight_warnings, dpo=not no_dpo, dpo_steps=dpo_steps,
                          dpo_beta=dpo_beta, sets=sets, canaries=canaries, gate_profile=gate_profile,
-                         gate_overrides=tuple(parse_overrides(gate_overrides).items()))
+                         gate_overrides=tuple(parse_overrides(gate_overrides).items()),
+                         tensorboard_dir=str(tensorboard_dir) if tensorboard_dir else None,
+                         preflight_only=preflight_only)
     summary = run_tiny(pack_path, out_dir, options)
+    if summary.get("status") == "preflight_only":
+        click.echo(f"preflight: {summary['preflight']}"
+                   + (f"; blocking: {', '.join(summary['blocking'])}" if summary["blocking"] else "")
+                   + (f"; warnings: {', '.join(summary['warnings'])}" if summary["warnings"] else ""))
+        raise SystemExit(1 if summary["blocking"] else 0)
     if summary.get("status") != "completed":
         click.echo(f"run interrupted during {summary['stage']} at step {summary['step']}; "
                    f"continue with --resume", err=True)

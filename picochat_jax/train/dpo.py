@@ -157,7 +157,8 @@ class DPOResult:
 def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOConfig, tok: ChatTokenizer,
               rows: Sequence[PreferenceRow], init_params: Any, out_dir: Path, mesh_shape: MeshShape,
               tokenizer_path: Path | None, resume: bool = False, resume_or_start: bool = False,
-              should_stop: Callable[[int], bool] | None = None, progress: bool = True) -> DPOResult:
+              should_stop: Callable[[int], bool] | None = None, progress: bool = True,
+              tensorboard_dir: Path | None = None) -> DPOResult:
     """Train the policy (starting from, and referenced against, `init_params`) on preference pairs, through the
     one trainer and driver: gradient accumulation, meshes, resume and SIGTERM saves as for SFT."""
     from picochat_jax.train.loop import fit
@@ -205,6 +206,7 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
               log_keys=("loss", "reward_accuracy", "margin", "logp_margin", "chosen_reward", "rejected_reward",
                         "lr", "grad_norm"),
               flops_per_token=model_cfg.flops_per_token(seq_len), resume=resume, resume_or_start=resume_or_start,
+              tensorboard_dir=tensorboard_dir,
               should_stop=should_stop, progress=progress)
     train_rows, val_rows = run.history, run.val_history
     summary = {

@@ -31,6 +31,7 @@ from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import count_params, training_model
 from picochat_jax.outdir import OutDirError, OutDirInUse, read_marker, write_marker
 from picochat_jax.parallel import MeshShape, check_batch_fits, make_mesh
+from picochat_jax.tensorboard import EventWriter
 from picochat_jax.train.checkpoint import ResumeManager
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import ShardedTrainer, build_trainer
@@ -170,11 +171,14 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
         log_keys: tuple[str, ...] = ("loss", "bpb", "lr", "grad_norm"), flops_per_token: float | None = None,
         eval_at_start: bool = False, resume: bool = False, resume_or_start: bool = False,
         should_stop: Callable[[int], bool] | None = None, progress: bool = True,
-        on_row: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+        tensorboard_dir: Path | None = None) -> FitResult:
     """The one training driver: resume, the step loop, metrics.jsonl, progress, evaluation and best-model
     saves, resume checkpoints (async orbax) and SIGTERM, the final model. Every kind of training runs here.
 
-    `on_row(row)` sees every train and validation row as it is logged (progress files, dashboards).
+    `on_row(row)` sees every train and validation row as it is logged (progress files, dashboards). Every row
+    also goes to a TensorBoard event file beside metrics.jsonl (or under `tensorboard_dir`), tagged
+    `STAGE/KEY`.
     `evaluate(trainable_params)` returns the validation row (`val_loss` picks the best model) or None;
     `save_model(name, trainable_params, meta)` writes the stage's model folder `name` ("checkpoint" = final,
     "best_checkpoint" = best val loss); `settings` is what a resume must match (named keys on a mismatch).
@@ -216,9 +220,13 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
         return {"stage": stage, "step": step, "data_position": step, "best_val_loss": best_val,
                 "settings": settings}
 
+    events = EventWriter(tensorboard_dir or out_dir)
+
     def append(row: dict[str, Any]) -> None:
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        events.scalars(int(row["step"]), {f"{stage}/{k}": v for k, v in row.items()
+                                          if k not in ("step", "elapsed_sec")})
         if on_row is not None:
             on_row(row)
 
@@ -290,6 +298,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
         if math.isinf(best_val):  # no val split: the final model is the best we know
             save_model("best_checkpoint", state.params, {"stage": stage, "step": final_step, "val_loss": None})
     manager.close()
+    events.close()
 
     timed = [r for r in train_rows if r["step"] > start + 1]
     mean_tok_s = float(np.mean([r["tokens_per_sec"] for r in timed])) if timed else None
@@ -316,6 +325,7 @@ def train(
     attention_impl: str | None = None,
     ce_chunk_tokens: int = 0,
     data_fingerprint: dict[str, Any] | None = None,
+    tensorboard_dir: Path | None = None,
 ) -> TrainResult:
     """Base pretraining and SFT of a native model (causal-LM loss on every param) through `fit`. The rows are
     tables (`data.shards.PackedRows` streamed from disk, or in-memory arrays)."""
@@ -348,7 +358,8 @@ def train(
                                          **({"data": data_fingerprint} if data_fingerprint else {})},
               tokens_per_step=seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps, evaluate=evaluate,
               save_model=save_model, flops_per_token=flops_per_token, resume=resume,
-              resume_or_start=resume_or_start, should_stop=should_stop, progress=progress)
+              resume_or_start=resume_or_start, should_stop=should_stop, progress=progress,
+              tensorboard_dir=tensorboard_dir)
     rows, vals = run.history, run.val_history
     summary = {
         "stage": stage, "status": run.status, "steps": run.final_step, "params": count_params(run.state.params),
