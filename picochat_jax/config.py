@@ -206,6 +206,7 @@ class HFSFTConfig:
     evals_per_run: int = 5  # held-out evaluations spread over the run (plus one before the first step)
     # The fine-tuning optimizer: short warmup, cosine to min_lr_ratio, no weight decay, HF Trainer's Adam betas.
     warmup_fraction: float = 0.1
+    warmup_steps: int | None = None  # the original's --lr-warmup-steps: overrides warmup_fraction when set
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0

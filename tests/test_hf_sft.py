@@ -326,3 +326,41 @@ def test_gate_judges_an_hf_sft_folder_through_the_bridge(lora_run, tiny, tmp_pat
     assert "eval_in_sft" in gate["blocking"] and gate["decision"] == "blocked"
     again = CliRunner().invoke(main, ["gate", str(run), "--set", "min_eval_rows=1"])  # evidence is reused
     assert "built" not in again.output
+
+
+def test_original_options_schedule_eval_input_revision_and_remote_code(tiny, tmp_path):
+    from picochat_jax.hf.sft import hf_train_config
+
+    model_dir, chat = tiny
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"user": "Say hello to Ada.", "must_include": ["Ada"]}) + "\n")
+    result = CliRunner().invoke(main, [
+        "train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(tmp_path / "o"),
+        "--max-steps", "4", "--max-length", "64", "--device", "cpu", "--peft", "lora", "--learning-rate", "1e-3",
+        "--batch-size", "8", "--lr-warmup-steps", "2", "--lr-decay", "linear", "--min-lr-ratio", "0.5",
+        "--eval-input", str(evals), "--trust-remote-code", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "hf_sft_report.json").read_text())
+    cfg = report["train_config"]
+    assert (cfg["warmup_steps"], cfg["decay"], cfg["min_lr_ratio"]) == (2, "linear", 0.5)
+    lrs = [r["lr"] for r in report["loss_curve"] if r["lr"] is not None]
+    assert max(lrs) <= 1e-3 and lrs[-1] < max(lrs)  # warmed up to the peak, then decayed
+    assert report["eval"]["rows"] == 1 and (tmp_path / "o" / "eval" / "eval_report.json").exists()
+    assert "eval (" in (tmp_path / "o" / "report.md").read_text()
+    # --revision applies to hub ids only.
+    bad = CliRunner().invoke(main, ["train", "hf-sft", "--model", str(model_dir), "--revision", "main", "--input",
+                                    str(chat), "--out-dir", str(tmp_path / "r")])
+    assert bad.exit_code == 2 and "applies to hub ids" in bad.output
+    # A checkpoint defined by its own shipped code is refused with the reason, flag or not.
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "my_arch", "architectures": ["MyArchForCausalLM"],
+                                                    "auto_map": {"AutoModelForCausalLM": "modeling.MyArch"}}))
+    refused = CliRunner().invoke(main, ["train", "hf-sft", "--model", str(custom), "--trust-remote-code", "--input",
+                                        str(chat), "--out-dir", str(tmp_path / "c")])
+    assert refused.exit_code == 2 and "never runs remote code" in refused.output
+    from picochat_jax.config import HFSFTConfig
+    from picochat_jax.hf.sft import HFSFTOptions
+
+    opts = HFSFTOptions(model="m", input=chat, out_dir=tmp_path, max_steps=100, optimizer=HFSFTConfig())
+    assert hf_train_config(opts).warmup_steps == 10  # the fraction when no fixed warmup is set

@@ -74,6 +74,12 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
 
 @click.command(name="hf-sft")
 @click.option("--model", required=True, help="HF model folder, or a hub id already in the local HF cache.")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub id (from the local cache).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Accepted for compatibility: picochat maps supported families onto its own decoder and never "
+                   "runs code shipped with a checkpoint (such models are refused with the reason).")
+@click.option("--eval-input", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Eval JSONL scored with final_model at the end (-> OUT/eval, summarised in the report).")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help="Chat JSONL.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @_hf_sft_option("--max-steps", click.IntRange(min=1))
@@ -99,15 +105,24 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
 @_hf_sft_option("--batch-size", click.IntRange(min=1), "Rows per micro-batch (divisible by the mesh's data*fsdp).")
 @_hf_sft_option("--grad-accum-steps", click.IntRange(min=1))
 @_hf_sft_option("--val-fraction", float, "Held-out share of the rows; its loss picks best_model/.")
+@click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Warmup steps (default: hf_sft.warmup_fraction of --max-steps).")
+@click.option("--lr-decay", type=click.Choice(["cosine", "linear", "none"]), default=None,
+              help="Decay after warmup. " + config_default("hf_sft", "decay"))
+@click.option("--min-lr-ratio", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Final learning rate / peak. " + config_default("hf_sft", "min_lr_ratio"))
 @mesh_option
 @set_option
 @friendly_errors
-def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, precision: str | None,
-           gradient_checkpointing: bool, done_file: Path | None, progress_file: Path | None, overwrite: bool,
-           resume: bool,
-           resume_or_start: bool, no_progress: bool, mesh: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+def hf_sft(model: str, revision: str | None, trust_remote_code: bool, eval_input: Path | None, input_path: Path,
+           out_dir: Path, device: str | None, precision: str | None, gradient_checkpointing: bool,
+           done_file: Path | None, progress_file: Path | None, overwrite: bool, resume: bool, resume_or_start: bool,
+           no_progress: bool, mesh: str | None, sets: tuple[str, ...], lr_warmup_steps: int | None,
+           lr_decay: str | None, min_lr_ratio: float | None, **flags: Any) -> None:
     """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
     select_device(device)
+    import dataclasses
+
     import jax
 
     from picochat_jax.config import load_defaults
@@ -115,6 +130,8 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
     from picochat_jax.model.lora import LoraConfig, parse_targets
 
     cfg = load_defaults(sets).hf_sft
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("warmup_steps", lr_warmup_steps), ("decay", lr_decay),
+                                                          ("min_lr_ratio", min_lr_ratio)) if v is not None})
     f = resolve_flags(flags, cfg)
     precision = precision or ("fp32" if jax.default_backend() == "cpu" else "bf16")
     lora_cfg = LoraConfig()
@@ -127,7 +144,7 @@ def hf_sft(model: str, input_path: Path, out_dir: Path, device: str | None, prec
                         grad_accum_steps=f["grad_accum_steps"], val_fraction=f["val_fraction"], mesh=mesh,
                         done_file=done_file, progress_file=progress_file, overwrite=overwrite, resume=resume,
                         resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
-                        optimizer=cfg)
+                        optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)

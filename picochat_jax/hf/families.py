@@ -104,8 +104,12 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
         archs = hf.get("architectures") or [family]
-        raise ValueError(f"unsupported architecture {archs[0]!r} (model_type {family!r}); supported: "
-                         + ", ".join(f"{ARCHITECTURES[k]} ({k})" for k in ARCHITECTURES))
+        supported = ", ".join(f"{ARCHITECTURES[k]} ({k})" for k in ARCHITECTURES)
+        if hf.get("auto_map"):  # modelling code shipped with the checkpoint (--trust-remote-code in transformers)
+            raise ValueError(f"{archs[0]!r} (model_type {family!r}) is defined by code shipped with the checkpoint "
+                             "(auto_map). picochat maps models onto its own decoder and never runs remote code, so "
+                             f"--trust-remote-code cannot help; supported: {supported}")
+        raise ValueError(f"unsupported architecture {archs[0]!r} (model_type {family!r}); supported: {supported}")
     if family == "gpt2":
         return family, _gpt2_config_from_hf(hf)
     act = hf.get("hidden_act", "silu")

@@ -47,10 +47,13 @@ class HFModel:
     params: Params
 
 
-def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """A local folder, or a hub id already in the local HF cache. Never touches the network."""
+def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """A local folder, or a hub id (at `revision`: a branch, tag or commit) already in the local HF cache. Never
+    touches the network."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"--revision {revision} applies to hub ids; {path} is a local folder")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
         return path
@@ -61,11 +64,13 @@ def resolve_model_dir(model: str | Path, cache_dir: str | Path | None = None) ->
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot = snapshot_download(str(model), local_files_only=True, cache_dir=cache_dir)
+        snapshot = snapshot_download(str(model), local_files_only=True, cache_dir=cache_dir, revision=revision)
     except Exception as exc:  # the hub raises several types for "not cached"
+        at = f" at revision {revision}" if revision else ""
         raise FileNotFoundError(
-            f"{model!r} is neither a local folder nor a model in the local Hugging Face cache (no network is "
-            f"used); download it first, e.g. `hf download {model}`") from exc
+            f"{model!r}{at} is neither a local folder nor a model in the local Hugging Face cache (no network is "
+            f"used); download it first, e.g. `hf download {model}{' --revision ' + revision if revision else ''}`"
+        ) from exc
     return Path(snapshot)
 
 
@@ -99,9 +104,9 @@ def read_safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_hf_model(model: str | Path, cache_dir: str | Path | None = None) -> HFModel:
+def load_hf_model(model: str | Path, cache_dir: str | Path | None = None, revision: str | None = None) -> HFModel:
     """Load an HF causal-LM folder (or cached hub id) as (family, ModelConfig, float32 params)."""
-    path = resolve_model_dir(model, cache_dir)
+    path = resolve_model_dir(model, cache_dir, revision)
     hf = read_hf_config(path)
     family, cfg = config_from_hf(hf)
     params = params_from_hf(read_safetensors(path), cfg, family, path)

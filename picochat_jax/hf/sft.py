@@ -35,7 +35,7 @@ from picochat_jax import parallel
 from picochat_jax.config import HFSFTConfig, TrainConfig
 from picochat_jax.data.chat import template_examples
 from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
-from picochat_jax.data.records import read_chat_jsonl
+from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
 from picochat_jax.hf.export import save_hf_model, save_peft_adapter
@@ -79,6 +79,9 @@ class HFSFTOptions:
     should_stop: Callable[[int], bool] | None = None  # tests: stop after a step, as SIGTERM would
     seed: int = 0
     cache_dir: Path | None = None  # HF cache to resolve hub ids in (default: the standard one)
+    revision: str | None = None  # branch, tag or commit of a cached hub id
+    trust_remote_code: bool = False  # accepted for the original's CLI; remote code is never run (hf/families.py)
+    eval_input: Path | None = None  # eval JSONL scored with final_model at the end -> out_dir/eval
 
     def __post_init__(self) -> None:
         if self.peft not in ("lora", "none"):
@@ -99,7 +102,9 @@ def hf_train_config(opts: HFSFTOptions) -> TrainConfig:
     o = opts.optimizer
     return TrainConfig(
         steps=opts.max_steps, batch_size=opts.batch_size, grad_accum_steps=opts.grad_accum_steps,
-        learning_rate=opts.learning_rate, warmup_steps=max(1, int(opts.max_steps * o.warmup_fraction + 1e-9)),
+        learning_rate=opts.learning_rate,
+        warmup_steps=o.warmup_steps if o.warmup_steps is not None else max(1, int(opts.max_steps * o.warmup_fraction
+                                                                                 + 1e-9)),
         decay=o.decay, min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2,
         grad_clip=o.grad_clip, precision=opts.precision,
         remat="full" if opts.gradient_checkpointing else "none", log_every=max(1, opts.max_steps // 50),
@@ -148,8 +153,10 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     conversations = read_chat_jsonl(opts.input)
     plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite, resume=opts.resume,
                          resume_or_start=opts.resume_or_start,
-                         inputs=[resolve_model_dir(opts.model, opts.cache_dir), opts.input])
-    hf = load_hf_model(opts.model, opts.cache_dir)
+                         inputs=[resolve_model_dir(opts.model, opts.cache_dir, opts.revision), opts.input,
+                                 opts.eval_input])
+    eval_rows = read_eval_jsonl(opts.eval_input) if opts.eval_input is not None else None  # fail before training
+    hf = load_hf_model(opts.model, opts.cache_dir, opts.revision)
     if opts.peft == "lora":
         check_peft_family(hf.family)
     fmt = HFChatFormat.load(hf.path)
@@ -235,7 +242,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
                        "dropout": lora_cfg.dropout, "targets": sorted(run.state.params)}
     initial_val = next((r["val_loss"] for r in run.val_history if r["step"] == 0), None)
     report = {
-        "status": "completed", "model": str(opts.model), "model_path": str(hf.path), "family": hf.family,
+        "status": "completed", "model": str(opts.model), "revision": opts.revision, "model_path": str(hf.path),
+        "family": hf.family,
         "input": str(opts.input), "examples": data_stats["rows"],
         "split": {"train": n_train, "val": n_val, "val_fraction": opts.val_fraction},
         "data": data_stats, "model_config": hf.config.to_dict(), "train_config": asdict(train_cfg),
@@ -249,6 +257,17 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         "train_sec": run.wall_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
         "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "paths": paths,
     }
+    if eval_rows:
+        from picochat_jax.eval.chat import evaluate_chat
+        from picochat_jax.generate import SamplingParams
+        from picochat_jax.hf.chat_format import load_hf_chat
+
+        engine, eval_fmt = load_hf_chat(out_dir / "final_model", precision=opts.precision)
+        ev = evaluate_chat(engine, eval_fmt, eval_rows, out_dir / "eval", SamplingParams(max_new_tokens=64),
+                           input_name=str(opts.eval_input))
+        report["eval"] = {"input": str(opts.eval_input), "rows": ev["rows"], "passed": ev["passed"],
+                          "pass_rate": ev["pass_rate"], "report": str(out_dir / "eval" / "eval_report.md")}
+        log(f"[hf-sft] eval: {ev['passed']}/{ev['rows']} passed ({ev['pass_rate']:.1%}) -> {out_dir / 'eval'}")
     save_json(out_dir / "hf_sft_report.json", report)
     save_text(out_dir / "report.md", _report_markdown(report))
     log(f"[hf-sft] held-out loss {_loss(initial_val)} -> best {_loss(best.get('val_loss'))} at step "
@@ -284,7 +303,10 @@ def _report_markdown(r: dict[str, Any]) -> str:
         (f"- {r['steps']} steps, {r['precision']}, mesh {r['mesh']} on {r['device_kind']}, "
          f"{number(r['tokens_per_sec'], ',.0f')} tokens/s, {r['train_sec']:.1f} s training"),
         (f"- held-out loss: {_loss(r['initial_val_loss'])} before -> {_loss(r['final_val_loss'])} final, "
-         f"best {_loss(r['best_val_loss'])} at step {r['best_step']} (-> best_model/)"), "",
+         f"best {_loss(r['best_val_loss'])} at step {r['best_step']} (-> best_model/)"),
+        *([f"- eval ({r['eval']['input']}): {r['eval']['passed']}/{r['eval']['rows']} passed "
+           f"({r['eval']['pass_rate']:.1%}), final_model; details in eval/eval_report.md"] if r.get("eval") else []),
+        "",
         "| step | train loss | held-out loss | lr | grad norm | elapsed s |", "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["loss_curve"]:
