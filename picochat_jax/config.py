@@ -204,6 +204,7 @@ class HFSFTConfig:
     grad_accum_steps: int = 1
     val_fraction: float = 0.05
     evals_per_run: int = 5  # held-out evaluations spread over the run (plus one before the first step)
+    packing: str = "bos_bestfit"  # several chat rows per training row (exact: segments, positions, masks) | none
     # The fine-tuning optimizer: short warmup, cosine to min_lr_ratio, no weight decay, HF Trainer's Adam betas.
     warmup_fraction: float = 0.1
     warmup_steps: int | None = None  # the original's --lr-warmup-steps: overrides warmup_fraction when set

@@ -344,7 +344,7 @@ def test_original_options_schedule_eval_input_revision_and_remote_code(tiny, tmp
     cfg = report["train_config"]
     assert (cfg["warmup_steps"], cfg["decay"], cfg["min_lr_ratio"]) == (2, "linear", 0.5)
     lrs = [r["lr"] for r in report["loss_curve"] if r["lr"] is not None]
-    assert max(lrs) <= 1e-3 and lrs[-1] < max(lrs)  # warmed up to the peak, then decayed
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < max(lrs)  # warmed up to the peak, then decayed
     assert report["eval"]["rows"] == 1 and (tmp_path / "o" / "eval" / "eval_report.json").exists()
     assert "eval (" in (tmp_path / "o" / "report.md").read_text()
     # --revision applies to hub ids only.
@@ -364,3 +364,24 @@ def test_original_options_schedule_eval_input_revision_and_remote_code(tiny, tmp
 
     opts = HFSFTOptions(model="m", input=chat, out_dir=tmp_path, max_steps=100, optimizer=HFSFTConfig())
     assert hf_train_config(opts).warmup_steps == 10  # the fraction when no fixed warmup is set
+
+
+def test_packed_hf_rows_give_the_unpacked_loss(tiny):
+    """Packing is exact on an HF model too: the pad id is the eos id here, so lengths come from the template."""
+    from picochat_jax.data.packing import pack_examples
+    from picochat_jax.model.loss import loss_sums
+
+    model_dir, chat = tiny
+    hf = load_hf_model(model_dir)
+    fmt = HFChatFormat.load(hf.path)
+    examples, stats = template_examples(read_chat_jsonl(chat), fmt, max_length=64)
+    lengths = examples.pop("length")
+    packed = pack_examples(examples, 2 * stats["seq_len"], fmt.pad_id, lengths)  # rows with room for two
+    assert len(packed["inputs"]) < len(examples["inputs"])
+    model = make_model(hf.config)
+    tb = jnp.ones(hf.config.vocab_size)
+    wide = {k: np.pad(v, ((0, 0), (0, stats["seq_len"])), constant_values=fmt.pad_id if k != "loss_mask" else 0)
+            for k, v in examples.items()}  # the unpacked rows at the packed width: the same model shapes
+    plain, pk = loss_sums(model, hf.params, wide, tb), loss_sums(model, hf.params, packed, tb)
+    assert float(pk[1]) == float(plain[1])
+    np.testing.assert_allclose(float(pk[0]), float(plain[0]), rtol=1e-5)

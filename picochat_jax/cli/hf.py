@@ -105,6 +105,9 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
 @_hf_sft_option("--batch-size", click.IntRange(min=1), "Rows per micro-batch (divisible by the mesh's data*fsdp).")
 @_hf_sft_option("--grad-accum-steps", click.IntRange(min=1))
 @_hf_sft_option("--val-fraction", float, "Held-out share of the rows; its loss picks best_model/.")
+@_hf_sft_option("--packing", click.Choice(["bos_bestfit", "none"]),
+                "Pack several chat rows into each training row by best fit (each keeps its own attention segment, "
+                "positions and assistant mask: the same loss as one row each) or one padded row each.")
 @click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=None,
               help="Warmup steps (default: hf_sft.warmup_fraction of --max-steps).")
 @click.option("--lr-decay", type=click.Choice(["cosine", "linear", "none"]), default=None,
@@ -144,7 +147,8 @@ def hf_sft(model: str, revision: str | None, trust_remote_code: bool, eval_input
                         grad_accum_steps=f["grad_accum_steps"], val_fraction=f["val_fraction"], mesh=mesh,
                         done_file=done_file, progress_file=progress_file, overwrite=overwrite, resume=resume,
                         resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
-                        optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input)
+                        optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input,
+                        packing=f["packing"])
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)

@@ -175,10 +175,13 @@ def encode_template_rows(conversations: Sequence[Conversation], fmt: Any,
 
 def template_examples(conversations: Sequence[Conversation], fmt: Any, max_length: int,
                       ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """(inputs, targets, loss_mask) rows rendered with the model's chat template, and their statistics."""
+    """(inputs, targets, loss_mask, length) rows rendered with the model's chat template, and their statistics.
+    `length` (real positions per row) rides along for packing; it is not a model input."""
     encoded, mismatched = encode_template_rows(conversations, fmt)
     seq_len = fit_seq_len(max(len(ids) for ids, _ in encoded) - 1, max_length)
     examples, truncated = pad_examples(encoded, seq_len, fmt.pad_id)
+    # Real positions per row: an HF pad id is often the eos id, which also ends turns inside the row.
+    examples["length"] = np.asarray([min(len(ids) - 1, seq_len) for ids, _ in encoded], np.int64)
     return examples, {"rows": len(encoded), "seq_len": seq_len, "truncated_rows": truncated,
                       "template_prefix_mismatches": mismatched,
                       "target_tokens": int(examples["loss_mask"].sum())}

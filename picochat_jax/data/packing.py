@@ -70,12 +70,16 @@ def best_fit_rows(piece_lengths: Iterable[int], row_tokens: int, pool_size: int 
     return row_start, span_piece, span_offset, span_length
 
 
-def pack_examples(examples: dict[str, np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def pack_examples(examples: dict[str, np.ndarray], seq_len: int, pad_id: int,
+                  lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Right-padded SFT rows (inputs, targets, loss_mask; padding only at the end) packed by best fit into rows
     of `seq_len`, whole examples only, with segment_ids (1, 2, ... per row; 0 = padding) and positions that
-    restart per example. The assistant-only loss mask travels with each example's tokens."""
-    real = examples["inputs"] != pad_id
-    lengths = real.sum(axis=1).astype(np.int64)
+    restart per example. The assistant-only loss mask travels with each example's tokens. `lengths` gives each
+    row's real positions; without it they are the positions before the first `pad_id` run (native tokenizers,
+    whose pad token never occurs in text)."""
+    if lengths is None:
+        lengths = (examples["inputs"] != pad_id).sum(axis=1)
+    lengths = np.asarray(lengths, np.int64)
     row_start, piece, _, length = best_fit_rows(lengths.tolist(), seq_len, crop=False)
     piece = np.frombuffer(piece, np.int64)
     length = np.frombuffer(length, np.int64)

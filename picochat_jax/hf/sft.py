@@ -35,6 +35,7 @@ from picochat_jax import parallel
 from picochat_jax.config import HFSFTConfig, TrainConfig
 from picochat_jax.data.chat import template_examples
 from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
+from picochat_jax.data.packing import pack_examples
 from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
@@ -82,10 +83,13 @@ class HFSFTOptions:
     revision: str | None = None  # branch, tag or commit of a cached hub id
     trust_remote_code: bool = False  # accepted for the original's CLI; remote code is never run (hf/families.py)
     eval_input: Path | None = None  # eval JSONL scored with final_model at the end -> out_dir/eval
+    packing: str = _D.packing  # bos_bestfit: several chat rows per training row (exact; data/packing.py) | none
 
     def __post_init__(self) -> None:
         if self.peft not in ("lora", "none"):
             raise ValueError(f"--peft must be lora|none, got {self.peft!r}")
+        if self.packing not in ("bos_bestfit", "none"):
+            raise ValueError(f"--packing must be bos_bestfit|none, got {self.packing!r}")
         if self.max_steps < 1 or self.max_length < 2:
             raise ValueError("--max-steps must be >= 1 and --max-length >= 2")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -167,11 +171,20 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     train_cfg = hf_train_config(opts)
     train_ex, val_ex = split_examples(examples, opts.val_fraction, opts.seed)
     n_train, n_val = len(train_ex["inputs"]), len(val_ex["inputs"])
+    train_lengths, _ = train_ex.pop("length"), val_ex.pop("length")
+    if opts.packing == "bos_bestfit":
+        # Exact: each example keeps its own attention segment, positions and assistant mask (data/packing.py).
+        train_ex = pack_examples(train_ex, data_stats["seq_len"], fmt.pad_id, train_lengths)
+    rows_used = len(train_ex["inputs"])
+    fill = float(train_lengths.sum() / (rows_used * data_stats["seq_len"]))
+    data_stats = {**data_stats, "packing": opts.packing, "train_rows_after_packing": rows_used,
+                  "non_pad_fraction": round(fill, 4)}
     claim_out_dir(plan, model=str(opts.model))
     progress_path = status_file_path(out_dir, opts.progress_file)
     _write_status(progress_path, out_dir, {"status": "loading", "step": 0, "max_steps": opts.max_steps})
     log(f"[hf-sft] {hf.family} model {hf.path}: {len(conversations)} rows -> {n_train} train / {n_val} held out, "
-        f"seq_len {data_stats['seq_len']}, {data_stats['truncated_rows']} truncated")
+        f"seq_len {data_stats['seq_len']}, {data_stats['truncated_rows']} truncated; packing {opts.packing}: "
+        f"{rows_used} train rows, {fill:.0%} of positions are real tokens")
 
     mesh_shape = parallel.parse_mesh(opts.mesh)
     parallel.check_batch_fits(opts.batch_size, mesh_shape)
@@ -254,6 +267,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         "final_val_loss": run.val_history[-1]["val_loss"] if run.val_history else None,
         "best_val_loss": best.get("val_loss"), "best_step": best.get("step"),
         "tokens_per_sec": run.tokens_per_sec,  # padded sequence positions per second, compile step excluded
+        "effective_tokens_per_sec": None if run.tokens_per_sec is None else run.tokens_per_sec * fill,  # non-pad
         "train_sec": run.wall_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
         "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "paths": paths,
     }
@@ -301,7 +315,8 @@ def _report_markdown(r: dict[str, Any]) -> str:
         (f"- data: {r['examples']} rows from {r['input']} -> {r['split']['train']} train / "
          f"{r['split']['val']} held out; seq_len {r['data']['seq_len']}, {r['data']['truncated_rows']} truncated"),
         (f"- {r['steps']} steps, {r['precision']}, mesh {r['mesh']} on {r['device_kind']}, "
-         f"{number(r['tokens_per_sec'], ',.0f')} tokens/s, {r['train_sec']:.1f} s training"),
+         f"{number(r['tokens_per_sec'], ',.0f')} positions/s ({number(r.get('effective_tokens_per_sec'), ',.0f')} "
+         f"real tokens/s, packing {r['data'].get('packing', 'none')}), {r['train_sec']:.1f} s training"),
         (f"- held-out loss: {_loss(r['initial_val_loss'])} before -> {_loss(r['final_val_loss'])} final, "
          f"best {_loss(r['best_val_loss'])} at step {r['best_step']} (-> best_model/)"),
         *([f"- eval ({r['eval']['input']}): {r['eval']['passed']}/{r['eval']['rows']} passed "
