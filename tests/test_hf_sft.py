@@ -385,3 +385,29 @@ def test_packed_hf_rows_give_the_unpacked_loss(tiny):
     plain, pk = loss_sums(model, hf.params, wide, tb), loss_sums(model, hf.params, packed, tb)
     assert float(pk[1]) == float(plain[1])
     np.testing.assert_allclose(float(pk[0]), float(plain[0]), rtol=1e-5)
+
+
+def test_hf_dpo_learns_preferences_and_writes_hf_sft_shaped_outputs(tiny, tmp_path):
+    """`train hf-dpo` with LoRA on the tiny Llama: the implicit reward accuracy rises from 0 (policy = reference)
+    on held-in pairs, and the outputs are hf-sft's: merged HF folders, PEFT adapters, report, done file."""
+    model_dir, _ = tiny
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Say hello to {n}.", "chosen": f"Hello, {n}! Nice to meet you.",
+                                         "rejected": "No."}) + "\n" for n in NAMES[:16]))
+    out = tmp_path / "dpo"
+    res = CliRunner().invoke(main, [
+        "train", "hf-dpo", "--model", str(model_dir), "--input", str(prefs), "--out-dir", str(out),
+        "--max-steps", "12", "--max-length", "64", "--device", "cpu", "--peft", "lora", "--learning-rate", "2e-2",
+        "--batch-size", "8", "--val-fraction", "0.25", "--beta", "0.5", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "hf_dpo_report.json").read_text())
+    d = report["dpo"]
+    assert report["stage"] == "hf-dpo" and d["before"]["reward_accuracy"] == 0.0
+    assert d["after"]["reward_accuracy"] >= 0.75 and d["after"]["margin"] > 0
+    for folder in ("final_model", "best_model", "final_adapter", "best_adapter"):
+        assert (out / folder).is_dir(), folder
+    assert json.loads((out / "done.txt").read_text())["status"] == "completed"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_reward_accuracy" in r for r in rows) and any("reward_accuracy" in r for r in rows)
+    assert type(AutoModelForCausalLM.from_pretrained(out / "final_model")).__name__ == "LlamaForCausalLM"
+    assert "reward accuracy 0.00 ->" in (out / "report.md").read_text()

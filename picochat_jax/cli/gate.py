@@ -40,10 +40,10 @@ def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], ci_bootstrap_s
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
     marker = read_marker(run_dir)
-    if marker is None or marker["kind"] not in ("run", "hf-sft"):
-        raise UserError(f"{run_dir} is not a `picochat run` or `train hf-sft` folder (no {MARKER} of kind 'run' "
-                        "or 'hf-sft'); the gate writes release/ and report.md only into folders picochat made")
-    hf = marker["kind"] == "hf-sft"
+    if marker is None or marker["kind"] not in ("run", "hf-sft", "hf-dpo"):
+        raise UserError(f"{run_dir} is not a `picochat run`, `train hf-sft` or `train hf-dpo` folder (no {MARKER} "
+                        "of those kinds); the gate writes release/ and report.md only into folders picochat made")
+    hf = marker["kind"] != "run"
     if (eval_input or external_input) and not hf:
         raise click.UsageError("--eval-input/--external-input are for hf-sft folders; a run has its own evidence")
     settings = parse_overrides(overrides)

@@ -72,57 +72,71 @@ def _hf_sft_option(name: str, kind: Any, help_text: str = "") -> Any:
     return click.option(name, key, type=kind, default=None, help=f"{help_text} {config_default('hf_sft', key)}".strip())
 
 
-@click.command(name="hf-sft")
-@click.option("--model", required=True, help="HF model folder, or a hub id already in the local HF cache.")
-@click.option("--revision", default=None, help="Branch, tag or commit of a hub id (from the local cache).")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Accepted for compatibility: picochat maps supported families onto its own decoder and never "
-                   "runs code shipped with a checkpoint (such models are refused with the reason).")
-@click.option("--eval-input", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Eval JSONL scored with final_model at the end (-> OUT/eval, summarised in the report).")
-@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help="Chat JSONL.")
-@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
-@_hf_sft_option("--max-steps", click.IntRange(min=1))
-@_hf_sft_option("--max-length", click.IntRange(min=2),
-                "Tokens per row; longer rows are left-truncated (the target is kept).")
-@device_option
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
-              help="Compute precision (default: bf16 on accelerators, fp32 on CPU).")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute blocks in the backward pass (less memory).")
-@_hf_sft_option("--peft", click.Choice(["lora", "none"]), "lora: train adapters only; none: full fine-tuning.")
-@click.option("--done-file", type=click.Path(path_type=Path), default="done.txt", show_default=True,
-              help="JSON status + output paths, written last (also on failure); a bare name goes inside --out-dir.")
-@click.option("--progress-file", type=click.Path(path_type=Path), default=None,
-              help="JSON status (loading, training: step, loss, lr, done) rewritten at every log step; a bare name "
-                   "goes inside --out-dir.")
-@out_dir_flags()
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
-@_hf_sft_option("--lora-rank", int)
-@_hf_sft_option("--lora-alpha", float)
-@_hf_sft_option("--lora-dropout", float, "Only 0 is supported.")
-@_hf_sft_option("--lora-targets", str, "Comma-separated projections (q_proj,... or q,k,v,o,gate,up,down).")
-@_hf_sft_option("--learning-rate", float)
-@_hf_sft_option("--batch-size", click.IntRange(min=1), "Rows per micro-batch (divisible by the mesh's data*fsdp).")
-@_hf_sft_option("--grad-accum-steps", click.IntRange(min=1))
-@_hf_sft_option("--val-fraction", float, "Held-out share of the rows; its loss picks best_model/.")
-@_hf_sft_option("--packing", click.Choice(["bos_bestfit", "none"]),
-                "Pack several chat rows into each training row by best fit (each keeps its own attention segment, "
-                "positions and assistant mask: the same loss as one row each) or one padded row each.")
-@click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=None,
-              help="Warmup steps (default: hf_sft.warmup_fraction of --max-steps).")
-@click.option("--lr-decay", type=click.Choice(["cosine", "linear", "none"]), default=None,
-              help="Decay after warmup. " + config_default("hf_sft", "decay"))
-@click.option("--min-lr-ratio", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Final learning rate / peak. " + config_default("hf_sft", "min_lr_ratio"))
-@mesh_option
-@set_option
-@friendly_errors
-def hf_sft(model: str, revision: str | None, trust_remote_code: bool, eval_input: Path | None, input_path: Path,
-           out_dir: Path, device: str | None, precision: str | None, gradient_checkpointing: bool,
-           done_file: Path | None, progress_file: Path | None, overwrite: bool, resume: bool, resume_or_start: bool,
-           no_progress: bool, mesh: str | None, sets: tuple[str, ...], lr_warmup_steps: int | None,
-           lr_decay: str | None, min_lr_ratio: float | None, **flags: Any) -> None:
-    """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
+def hf_train_options(input_help: str, packing: bool) -> Any:
+    """The options `train hf-sft` and `train hf-dpo` share (the original picochat's hf-sft flags)."""
+    options = [
+        click.option("--model", required=True, help="HF model folder, or a hub id already in the local HF cache."),
+        click.option("--revision", default=None, help="Branch, tag or commit of a hub id (from the local cache)."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Accepted for compatibility: picochat maps supported families onto its own decoder and "
+                          "never runs code shipped with a checkpoint (such models are refused with the reason)."),
+        click.option("--eval-input", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="Eval JSONL scored with final_model at the end (-> OUT/eval, summarised in the report)."),
+        click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help=input_help),
+        click.option("--out-dir", required=True, type=click.Path(path_type=Path)),
+        _hf_sft_option("--max-steps", click.IntRange(min=1)),
+        _hf_sft_option("--max-length", click.IntRange(min=2),
+                       "Tokens per row; longer rows are left-truncated (the target is kept)."),
+        device_option,
+        click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
+                     help="Compute precision (default: bf16 on accelerators, fp32 on CPU)."),
+        click.option("--gradient-checkpointing", is_flag=True,
+                     help="Recompute blocks in the backward pass (less memory)."),
+        _hf_sft_option("--peft", click.Choice(["lora", "none"]), "lora: train adapters only; none: full fine-tuning."),
+        click.option("--done-file", type=click.Path(path_type=Path), default="done.txt", show_default=True,
+                     help="JSON status + output paths, written last (also on failure); a bare name goes inside "
+                          "--out-dir."),
+        click.option("--progress-file", type=click.Path(path_type=Path), default=None,
+                     help="JSON status (loading, training: step, loss, lr, done) rewritten at every log step; a bare "
+                          "name goes inside --out-dir."),
+        out_dir_flags(),
+        click.option("--no-progress", is_flag=True, help="No progress bar (logs only)."),
+        _hf_sft_option("--lora-rank", int),
+        _hf_sft_option("--lora-alpha", float),
+        _hf_sft_option("--lora-dropout", float, "Only 0 is supported."),
+        _hf_sft_option("--lora-targets", str, "Comma-separated projections (q_proj,... or q,k,v,o,gate,up,down)."),
+        _hf_sft_option("--learning-rate", float),
+        _hf_sft_option("--batch-size", click.IntRange(min=1), "Rows per micro-batch (divisible by the mesh's "
+                                                               "data*fsdp)."),
+        _hf_sft_option("--grad-accum-steps", click.IntRange(min=1)),
+        _hf_sft_option("--val-fraction", float, "Held-out share of the rows; its loss picks best_model/."),
+        *([_hf_sft_option("--packing", click.Choice(["bos_bestfit", "none"]),
+                          "Pack several chat rows into each training row by best fit (each keeps its own attention "
+                          "segment, positions and assistant mask: the same loss as one row each) or one padded row "
+                          "each.")] if packing else []),
+        click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=None,
+                     help="Warmup steps (default: hf_sft.warmup_fraction of --max-steps)."),
+        click.option("--lr-decay", type=click.Choice(["cosine", "linear", "none"]), default=None,
+                     help="Decay after warmup. " + config_default("hf_sft", "decay")),
+        click.option("--min-lr-ratio", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Final learning rate / peak. " + config_default("hf_sft", "min_lr_ratio")),
+        mesh_option, set_option, friendly_errors,
+    ]
+
+    def decorate(fn: Any) -> Any:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _hf_train(objective: str, model: str, revision: str | None, trust_remote_code: bool, eval_input: Path | None,
+              input_path: Path, out_dir: Path, device: str | None, precision: str | None,
+              gradient_checkpointing: bool, done_file: Path | None, progress_file: Path | None, overwrite: bool,
+              resume: bool, resume_or_start: bool, no_progress: bool, mesh: str | None, sets: tuple[str, ...],
+              lr_warmup_steps: int | None, lr_decay: str | None, min_lr_ratio: float | None,
+              extra: dict[str, Any], **flags: Any) -> dict[str, Any]:
     select_device(device)
     import dataclasses
 
@@ -135,7 +149,7 @@ def hf_sft(model: str, revision: str | None, trust_remote_code: bool, eval_input
     cfg = load_defaults(sets).hf_sft
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("warmup_steps", lr_warmup_steps), ("decay", lr_decay),
                                                           ("min_lr_ratio", min_lr_ratio)) if v is not None})
-    f = resolve_flags(flags, cfg)
+    f = resolve_flags({"packing": None, **flags}, cfg)
     precision = precision or ("fp32" if jax.default_backend() == "cpu" else "bf16")
     lora_cfg = LoraConfig()
     if f["peft"] == "lora":
@@ -148,13 +162,38 @@ def hf_sft(model: str, revision: str | None, trust_remote_code: bool, eval_input
                         done_file=done_file, progress_file=progress_file, overwrite=overwrite, resume=resume,
                         resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
                         optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input,
-                        packing=f["packing"])
+                        packing=f["packing"] if objective == "sft" else "none", objective=objective, **extra)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
-        click.echo(f"hf-sft interrupted at step {report['step']}; continue with --resume", err=True)
+        click.echo(f"{report.get('stage', 'hf-' + objective)} interrupted at step {report['step']}; continue with "
+                   "--resume", err=True)
         raise SystemExit(3)
+    return report
+
+
+@click.command(name="hf-sft")
+@hf_train_options("Chat JSONL.", packing=True)
+def hf_sft(**kwargs: Any) -> None:
+    """Fine-tune an HF model on chat rows rendered with its own chat template (loss on the final answer)."""
     from picochat_jax.markdown import number
 
+    report = _hf_train("sft", extra={}, **kwargs)
     click.echo(f"hf-sft: held-out loss {number(report['initial_val_loss'], '.4f')} -> best "
                f"{number(report['best_val_loss'], '.4f')} "
-               f"(step {report['best_step']}); models in {out_dir}")
+               f"(step {report['best_step']}); models in {kwargs['out_dir']}")
+
+
+@click.command(name="hf-dpo")
+@hf_train_options("Preference JSONL (prompt/user or messages, chosen, rejected), as native DPO reads.",
+                  packing=False)
+@click.option("--beta", type=click.FloatRange(min=0.0, min_open=True), default=0.1, show_default=True,
+              help="DPO beta: the pull towards the reference model.")
+@click.option("--reference-model", default=None,
+              help="Frozen reference (HF folder or cached hub id; default: --model as loaded).")
+def hf_dpo(beta: float, reference_model: str | None, **kwargs: Any) -> None:
+    """Preference-tune an HF model with DPO (LoRA or full), on its own chat template; the same outputs as
+    hf-sft (merged models, PEFT adapters, report, done file) with reward accuracy and margins in the report."""
+    report = _hf_train("dpo", extra={"beta": beta, "reference_model": reference_model}, **kwargs)
+    d = report["dpo"]
+    click.echo(f"hf-dpo: reward accuracy {d['before']['reward_accuracy']:.2f} -> {d['after']['reward_accuracy']:.2f}, "
+               f"margin {d['before']['margin']:.3f} -> {d['after']['margin']:.3f}; models in {kwargs['out_dir']}")

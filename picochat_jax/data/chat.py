@@ -185,3 +185,21 @@ def template_examples(conversations: Sequence[Conversation], fmt: Any, max_lengt
     return examples, {"rows": len(encoded), "seq_len": seq_len, "truncated_rows": truncated,
                       "template_prefix_mismatches": mismatched,
                       "target_tokens": int(examples["loss_mask"].sum())}
+
+
+def template_preference_examples(rows: Sequence[PreferenceRow], fmt: Any, max_length: int,
+                                 ) -> tuple[dict[str, np.ndarray], int]:
+    """`preference_examples` for a model's own chat template (hf-dpo): both sides of each pair rendered as the
+    prompt plus that reply, the mask over what the reply adds, one shared padded length."""
+    convs = {side: [Conversation(tuple(r.prompt) + (Message("assistant", getattr(r, side)),), source=r.source,
+                                 line=r.line) for r in rows] for side in PREFERENCE_SIDES}
+    encoded = {side: encode_template_rows(convs[side], fmt)[0] for side in PREFERENCE_SIDES}
+    seq_len = fit_seq_len(max(len(ids) for side in PREFERENCE_SIDES for ids, _ in encoded[side]) - 1, max_length)
+    out: dict[str, np.ndarray] = {}
+    truncated = 0
+    for side in PREFERENCE_SIDES:
+        arrays, cut = pad_examples(encoded[side], seq_len, fmt.pad_id)
+        truncated += cut
+        out[f"{side}_inputs"], out[f"{side}_targets"], out[f"{side}_mask"] = (
+            arrays["inputs"], arrays["targets"], arrays["loss_mask"])
+    return out, truncated

@@ -131,7 +131,7 @@ def eval_batches(examples: RowTable | dict[str, np.ndarray], batch_size: int,
                  max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
     """Fixed, unshuffled validation batches of shape (1, batch_size, ...): every row once (at most
     `max_batches` batches). The last batch is filled up by wrapping around (one compiled shape), with the
-    wrapped rows' loss mask zeroed so no example counts twice."""
+    wrapped rows' loss mask (or pair weight) zeroed so no example counts twice."""
     rows = as_rows(examples)
     n = len(rows)
     if n == 0:
@@ -143,6 +143,10 @@ def eval_batches(examples: RowTable | dict[str, np.ndarray], batch_size: int,
     for b in range(count):
         positions = np.arange(b * batch_size, (b + 1) * batch_size)
         batch = rows.take(positions % n)
-        batch["loss_mask"] = batch["loss_mask"] * (positions < n)[:, None]
+        real = positions < n
+        if "loss_mask" in batch:
+            batch["loss_mask"] = batch["loss_mask"] * real[:, None]
+        if "pair_weight" in batch:  # preference pairs (DPO) are weighted per row
+            batch["pair_weight"] = batch["pair_weight"] * real
         out.append({k: v[None] for k, v in batch.items()})
     return out

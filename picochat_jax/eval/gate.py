@@ -236,16 +236,27 @@ HF_SKIPPED = {"preflight", "sft_fit_f1", "sft_fit_rate", "heldout_sft_fit_rate",
               "memorization_rate"}  # a fine-tune of someone else's model has no corpus, preflight or SFT replay
 
 
+HF_REPORTS = {"hf-sft": "hf_sft_report.json", "hf-dpo": "hf_dpo_report.json"}
+
+
+def hf_report(run_dir: Path) -> dict[str, Any]:
+    """The report of an hf-sft or hf-dpo out-dir ({} when there is none)."""
+    for name in HF_REPORTS.values():
+        if (run_dir / name).exists():
+            return read_json_object(run_dir / name)
+    return {}
+
+
 def hf_gate_checks(run_dir: Path, profile: GateProfile) -> list[dict[str, Any]]:
     """The gate for a `train hf-sft` out-dir: its report for training, and the eval, external eval and honesty
     evidence `picochat gate --eval-input` builds there (hf/release.py)."""
-    report = read_json_object(run_dir / "hf_sft_report.json")
+    report = hf_report(run_dir)
     finite = all(_number(report.get(k)) is not None for k in ("final_train_loss",))
     ok = report.get("status") == "completed" and finite
     training = _line("training", report.get("status"), "completed", ok,
-                     f"hf-sft finished {report.get('steps')} steps, final train loss "
+                     f"{report.get('stage', 'hf-sft')} finished {report.get('steps')} steps, final train loss "
                      f"{_fmt(report.get('final_train_loss'))}, best val loss {_fmt(report.get('best_val_loss'))}"
-                     if ok else f"hf-sft status {report.get('status')!r} (hf_sft_report.json)")
+                     if ok else f"{report.get('stage', 'hf-sft')} status {report.get('status')!r} (its report)")
     checks = [c for c in gate_checks(run_dir, profile) if c["name"] not in HF_SKIPPED]
     training["verdict"] = "pass" if ok else profile.severity("training")
     return [training, *[c for c in checks if c["name"] != "training"]]
@@ -434,7 +445,8 @@ def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> di
     profile = profile or load_gate_profile()
     from picochat_jax.outdir import read_marker
 
-    hf = (read_marker(run_dir) or {}).get("kind") == "hf-sft"
+    kind = (read_marker(run_dir) or {}).get("kind")
+    hf = kind in HF_REPORTS
     checks = hf_gate_checks(run_dir, profile) if hf else gate_checks(run_dir, profile)
     blocking = [c["name"] for c in checks if c["verdict"] == "block"]
     warnings = [c["name"] for c in checks if c["verdict"] == "warn"]
@@ -447,9 +459,9 @@ def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> di
         "profile": {"name": profile.name, **profile.thresholds()},
         "checks": checks,
         "blocking": blocking,
-        "kind": "hf-sft" if hf else "run",
+        "kind": kind if hf else "run",
         "evidence": {k: (v if (run_dir / v).exists() else None) for k, v in
-                     ({**EVIDENCE, "hf_sft_report": "hf_sft_report.json"} if hf else EVIDENCE).items()
+                     ({**EVIDENCE, "hf_report": HF_REPORTS[kind]} if hf else EVIDENCE).items()
                      if (k != "external_eval" or _external_expected(run_dir))
                      and not (hf and k in ("preflight", "summary", "sft_fit"))},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -462,7 +474,7 @@ def evaluate_gate(run_dir: str | Path, profile: GateProfile | None = None) -> di
 def _candidate(run_dir: Path) -> str | None:
     """The model a release would ship: the one the run judged (summary.json), else DPO if present, else SFT;
     an hf-sft folder ships final_model/."""
-    if (run_dir / "hf_sft_report.json").exists() and (run_dir / "final_model").is_dir():
+    if hf_report(run_dir) and (run_dir / "final_model").is_dir():
         return "final_model"
     named = read_json_object(run_dir / "summary.json").get("candidate")
     if isinstance(named, str) and (run_dir / named / "model_config.json").exists():

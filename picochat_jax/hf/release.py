@@ -13,13 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from picochat_jax.fileio import read_json_object
-
 
 def hf_sft_report(out_dir: Path) -> dict[str, Any]:
-    report = read_json_object(out_dir / "hf_sft_report.json")
+    from picochat_jax.eval.gate import hf_report
+
+    report = hf_report(out_dir)
     if not report:
-        raise FileNotFoundError(f"{out_dir / 'hf_sft_report.json'} not found: not a finished `train hf-sft` folder")
+        raise FileNotFoundError(f"{out_dir}: no hf_sft_report.json or hf_dpo_report.json: not a finished "
+                                "`train hf-sft` or `train hf-dpo` folder")
     return report
 
 
@@ -46,7 +47,13 @@ def build_hf_evidence(out_dir: Path, eval_input: Path | None, external_input: Pa
         ev = evaluate_chat(engine, fmt, eval_rows, out_dir / "eval", sampling, batch_size, str(eval_input))
         ran["eval"] = {"rows": ev["rows"], "pass_rate": ev["pass_rate"]}
         sft_input = Path(report["input"])
-        conversations = read_chat_jsonl(sft_input) if sft_input.is_file() else []
+        if report.get("stage") == "hf-dpo":  # preference pairs: their prompts and chosen replies were trained on
+            from picochat_jax.data.records import Conversation, Message, read_preference_jsonl
+
+            conversations = [Conversation(tuple(r.prompt) + (Message("assistant", r.chosen),), source=r.source,
+                                          line=r.line) for r in read_preference_jsonl(sft_input)]
+        else:
+            conversations = read_chat_jsonl(sft_input) if sft_input.is_file() else []
         from picochat_jax.fileio import read_jsonl_objects
 
         replies = read_jsonl_objects(out_dir / "eval" / "eval_results.jsonl")

@@ -33,10 +33,10 @@ import numpy as np
 
 from picochat_jax import parallel
 from picochat_jax.config import HFSFTConfig, TrainConfig
-from picochat_jax.data.chat import template_examples
+from picochat_jax.data.chat import template_examples, template_preference_examples
 from picochat_jax.data.loader import BatchSource, eval_batches, split_examples
 from picochat_jax.data.packing import pack_examples
-from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl
+from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl, read_preference_jsonl
 from picochat_jax.fileio import save_json, save_text
 from picochat_jax.hf.chat_format import HFChatFormat
 from picochat_jax.hf.export import save_hf_model, save_peft_adapter
@@ -44,8 +44,9 @@ from picochat_jax.hf.families import check_peft_family
 from picochat_jax.hf.io import load_hf_model, read_generation_config, resolve_model_dir
 from picochat_jax.markdown import number
 from picochat_jax.model import lora
-from picochat_jax.model.transformer import count_params, training_model
+from picochat_jax.model.transformer import count_params, make_model, training_model
 from picochat_jax.outdir import check_out_dir, claim_out_dir, read_marker
+from picochat_jax.train.dpo import PreferenceObjective, pair_scorer, preference_metrics, score_pairs
 from picochat_jax.train.loop import fit
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import build_trainer
@@ -84,10 +85,15 @@ class HFSFTOptions:
     trust_remote_code: bool = False  # accepted for the original's CLI; remote code is never run (hf/families.py)
     eval_input: Path | None = None  # eval JSONL scored with final_model at the end -> out_dir/eval
     packing: str = _D.packing  # bos_bestfit: several chat rows per training row (exact; data/packing.py) | none
+    objective: str = "sft"  # sft (chat rows, assistant-only loss) | dpo (preference pairs: `train hf-dpo`)
+    beta: float = 0.1  # dpo: pull towards the reference
+    reference_model: str | None = None  # dpo: the frozen reference (default: the model being tuned, as loaded)
 
     def __post_init__(self) -> None:
         if self.peft not in ("lora", "none"):
             raise ValueError(f"--peft must be lora|none, got {self.peft!r}")
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"objective must be sft|dpo, got {self.objective!r}")
         if self.packing not in ("bos_bestfit", "none"):
             raise ValueError(f"--packing must be bos_bestfit|none, got {self.packing!r}")
         if self.max_steps < 1 or self.max_length < 2:
@@ -154,37 +160,54 @@ def run_hf_sft(opts: HFSFTOptions, log: Callable[[str], None] = print) -> dict[s
 def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     out_dir = Path(opts.out_dir).absolute()
-    conversations = read_chat_jsonl(opts.input)
-    plan = check_out_dir(out_dir, "hf-sft", overwrite=opts.overwrite, resume=opts.resume,
+    dpo = opts.objective == "dpo"
+    stage = "hf-dpo" if dpo else "hf-sft"
+    rows = read_preference_jsonl(opts.input) if dpo else read_chat_jsonl(opts.input)
+    plan = check_out_dir(out_dir, stage, overwrite=opts.overwrite, resume=opts.resume,
                          resume_or_start=opts.resume_or_start,
                          inputs=[resolve_model_dir(opts.model, opts.cache_dir, opts.revision), opts.input,
-                                 opts.eval_input])
+                                 opts.eval_input,
+                                 opts.reference_model and resolve_model_dir(opts.reference_model, opts.cache_dir)])
     eval_rows = read_eval_jsonl(opts.eval_input) if opts.eval_input is not None else None  # fail before training
     hf = load_hf_model(opts.model, opts.cache_dir, opts.revision)
     if opts.peft == "lora":
         check_peft_family(hf.family)
     fmt = HFChatFormat.load(hf.path)
-    if len(conversations) < 2:
-        raise ValueError(f"{opts.input}: hf-sft needs at least 2 chat rows (one held out), got {len(conversations)}")
+    if len(rows) < 2:
+        raise ValueError(f"{opts.input}: {stage} needs at least 2 rows (one held out), got {len(rows)}")
+    ref_hf = None
+    if dpo and opts.reference_model is not None:
+        ref_hf = load_hf_model(opts.reference_model, opts.cache_dir)
+        if ref_hf.config.vocab_size != hf.config.vocab_size:
+            raise ValueError(f"--reference-model {opts.reference_model} has a vocabulary of "
+                             f"{ref_hf.config.vocab_size}, the model {hf.config.vocab_size}: they must share one")
     max_length = min(opts.max_length, hf.config.max_seq_len)
-    examples, data_stats = template_examples(conversations, fmt, max_length)
     train_cfg = hf_train_config(opts)
+    if dpo:
+        examples, truncated = template_preference_examples(rows, fmt, max_length)
+        data_stats = {"rows": len(rows), "seq_len": int(examples["chosen_inputs"].shape[1]),
+                      "truncated_rows": truncated, "packing": "none"}
+        fill = 1.0  # pairs are not packed
+    else:
+        examples, data_stats = template_examples(rows, fmt, max_length)
     train_ex, val_ex = split_examples(examples, opts.val_fraction, opts.seed)
-    n_train, n_val = len(train_ex["inputs"]), len(val_ex["inputs"])
-    train_lengths, _ = train_ex.pop("length"), val_ex.pop("length")
-    if opts.packing == "bos_bestfit":
-        # Exact: each example keeps its own attention segment, positions and assistant mask (data/packing.py).
-        train_ex = pack_examples(train_ex, data_stats["seq_len"], fmt.pad_id, train_lengths)
-    rows_used = len(train_ex["inputs"])
-    fill = float(train_lengths.sum() / (rows_used * data_stats["seq_len"]))
-    data_stats = {**data_stats, "packing": opts.packing, "train_rows_after_packing": rows_used,
-                  "non_pad_fraction": round(fill, 4)}
+    n_train, n_val = len(next(iter(train_ex.values()))), len(next(iter(val_ex.values())))
+    if not dpo:
+        train_lengths, _ = train_ex.pop("length"), val_ex.pop("length")
+        if opts.packing == "bos_bestfit":
+            # Exact: each example keeps its own attention segment, positions and assistant mask (data/packing.py).
+            train_ex = pack_examples(train_ex, data_stats["seq_len"], fmt.pad_id, train_lengths)
+        rows_used = len(train_ex["inputs"])
+        fill = float(train_lengths.sum() / (rows_used * data_stats["seq_len"]))
+        data_stats = {**data_stats, "packing": opts.packing, "train_rows_after_packing": rows_used,
+                      "non_pad_fraction": round(fill, 4)}
     claim_out_dir(plan, model=str(opts.model))
     progress_path = status_file_path(out_dir, opts.progress_file)
     _write_status(progress_path, out_dir, {"status": "loading", "step": 0, "max_steps": opts.max_steps})
-    log(f"[hf-sft] {hf.family} model {hf.path}: {len(conversations)} rows -> {n_train} train / {n_val} held out, "
-        f"seq_len {data_stats['seq_len']}, {data_stats['truncated_rows']} truncated; packing {opts.packing}: "
-        f"{rows_used} train rows, {fill:.0%} of positions are real tokens")
+    log(f"[{stage}] {hf.family} model {hf.path}: {len(rows)} rows -> {n_train} train / {n_val} held out, "
+        f"seq_len {data_stats['seq_len']}, {data_stats['truncated_rows']} truncated"
+        + ("" if dpo else f"; packing {opts.packing}: {data_stats['train_rows_after_packing']} train rows, "
+                          f"{fill:.0%} of positions are real tokens"))
 
     mesh_shape = parallel.parse_mesh(opts.mesh)
     parallel.check_batch_fits(opts.batch_size, mesh_shape)
@@ -193,17 +216,35 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     optimizer, schedule = make_optimizer(train_cfg)
     token_bytes = np.zeros(hf.config.vocab_size, np.float32)  # bits-per-byte is not reported for HF tokenizers
     lora_cfg = opts.lora if opts.peft == "lora" else None
-    trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, lora_cfg=lora_cfg, base_params=hf.params,
+    objective = PreferenceObjective(model, opts.beta) if dpo else None
+    trainer = build_trainer(model, optimizer, schedule, None if dpo else token_bytes, mesh, lora_cfg=lora_cfg,
+                            base_params=hf.params, objective=objective,
                             base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32)
     rng = jax.random.key_data(jax.random.key(opts.seed))
     trainable = count_params(trainer.abstract_state().params)  # shapes only: a resume never builds a fresh state
+    scorer = None
+    if dpo:
+        # The frozen reference (the model as loaded, or --reference-model) is scored once; its log-probs ride
+        # along in the batches, so the step holds one model.
+        scorer = pair_scorer(make_model(hf.config, opts.precision))
+        ref_scorer = pair_scorer(make_model(ref_hf.config, opts.precision)) if ref_hf else scorer
+        ref_params = ref_hf.params if ref_hf else hf.params
+        for part in (train_ex, val_ex):
+            if len(part["chosen_inputs"]):
+                part["ref_chosen"], part["ref_rejected"] = score_pairs(ref_scorer, ref_params, part, opts.batch_size)
+        del ref_hf
     source = BatchSource(train_ex, opts.batch_size, opts.grad_accum_steps, opts.seed)
-    val = eval_batches(val_ex, opts.batch_size) if n_val else []
+    val = (eval_batches({**val_ex, "pair_weight": np.ones(n_val, np.float32)} if dpo else val_ex, opts.batch_size)
+           if n_val else [])
 
     def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
             return None
         sums = trainer.evaluate_batches(params, val)
+        if dpo:
+            pairs = max(sums["pairs"], 1.0)
+            return {"val_loss": sums["loss"] / pairs, "val_reward_accuracy": sums["reward_accuracy"] / pairs,
+                    "val_margin": sums["margin"] / pairs, "val_logp_margin": sums["logp_margin"] / pairs}
         return {"val_loss": sums["ce"] / max(sums["tokens"], 1.0)}
 
     hf_config = {**hf.hf_config, "dtype": "float32", "torch_dtype": "float32"}
@@ -221,15 +262,18 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
                               lora_cfg.dropout, hf.config.n_layers, hf.family, str(opts.model))
         save_json(out_dir / f"{prefix}_model.json", meta)
 
-    log(f"[hf-sft] {opts.peft}: {trainable:,} trainable params")
+    log(f"[{stage}] {opts.peft}: {trainable:,} trainable params")
     settings = {"model": str(opts.model), "input": str(opts.input), "peft": opts.peft,
                 "lora": asdict(opts.lora) if lora_cfg else None, "train": asdict(train_cfg),
-                "max_length": max_length}
-    run = fit(stage="hf-sft", trainer=trainer, init_state=lambda: trainer.init(rng, None if lora_cfg else hf.params),
+                "max_length": max_length, "objective": opts.objective,
+                **({"beta": opts.beta, "reference_model": opts.reference_model} if dpo else {})}
+    log_keys = (("loss", "reward_accuracy", "margin", "logp_margin", "chosen_reward", "rejected_reward", "lr",
+                 "grad_norm") if dpo else ("loss", "lr", "grad_norm"))
+    run = fit(stage=stage, trainer=trainer, init_state=lambda: trainer.init(rng, None if lora_cfg else hf.params),
               source=source, train_cfg=train_cfg,
               out_dir=out_dir, settings=settings,
-              tokens_per_step=data_stats["seq_len"] * opts.batch_size * opts.grad_accum_steps,
-              evaluate=evaluate, save_model=save_model, log_keys=("loss", "lr", "grad_norm"), eval_at_start=True,
+              tokens_per_step=data_stats["seq_len"] * opts.batch_size * opts.grad_accum_steps * (2 if dpo else 1),
+              evaluate=evaluate, save_model=save_model, log_keys=log_keys, eval_at_start=True,
               resume=plan.action == "resume", resume_or_start=opts.resume_or_start, should_stop=opts.should_stop,
               progress=opts.progress,
               on_row=lambda row: _write_status(progress_path, out_dir, {"status": "training",
@@ -238,7 +282,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
            else run.best_val, "elapsed_sec": time.perf_counter() - t0}
     _write_status(progress_path, out_dir, {"status": "done" if run.status == "completed" else run.status, **end})
     if run.status != "completed":
-        log(f"[hf-sft] stopped at step {run.final_step}; continue with --resume")
+        log(f"[{stage}] stopped at step {run.final_step}; continue with --resume")
         return {"status": "interrupted", "step": run.final_step, "paths": {"out_dir": str(out_dir)}}
     curve = _loss_curve(run.history, run.val_history)
     best = json.loads((out_dir / "best_model.json").read_text())
@@ -247,7 +291,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         paths[f"{prefix}_model"] = str(out_dir / f"{prefix}_model")
         if lora_cfg is not None:
             paths[f"{prefix}_adapter"] = str(out_dir / f"{prefix}_adapter")
-    paths["report"] = str(out_dir / "hf_sft_report.json")
+    report_name = f"{stage.replace('-', '_')}_report.json"
+    paths["report"] = str(out_dir / report_name)
     paths["report_md"] = str(out_dir / "report.md")
     peft_config = None
     if lora_cfg is not None:
@@ -255,7 +300,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
                        "dropout": lora_cfg.dropout, "targets": sorted(run.state.params)}
     initial_val = next((r["val_loss"] for r in run.val_history if r["step"] == 0), None)
     report = {
-        "status": "completed", "model": str(opts.model), "revision": opts.revision, "model_path": str(hf.path),
+        "status": "completed", "stage": stage, "model": str(opts.model), "revision": opts.revision,
+        "model_path": str(hf.path),
         "family": hf.family,
         "input": str(opts.input), "examples": data_stats["rows"],
         "split": {"train": n_train, "val": n_val, "val_fraction": opts.val_fraction},
@@ -267,7 +313,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         "final_val_loss": run.val_history[-1]["val_loss"] if run.val_history else None,
         "best_val_loss": best.get("val_loss"), "best_step": best.get("step"),
         "tokens_per_sec": run.tokens_per_sec,  # padded sequence positions per second, compile step excluded
-        "effective_tokens_per_sec": None if run.tokens_per_sec is None else run.tokens_per_sec * fill,  # non-pad
+        "effective_tokens_per_sec": None if run.tokens_per_sec is None or dpo else run.tokens_per_sec * fill,
         "train_sec": run.wall_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
         "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "paths": paths,
     }
@@ -282,9 +328,23 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         report["eval"] = {"input": str(opts.eval_input), "rows": ev["rows"], "passed": ev["passed"],
                           "pass_rate": ev["pass_rate"], "report": str(out_dir / "eval" / "eval_report.md")}
         log(f"[hf-sft] eval: {ev['passed']}/{ev['rows']} passed ({ev['pass_rate']:.1%}) -> {out_dir / 'eval'}")
-    save_json(out_dir / "hf_sft_report.json", report)
+    if dpo:
+        # Over every pair: the policy starts equal to the reference unless --reference-model differs.
+        final_full = trainer.full_params(run.state.params)
+        everything = {k: np.concatenate([train_ex[k], val_ex[k]]) for k in train_ex}
+        chosen, rejected = score_pairs(scorer, final_full, everything, opts.batch_size)
+        start_c, start_r = score_pairs(scorer, hf.params, everything, opts.batch_size)
+        report["dpo"] = {"beta": opts.beta, "reference_model": opts.reference_model, "pairs": len(rows),
+                         "before": preference_metrics(start_c, start_r, everything["ref_chosen"],
+                                                      everything["ref_rejected"], opts.beta),
+                         "after": preference_metrics(chosen, rejected, everything["ref_chosen"],
+                                                     everything["ref_rejected"], opts.beta)}
+        log(f"[hf-dpo] reward accuracy {report['dpo']['before']['reward_accuracy']:.2f} -> "
+            f"{report['dpo']['after']['reward_accuracy']:.2f}, margin {report['dpo']['before']['margin']:.3f} -> "
+            f"{report['dpo']['after']['margin']:.3f}")
+    save_json(out_dir / report_name, report)
     save_text(out_dir / "report.md", _report_markdown(report))
-    log(f"[hf-sft] held-out loss {_loss(initial_val)} -> best {_loss(best.get('val_loss'))} at step "
+    log(f"[{stage}] held-out loss {_loss(initial_val)} -> best {_loss(best.get('val_loss'))} at step "
         f"{best.get('step')}; outputs in {out_dir}")
     return report
 
@@ -310,7 +370,7 @@ def _report_markdown(r: dict[str, Any]) -> str:
     method = (f"LoRA r={peft['rank']} alpha={peft['alpha']} on {', '.join(peft['targets'])}" if peft
               else "full fine-tuning")
     lines = [
-        f"# hf-sft: {r['model']}", "",
+        f"# {r.get('stage', 'hf-sft')}: {r['model']}", "",
         f"- family: {r['family']}, {r['params']:,} params; {method} ({r['trainable_params']:,} trainable)",
         (f"- data: {r['examples']} rows from {r['input']} -> {r['split']['train']} train / "
          f"{r['split']['val']} held out; seq_len {r['data']['seq_len']}, {r['data']['truncated_rows']} truncated"),
@@ -319,6 +379,11 @@ def _report_markdown(r: dict[str, Any]) -> str:
          f"real tokens/s, packing {r['data'].get('packing', 'none')}), {r['train_sec']:.1f} s training"),
         (f"- held-out loss: {_loss(r['initial_val_loss'])} before -> {_loss(r['final_val_loss'])} final, "
          f"best {_loss(r['best_val_loss'])} at step {r['best_step']} (-> best_model/)"),
+        *([f"- DPO (beta {r['dpo']['beta']}, reference {r['dpo']['reference_model'] or 'the model as loaded'}, "
+           f"{r['dpo']['pairs']} pairs): reward accuracy {r['dpo']['before']['reward_accuracy']:.2f} -> "
+           f"{r['dpo']['after']['reward_accuracy']:.2f}, margin {r['dpo']['before']['margin']:.3f} -> "
+           f"{r['dpo']['after']['margin']:.3f}, log-prob margin {r['dpo']['before']['logp_margin']:.2f} -> "
+           f"{r['dpo']['after']['logp_margin']:.2f}"] if r.get("dpo") else []),
         *([f"- eval ({r['eval']['input']}): {r['eval']['passed']}/{r['eval']['rows']} passed "
            f"({r['eval']['pass_rate']:.1%}), final_model; details in eval/eval_report.md"] if r.get("eval") else []),
         "",

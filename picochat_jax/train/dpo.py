@@ -98,14 +98,19 @@ class PreferenceObjective:
     beta: float
 
     def denominator(self, batch: dict[str, Array]) -> Array:
+        if "pair_weight" in batch:
+            return jnp.sum(batch["pair_weight"]).astype(jnp.float32)
         return jnp.float32(batch["ref_chosen"].shape[0] * batch["ref_chosen"].shape[1])
 
     def sums(self, params: Any, mb: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
         pc, pr = pair_logps(self.model, params, mb)
         losses, parts = dpo_losses(pc, pr, mb["ref_chosen"], mb["ref_rejected"], self.beta)
-        sums = {"loss": jnp.sum(losses), "reward_accuracy": jnp.sum(parts["chosen_reward"] > parts["rejected_reward"]),
-                **{k: jnp.sum(v) for k, v in parts.items()}}
-        return jnp.sum(losses), sums
+        # Evaluation batches weight pairs (0 for the rows that only fill the last batch); training counts all.
+        w = mb.get("pair_weight", jnp.ones_like(losses))
+        sums = {"loss": jnp.sum(losses * w),
+                "reward_accuracy": jnp.sum((parts["chosen_reward"] > parts["rejected_reward"]) * w),
+                "pairs": jnp.sum(w), **{k: jnp.sum(v * w) for k, v in parts.items()}}
+        return jnp.sum(losses * w), sums
 
     def metrics(self, sums: dict[str, Array], denominator: Array) -> dict[str, Array]:
         return {k: v / denominator for k, v in sums.items()}
@@ -131,6 +136,27 @@ def reference_logps(logps: Any, trainer: ShardedTrainer, params: Any, examples: 
         take = min(batch_size, n - start)
         chosen[start : start + take] = np.asarray(c)[:take]
         rejected[start : start + take] = np.asarray(r)[:take]
+    return chosen, rejected
+
+
+def pair_scorer(model: Decoder) -> Any:
+    """`(full params, pair batch) -> (chosen, rejected)` log-probs, jitted; placement follows the arguments
+    (hf-dpo's reference and before/after scoring, outside the trainer's mesh)."""
+    return jax.jit(lambda p, b: pair_logps(model, p, b))
+
+
+def score_pairs(scorer: Any, params: Any, examples: dict[str, np.ndarray], batch_size: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen/rejected log-probs of every pair under full `params`, in fixed-size batches (the last wrapped)."""
+    n = len(examples["chosen_inputs"])
+    keys = [f"{s}_{k}" for s in SIDES for k in ("inputs", "targets", "mask")]
+    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size) % n
+        c, r = scorer(params, {k: jnp.asarray(examples[k][idx]) for k in keys})
+        take = min(batch_size, n - start)
+        chosen[start:start + take] = np.asarray(c)[:take]
+        rejected[start:start + take] = np.asarray(r)[:take]
     return chosen, rejected
 
 
