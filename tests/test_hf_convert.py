@@ -23,6 +23,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -81,6 +83,8 @@ FAMILIES = {
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**SMALL, rope_theta=1e6), "qwen2"),
     "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True), "qwen3"),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**SMALL, sliding_window=64), "mistral"),
+    # Phi-3: fused qkv_proj and gate_up_proj (split on import), GQA, no biases.
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**SMALL, pad_token_id=0, sliding_window=None), "phi3"),
 }
 
 
@@ -300,3 +304,30 @@ def test_gpt2_peft_adapter_equals_our_merge(targets, tmp_path):
     peft_model = PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()
     np.testing.assert_allclose(_torch_logits(peft_model, tokens), merged_logits, atol=1e-4, rtol=0)
     assert np.abs(merged_logits - base_logits).max() > 1e-2
+
+
+def test_phi3_round_trip_and_fused_peft_adapter(tmp_path):
+    """A Phi-3 folder comes in split and goes out fused (transformers reads our export to the same logits), and
+    our q/k/v and gate/up adapters become one block-structured PEFT adapter per fused module."""
+    from peft import PeftModel
+
+    from picochat_jax.model import lora
+
+    base_model = _save_random(Phi3ForCausalLM, Phi3Config(**SMALL, pad_token_id=0, sliding_window=None),
+                              tmp_path / "base")
+    hf = hf_io.load_hf_model(tmp_path / "base")
+    hf_export.save_hf_model(tmp_path / "again", hf.params, hf.config, "phi3", hf.hf_config)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    np.testing.assert_allclose(_torch_logits(again), _torch_logits(base_model), atol=1e-5, rtol=0)
+    lcfg = lora.LoraConfig(rank=2, alpha=4)  # all seven projections
+    rng = np.random.default_rng(0)
+    adapters = {t: {k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in ab.items()}
+                for t, ab in lora.init_adapters(hf.params, lcfg, jax.random.key(0)).items()}
+    hf_export.save_peft_adapter(tmp_path / "adapter", adapters, 2, 4.0, 0.0, 2, "phi3", str(tmp_path / "base"))
+    hf_export.save_hf_model(tmp_path / "merged", lora.merge_host(hf.params, adapters, lcfg), hf.config, "phi3",
+                            hf.hf_config)
+    merged_logits = _torch_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval())
+    peft_model = PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(_torch_logits(peft_model), merged_logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="adapt all of"):
+        hf_export.peft_adapter({"q_proj": adapters["q_proj"]}, 2, "phi3", 2, 4.0)

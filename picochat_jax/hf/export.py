@@ -136,6 +136,8 @@ def peft_adapter(adapters: dict[str, dict[str, Any]], n_layers: int, family: str
     check_peft_family(family)
     host = {t: (np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)) for t, ab in adapters.items()}
     out: dict[str, np.ndarray] = {}
+    if family == "phi3":
+        return _phi3_peft_adapter(host, n_layers, rank, alpha)
     if family in LLAMA_LIKE:
         for target, (a, b) in host.items():
             for i in range(n_layers):
@@ -163,6 +165,52 @@ def peft_adapter(adapters: dict[str, dict[str, Any]], n_layers: int, family: str
     if len(qkv) > 1:
         config["rank_pattern"] = {"attn.c_attn": len(qkv) * rank}
         config["alpha_pattern"] = {"attn.c_attn": len(qkv) * alpha}
+    return out, config
+
+
+PHI3_FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _phi3_peft_adapter(host: dict[str, tuple[np.ndarray, np.ndarray]], n_layers: int, rank: int,
+                       alpha: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Phi-3 fuses q/k/v and gate/up: like GPT-2's c_attn, their adapters become one adapter per fused module
+    (A stacked, B block-diagonal over the fused rows, rank and alpha scaled by the number of parts). A fused
+    part without an adapter gets zero rows, which adds nothing."""
+    out: dict[str, np.ndarray] = {}
+    widths = {t: b.shape[-1] for t, (_, b) in host.items()}
+    config: dict[str, Any] = {"fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}}
+    targets = []
+    for i in range(n_layers):
+        prefix = f"base_model.model.model.layers.{i}"
+        for target in ("o_proj", "down_proj"):
+            if target in host:
+                module = "self_attn.o_proj" if target == "o_proj" else "mlp.down_proj"
+                out[f"{prefix}.{module}.lora_A.weight"] = host[target][0][i].T
+                out[f"{prefix}.{module}.lora_B.weight"] = host[target][1][i].T
+                if i == 0:
+                    targets.append(module.split(".")[-1])
+        for module, parts in PHI3_FUSED.items():
+            present = [t for t in parts if t in host]
+            if not present:
+                continue
+            part_widths = [widths.get(t) for t in parts]
+            if None in part_widths:  # a fused part without an adapter: its width from a sibling (q/k/v differ)
+                raise ValueError(f"phi3 LoRA: adapt all of {', '.join(parts)} or none (the {module} module is "
+                                 "fused)")
+            fused_b = np.zeros((sum(part_widths), len(present) * rank), np.float32)
+            row = 0
+            for t, w in zip(parts, part_widths, strict=True):
+                j = present.index(t)
+                fused_b[row:row + w, j * rank:(j + 1) * rank] = host[t][1][i].T
+                row += w
+            out[f"{prefix}.{module}.lora_A.weight"] = np.concatenate([host[t][0][i].T for t in present])
+            out[f"{prefix}.{module}.lora_B.weight"] = fused_b
+            if i == 0:
+                name = module.split(".")[-1]
+                targets.append(name)
+                config["rank_pattern"][name] = len(present) * rank
+                config["alpha_pattern"][name] = len(present) * alpha
+    config["target_modules"] = sorted(targets)
     return out, config
 
 

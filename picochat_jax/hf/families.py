@@ -5,7 +5,8 @@ transformers v5 ships no Flax models, so an HF causal LM becomes our own `Decode
 axis per block weight). The mapping runs both ways, so a native checkpoint exports to a folder that stock
 `AutoModelForCausalLM.from_pretrained` loads, and merged LoRA adapters export in PEFT's own key names.
 
-Families: llama (Llama 2/3, SmolLM/SmolLM2), mistral, qwen2 (qkv bias), qwen3 (QK-norm), gpt2 (the
+Families: llama (Llama 2/3, SmolLM/SmolLM2), mistral, qwen2 (qkv bias), qwen3 (QK-norm), phi3 (Llama's block
+with q/k/v and gate/up fused into one projection each: split on the way in, fused on the way out), gpt2 (the
 layernorm/learned-position/GELU shape of our small scales). Files: hf/io.py; writing folders: hf/export.py.
 """
 
@@ -30,11 +31,12 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 PEFT_FAMILIES = (*LLAMA_LIKE, "gpt2")
@@ -92,7 +94,7 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...
 def _sliding_window_cap(family: str, hf: dict[str, Any]) -> int | None:
     """Within its window, sliding-window attention is plain causal attention: cap the context there."""
     window = hf.get("sliding_window")
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         return window
     if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         return window
@@ -120,8 +122,8 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d_model // n_heads
     attention_bias = bool(hf.get("attention_bias", False))
-    qkv_bias = {"qwen2": True, "mistral": False}.get(family, attention_bias)
-    out_bias = False if family in ("qwen2", "mistral") else attention_bias
+    qkv_bias = {"qwen2": True, "mistral": False, "phi3": False}.get(family, attention_bias)
+    out_bias = False if family in ("qwen2", "mistral", "phi3") else attention_bias
     theta, scaling = _rope_from_hf(hf)
     max_len = int(hf.get("max_position_embeddings", 4096))
     window = _sliding_window_cap(family, hf)
@@ -271,6 +273,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, family: str
                    source: Path = Path("<tensors>")) -> Params:
     """Our float32 param tree from HF tensors, checked leaf by leaf against the Decoder's expected shapes."""
     expected = param_shapes(cfg)
+    if family == "phi3":
+        tensors = _phi3_unfused(tensors, cfg)
     pool = _Tensors(tensors, source)
     params = (_gpt2_params_from_hf if family == "gpt2" else _llama_params_from_hf)(pool, cfg, expected)
     for path, shape in _flatten(expected):
@@ -358,7 +362,39 @@ def params_to_hf(params: Params, cfg: ModelConfig, family: str) -> dict[str, np.
         if cfg.activation == "relu2":  # relu(gate(x)) * up(x) with gate == up is relu(up(x))^2
             for leaf in ("weight", "bias") if cfg.mlp_bias else ("weight",):
                 out[f"model.layers.{i}.mlp.gate_proj.{leaf}"] = out[f"model.layers.{i}.mlp.up_proj.{leaf}"].copy()
+    return _phi3_fused(out, cfg) if family == "phi3" else out
+
+
+def _phi3_widths(cfg: ModelConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Row blocks of Phi-3's fused qkv_proj and gate_up_proj weights, in order."""
+    hd = cfg.resolved_head_dim
+    qkv = [("q_proj", cfg.n_heads * hd), ("k_proj", cfg.n_kv_heads * hd), ("v_proj", cfg.n_kv_heads * hd)]
+    return qkv, [("gate_proj", cfg.d_ff), ("up_proj", cfg.d_ff)]
+
+
+def _phi3_unfused(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Phi-3 tensors renamed to Llama's: qkv_proj split into q/k/v_proj, gate_up_proj into gate/up_proj."""
+    out = dict(tensors)
+    qkv, gate_up = _phi3_widths(cfg)
+    for i in range(cfg.n_layers):
+        for fused, module, parts in (("qkv_proj", "self_attn", qkv), ("gate_up_proj", "mlp", gate_up)):
+            name = f"model.layers.{i}.{module}.{fused}.weight"
+            if name not in out:
+                continue  # reported as missing by the llama reader
+            weight, row = out.pop(name), 0
+            for part, width in parts:
+                out[f"model.layers.{i}.{module}.{part}.weight"] = weight[row:row + width]
+                row += width
     return out
+
+
+def _phi3_fused(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    qkv, gate_up = _phi3_widths(cfg)
+    for i in range(cfg.n_layers):
+        for fused, module, parts in (("qkv_proj", "self_attn", qkv), ("gate_up_proj", "mlp", gate_up)):
+            tensors[f"model.layers.{i}.{module}.{fused}.weight"] = np.concatenate(
+                [tensors.pop(f"model.layers.{i}.{module}.{part}.weight") for part, _ in parts])
+    return tensors
 
 
 def _gpt2_params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
