@@ -83,6 +83,16 @@ FAMILIES = {
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**SMALL, rope_theta=1e6), "qwen2"),
     "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True), "qwen3"),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**SMALL, sliding_window=64), "mistral"),
+    # YaRN: interpolated slow dimensions, a ramp, and the attention factor on cos/sin (positions past 16 are
+    # in the extended range); mscale/mscale_all_dim as DeepSeek-style configs set them.
+    "llama_yarn": (LlamaForCausalLM, lambda: LlamaConfig(**SMALL, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}), "llama"),
+    "qwen2_yarn_mscale": (Qwen2ForCausalLM, lambda: Qwen2Config(**SMALL, rope_scaling={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "mscale": 0.707,
+        "mscale_all_dim": 1.0, "beta_fast": 16}), "qwen2"),
+    # Dynamic NTK changes nothing inside max_position_embeddings, the context we serve.
+    "llama_dynamic": (LlamaForCausalLM, lambda: LlamaConfig(**SMALL, max_position_embeddings=64, rope_scaling={
+        "rope_type": "dynamic", "factor": 2.0}), "llama"),
     # Phi-3: fused qkv_proj and gate_up_proj (split on import), GQA, no biases.
     "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**SMALL, pad_token_id=0, sliding_window=None), "phi3"),
 }
@@ -146,9 +156,9 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
         hf_io.load_hf_model(tmp_path)
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         assert arch in str(err.value)
-    with pytest.raises(ValueError, match="yarn"):
+    with pytest.raises(ValueError, match="longrope"):
         hf_families.config_from_hf({**json.loads(LlamaConfig(**SMALL).to_json_string()),
-                                "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+                                    "rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}})
 
 
 def test_weights_that_do_not_fit_the_config_are_an_error(tmp_path):

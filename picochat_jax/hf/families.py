@@ -42,7 +42,7 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 PEFT_FAMILIES = (*LLAMA_LIKE, "gpt2")
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 # Buffers some checkpoints carry that are not weights (recomputed by every implementation).
@@ -86,8 +86,11 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...
         return float(theta), None
     scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
     scaling["rope_type"] = kind
-    if kind == "llama3" and "original_max_position_embeddings" not in scaling:
+    if kind in ("llama3", "yarn") and not scaling.get("original_max_position_embeddings"):
         scaling["original_max_position_embeddings"] = hf["max_position_embeddings"]
+    if kind == "yarn" and scaling.get("factor") is None:  # transformers derives it from the two context lengths
+        scaling["factor"] = hf["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    scaling = {k: v for k, v in scaling.items() if v is not None}
     return float(theta), tuple(sorted(scaling.items()))
 
 

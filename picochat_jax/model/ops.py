@@ -22,12 +22,16 @@ Dtype = Any
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Array:
-    """Inverse frequencies, including the HF `rope_scaling` types we import (linear, llama3)."""
+    """Inverse frequencies, including the HF `rope_scaling` types we import (linear, llama3, yarn, dynamic).
+
+    `dynamic` (NTK) changes the frequencies only for sequences longer than the model's max_position_embeddings,
+    a context this model never serves (max_seq_len is capped there), so inside it they are the default ones.
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
+    if kind in ("default", "dynamic"):
         return inv_freq
     if kind == "linear":
         return inv_freq / scaling["factor"]
@@ -42,17 +46,60 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return jnp.where(is_mid, mid, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3, yarn, dynamic)")
 
 
-def rope_tables(positions: Array, inv_freq: Array) -> tuple[Array, Array]:
-    """(cos, sin), each (B, T, 1, D) float32, for rotate-half RoPE at `positions` (B, T).
+def _yarn_inv_freq(dim: int, base: float, scaling: dict[str, Any]) -> Array:
+    """YaRN (Peng et al., 2023): interpolated frequencies for the slow dimensions, the original ones for the fast
+    dimensions, a linear ramp between the correction range given by beta_fast/beta_slow rotations."""
+    factor = scaling["factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor YaRN applies to cos and sin (1 for every other rope type)."""
+    if not scaling or scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, mscale, mscale_all_dim = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if mscale and mscale_all_dim:
+        return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+    return get_mscale(factor)
+
+
+def rope_tables(positions: Array, inv_freq: Array, attention_factor: float = 1.0) -> tuple[Array, Array]:
+    """(cos, sin), each (B, T, 1, D) float32, for rotate-half RoPE at `positions` (B, T), scaled by YaRN's
+    attention factor when there is one.
 
     Built once per forward and shared by every layer's q and k, rather than re-evaluating sin/cos inside
     each layer's fused RoPE kernels (forward and backward).
     """
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    if attention_factor != 1.0:
+        return jnp.cos(angles) * attention_factor, jnp.sin(angles) * attention_factor
     return jnp.cos(angles), jnp.sin(angles)
 
 

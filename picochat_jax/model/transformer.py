@@ -21,7 +21,13 @@ from jax.ad_checkpoint import checkpoint_policies
 
 from picochat_jax.config import ModelConfig
 from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection
-from picochat_jax.model.ops import resolve_attention_impl, resolve_rms_norm_impl, rope_inv_freq, rope_tables
+from picochat_jax.model.ops import (
+    resolve_attention_impl,
+    resolve_rms_norm_impl,
+    rope_attention_factor,
+    rope_inv_freq,
+    rope_tables,
+)
 from picochat_jax.model.rms_norm_kernel import residual_rms_norm
 from picochat_jax.parallel import gather_whole, shard_activation_batch
 
@@ -216,7 +222,9 @@ class Decoder(nn.Module):
         rope = None
         if self.cfg.position == "rope":
             cfg = self.cfg
-            rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling_dict))
+            scaling = cfg.rope_scaling_dict
+            rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, scaling),
+                               rope_attention_factor(scaling))
         x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, cache)
         x = self.final_norm(x)
         if return_hidden:
