@@ -51,8 +51,12 @@ class ModelConfig:
     mlp_bias: bool = False
     scaled_residual_init: bool = False
     init_std: float = 0.02
+    # Sliding-window attention (Mistral, Phi-3): a query sees the keys of the last `sliding_window` positions.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
         if self.norm not in NORMS:
             raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
         if self.position not in POSITIONS:

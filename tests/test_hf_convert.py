@@ -83,6 +83,9 @@ FAMILIES = {
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**SMALL, rope_theta=1e6), "qwen2"),
     "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True), "qwen3"),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**SMALL, sliding_window=64), "mistral"),
+    # A real sliding window, shorter than the 40 test tokens: later queries must not see early keys.
+    "mistral_window": (MistralForCausalLM, lambda: MistralConfig(**SMALL, sliding_window=8), "mistral"),
+    "phi3_window": (Phi3ForCausalLM, lambda: Phi3Config(**SMALL, pad_token_id=0, sliding_window=12), "phi3"),
     # YaRN: interpolated slow dimensions, a ramp, and the attention factor on cos/sin (positions past 16 are
     # in the extended range); mscale/mscale_all_dim as DeepSeek-style configs set them.
     "llama_yarn": (LlamaForCausalLM, lambda: LlamaConfig(**SMALL, rope_scaling={
@@ -114,8 +117,9 @@ def test_import_reads_config_details(tmp_path):
     assert (cfg.rope_theta, cfg.n_kv_heads, cfg.tie_embeddings, cfg.qk_norm) == (50000.0, 2, False, False)
     assert cfg.rope_scaling_dict["rope_type"] == "llama3" and cfg.rope_scaling_dict["factor"] == 8.0
     _save_random(MistralForCausalLM, FAMILIES["mistral"][1](), tmp_path / "mistral")
-    # Sliding-window attention is plain causal attention within the window: the context is capped there.
-    assert hf_io.load_hf_model(tmp_path / "mistral").config.max_seq_len == 64
+    # The window is modelled, so the context stays the model's own.
+    mistral = hf_io.load_hf_model(tmp_path / "mistral").config
+    assert (mistral.sliding_window, mistral.max_seq_len) == (64, MistralConfig().max_position_embeddings)
 
 
 def test_legacy_rope_keys_are_read():
@@ -341,3 +345,23 @@ def test_phi3_round_trip_and_fused_peft_adapter(tmp_path):
     np.testing.assert_allclose(_torch_logits(peft_model), merged_logits, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="adapt all of"):
         hf_export.peft_adapter({"q_proj": adapters["q_proj"]}, 2, "phi3", 2, 4.0)
+
+
+def test_sliding_window_decoding_matches_the_full_forward(tmp_path):
+    """The KV-cache engine applies the window too: greedy tokens equal the argmax of full forwards, over prompts
+    (left-padded to a shared bucket) longer than the window."""
+    from picochat_jax.generate import Engine, SamplingParams
+
+    _save_random(MistralForCausalLM, MistralConfig(**SMALL, sliding_window=6, max_position_embeddings=64),
+                 tmp_path)
+    hf = hf_io.load_hf_model(tmp_path)
+    engine = Engine(hf.params, hf.config, max_len=64, max_batch=2, chunk_tokens=4)
+    prompts = [TOKENS[0, :20].tolist(), TOKENS[1, :13].tolist()]
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=6), stop_ids=())
+    model = make_model(hf.config)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        seq = list(prompt)
+        for _ in range(6):
+            logits = np.asarray(model.apply({"params": hf.params}, jnp.asarray([seq])))[0, -1]
+            seq.append(int(np.argmax(logits)))
+        assert list(tokens) == seq[len(prompt):]

@@ -95,10 +95,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...
 
 
 def _sliding_window_cap(family: str, hf: dict[str, Any]) -> int | None:
-    """Within its window, sliding-window attention is plain causal attention: cap the context there."""
+    """Qwen's optional sliding windows apply to some layers only: within the window that is plain causal
+    attention, so the context is capped there. (Mistral's and Phi-3's windows are modelled.)"""
     window = hf.get("sliding_window")
-    if family in ("mistral", "phi3"):
-        return window
     if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         return window
     return None
@@ -129,9 +128,11 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     out_bias = False if family in ("qwen2", "mistral", "phi3") else attention_bias
     theta, scaling = _rope_from_hf(hf)
     max_len = int(hf.get("max_position_embeddings", 4096))
-    window = _sliding_window_cap(family, hf)
-    if window:
-        max_len = min(max_len, int(window))
+    window = hf.get("sliding_window") if family in ("mistral", "phi3") else None
+    window = int(window) if window and int(window) < max_len else None  # a window over the context is causal
+    cap = _sliding_window_cap(family, hf)
+    if cap:  # Qwen's per-layer windows (max_window_layers) are not modelled: cap the context inside them
+        max_len = min(max_len, int(cap))
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_ff=hf["intermediate_size"], max_seq_len=max_len,
@@ -139,7 +140,7 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position="rope", rope_theta=theta, rope_scaling=scaling,
         activation=activation, qk_norm=family == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias, out_bias=out_bias, mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
-        init_std=float(hf.get("initializer_range", 0.02)),
+        init_std=float(hf.get("initializer_range", 0.02)), sliding_window=window,
     )
     return family, cfg
 
@@ -168,6 +169,9 @@ def export_family(cfg: ModelConfig) -> str:
     if cfg.parallel_residual:
         raise ValueError("parallel_residual=true has no stock transformers architecture among "
                          f"{', '.join(ARCHITECTURES.values())}; train with parallel_residual=false to export")
+    if cfg.sliding_window is not None:
+        raise ValueError("sliding_window is exported only with the Mistral/Phi-3 folders it came from; a native "
+                         "model with a window has no Llama/Qwen3/GPT-2 equivalent")
     if cfg.norm == "rmsnorm" and cfg.position == "rope":
         if cfg.activation == "gelu":
             raise ValueError("activation=gelu with rmsnorm+rope: Llama/Qwen3 have gated MLPs only "

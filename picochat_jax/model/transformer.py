@@ -204,18 +204,30 @@ class Decoder(nn.Module):
             pos = jnp.clip(positions, 0, self.cfg.max_seq_len - 1)
             x = x + jnp.take(self.embed_positions, pos, axis=0).astype(self.dtype)
 
+        window = self.cfg.sliding_window  # a key is visible while q - k < window (transformers' overlay)
         mask, layer_segments = None, None
         if cache is not None:
             S = cache["k"].shape[2]
             q_slot = offset + jnp.arange(T)
-            allowed = jnp.arange(S)[None, :] <= q_slot[:, None]  # (T, S)
+            kv_slot = jnp.arange(S)[None, :]
+            allowed = kv_slot <= q_slot[:, None]  # (T, S)
+            if window is not None:
+                # Left padding sits before a row's tokens, so slot distances are position distances.
+                allowed &= q_slot[:, None] - kv_slot < window
             valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
             mask = allowed[None, None] & valid[:, None, None, :]
-        elif segment_ids is not None:
-            if resolve_attention_impl(self.attention_impl, self.dtype, self.cfg.resolved_head_dim) == "xla":
-                causal = jnp.tril(jnp.ones((T, T), bool))
-                same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-                mask = (causal[None] & same_doc)[:, None]
+        elif segment_ids is not None or window is not None:
+            if window is not None or resolve_attention_impl(self.attention_impl, self.dtype,
+                                                            self.cfg.resolved_head_dim) == "xla":
+                i = jnp.arange(T)
+                allowed = i[None, :] <= i[:, None]
+                if window is not None:
+                    allowed &= i[:, None] - i[None, :] < window
+                if segment_ids is not None:
+                    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+                    mask = (allowed[None] & same_doc)[:, None]
+                else:
+                    mask = allowed[None, None]
             else:  # fused kernels mask documents themselves, without a (B, 1, T, T) boolean mask
                 layer_segments = segment_ids
 
