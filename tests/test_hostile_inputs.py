@@ -286,7 +286,7 @@ CASES = [
     Case("data validate on a folder instead of a pack", _validate_pack_is_a_folder, 1, "is a folder"),
     Case("train sft --resume with no checkpoint", _train_resume_without_checkpoint, 2, "no complete checkpoint"),
     Case("tokenizer train onto an existing file", _tokenizer_train_onto_existing_file, 2, "already exists"),
-    Case("gate on a user's folder", _gate_on_a_user_folder, 2, "is not a `picochat run` folder"),
+    Case("gate on a user's folder", _gate_on_a_user_folder, 2, "is not a `picochat run`"),
 ]
 
 
