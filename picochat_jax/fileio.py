@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -79,3 +80,12 @@ def read_jsonl_objects(path: Path | str) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             out.append(row)
     return out
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 4 MiB blocks (shards and corpora can be far larger than memory)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from picochat_jax.fileio import read_json_object, read_jsonl_objects, save_text
+from picochat_jax.fileio import read_json_object, read_jsonl_objects, save_text, sha256_file
 from picochat_jax.markdown import number
 
 BUNDLE_FORMAT = "picochat-bundle/1"
@@ -29,14 +29,6 @@ EVIDENCE_FILES = ("summary.json", "summary.md", "run_config.json", "preflight.js
                   "hf_sft_report.json", "tokens/manifest.json", "tokens/holdout.jsonl")
 EVIDENCE_DIRS = ("sft_fit", "eval", "external_eval", "honesty", "release")
 STAGES = ("base", "sft", "dpo")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bundle_files(run_dir: Path) -> list[str]:
@@ -69,7 +61,7 @@ def bundle_run(run_dir: Path | str, out_path: Path | str) -> dict[str, Any]:
     manifest = {"format": BUNDLE_FORMAT, "run": run_dir.name, "created": dt.datetime.now(dt.timezone.utc)
                 .isoformat(timespec="seconds"), "model": gate.get("model"), "decision": gate.get("decision"),
                 "profile": (gate.get("profile") or {}).get("name"),
-                "files": [{"path": r, "bytes": (run_dir / r).stat().st_size, "sha256": _sha256(run_dir / r)}
+                "files": [{"path": r, "bytes": (run_dir / r).stat().st_size, "sha256": sha256_file(run_dir / r)}
                           for r in rels]}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")

@@ -12,7 +12,6 @@ sources (with sha256 of local files), rows read, written and skipped, bytes, and
 from __future__ import annotations
 
 import glob
-import hashlib
 import itertools
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from picochat_jax.fileio import save_json
+from picochat_jax.fileio import save_json, sha256_file
 
 CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"  # nanochat's shuffled repack of nvidia/Nemotron-ClimbMix
 CLIMBMIX_SHARDS = 6543  # shard_00000 ... shard_06542
@@ -37,14 +36,6 @@ def _datasets() -> Any:
     except ImportError:
         raise ValueError("importing datasets needs the `datasets` library: pip install 'picochat-jax[hub]'") from None
     return datasets
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def local_data_files(path: Path) -> list[Path]:
@@ -77,7 +68,7 @@ def open_dataset(dataset: str, config: str | None, split: str, streaming: bool =
         builder = LOCAL_BUILDERS[files[0].suffix.lower()]
         rows = datasets.load_dataset(builder, data_files={split: [str(f) for f in files]}, split=split,
                                      streaming=streaming)
-        return rows, [{"file": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files]
+        return rows, [{"file": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
     if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset) is None:
         raise FileNotFoundError(f"dataset not found: {dataset} is neither a local path nor a hub id")
     try:
@@ -116,7 +107,7 @@ def open_climbmix(shards: str, streaming: bool = True) -> tuple[Any, list[dict]]
     files, on_hub = climbmix_files(shards)
     rows = _datasets().load_dataset("parquet", data_files={"train": files}, split="train", streaming=streaming)
     sources = ([{"file": f} for f in files] if on_hub else
-               [{"file": f, "bytes": Path(f).stat().st_size, "sha256": _sha256(Path(f))} for f in files])
+               [{"file": f, "bytes": Path(f).stat().st_size, "sha256": sha256_file(Path(f))} for f in files])
     return rows, sources
 
 
@@ -168,7 +159,7 @@ def write_import_pack(rows: Iterable[dict], pack_out: Path, *, name: str, descri
             fh.writelines(buffer)
         os.replace(tmp, corpus / name_)
         files.append({"file": f"corpus/{name_}", "rows": len(buffer), "bytes": (corpus / name_).stat().st_size,
-                      "sha256": _sha256(corpus / name_)})
+                      "sha256": sha256_file(corpus / name_)})
         buffer.clear()
 
     bar = tqdm(total=max_rows, unit="row", desc="import", disable=not progress, dynamic_ncols=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from picochat_jax.data.packing import best_fit_rows
-from picochat_jax.fileio import save_json
+from picochat_jax.fileio import save_json, sha256_file
 from picochat_jax.tokenizer import ChatTokenizer
 
 SHARD_FORMAT = "picochat-token-shards/1"
@@ -59,14 +59,6 @@ def holdout_indices(num_documents: int, val_fraction: float, seed: int) -> np.nd
         return np.zeros(0, np.int64)
     k = min(num_documents - 1, max(1, round(num_documents * val_fraction)))
     return np.sort(np.argsort(holdout_scores(seed, num_documents), kind="stable")[:k]).astype(np.int64)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _SplitWriter:
@@ -115,7 +107,7 @@ class _SplitWriter:
         self.buffer[:self.filled].tofile(tmp)
         os.replace(tmp, self.folder / name)
         self.shards.append({"file": name, "tokens": int(self.filled), "documents": self.buffer_documents,
-                            "sha256": _sha256(self.folder / name)})
+                            "sha256": sha256_file(self.folder / name)})
         self.next_document, self.next_document_offset = self.pending_start
         self.filled, self.buffer_documents = 0, 0
 

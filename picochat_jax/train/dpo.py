@@ -125,18 +125,9 @@ def compile_pair_logps(trainer: ShardedTrainer, model: Decoder) -> Any:
 
 def reference_logps(logps: Any, trainer: ShardedTrainer, params: Any, examples: dict[str, np.ndarray],
                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen/rejected log-probs of every pair under `params` (`logps` from `compile_pair_logps`), in
-    fixed-size batches, the last one wrapped around."""
-    n = len(examples["chosen_inputs"])
-    keys = [f"{s}_{k}" for s in SIDES for k in ("inputs", "targets", "mask")]
-    chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size) % n
-        c, r = logps(params, trainer.put_batch({k: examples[k][idx] for k in keys}, batch_dim=0))
-        take = min(batch_size, n - start)
-        chosen[start : start + take] = np.asarray(c)[:take]
-        rejected[start : start + take] = np.asarray(r)[:take]
-    return chosen, rejected
+    """Chosen/rejected log-probs of every pair under `params` (`logps` from `compile_pair_logps`), batches
+    placed on the trainer's mesh."""
+    return score_pairs(logps, params, examples, batch_size, place=lambda b: trainer.put_batch(b, batch_dim=0))
 
 
 def pair_scorer(model: Decoder) -> Any:
@@ -145,15 +136,17 @@ def pair_scorer(model: Decoder) -> Any:
     return jax.jit(lambda p, b: pair_logps(model, p, b))
 
 
-def score_pairs(scorer: Any, params: Any, examples: dict[str, np.ndarray], batch_size: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen/rejected log-probs of every pair under full `params`, in fixed-size batches (the last wrapped)."""
+def score_pairs(scorer: Any, params: Any, examples: dict[str, np.ndarray], batch_size: int,
+                place: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen/rejected log-probs of every pair, in fixed-size batches (the last one wrapped around);
+    `place` puts a host batch on devices (default: plain device arrays)."""
     n = len(examples["chosen_inputs"])
     keys = [f"{s}_{k}" for s in SIDES for k in ("inputs", "targets", "mask")]
+    place = place or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
     chosen, rejected = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size) % n
-        c, r = scorer(params, {k: jnp.asarray(examples[k][idx]) for k in keys})
+        c, r = scorer(params, place({k: examples[k][idx] for k in keys}))
         take = min(batch_size, n - start)
         chosen[start:start + take] = np.asarray(c)[:take]
         rejected[start:start + take] = np.asarray(r)[:take]
