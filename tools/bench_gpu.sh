@@ -10,6 +10,9 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh h200-1b        # the 1B scale's step (24 layers, 16 x 2048, remat dots)
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh           # two GPUs: the step on 1x2 and 2x1 vs one GPU
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh-runs      # two GPUs: the whole factory (run tiny) on each mesh
+#   OUT=/some/dir bash tools/bench_gpu.sh shards         # the real driver on disk shards: a synthetic corpus
+#                                                        # (tools/bench_data.py), tokenizer, `data tokenize`, then
+#                                                        # `train base --shards` at h100-100m against the bench step
 #   OUT=/some/dir BEFORE=/old/checkout bash tools/bench_gpu.sh before-after
 #                                                        # the h100-100m step and hf-sft LoRA step of another
 #                                                        # checkout (BEFORE) and of this one, alternating
@@ -90,6 +93,34 @@ case "$scenario" in
       cp "/tmp/run_$mesh/base/metrics.jsonl" "$OUT/base_metrics_$mesh.jsonl" 2>/dev/null
     done
     ;;
+  shards)  # BOS-aligned best-fit rows streamed from token shards by the driver, vs the step alone
+    work=${WORK:-/tmp/shards_bench}
+    mkdir -p "$work"
+    "$PY" - "$work" "${CORPUS_MB:-300}" <<'PYEOF'
+import sys
+sys.path.insert(0, "tools")
+from pathlib import Path
+from bench_data import make_corpus
+print(make_corpus(Path(sys.argv[1]) / "corpus", float(sys.argv[2])))
+PYEOF
+    # data tokenize encodes on the Rust tokenizer's thread pool, which TOKENIZERS_PARALLELISM=false (set above
+    # for the torch peers) would switch off.
+    cli() { TOKENIZERS_PARALLELISM=true "$PY" -c "from picochat_jax.cli import main; main()" "$@"; }
+    cli tokenizer train --input "$work/corpus" --out "$work/tokenizer.json" --vocab-size 8192 \
+      --max-bytes 67108864 --overwrite 2>&1 | tail -1
+    TIMEFORMAT="data tokenize: %R s wall"
+    time cli data tokenize "$work/corpus" --tokenizer "$work/tokenizer.json" --out-dir "$work/tokens" \
+      --no-progress --overwrite 2>&1 | tail -3
+    timeout "${RUN_TIMEOUT:-300}" "$PY" -c "from picochat_jax.cli import main; main()" train base \
+      --shards "$work/tokens" --tokenizer "$work/tokenizer.json" --out-dir "$work/base" --scale h100-100m \
+      --steps "${BASE_STEPS:-200}" --set base.eval_every=100 --set base.checkpoint_every=100 --no-progress \
+      --overwrite > "$OUT/train_base_shards.log" 2>&1
+    echo "train base --shards: exit $?"; tail -3 "$OUT/train_base_shards.log"
+    cp "$work/base/metrics.jsonl" "$OUT/base_shards_metrics.jsonl" 2>/dev/null
+    cp "$work/base/summary.json" "$OUT/base_shards_summary.json" 2>/dev/null
+    cp "$work/tokens/manifest.json" "$OUT/tokens_manifest.json" 2>/dev/null
+    bench --scale h100-100m --sync-every "$w" --json-out "$OUT/h100m_step.json"
+    ;;
   before-after)  # our side only (no peers): the same step, two checkouts, alternating to spread clock drift
     : "${BEFORE:?set BEFORE to the other checkout (its tools/ and picochat_jax/)}"
     for round in $(seq "${ROUNDS:-2}"); do
@@ -107,7 +138,7 @@ case "$scenario" in
     done
     ;;
   *)
-    echo "unknown scenario $scenario (pretrain|kernels|lora|h200-1b|mesh|mesh-runs|before-after)" >&2
+    echo "unknown scenario $scenario (pretrain|kernels|lora|h200-1b|mesh|mesh-runs|shards|before-after)" >&2
     exit 2
     ;;
 esac

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--segments", type=int, default=0,
                      help="pack documents of mean length N per row (segment-masked attention, as base "
                           "pretraining does); 0 = plain causal rows like the torch peer")
+    opt.add_argument("--positions", action="store_true",
+                     help="with --segments: per-segment positions restarting at each document, as the shard "
+                          "loader (data/shards.py) feeds base pretraining")
     opt.add_argument("--fuse-projections", choices=["on", "off"], default="on",
                      help="q/k/v and gate/up as one matmul each (what training uses unless the mesh has a tensor axis)")
     opt.add_argument("--norm-rope", choices=["auto", "xla", "pallas"], default="auto",
@@ -147,7 +150,7 @@ def default_batch(args: argparse.Namespace) -> int:
 
 
 def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int, count: int = 4,
-                      seed: int = 0) -> list[dict[str, Any]]:
+                      seed: int = 0, positions: bool = False) -> list[dict[str, Any]]:
     """Random tokens (never zeros: they can run faster than real data), optional packed-document ids."""
     import numpy as np
 
@@ -162,6 +165,10 @@ def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int,
             starts = rng.random(shape) < 1.0 / segments
             starts[..., 0] = True
             b["segment_ids"] = np.cumsum(starts, axis=-1).astype(np.int32)
+            if positions:
+                index = np.broadcast_to(np.arange(seq), shape)
+                first = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+                b["positions"] = (index - first).astype(np.int32)
         out.append(b)
     return out
 
@@ -294,7 +301,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
                             ce_chunk_tokens=args.ce_chunk)
-    batches = [trainer.put_batch(b) for b in synthetic_batches(cfg, batch, args.grad_accum, seq, args.segments)]
+    batches = [trainer.put_batch(b) for b in synthetic_batches(cfg, batch, args.grad_accum, seq, args.segments,
+                                                                positions=args.positions)]
 
     t0 = time.perf_counter()
     state = trainer.init(jax.random.key_data(jax.random.key(0)))
@@ -320,6 +328,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         None if args.attention == "auto" else args.attention,
                         compute_dtype(args.precision), cfg.resolved_head_dim),
                     "ce_chunk": args.ce_chunk, "scan_unroll": unroll, "segments": args.segments,
+                    "positions": args.positions,
                     "fuse_projections": model.fuse_projections, "qk_norm": cfg.qk_norm,
                     "norm_rope": resolve_norm_rope_impl(model.norm_rope_impl, cfg.qk_norm, cfg.position == "rope",
                                                         batch * seq, cfg.resolved_head_dim),
