@@ -166,8 +166,10 @@ def test_data_tokenize_cli_and_train_base_on_shards(tmp_path: Path, tokenizer: t
     assert again.exit_code == 2 and "--resume" in again.output
     res = runner.invoke(main, ["train", "base", "--shards", str(tmp_path / "tokens"), "--tokenizer", str(tok_path),
                                "--out-dir", str(tmp_path / "base"), "--scale", "smoke", "--steps", "6",
-                               "--no-progress"])
+                               "--no-progress", "--tensorboard-dir", str(tmp_path / "tb")])
     assert res.exit_code == 0, res.output
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # events where asked, not in the out-dir
+    assert not list((tmp_path / "base").glob("events.out.tfevents.*"))
     summary = json.loads((tmp_path / "base" / "summary.json").read_text())
     assert summary["final_val_loss"] is not None and summary["final_loss"] < summary["first_loss"]
     other = train_tokenizer((d for d, _ in _docs(20, seed=5)), "bpe", 280, 2)

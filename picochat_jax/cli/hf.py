@@ -101,6 +101,8 @@ def hf_train_options(input_help: str, packing: bool) -> Any:
                           "name goes inside --out-dir."),
         out_dir_flags(),
         click.option("--no-progress", is_flag=True, help="No progress bar (logs only)."),
+        click.option("--tensorboard-dir", type=click.Path(path_type=Path), default=None,
+                     help="Write TensorBoard events here (default: beside metrics.jsonl in --out-dir)."),
         _hf_sft_option("--lora-rank", int),
         _hf_sft_option("--lora-alpha", float),
         _hf_sft_option("--lora-dropout", float, "Only 0 is supported."),
@@ -136,7 +138,7 @@ def _hf_train(objective: str, model: str, revision: str | None, trust_remote_cod
               gradient_checkpointing: bool, done_file: Path | None, progress_file: Path | None, overwrite: bool,
               resume: bool, resume_or_start: bool, no_progress: bool, mesh: str | None, sets: tuple[str, ...],
               lr_warmup_steps: int | None, lr_decay: str | None, min_lr_ratio: float | None,
-              extra: dict[str, Any], **flags: Any) -> dict[str, Any]:
+              tensorboard_dir: Path | None, extra: dict[str, Any], **flags: Any) -> dict[str, Any]:
     select_device(device)
     import dataclasses
 
@@ -162,7 +164,8 @@ def _hf_train(objective: str, model: str, revision: str | None, trust_remote_cod
                         done_file=done_file, progress_file=progress_file, overwrite=overwrite, resume=resume,
                         resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
                         optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input,
-                        packing=f["packing"] if objective == "sft" else "none", objective=objective, **extra)
+                        packing=f["packing"] if objective == "sft" else "none", objective=objective,
+                        tensorboard_dir=tensorboard_dir, **extra)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"{report.get('stage', 'hf-' + objective)} interrupted at step {report['step']}; continue with "

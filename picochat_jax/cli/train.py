@@ -41,6 +41,8 @@ def train_flags(fn: Any) -> Any:
         click.option("--seed", type=int, default=None),
         mesh_option, device_option, precision_option,
         click.option("--no-progress", is_flag=True),
+        click.option("--tensorboard-dir", type=click.Path(path_type=Path), default=None,
+                     help="Write TensorBoard events here (default: beside metrics.jsonl in --out-dir)."),
     ]):
         fn = opt(fn)
     return out_dir_flags()(fn)
@@ -110,7 +112,8 @@ def base(pack_path: Path | None, shards_dir: Path | None, tokenizer_path: Path, 
         tokenize_stage(lambda: iter_documents(pack), count, tok, tokenizer_path, shards_dir, cfg,
                        progress=not opts["no_progress"], total_bytes=corpus_bytes(pack))
     result = base_stage(scale, cfg, tok, tokenizer_path, shards_dir, out_dir, mesh_shape,
-                        progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
+                        progress=not opts["no_progress"], tensorboard_dir=opts["tensorboard_dir"], **resume,
+                        **perf_kwargs(scale))
     _report(result, out_dir)
 
 
@@ -155,7 +158,8 @@ def sft(checkpoint_dir: Path, tokenizer_path: Path | None, input_path: Path | No
     mesh_shape = parse_mesh(opts["mesh"])
     resume = claim_stage_dir(out_dir, "sft", opts, [checkpoint_dir, tokenizer_path, chat_path, pack_path])
     result = sft_stage(model_cfg, cfg, tok, tokenizer_path, conversations, params, out_dir, mesh_shape,
-                       progress=not opts["no_progress"], **resume, **perf_kwargs(scale))
+                       progress=not opts["no_progress"], tensorboard_dir=opts["tensorboard_dir"], **resume,
+                       **perf_kwargs(scale))
     _report(result, out_dir)
 
 

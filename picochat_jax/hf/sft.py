@@ -88,6 +88,7 @@ class HFSFTOptions:
     objective: str = "sft"  # sft (chat rows, assistant-only loss) | dpo (preference pairs: `train hf-dpo`)
     beta: float = 0.1  # dpo: pull towards the reference
     reference_model: str | None = None  # dpo: the frozen reference (default: the model being tuned, as loaded)
+    tensorboard_dir: Path | None = None  # TensorBoard events (default: beside metrics.jsonl in out_dir)
 
     def __post_init__(self) -> None:
         if self.peft not in ("lora", "none"):
@@ -276,6 +277,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
               evaluate=evaluate, save_model=save_model, log_keys=log_keys, eval_at_start=True,
               resume=plan.action == "resume", resume_or_start=opts.resume_or_start, should_stop=opts.should_stop,
               progress=opts.progress,
+              tensorboard_dir=opts.tensorboard_dir,
               on_row=lambda row: _write_status(progress_path, out_dir, {"status": "training",
                                                                           "max_steps": opts.max_steps, **row}))
     end = {"step": run.final_step, "max_steps": opts.max_steps, "best_val_loss": None if math.isinf(run.best_val)
