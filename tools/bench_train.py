@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--segments", type=int, default=0,
                      help="pack documents of mean length N per row (segment-masked attention, as base "
                           "pretraining does); 0 = plain causal rows like the torch peer")
+    opt.add_argument("--zipf", type=float, default=0.0,
+                     help="draw token ids from a Zipf law with this exponent (e.g. 1.1, like real text) instead of "
+                          "uniformly: repeated ids make the embedding gradient's scatter-add contend")
     opt.add_argument("--positions", action="store_true",
                      help="with --segments: per-segment positions restarting at each document, as the shard "
                           "loader (data/shards.py) feeds base pretraining")
@@ -150,7 +153,7 @@ def default_batch(args: argparse.Namespace) -> int:
 
 
 def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int, count: int = 4,
-                      seed: int = 0, positions: bool = False) -> list[dict[str, Any]]:
+                      seed: int = 0, positions: bool = False, zipf: float = 0.0) -> list[dict[str, Any]]:
     """Random tokens (never zeros: they can run faster than real data), optional packed-document ids."""
     import numpy as np
 
@@ -158,9 +161,13 @@ def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int,
     out = []
     for _ in range(count):
         shape = (accum, batch, seq)
-        b = {"inputs": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
-             "targets": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
-             "loss_mask": np.ones(shape, np.float32)}
+        if zipf > 0:
+            p = 1.0 / np.arange(1, cfg.vocab_size + 1) ** zipf
+            ranks = rng.choice(cfg.vocab_size, (2, *shape), p=p / p.sum())
+            ids = rng.permutation(cfg.vocab_size)[ranks].astype(np.int32)  # frequent ids spread over the vocab
+        else:
+            ids = rng.integers(0, cfg.vocab_size, (2, *shape), dtype=np.int32)
+        b = {"inputs": ids[0], "targets": ids[1], "loss_mask": np.ones(shape, np.float32)}
         if segments > 0:
             starts = rng.random(shape) < 1.0 / segments
             starts[..., 0] = True
@@ -302,7 +309,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
                             ce_chunk_tokens=args.ce_chunk)
     batches = [trainer.put_batch(b) for b in synthetic_batches(cfg, batch, args.grad_accum, seq, args.segments,
-                                                                positions=args.positions)]
+                                                                positions=args.positions, zipf=args.zipf)]
 
     t0 = time.perf_counter()
     state = trainer.init(jax.random.key_data(jax.random.key(0)))
@@ -328,7 +335,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         None if args.attention == "auto" else args.attention,
                         compute_dtype(args.precision), cfg.resolved_head_dim),
                     "ce_chunk": args.ce_chunk, "scan_unroll": unroll, "segments": args.segments,
-                    "positions": args.positions,
+                    "positions": args.positions, "zipf": args.zipf,
                     "fuse_projections": model.fuse_projections, "qk_norm": cfg.qk_norm,
                     "norm_rope": resolve_norm_rope_impl(model.norm_rope_impl, cfg.qk_norm, cfg.position == "rope",
                                                         batch * seq, cfg.resolved_head_dim),
