@@ -120,22 +120,33 @@ def sft_examples(conversations: Sequence[Conversation], tok: ChatTokenizer, max_
 PREFERENCE_SIDES = ("chosen", "rejected")
 
 
-def preference_examples(rows: Sequence[PreferenceRow], tok: ChatTokenizer, max_seq_len: int
-                        ) -> tuple[dict[str, np.ndarray], int]:
-    """Row-aligned arrays `{side}_inputs|targets|mask` for both sides of each preference pair, one shared padded
-    length; the mask is the SFT encoder's (reply + `<|end|>`). Returns the arrays and how many sides were cut."""
-    convs = {side: [Conversation(tuple(r.prompt) + (Message("assistant", getattr(r, side)),), source=r.source,
-                                 line=r.line) for r in rows] for side in PREFERENCE_SIDES}
-    encoded = {side: encode_conversations(convs[side], tok) for side in PREFERENCE_SIDES}
-    seq_len = fit_seq_len(max(len(ids) for side in PREFERENCE_SIDES for ids, _ in encoded[side]) - 1, max_seq_len)
+def preference_conversations(rows: Sequence[PreferenceRow], side: str) -> list[Conversation]:
+    """Each pair's prompt followed by its `side` ("chosen" or "rejected") reply, as chat rows."""
+    return [Conversation(tuple(r.prompt) + (Message("assistant", getattr(r, side)),), source=r.source, line=r.line)
+            for r in rows]
+
+
+def _preference_arrays(rows: Sequence[PreferenceRow], encode: Any, pad_id: int, max_len: int,
+                       ) -> tuple[dict[str, np.ndarray], int]:
+    """`{side}_inputs|targets|mask` for both sides, `encode(conversations) -> [(ids, mask)]`, one shared padded
+    length; and how many sides were cut."""
+    encoded = {side: encode(preference_conversations(rows, side)) for side in PREFERENCE_SIDES}
+    seq_len = fit_seq_len(max(len(ids) for side in PREFERENCE_SIDES for ids, _ in encoded[side]) - 1, max_len)
     out: dict[str, np.ndarray] = {}
     truncated = 0
     for side in PREFERENCE_SIDES:
-        arrays, cut = pad_examples(encoded[side], seq_len, tok.pad_id)
+        arrays, cut = pad_examples(encoded[side], seq_len, pad_id)
         truncated += cut
         out[f"{side}_inputs"], out[f"{side}_targets"], out[f"{side}_mask"] = (
             arrays["inputs"], arrays["targets"], arrays["loss_mask"])
     return out, truncated
+
+
+def preference_examples(rows: Sequence[PreferenceRow], tok: ChatTokenizer, max_seq_len: int
+                        ) -> tuple[dict[str, np.ndarray], int]:
+    """Row-aligned arrays `{side}_inputs|targets|mask` for both sides of each preference pair, one shared padded
+    length; the mask is the SFT encoder's (reply + `<|end|>`). Returns the arrays and how many sides were cut."""
+    return _preference_arrays(rows, lambda convs: encode_conversations(convs, tok), tok.pad_id, max_seq_len)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -191,15 +202,4 @@ def template_preference_examples(rows: Sequence[PreferenceRow], fmt: Any, max_le
                                  ) -> tuple[dict[str, np.ndarray], int]:
     """`preference_examples` for a model's own chat template (hf-dpo): both sides of each pair rendered as the
     prompt plus that reply, the mask over what the reply adds, one shared padded length."""
-    convs = {side: [Conversation(tuple(r.prompt) + (Message("assistant", getattr(r, side)),), source=r.source,
-                                 line=r.line) for r in rows] for side in PREFERENCE_SIDES}
-    encoded = {side: encode_template_rows(convs[side], fmt)[0] for side in PREFERENCE_SIDES}
-    seq_len = fit_seq_len(max(len(ids) for side in PREFERENCE_SIDES for ids, _ in encoded[side]) - 1, max_length)
-    out: dict[str, np.ndarray] = {}
-    truncated = 0
-    for side in PREFERENCE_SIDES:
-        arrays, cut = pad_examples(encoded[side], seq_len, fmt.pad_id)
-        truncated += cut
-        out[f"{side}_inputs"], out[f"{side}_targets"], out[f"{side}_mask"] = (
-            arrays["inputs"], arrays["targets"], arrays["loss_mask"])
-    return out, truncated
+    return _preference_arrays(rows, lambda convs: encode_template_rows(convs, fmt)[0], fmt.pad_id, max_length)

@@ -70,6 +70,21 @@ def best_fit_rows(piece_lengths: Iterable[int], row_tokens: int, pool_size: int 
     return row_start, span_piece, span_offset, span_length
 
 
+def span_layout(counts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Where the tokens of CSR-packed spans land in a (rows, width) batch: row r holds `counts[r]` consecutive
+    spans of `lengths` tokens each, left to right from column 0. Per token: (row, column, offset inside its span,
+    segment id 1, 2, ... within its row); the caller scatters values with `out[row, column] = ...`."""
+    counts = np.asarray(counts, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    span_row = np.repeat(np.arange(len(counts)), counts)
+    flat_start = np.cumsum(lengths) - lengths  # where each span starts in the flat token list
+    row_first_span = np.cumsum(counts) - counts
+    column = flat_start - np.repeat(flat_start[row_first_span], counts)
+    within = np.arange(int(lengths.sum())) - np.repeat(flat_start, lengths)
+    segment = np.repeat(np.arange(len(lengths)) - np.repeat(row_first_span, counts) + 1, lengths)
+    return np.repeat(span_row, lengths), np.repeat(column, lengths) + within, within, segment
+
+
 def pack_examples(examples: dict[str, np.ndarray], seq_len: int, pad_id: int,
                   lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Right-padded SFT rows (inputs, targets, loss_mask; padding only at the end) packed by best fit into rows
@@ -84,20 +99,13 @@ def pack_examples(examples: dict[str, np.ndarray], seq_len: int, pad_id: int,
     piece = np.frombuffer(piece, np.int64)
     length = np.frombuffer(length, np.int64)
     rows = len(row_start) - 1
-    counts = np.diff(np.frombuffer(row_start, np.int64))
-    span_row = np.repeat(np.arange(rows), counts)
-    flat_start = np.cumsum(length) - length
-    row_first = np.cumsum(counts) - counts
-    column = flat_start - np.repeat(flat_start[row_first], counts)
-    within = np.arange(int(length.sum())) - np.repeat(flat_start, length)
-    flat_row, flat_col = np.repeat(span_row, length), np.repeat(column, length) + within
+    flat_row, flat_col, within, segment = span_layout(np.diff(np.frombuffer(row_start, np.int64)), length)
     src_row = np.repeat(piece, length)
     out = {"inputs": np.full((rows, seq_len), pad_id, np.int32), "targets": np.full((rows, seq_len), pad_id, np.int32),
            "loss_mask": np.zeros((rows, seq_len), np.float32), "segment_ids": np.zeros((rows, seq_len), np.int32),
            "positions": np.zeros((rows, seq_len), np.int32)}
     for key in ("inputs", "targets", "loss_mask"):
         out[key][flat_row, flat_col] = examples[key][src_row, within]
-    out["segment_ids"][flat_row, flat_col] = np.repeat(np.arange(len(piece)) - np.repeat(row_first, counts) + 1,
-                                                       length)
+    out["segment_ids"][flat_row, flat_col] = segment
     out["positions"][flat_row, flat_col] = within
     return out

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from picochat_jax.data.packing import best_fit_rows
+from picochat_jax.data.packing import best_fit_rows, span_layout
 from picochat_jax.fileio import save_json, sha256_file
 from picochat_jax.tokenizer import ChatTokenizer
 
@@ -188,19 +188,20 @@ def tokenize_to_shards(documents: Callable[[], Iterable[tuple[str, str]]], tok: 
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress,
                dynamic_ncols=True)
 
-    def batches() -> Iterator[list[tuple[int, str, str]]]:
-        batch: list[tuple[int, str, str]] = []
+    def batches() -> Iterator[list[tuple[int, str, int]]]:
+        batch: list[tuple[int, str, int]] = []
         size = 0
         for index, (text, label) in enumerate(documents()):
             if index >= num_documents:
                 raise ValueError(f"the corpus yielded more than the {num_documents} documents it was counted with; "
                                  "did it change while tokenizing?")
+            nbytes = len(text.encode("utf-8"))
             if index in held_set:
-                holdout_rows.append({"index": index, "source": label, "bytes": len(text.encode("utf-8"))})
+                holdout_rows.append({"index": index, "source": label, "bytes": nbytes})
             if index < start:
-                bar.update(len(text.encode("utf-8")))
+                bar.update(nbytes)
                 continue
-            batch.append((index, text, label))
+            batch.append((index, text, nbytes))
             size += len(text)
             if size >= ENCODE_BATCH_BYTES:
                 yield batch
@@ -208,7 +209,7 @@ def tokenize_to_shards(documents: Callable[[], Iterable[tuple[str, str]]], tok: 
         if batch:
             yield batch
 
-    def encode(batch: list[tuple[int, str, str]]) -> list[list[int]]:
+    def encode(batch: list[tuple[int, str, int]]) -> list[list[int]]:
         return tok.encode_batch([text for _, text, _ in batch])
 
     with ThreadPoolExecutor(1) as pool:
@@ -217,7 +218,7 @@ def tokenize_to_shards(documents: Callable[[], Iterable[tuple[str, str]]], tok: 
             future = pool.submit(encode, batch) if batch is not None else None
             if pending is not None:
                 done_batch, done_ids = pending[0], pending[1].result()
-                for (index, text, _), ids in zip(done_batch, done_ids, strict=True):
+                for (index, _, nbytes), ids in zip(done_batch, done_ids, strict=True):
                     writer = writers["val" if index in held_set else "train"]
                     skip = writer.wants(index)
                     if skip is not None:
@@ -225,7 +226,7 @@ def tokenize_to_shards(documents: Callable[[], Iterable[tuple[str, str]]], tok: 
                         tokens[0] = tok.bos_id
                         tokens[1:] = ids
                         writer.add(index, tokens, skip, checkpoint)
-                    bar.update(len(text.encode("utf-8")))
+                    bar.update(nbytes)
             pending = (batch, future) if batch is not None else None
     bar.close()
     for w in writers.values():
@@ -340,22 +341,12 @@ class PackedRows:
         counts = last - first
         spans = np.repeat(first - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
         lengths = plan.span_length[spans].astype(np.int64)
-        # Where each span lands: its row, and its column after the row's earlier spans.
-        span_row = np.repeat(np.arange(len(rows)), counts)
-        flat_start = np.cumsum(lengths) - lengths  # where each span starts in the batch's flat token list
-        row_first_span = np.cumsum(counts) - counts
-        column = flat_start - np.repeat(flat_start[row_first_span], counts)
-        total = int(lengths.sum())
-        within = np.arange(total) - np.repeat(flat_start, lengths)
-        flat_row = np.repeat(span_row, lengths)
-        flat_col = np.repeat(column, lengths) + within
+        flat_row, flat_col, within, segment = span_layout(counts, lengths)
         tokens = np.zeros((len(rows), self.row_tokens), np.int32)
-        segments = np.zeros((len(rows), self.row_tokens), np.int32)
+        segments = np.zeros((len(rows), self.row_tokens), np.int32)  # 0 is padding
         positions = np.zeros((len(rows), self.row_tokens), np.int32)
         tokens[flat_row, flat_col] = self.shards.take(np.repeat(plan.span_start[spans], lengths) + within)
-        # Segments count 1, 2, ... within each row; 0 is padding.
-        segment_of_span = np.arange(len(spans)) - np.repeat(row_first_span, counts) + 1
-        segments[flat_row, flat_col] = np.repeat(segment_of_span, lengths)
+        segments[flat_row, flat_col] = segment
         positions[flat_row, flat_col] = within
         same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": same.astype(np.float32),

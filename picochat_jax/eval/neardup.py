@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from picochat_jax.eval.ngram import TextIndex, _label, ngram_hashes, preview, word_ids
+from picochat_jax.eval.ngram import TextIndex, ngram_hashes, preview, row_label, word_ids
 from picochat_jax.eval.text import normalize
 
 NEAR_THRESHOLD = 0.86
@@ -118,7 +118,7 @@ def scan_near_duplicates(eval_rows: Sequence[Any], conversations: Sequence[Any],
     passages. Each finding names the eval line, where it was found and the similarity."""
     prompts = ["\n".join(m.content for m in r.prompt if m.role == "user") for r in eval_rows]
     sft_prompts = ["\n".join(m.content for m in c.messages if m.role == "user") for c in conversations]
-    sft_labels = [_label(c.source, c.line) for c in conversations]
+    sft_labels = [row_label(c.source, c.line) for c in conversations]
     findings = []
     for hit in near_duplicates(prompts, sft_prompts, sft_labels, threshold, n):
         row = eval_rows[hit["query"]]

@@ -135,7 +135,7 @@ def _user_text(messages: Sequence[Any]) -> str:
     return "\n".join(m.content for m in messages if m.role == "user")
 
 
-def _label(source: str, line: int) -> str:
+def row_label(source: str, line: int) -> str:
     return f"{Path(source).name}:{line}" if source else f"row {line}"
 
 
@@ -155,7 +155,7 @@ def scan_contamination(eval_rows: Sequence[EvalRow], conversations: Sequence[Con
                        n: int = NGRAM) -> dict[str, Any]:
     """Text-only contamination checks: eval vs SFT, eval vs corpus, SFT vs corpus, eval duplicates."""
     cache: dict[str, int] = {}
-    conv_labels = [_label(c.source, c.line) for c in conversations]
+    conv_labels = [row_label(c.source, c.line) for c in conversations]
     sft_prompts = TextIndex.build("sft_prompts", [_user_text(c.messages) for c in conversations], conv_labels, n,
                                   cache)
     sft_answers = TextIndex.build("sft_answers", [c.target for c in conversations], conv_labels, n, cache)

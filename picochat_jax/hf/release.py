@@ -48,10 +48,10 @@ def build_hf_evidence(out_dir: Path, eval_input: Path | None, external_input: Pa
         ran["eval"] = {"rows": ev["rows"], "pass_rate": ev["pass_rate"]}
         sft_input = Path(report["input"])
         if report.get("stage") == "hf-dpo":  # preference pairs: their prompts and chosen replies were trained on
-            from picochat_jax.data.records import Conversation, Message, read_preference_jsonl
+            from picochat_jax.data.chat import preference_conversations
+            from picochat_jax.data.records import read_preference_jsonl
 
-            conversations = [Conversation(tuple(r.prompt) + (Message("assistant", r.chosen),), source=r.source,
-                                          line=r.line) for r in read_preference_jsonl(sft_input)]
+            conversations = preference_conversations(read_preference_jsonl(sft_input), "chosen")
         else:
             conversations = read_chat_jsonl(sft_input) if sft_input.is_file() else []
         from picochat_jax.fileio import read_jsonl_objects
