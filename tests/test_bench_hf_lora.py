@@ -70,3 +70,24 @@ def test_both_sides_train_the_same_lora_on_cpu(bench, tmp_path):
     # Same weights, same first batch, adapters' B = 0 on both sides: the same loss up to bf16 rounding.
     assert ours["first_loss"] == pytest.approx(peer["first_loss"], abs=0.02)
     assert ours["loss_tokens_per_step"] == pytest.approx(peer["loss_tokens_per_step"])
+
+
+def test_markov_rows_follow_their_chain(bench):
+    b = bench.synthetic_batches(VOCAB, 4, 32, count=2, data="markov")
+    assert b["inputs"].shape == (2, 1, 4, 32)
+    np.testing.assert_array_equal(b["inputs"][..., 1:], b["targets"][..., :-1])  # next-token targets
+    successors: dict[int, set[int]] = {}
+    for row_in, row_t in zip(b["inputs"].reshape(-1, 32), b["targets"].reshape(-1, 32), strict=True):
+        for a, c in zip(row_in, row_t, strict=True):
+            successors.setdefault(int(a), set()).add(int(c))
+    assert max(len(v) for v in successors.values()) <= 4  # a learnable chain: at most 4 next ids per id
+
+
+@pytest.mark.slow
+def test_qlora_side_reports_its_nf4_base(bench, tmp_path):
+    report = bench.main([*TINY, "--peer", "none", "--quantize", "4bit", "--data", "markov"])
+    ours = report["ours"]
+    assert "error" not in ours, ours
+    assert ours["quantize"] == "4bit" and math.isfinite(ours["final_loss_all_batches"])
+    bf16 = bench.main([*TINY, "--peer", "none"])["ours"]
+    assert ours["frozen_base_gib"] < 0.6 * bf16["frozen_base_gib"]  # float32 on CPU: NF4 kernels are ~1/8

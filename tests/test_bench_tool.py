@@ -5,6 +5,7 @@ Nothing here needs a GPU: the GPU figures live in docs/performance.md with the c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -378,3 +379,24 @@ def test_bench_data_smoke(tmp_path, load_tool):
     assert result["tokenize"]["tokens"] == result["raw_encode"]["tokens"] + result["tokenize"]["documents"]  # + BOS
     assert result["loader"]["tokens_per_sec"] > 0 and result["train_base_rss"]["big"]["peak_rss_mb"] > 0
     assert "encode_batch_fast" in (tmp_path / "out" / "bench_data.md").read_text()
+
+
+def test_remat_keeps_the_layer_scan_rolled(monkeypatch):
+    """Unrolled, XLA keeps the activations remat was meant to drop (it merges or hoists the recompute), so a
+    remat run stays rolled even where layers are unrolled by default; the compiled program shows the saving."""
+    from picochat_jax.model import transformer
+
+    cfg = dataclasses.replace(_tiny_cfg(True), n_layers=4, d_ff=256, max_seq_len=128)
+    monkeypatch.setattr(transformer, "default_scan_unroll", lambda c, platform=None: c.n_layers)  # as on a GPU
+    assert training_model(cfg, "fp32", "none", 1).scan_unroll == cfg.n_layers
+    assert training_model(cfg, "fp32", "full", 1).scan_unroll == 1
+    assert training_model(cfg, "fp32", "full", 1, scan_unroll=2).scan_unroll == 2  # an explicit choice wins
+    tokens = jnp.zeros((8, 128), jnp.int32)
+    params = transformer.init_params(make_model(cfg), jax.random.key(0))
+
+    def temp_bytes(model: transformer.Decoder) -> int:
+        grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    unrolled_remat = make_model(cfg, remat="full", scan_unroll=cfg.n_layers)
+    assert temp_bytes(training_model(cfg, "fp32", "full", 1)) < 0.8 * temp_bytes(unrolled_remat)

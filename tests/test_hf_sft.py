@@ -411,3 +411,45 @@ def test_hf_dpo_learns_preferences_and_writes_hf_sft_shaped_outputs(tiny, tmp_pa
     assert any("val_reward_accuracy" in r for r in rows) and any("reward_accuracy" in r for r in rows)
     assert type(AutoModelForCausalLM.from_pretrained(out / "final_model")).__name__ == "LlamaForCausalLM"
     assert "reward accuracy 0.00 ->" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_qlora_trains_over_an_nf4_base_and_exports_what_it_trained(tiny, lora_run, tmp_path):
+    """--quantize 4bit: the same run as the LoRA fixture over an NF4 base lands near its loss, the merged
+    final_model (adapters over the dequantised base) is what transformers computes, and the report says so."""
+    model_dir, chat = tiny
+    lora_report, _ = lora_run
+    out = tmp_path / "qlora"
+    result = CliRunner().invoke(main, [
+        "train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(out),
+        "--max-steps", "24", "--max-length", "64", "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8",
+        "--learning-rate", "2e-2", "--batch-size", "8", "--val-fraction", "0.2", "--quantize", "4bit",
+        "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "hf_sft_report.json").read_text())
+    assert report["quantize"] == "4bit" and "dequantised NF4 base" in report["warnings"][0]
+    assert "QLoRA (NF4 base)" in (out / "report.md").read_text()
+    assert report["best_val_loss"] < report["initial_val_loss"] - 0.5
+    assert abs(report["best_val_loss"] - lora_report["best_val_loss"]) < 0.1 * lora_report["best_val_loss"]
+    # The NF4 base is not the float base: its starting loss differs a little.
+    assert report["initial_val_loss"] != pytest.approx(lora_report["initial_val_loss"], abs=1e-6)
+
+    tokens = np.random.default_rng(0).integers(0, 300, (2, 20))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out / "final_model").eval()(torch.tensor(tokens)).logits.numpy()
+    ours = load_hf_model(out / "final_model")
+    np.testing.assert_allclose(np.asarray(make_model(ours.config).apply({"params": ours.params},
+                                                                        jnp.asarray(tokens))), theirs, atol=1e-4)
+    base = load_hf_model(model_dir)
+    merged_into_float_base = np.abs(np.asarray(ours.params["layers"]["attn"]["q_proj"]["kernel"])
+                                    - np.asarray(base.params["layers"]["attn"]["q_proj"]["kernel"]))
+    assert merged_into_float_base.max() > 0  # adapters + quantisation moved the weights
+
+
+def test_quantize_needs_lora(tiny, tmp_path):
+    model_dir, chat = tiny
+    with pytest.raises(ValueError, match="--quantize 4bit .* needs --peft lora"):
+        HFSFTOptions(model=str(model_dir), input=chat, out_dir=tmp_path / "o", peft="none", quantize="4bit")
+    from picochat_jax.hf.sft import quantize_warnings
+
+    assert "Qwen" in quantize_warnings("4bit", "qwen2")[0] and quantize_warnings("none", "qwen2") == []

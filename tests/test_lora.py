@@ -1,4 +1,5 @@
-"""LoRA over the scanned params: merge math, frozen base, adapter-only optimizer state, and that it learns."""
+"""LoRA over the scanned params: merge math (per layer inside the scan and on the host), frozen base,
+adapter-only optimizer state, and that it learns."""
 
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def test_fresh_adapters_leave_the_model_unchanged(base):
     assert set(adapters) == set(lora.TARGETS)
     q = adapters["q_proj"]
     assert q["a"].shape == (2, 32, 4) and q["b"].shape == (2, 4, 32) and float(jnp.abs(q["b"]).max()) == 0.0
-    merged = jax.jit(lora.merge, static_argnums=2)(base, adapters, cfg)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, merged, base)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 8)))
+    model = make_model(CFG)
+    attached = model.apply({"params": lora.attach(base, adapters, cfg)}, tokens)
+    np.testing.assert_array_equal(attached, model.apply({"params": base}, tokens))
 
 
 def test_merge_adds_scaled_low_rank_update_per_layer(base):
@@ -59,18 +62,25 @@ def test_merge_adds_scaled_low_rank_update_per_layer(base):
     rng = np.random.default_rng(0)
     adapters = {t: {"a": ab["a"], "b": jnp.asarray(rng.normal(size=ab["b"].shape), jnp.float32)}
                 for t, ab in adapters.items()}
-    merged = lora.merge(base, adapters, cfg)
+    merged = lora.merge_host(base, adapters, cfg)
     for layer in range(CFG.n_layers):
         a, b = np.asarray(adapters["k_proj"]["a"][layer]), np.asarray(adapters["k_proj"]["b"][layer])
         want = np.asarray(base["layers"]["attn"]["k_proj"]["kernel"][layer]) + 3.0 * a @ b  # alpha / r = 3
         np.testing.assert_allclose(merged["layers"]["attn"]["k_proj"]["kernel"][layer], want, rtol=1e-5, atol=1e-6)
-    # Untargeted leaves are the very same arrays; the input tree is not modified.
-    assert merged["layers"]["attn"]["q_proj"]["kernel"] is base["layers"]["attn"]["q_proj"]["kernel"]
-    assert merged["embed_tokens"] is base["embed_tokens"]
-    merged_down = merged["layers"]["mlp"]["down_proj"]["kernel"]
-    assert not np.array_equal(merged_down, base["layers"]["mlp"]["down_proj"]["kernel"])
-    host = lora.merge_host(base, adapters, cfg)
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), host, merged)
+    attn, mlp = merged["layers"]["attn"], merged["layers"]["mlp"]
+    np.testing.assert_array_equal(attn["q_proj"]["kernel"], base["layers"]["attn"]["q_proj"]["kernel"])
+    assert not np.array_equal(mlp["down_proj"]["kernel"], base["layers"]["mlp"]["down_proj"]["kernel"])
+    # Attached adapters (merged layer by layer inside the scan) compute what the host-merged kernels compute;
+    # the base tree is not modified and untargeted leaves are the very same arrays.
+    attached = lora.attach(base, adapters, cfg)
+    assert attached["layers"]["attn"]["q_proj"]["kernel"] is base["layers"]["attn"]["q_proj"]["kernel"]
+    assert isinstance(attached["layers"]["attn"]["k_proj"]["kernel"], dict)
+    assert not isinstance(base["layers"]["attn"]["k_proj"]["kernel"], dict)
+    model = make_model(CFG)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 8)))
+    np.testing.assert_allclose(model.apply({"params": attached}, tokens),
+                               model.apply({"params": jax.tree_util.tree_map(jnp.asarray, merged)}, tokens),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_absent_targets_are_skipped_but_none_is_an_error():
@@ -124,10 +134,11 @@ def test_lora_gradient_matches_the_merged_kernel_gradient(base):
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
     @jax.jit
-    def both_grads(ad):
-        g_ad = jax.grad(lambda x: loss_of_params(lora.merge(base, x, cfg)))(ad)
-        return g_ad, jax.grad(loss_of_params)(lora.merge(base, ad, cfg))["layers"]["attn"]["o_proj"]["kernel"]
+    def adapter_grads(ad):
+        return jax.grad(lambda x: loss_of_params(lora.attach(base, x, cfg)))(ad)
 
-    g_adapters, g_w = both_grads(adapters)
+    merged = jax.tree_util.tree_map(jnp.asarray, lora.merge_host(base, adapters, cfg))
+    g_adapters = adapter_grads(adapters)
+    g_w = jax.grad(loss_of_params)(merged)["layers"]["attn"]["o_proj"]["kernel"]
     want = cfg.scale * jnp.einsum("lir,lio->lro", adapters["o_proj"]["a"], g_w)
     np.testing.assert_allclose(g_adapters["o_proj"]["b"], want, rtol=1e-4, atol=1e-7)

@@ -7,6 +7,8 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh kernels        # Pallas kernel tests, the per-kernel tile sweep, the step
 #                                                        # with each kernel against its XLA path
 #   OUT=/some/dir bash tools/bench_gpu.sh lora           # hf-sft LoRA (SmolLM2-135M shape) vs transformers + peft
+#   OUT=/some/dir bash tools/bench_gpu.sh qlora          # Qwen2.5-0.5B shape: QLoRA vs bf16 LoRA memory and loss
+#   OUT=/some/dir bash tools/bench_gpu.sh lora-peers     # LoRA at the SmolLM2-135M and Qwen2.5-0.5B shapes vs peft
 #   OUT=/some/dir bash tools/bench_gpu.sh h200-1b        # the 1B scale's step (24 layers, 16 x 2048, remat dots)
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh           # two GPUs: the step on 1x2 and 2x1 vs one GPU
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh-runs      # two GPUs: the whole factory (run tiny) on each mesh
@@ -70,6 +72,23 @@ case "$scenario" in
     ;;
   lora)
     "$PY" tools/bench_hf_lora.py --steps "$steps" --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/hf_lora.json"
+    ;;
+  qlora)  # Qwen2.5-0.5B shape (batch 8 x 512): bf16 LoRA against QLoRA (NF4 base), peak memory and the loss
+          # after QLORA_STEPS steps on a learnable chain, with and without gradient checkpointing; then speed vs peers
+    qwen="--layers 24 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936 --batch-size 8"
+    for ckpt in "" "--gradient-checkpointing"; do
+      tag=${ckpt:+_ckpt}
+      for q in none 4bit; do
+        "$PY" tools/bench_hf_lora.py $qwen $ckpt --quantize $q --data markov --batches-count 16 --lr 1e-3 \
+          --steps "${QLORA_STEPS:-200}" --warmup 2 --peer none --timeout "${CHILD_TIMEOUT:-300}" \
+          --json-out "$OUT/qwen05_${q}${tag}.json"
+      done
+    done
+    ;;
+  lora-peers)  # LoRA speed against transformers + peft + torch.compile at both shapes of the speed table
+    "$PY" tools/bench_hf_lora.py --steps "$steps" --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/smollm2.json"
+    "$PY" tools/bench_hf_lora.py --layers 24 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936 \
+      --batch-size 8 --steps "$steps" --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/qwen05.json"
     ;;
   h200-1b)  # all 24 layers at the scale's micro-batch (16 x 2048); a rolled layer scan bounds the compile time
     bench --scale h200-1b --batch-size 16 --remat dots --ce-chunk 8192 --scan-unroll 1 --steps 10 \

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-fraction", type=float, default=0.4,
                        help="mean share of each row in the loss (the row's tail, as an assistant reply)")
     train.add_argument("--mesh", default=None, help="DATAxFSDP[xTENSOR] for our side (default: all devices on data)")
+    train.add_argument("--quantize", choices=["none", "4bit"], default="none",
+                       help="ours: 4bit = QLoRA, the frozen base's projections in NF4 (hf-sft --quantize 4bit)")
+    train.add_argument("--data", choices=["random", "markov"], default="random",
+                       help="random ids (speed), or rows from a fixed sparse bigram chain over 2,048 ids that a "
+                            "LoRA can learn: its loss after many steps compares QLoRA with bf16 LoRA")
+    train.add_argument("--batches-count", type=int, default=N_BATCHES, help="distinct batches cycled through")
     run = p.add_argument_group("run")
     run.add_argument("--steps", type=int, default=20, help="timed steps")
     run.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles); >= 1")
@@ -105,8 +111,25 @@ def save_random_llama(out_dir: Path, args: argparse.Namespace) -> Path:
     return out_dir
 
 
+def markov_tokens(vocab: int, shape: tuple[int, ...], seed: int = 0, states: int = 2048,
+                  successors: int = 4) -> Any:
+    """Rows walked through a fixed random chain: each of `states` ids (spread over the vocabulary) has
+    `successors` equally likely next ids, so the best achievable loss is ln(successors)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(vocab, size=min(states, vocab), replace=False)
+    nxt = rng.integers(0, len(ids), (len(ids), successors))
+    flat = int(np.prod(shape[:-1]))
+    walk = np.empty((flat, shape[-1]), np.int64)
+    walk[:, 0] = rng.integers(0, len(ids), flat)
+    for t in range(1, shape[-1]):
+        walk[:, t] = nxt[walk[:, t - 1], rng.integers(0, successors, flat)]
+    return ids[walk].reshape(shape).astype(np.int32)
+
+
 def synthetic_batches(vocab: int, batch: int, seq: int, target_fraction: float = 0.4, count: int = N_BATCHES,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, data: str = "random") -> dict[str, Any]:
     """`count` batches stacked: inputs/targets int32 and loss_mask float32, each (count, 1, batch, seq).
 
     Random ids, never all zeros (constant inputs can run faster than real data). Each row's loss covers its
@@ -119,6 +142,10 @@ def synthetic_batches(vocab: int, batch: int, seq: int, target_fraction: float =
     shape = (count, 1, batch, seq)
     share = np.clip(target_fraction * rng.uniform(0.75, 1.25, shape[:3]), 1.0 / seq, 1.0)
     start = seq - np.maximum(1, np.round(share * seq)).astype(np.int64)
+    if data == "markov":
+        rows = markov_tokens(vocab, (*shape[:-1], seq + 1), seed)
+        return {"inputs": rows[..., :-1], "targets": rows[..., 1:],
+                "loss_mask": (np.arange(seq) >= start[..., None]).astype(np.float32)}
     return {"inputs": rng.integers(0, vocab, shape, dtype=np.int32),
             "targets": rng.integers(0, vocab, shape, dtype=np.int32),
             "loss_mask": (np.arange(seq) >= start[..., None]).astype(np.float32)}
@@ -140,6 +167,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     from picochat_jax import parallel
     from picochat_jax.hf.io import load_hf_model
     from picochat_jax.hf.sft import HFSFTOptions, hf_train_config
+    from picochat_jax.model import quant
     from picochat_jax.model.lora import LoraConfig, parse_targets
     from picochat_jax.model.ops import resolve_attention_impl
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
@@ -147,6 +175,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     from picochat_jax.train.step import build_trainer
 
     hf = load_hf_model(args.model_dir)
+    n_params, head_dim, config = count_params(hf.params), hf.config.resolved_head_dim, hf.config
     with np.load(args.batches) as data:
         stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask")}
     host_batches = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
@@ -163,18 +192,21 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     mesh_shape = parallel.parse_mesh(args.mesh)
     parallel.check_batch_fits(batch, mesh_shape)
     mesh = parallel.make_mesh(mesh_shape)
-    model = training_model(hf.config, args.precision, train_cfg.remat, mesh_shape.tensor)
+    model = training_model(config, args.precision, train_cfg.remat, mesh_shape.tensor)
     optimizer, schedule = make_optimizer(train_cfg)
-    trainer = build_trainer(model, optimizer, schedule, np.zeros(hf.config.vocab_size, np.float32), mesh,
+    trainer = build_trainer(model, optimizer, schedule, np.zeros(config.vocab_size, np.float32), mesh,
                             lora_cfg=lcfg, base_params=hf.params,
-                            base_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32)
+                            base_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32,
+                            base_quantize=args.quantize)
+    del hf  # only the trainer's device copy (bf16 or NF4) stays
     state0 = trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)))
     batches = [trainer.put_batch(b) for b in host_batches]
-    n_params, head_dim = count_params(hf.params), hf.config.resolved_head_dim
 
     state, times, compile_s, first_loss, last_loss = time_steps(trainer.step, state0, batches,
                                                                 args.warmup, args.steps)
 
+    # The trained adapters' loss over every batch (not one step's): what QLoRA and bf16 LoRA runs compare.
+    sums = trainer.evaluate_batches(state.params, host_batches)
     step_s = statistics.median(times)
     tokens = batch * seq
     dev = jax.devices()[0]
@@ -186,6 +218,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "compile": True,  # jax.jit: always compiled by XLA
         "compile_error": None, "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
         "remat": train_cfg.remat, "mesh": str(mesh_shape), "scan_unroll": model.scan_unroll,
+        "quantize": args.quantize, "frozen_base_gib": quant.nbytes(trainer.step.frozen) / 2**30,
         "fuse_projections": model.fuse_projections,
         "attention": resolve_attention_impl(None, compute_dtype(args.precision), head_dim),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -195,6 +228,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_step": tokens, "tokens_per_sec": tokens / step_s,
         "loss_tokens_per_step": mean_loss_tokens, "loss_tokens_per_sec": mean_loss_tokens / step_s,
         "peak_mem_gib": peak_memory_gib(), "first_loss": first_loss, "last_loss": last_loss,
+        "final_loss_all_batches": sums["ce"] / max(sums["tokens"], 1.0),
     }
 
 
@@ -221,7 +255,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         hf_config = json.loads((Path(model_dir) / "config.json").read_text())
         vocab = int(hf_config["vocab_size"])
         batches = Path(tmp) / "batches.npz"
-        np.savez(batches, **synthetic_batches(vocab, args.batch_size, args.seq_len, args.target_fraction))
+        np.savez(batches, **synthetic_batches(vocab, args.batch_size, args.seq_len, args.target_fraction,
+                                              args.batches_count, data=args.data))
         report["model"] = {"dir": str(args.model_dir) if args.model_dir else "random init (seed 0)",
                            **{k: hf_config.get(k) for k in ("model_type", "hidden_size", "intermediate_size",
                                                            "num_hidden_layers", "num_attention_heads",
@@ -231,7 +266,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                              "warmup": args.warmup, "precision": args.precision,
                              "gradient_checkpointing": args.gradient_checkpointing, "rank": args.rank,
                              "alpha": args.alpha, "targets": args.targets, "lr": args.lr,
-                             "target_fraction": args.target_fraction}
+                             "target_fraction": args.target_fraction, "quantize": args.quantize, "data": args.data,
+                             "batches": args.batches_count}
         common = ["--model-dir", str(model_dir), "--batches", str(batches), *shared_flags(args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if args.peer == "peft":
@@ -245,6 +281,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *common, "--json-out", str(out)]
         if args.mesh:
             cmd += ["--mesh", args.mesh]
+        cmd += ["--quantize", args.quantize]
         report["ours"] = run_child(cmd, out, args.timeout, env)
     ours, peer = report["ours"] or {}, report["peer"] or {}
     if ours.get("tokens_per_sec") and peer.get("tokens_per_sec"):

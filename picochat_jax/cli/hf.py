@@ -93,6 +93,9 @@ def hf_train_options(input_help: str, packing: bool) -> Any:
         click.option("--gradient-checkpointing", is_flag=True,
                      help="Recompute blocks in the backward pass (less memory)."),
         _hf_sft_option("--peft", click.Choice(["lora", "none"]), "lora: train adapters only; none: full fine-tuning."),
+        click.option("--quantize", type=click.Choice(["none", "4bit"]), default="none", show_default=True,
+                     help="4bit: QLoRA, the frozen base's projections stored as NF4 with double-quantised scales "
+                          "and expanded layer by layer inside the step (needs --peft lora)."),
         click.option("--done-file", type=click.Path(path_type=Path), default="done.txt", show_default=True,
                      help="JSON status + output paths, written last (also on failure); a bare name goes inside "
                           "--out-dir."),
@@ -138,7 +141,7 @@ def _hf_train(objective: str, model: str, revision: str | None, trust_remote_cod
               gradient_checkpointing: bool, done_file: Path | None, progress_file: Path | None, overwrite: bool,
               resume: bool, resume_or_start: bool, no_progress: bool, mesh: str | None, sets: tuple[str, ...],
               lr_warmup_steps: int | None, lr_decay: str | None, min_lr_ratio: float | None,
-              tensorboard_dir: Path | None, extra: dict[str, Any], **flags: Any) -> dict[str, Any]:
+              tensorboard_dir: Path | None, quantize: str, extra: dict[str, Any], **flags: Any) -> dict[str, Any]:
     select_device(device)
     import dataclasses
 
@@ -165,7 +168,7 @@ def _hf_train(objective: str, model: str, revision: str | None, trust_remote_cod
                         resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
                         optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input,
                         packing=f["packing"] if objective == "sft" else "none", objective=objective,
-                        tensorboard_dir=tensorboard_dir, **extra)
+                        tensorboard_dir=tensorboard_dir, quantize=quantize, **extra)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"{report.get('stage', 'hf-' + objective)} interrupted at step {report['step']}; continue with "

@@ -43,7 +43,7 @@ from picochat_jax.hf.export import save_hf_model, save_peft_adapter
 from picochat_jax.hf.families import check_peft_family
 from picochat_jax.hf.io import load_hf_model, read_generation_config, resolve_model_dir
 from picochat_jax.markdown import number
-from picochat_jax.model import lora
+from picochat_jax.model import lora, quant
 from picochat_jax.model.transformer import count_params, make_model, training_model
 from picochat_jax.outdir import check_out_dir, claim_out_dir, read_marker
 from picochat_jax.train.dpo import PreferenceObjective, pair_scorer, preference_metrics, score_pairs
@@ -89,10 +89,15 @@ class HFSFTOptions:
     beta: float = 0.1  # dpo: pull towards the reference
     reference_model: str | None = None  # dpo: the frozen reference (default: the model being tuned, as loaded)
     tensorboard_dir: Path | None = None  # TensorBoard events (default: beside metrics.jsonl in out_dir)
+    quantize: str = "none"  # 4bit: QLoRA, the frozen base's projections stored as NF4 (model/quant.py)
 
     def __post_init__(self) -> None:
         if self.peft not in ("lora", "none"):
             raise ValueError(f"--peft must be lora|none, got {self.peft!r}")
+        if self.quantize not in quant.QUANTIZE_CHOICES:
+            raise ValueError(f"--quantize must be one of {', '.join(quant.QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.peft != "lora":
+            raise ValueError("--quantize 4bit (QLoRA) freezes the base weights in 4 bits: it needs --peft lora")
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be sft|dpo, got {self.objective!r}")
         if self.packing not in ("bos_bestfit", "none"):
@@ -220,7 +225,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     objective = PreferenceObjective(model, opts.beta) if dpo else None
     trainer = build_trainer(model, optimizer, schedule, None if dpo else token_bytes, mesh, lora_cfg=lora_cfg,
                             base_params=hf.params, objective=objective,
-                            base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32)
+                            base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32,
+                            base_quantize=opts.quantize)
     rng = jax.random.key_data(jax.random.key(opts.seed))
     trainable = count_params(trainer.abstract_state().params)  # shapes only: a resume never builds a fresh state
     scorer = None
@@ -263,7 +269,11 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
                               lora_cfg.dropout, hf.config.n_layers, hf.family, str(opts.model))
         save_json(out_dir / f"{prefix}_model.json", meta)
 
-    log(f"[{stage}] {opts.peft}: {trainable:,} trainable params")
+    warnings = quantize_warnings(opts.quantize, hf.family)
+    for warning in warnings:
+        log(f"[{stage}] warning: {warning}")
+    log(f"[{stage}] {opts.peft}{' over an NF4 base (QLoRA)' if opts.quantize == '4bit' else ''}: "
+        f"{trainable:,} trainable params")
     settings = {"model": str(opts.model), "input": str(opts.input), "peft": opts.peft,
                 "lora": asdict(opts.lora) if lora_cfg else None, "train": asdict(train_cfg),
                 "max_length": max_length, "objective": opts.objective,
@@ -317,7 +327,8 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         "tokens_per_sec": run.tokens_per_sec,  # padded sequence positions per second, compile step excluded
         "effective_tokens_per_sec": None if run.tokens_per_sec is None or dpo else run.tokens_per_sec * fill,
         "train_sec": run.wall_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
-        "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "paths": paths,
+        "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "quantize": opts.quantize,
+        "warnings": warnings, "paths": paths,
     }
     if eval_rows:
         from picochat_jax.eval.chat import evaluate_chat
@@ -351,6 +362,18 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     return report
 
 
+def quantize_warnings(quantize: str, family: str) -> list[str]:
+    """What a user should know before trusting a quantised run (the original picochat's advice for Qwen)."""
+    if quantize == "none":
+        return []
+    out = ["merged final_model/best_model hold the adapters added to the dequantised NF4 base (the weights "
+           "trained against); the PEFT adapter folders apply to the original base as well"]
+    if family in ("qwen2", "qwen3"):
+        out.insert(0, f"{family} under 4-bit quantisation: some Qwen checkpoints degrade noticeably under QLoRA; "
+                      "start with bf16 LoRA (--quantize none) and compare held-out loss before relying on 4-bit")
+    return out
+
+
 def _loss(v: float | None) -> str:
     return number(v, ".4f")
 
@@ -371,6 +394,8 @@ def _report_markdown(r: dict[str, Any]) -> str:
     peft = r["peft"]
     method = (f"LoRA r={peft['rank']} alpha={peft['alpha']} on {', '.join(peft['targets'])}" if peft
               else "full fine-tuning")
+    if r.get("quantize") == "4bit":
+        method = f"QLoRA (NF4 base): {method}"
     lines = [
         f"# {r.get('stage', 'hf-sft')}: {r['model']}", "",
         f"- family: {r['family']}, {r['params']:,} params; {method} ({r['trainable_params']:,} trainable)",
@@ -388,6 +413,7 @@ def _report_markdown(r: dict[str, Any]) -> str:
            f"{r['dpo']['after']['logp_margin']:.2f}"] if r.get("dpo") else []),
         *([f"- eval ({r['eval']['input']}): {r['eval']['passed']}/{r['eval']['rows']} passed "
            f"({r['eval']['pass_rate']:.1%}), final_model; details in eval/eval_report.md"] if r.get("eval") else []),
+        *[f"- **warning:** {w}" for w in r.get("warnings") or []],
         "",
         "| step | train loss | held-out loss | lr | grad norm | elapsed s |", "|---:|---:|---:|---:|---:|---:|",
     ]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model import rms_norm_kernel
+from picochat_jax.model import lora, rms_norm_kernel
 from picochat_jax.model.ops import (
     apply_rope,
     attend,
@@ -74,8 +74,14 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self) -> tuple[Array, Array | None]:
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.std), self.axes),
-                            (self.in_features, self.features), jnp.float32)
+        stored = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+        if isinstance(stored, dict):
+            # A frozen kernel stored as NF4 and/or with a LoRA adapter attached (model/lora.py `attach`):
+            # this layer's full kernel is formed here, inside the scan, one layer at a time.
+            kernel = lora.resolve_kernel(stored, (self.in_features, self.features))
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(_init(self.std), self.axes),
+                                (self.in_features, self.features), jnp.float32)
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),

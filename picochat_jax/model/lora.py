@@ -1,17 +1,18 @@
 """LoRA adapters for the scanned decoder, as a plain pytree next to the frozen base params.
 
 Every block kernel has a leading layer axis (L, in, out), so one adapter per target projection covers all
-layers: A (L, in, r), B (L, r, out). The effective kernel is W + (alpha / r) * A @ B, merged inside the
-jitted loss; gradients reach only the adapters, so the optimizer state holds only adapter moments and the
-base weights stay frozen (and may be stored in bf16). `merge` produces the same kernels for export. The
-train step that uses them is train/step.py's (`LoraParams`, `build_trainer(..., lora_cfg=...)`).
+layers: A (L, in, r), B (L, r, out). The effective kernel is W + (alpha / r) * A @ B, formed layer by
+layer inside the jitted loss (`attach`, `resolve_kernel`); gradients reach only the adapters, so the
+optimizer state holds only adapter moments and the base weights stay frozen (stored in bf16, or NF4 for
+QLoRA: model/quant.py). `merge_host` produces the same kernels on the host for export. The train step that
+uses them is train/step.py's (`LoraParams`, `build_trainer(..., lora_cfg=...)`).
 
 Adapter dropout would act on each projection's *input activations*, which the merged-kernel form never
 sees, so dropout > 0 is rejected rather than silently ignored.
 
     lcfg = LoraConfig(rank=16, alpha=32, targets=parse_targets("q_proj,v_proj"))
     adapters = init_adapters(base, lcfg, jax.random.key(0))
-    logits = model.apply({"params": merge(base, adapters, lcfg)}, tokens)
+    logits = model.apply({"params": attach(base, adapters, lcfg)}, tokens)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from picochat_jax.model import quant
 
 Array = jax.Array
 Adapters = dict[str, dict[str, Array]]
@@ -115,19 +118,35 @@ def delta(adapter: dict[str, Array], scale: float) -> Array:
     return scale * jnp.einsum("lir,lro->lio", adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
 
 
-def merge(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
-    """Base params with every adapted kernel replaced by W + (alpha/r) A B (float32). Pure: `params` is
-    not modified; untouched leaves are shared."""
-    def replace(tree: Any, path: tuple[str, ...], value: Array) -> Any:
-        if not path:
-            return value
-        return {**tree, path[0]: replace(tree[path[0]], path[1:], value)}
+def set_path(tree: Any, path: tuple[str, ...], value: Any) -> Any:
+    """A copy of nested dicts `tree` with the leaf at `path` replaced; untouched branches are shared."""
+    if not path:
+        return value
+    return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}
 
+
+def attach(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
+    """Base params with every adapted kernel replaced by {"base": W, "a": A, "b": B, "scale": (L,)}: the
+    decoder's scan hands each layer its slice and `resolve_kernel` forms W + (alpha/r) A B there, so the
+    merged kernels of all layers never exist at once (and a quantised W is expanded one layer at a time)."""
     out = params
     for target, adapter in adapters.items():
         path = kernel_path(target)
-        out = replace(out, path, get_path(params, path).astype(jnp.float32) + delta(adapter, cfg.scale))
+        layers = adapter["a"].shape[0]
+        out = set_path(out, path, {"base": get_path(params, path), "a": adapter["a"], "b": adapter["b"],
+                                   "scale": jnp.full((layers,), cfg.scale, jnp.float32)})
     return out
+
+
+def resolve_kernel(value: Any, shape: tuple[int, int]) -> Array:
+    """One layer's (in, out) kernel from what a projection is handed: an array, an NF4 dict
+    (model/quant.py) or an `attach`ed adapter over either. Adapted kernels come out in float32."""
+    if isinstance(value, dict) and "base" in value:
+        base = resolve_kernel(value["base"], shape).astype(jnp.float32)
+        return base + value["scale"] * (value["a"].astype(jnp.float32) @ value["b"].astype(jnp.float32))
+    if quant.is_quantized(value):
+        return quant.dequantize_nf4(value, shape)
+    return value
 
 
 def merge_host(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:

@@ -284,8 +284,13 @@ def make_model(cfg: ModelConfig, precision: str = "fp32", remat: str = "none", a
 def training_model(cfg: ModelConfig, precision: str, remat: str, tensor_parallel: int,
                    attention_impl: str | None = None, scan_unroll: int = 0) -> Decoder:
     """The Decoder a training run compiles: layers unrolled on GPU (`default_scan_unroll`, unless
-    `scan_unroll` > 0 says otherwise) and projections fused unless the mesh splits them over a tensor axis."""
-    return make_model(cfg, precision, remat, attention_impl, scan_unroll=scan_unroll or default_scan_unroll(cfg),
+    `scan_unroll` > 0 says otherwise) and projections fused unless the mesh splits them over a tensor axis.
+
+    With remat the scan stays rolled: unrolled, XLA either merges the recomputation with the forward pass or
+    schedules it early, and the activations are kept anyway (measured on an H200 at the Qwen2.5-0.5B shape:
+    the same peak memory and step time with and without hf-sft --gradient-checkpointing)."""
+    unroll = scan_unroll or (1 if remat != "none" else default_scan_unroll(cfg))
+    return make_model(cfg, precision, remat, attention_impl, scan_unroll=unroll,
                       fuse_projections=tensor_parallel == 1)
 
 

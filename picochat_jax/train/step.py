@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from picochat_jax import parallel
-from picochat_jax.model import lora
+from picochat_jax.model import lora, quant
 from picochat_jax.model.loss import loss_sums
 from picochat_jax.model.transformer import Decoder, dummy_tokens, logical_axes
 
@@ -82,12 +82,13 @@ class FullParams:
 
 @dataclass(frozen=True)
 class LoraParams:
-    """Adapters A, B per target projection; the effective kernels W + (alpha/r) A B are merged inside the loss."""
+    """Adapters A, B per target projection; the effective kernels W + (alpha/r) A B are formed layer by layer
+    inside the loss (`lora.attach`)."""
 
     cfg: lora.LoraConfig
 
     def params_of(self, trainable: Any, frozen: Any) -> Any:
-        return lora.merge(frozen, trainable, self.cfg)
+        return lora.attach(frozen, trainable, self.cfg)
 
 
 def _tree_add(a: Any, b: Any) -> Any:
@@ -191,12 +192,13 @@ def _batch_shardings(mesh: Mesh, batch: Batch) -> Any:
 def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                   token_bytes: np.ndarray | None, mesh: Mesh, *, ce_chunk_tokens: int = 0, objective: Any = None,
                   lora_cfg: lora.LoraConfig | None = None, base_params: Any = None,
-                  base_dtype: Any = jnp.float32) -> ShardedTrainer:
+                  base_dtype: Any = jnp.float32, base_quantize: str = "none") -> ShardedTrainer:
     """Compile init/step/eval for `mesh`.
 
     `objective` defaults to CausalLM (with `ce_chunk_tokens` > 0 the loss runs in chunks of about that many
     tokens, see `model.loss.chunked_token_losses`: the same numbers, less memory). With `lora_cfg`, the trainable params
-    are adapters over `base_params` (frozen, stored in `base_dtype`, sharded by their logical axes); otherwise
+    are adapters over `base_params` (frozen, stored in `base_dtype` or, with `base_quantize="4bit"`, as NF4:
+model/quant.py; sharded by their logical axes); otherwise
     every param trains, with shardings from the logical axis names and `init(rng, params)` resharding given
     params (SFT from a base checkpoint) on the way in.
     """
@@ -240,7 +242,16 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
         # The frozen base is only read, so bf16 runs keep it in bf16: half the memory, no master copy needed.
         host_base = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(base_dtype), base_params)
         frozen_shardings = parallel.tree_shardings(logical_axes(model), host_base, mesh)
+        if base_quantize == "4bit":
+            # QLoRA: every block projection stored as NF4 (quantised from the float32 weights, on the host),
+            # expanded one layer at a time inside the step. Quantised kernels are replicated over the mesh.
+            host_base = quant.quantize_tree(host_base, [lora.kernel_path(t) for t in lora.TARGETS],
+                                            source=base_params)
+            frozen_shardings = _quantized_shardings(frozen_shardings, host_base, replicated)
+        elif base_quantize != "none":
+            raise ValueError(f"--quantize must be one of {', '.join(quant.QUANTIZE_CHOICES)}, got {base_quantize!r}")
         frozen = jax.device_put(host_base, frozen_shardings)
+        merge_base = base_params if base_quantize == "none" else quant.dequantized_over(host_base, base_params)
 
         def lora_state(rng_data: Array) -> TrainState:
             adapters = lora.init_adapters(base_params, lora_cfg, jax.random.wrap_key_data(rng_data))
@@ -256,7 +267,8 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
             return jax.device_put(lora_state(rng_data), state_shardings)
 
         def full_params(adapters: Any) -> Any:
-            return lora.merge_host(base_params, adapters, lora_cfg)
+            # QLoRA merges into the dequantised base: the model exactly as trained and evaluated.
+            return lora.merge_host(merge_base, adapters, lora_cfg)
 
     step_fn = parallel.traced_under(mesh, make_step_fn(objective, optimizer, schedule, trainable))
     eval_fn = parallel.traced_under(mesh, make_eval_fn(objective, trainable))
@@ -279,6 +291,15 @@ def build_trainer(model: Decoder, optimizer: optax.GradientTransformation, sched
         return jitted("eval", batch)(params, frozen, batch)
 
     return ShardedTrainer(mesh, state_shardings, init, _BoundStep(jitted, frozen), evaluate, full_params)
+
+
+def _quantized_shardings(shardings: Any, tree: Any, replicated: Any) -> Any:
+    """`shardings` for a params tree in which some kernels became NF4 dicts (those are replicated)."""
+    if quant.is_quantized(tree):
+        return {k: replicated for k in tree}
+    if isinstance(tree, dict):
+        return {k: _quantized_shardings(shardings[k], v, replicated) for k, v in tree.items()}
+    return shardings
 
 
 @dataclass(frozen=True)
