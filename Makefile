@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test tiny lint clean
+.PHONY: setup browser test tiny lint clean
 
 setup: $(BIN)/picochat
 
@@ -13,7 +13,20 @@ $(BIN)/picochat: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(BIN)/picochat
 
-test: setup
+# The workbench's browser tests drive Debian's chromium through chromium-driver; installed here when missing
+# (apt, as root or with sudo). Without them those tests are skipped, with the reason.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "installing chromium + chromium-driver for the browser tests of picochat web"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && \
+	    $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "could not install chromium: the browser tests will be skipped"; \
+	fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 tiny: setup

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -247,26 +249,52 @@ def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | 
     return params, summary
 
 
+RUN_STATUS = "run_status.json"
+
+
 class _Laps:
-    """Seconds per stage, so the summary shows where a run's wall time went."""
+    """Seconds per stage, so the summary shows where a run's wall time went; once the out-dir is claimed, each
+    lap also rewrites RUN/run_status.json (running, the stages done, pid and host) for watchers such as
+    `picochat web`."""
 
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
         self.sec: dict[str, float] = {}
+        self.status_path: Path | None = None
+        self.started = time.time()
 
     def __call__(self, stage: str) -> None:
         now = time.perf_counter()
         self.sec[stage] = round(now - self.last, 2)
         self.last = now
+        self.status("running")
+
+    def status(self, state: str, **extra: Any) -> None:
+        if self.status_path is not None:
+            save_json(self.status_path, {"status": state, "pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": self.started, "updated": time.time(),
+                                         "stages_done": list(self.sec), **extra})
 
 
 def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = RunOptions()) -> dict[str, Any]:
-    """The whole factory on one pack. Returns the run summary (also written to summary.json|md)."""
+    """The whole factory on one pack. Returns the run summary (also written to summary.json|md). RUN/
+    run_status.json says running / completed / interrupted / failed (with the error) as the run goes."""
+    lap = _Laps()
+    try:
+        result = _run_tiny(pack_path, out_dir, options, lap)
+    except BaseException as exc:
+        lap.status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                   error=f"{type(exc).__name__}: {exc}")
+        raise
+    lap.status("completed" if result.get("status") == "completed" else str(result.get("status")))
+    return result
+
+
+def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, lap: _Laps) -> dict[str, Any]:
     from picochat_jax.eval.gate import evaluate_gate, load_gate_profile
     from picochat_jax.eval.honesty import make_planted_canaries, plant_canaries
     from picochat_jax.eval.report import write_run_report
 
-    lap = _Laps()
     out_dir = Path(out_dir)
     scale = load_scale(options.scale, options.sets)
     base_cfg = with_overrides(scale.base, steps=options.base_steps, precision=options.precision)
@@ -301,6 +329,8 @@ def run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions = R
             check_resume_settings(flatten(saved), flatten(json.loads(json.dumps(run_settings))),
                                   out_dir / "run_config.json")
     claim_out_dir(plan)
+    lap.status_path = out_dir / RUN_STATUS
+    lap.status("running")
     resume = plan.action == "resume"
     # The whole resolved config tree (flags and --set applied), so a run says exactly what it ran with.
     save_json(out_dir / "run_config.json", {"pack": str(pack.path.absolute()), "options": dataclasses.asdict(options),

@@ -43,3 +43,24 @@ def load_tool():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def web_roots(tmp_path_factory) -> tuple[Path, Path]:
+    """(runs root, packs root) for the workbench tests: a finished smoke-scale `run tiny` ("alpha"), a copy
+    with a slightly different loss ("beta", for compare), and a packs root holding its pack."""
+    import json
+    import shutil
+
+    from picochat_jax.pipeline import RunOptions, run_tiny
+    from tests.test_run_tiny_evidence import write_original_style_pack
+
+    root = tmp_path_factory.mktemp("web")
+    packs, runs = root / "packs", root / "runs"
+    pack = write_original_style_pack(packs / "greetings")
+    run_tiny(pack, runs / "alpha", RunOptions(progress=False, scale="smoke", base_steps=12, sft_steps=12, dpo=False))
+    shutil.copytree(runs / "alpha", runs / "beta")
+    summary = json.loads((runs / "beta" / "summary.json").read_text())
+    summary["base"]["final_loss"] += 0.25
+    (runs / "beta" / "summary.json").write_text(json.dumps(summary))
+    return runs, packs

@@ -15,6 +15,7 @@ from picochat_jax.cli import gate as gate_cli
 from picochat_jax.cli import hf as hf_cli
 from picochat_jax.cli import runs as runs_cli
 from picochat_jax.cli import serve as serve_cli
+from picochat_jax.cli import web as web_cli
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,7 @@ train.train.add_command(hf_cli.hf_dpo)
 main.add_command(eval_cli.eval_group)
 main.add_command(chat_cli.chat)
 main.add_command(serve_cli.serve)
+main.add_command(web_cli.web)
 run.run.add_command(runs_cli.bundle)
 run.run.add_command(runs_cli.inspect_bundle_cmd)
 main.add_command(runs_cli.compare)
