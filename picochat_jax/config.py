@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
-ACTIVATIONS = ("swiglu", "gelu", "relu2")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu2")  # geglu: gelu(tanh approximation)(gate) * up, as Gemma
 SAMPLINGS = ("uniform", "balanced", "sqrt")
 
 
@@ -53,10 +53,29 @@ class ModelConfig:
     init_std: float = 0.02
     # Sliding-window attention (Mistral, Phi-3): a query sees the keys of the last `sliding_window` positions.
     sliding_window: int | None = None
+    # Gemma 2/3: which layers use the window (null = every layer), and the local layers' own RoPE theta
+    # (Gemma 3; default RoPE, no scaling) while full-attention layers use rope_theta/rope_scaling.
+    sliding_layers: tuple[bool, ...] | None = None
+    rope_local_theta: float | None = None
+    embed_scale: bool = False  # embeddings times sqrt(d_model) (Gemma)
+    sandwich_norm: bool = False  # RMSNorm on the attention and MLP outputs too, before the residual add (Gemma)
+    query_scale: float | None = None  # attention scores times query_scale ** -0.5 (default head_dim ** -0.5)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    logit_softcap: float | None = None  # final logits -> cap * tanh(logits / cap) (Gemma 2)
 
     def __post_init__(self) -> None:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.sliding_layers is not None:
+            if len(self.sliding_layers) != self.n_layers:
+                raise ValueError(f"model.sliding_layers has {len(self.sliding_layers)} entries for "
+                                 f"{self.n_layers} layers")
+            if self.sliding_window is None:
+                raise ValueError("model.sliding_layers needs model.sliding_window")
+        if self.rope_local_theta is not None and self.sliding_layers is None:
+            raise ValueError("model.rope_local_theta applies to sliding layers: set model.sliding_layers")
+        if self.sandwich_norm and self.parallel_residual:
+            raise ValueError("model.sandwich_norm and model.parallel_residual cannot be combined")
         if self.norm not in NORMS:
             raise ValueError(f"model.norm must be one of {NORMS}, got {self.norm!r}")
         if self.position not in POSITIONS:
@@ -90,6 +109,8 @@ class ModelConfig:
         scaling = raw.get("rope_scaling")
         if isinstance(scaling, dict):
             raw["rope_scaling"] = tuple(sorted((k, _freeze(v)) for k, v in scaling.items()))
+        if isinstance(raw.get("sliding_layers"), list):
+            raw["sliding_layers"] = tuple(bool(x) for x in raw["sliding_layers"])
         return cls(**raw)
 
     def num_params(self, include_embeddings: bool = True) -> int:
@@ -102,10 +123,10 @@ class ModelConfig:
             attn += d
         if self.qk_norm:
             attn += 2 * hd
-        n_mats = 3 if self.activation == "swiglu" else 2
+        n_mats = 3 if self.activation in ("swiglu", "geglu") else 2
         mlp = n_mats * d * self.d_ff + ((n_mats - 1) * self.d_ff + d if self.mlp_bias else 0)
         norm_width = 2 * d if self.norm == "layernorm" else d
-        block = attn + mlp + 2 * norm_width
+        block = attn + mlp + (4 if self.sandwich_norm else 2) * norm_width
         total = L * block + norm_width
         if include_embeddings:
             total += self.vocab_size * d

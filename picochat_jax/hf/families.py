@@ -6,7 +6,9 @@ axis per block weight). The mapping runs both ways, so a native checkpoint expor
 `AutoModelForCausalLM.from_pretrained` loads, and merged LoRA adapters export in PEFT's own key names.
 
 Families: llama (Llama 2/3, SmolLM/SmolLM2), mistral, qwen2 (qkv bias), qwen3 (QK-norm), phi3 (Llama's block
-with q/k/v and gate/up fused into one projection each: split on the way in, fused on the way out), gpt2 (the
+with q/k/v and gate/up fused into one projection each: split on the way in, fused on the way out), gemma2 and
+gemma3_text (sandwich norms, RMSNorm weights stored as w with scale 1 + w, embeddings times sqrt(d), gated
+tanh-GELU, per-layer sliding windows, soft-capping, Gemma 3's QK-norm and local RoPE theta), gpt2 (the
 layernorm/learned-position/GELU shape of our small scales). Files: hf/io.py; writing folders: hf/export.py.
 """
 
@@ -32,11 +34,16 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+GEMMA = ("gemma2", "gemma3_text")
+
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", *GEMMA)
 
 
 PEFT_FAMILIES = (*LLAMA_LIKE, "gpt2")
@@ -63,6 +70,16 @@ LLAMA_MODULES = {
     ("attn", "k_norm"): "self_attn.k_norm",
     ("input_norm",): "input_layernorm",
     ("post_attention_norm",): "post_attention_layernorm",
+}
+
+
+# Gemma's norms: ours are applied before the MLP as Llama's post_attention_layernorm is; Gemma's own
+# post_attention_layernorm norms the attention output (our attn_out_norm).
+GEMMA_MODULES = {
+    **{k: v for k, v in LLAMA_MODULES.items() if k != ("post_attention_norm",)},
+    ("post_attention_norm",): "pre_feedforward_layernorm",
+    ("attn_out_norm",): "post_attention_layernorm",
+    ("mlp_out_norm",): "post_feedforward_layernorm",
 }
 
 
@@ -116,6 +133,8 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
         raise ValueError(f"unsupported architecture {archs[0]!r} (model_type {family!r}); supported: {supported}")
     if family == "gpt2":
         return family, _gpt2_config_from_hf(hf)
+    if family in GEMMA:
+        return family, _gemma_config_from_hf(family, hf)
     act = hf.get("hidden_act", "silu")
     # `relu` in a gated MLP with gate == up is relu(x)*x = relu(x)^2: how our relu2 models export.
     activation = {"silu": "swiglu", "relu": "relu2"}.get(act)
@@ -145,6 +164,62 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[str, ModelConfig]:
     return family, cfg
 
 
+def _gemma_layer_types(family: str, hf: dict[str, Any]) -> list[str]:
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    n = hf["num_hidden_layers"]
+    if family == "gemma2":  # transformers' default: every other layer, starting with the first, is local
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    pattern = int(hf.get("sliding_window_pattern", 6))
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+
+
+def _gemma_config_from_hf(family: str, hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{family}: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{family}: use_bidirectional_attention=true (an encoder) is not a causal LM")
+    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d_model // n_heads
+    max_len = int(hf.get("max_position_embeddings", 8192))
+    layer_types = _gemma_layer_types(family, hf)
+    window = hf.get("sliding_window")
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"{family}: layer types {unknown} are not supported")
+    if not window or not any(sliding):
+        sliding, window = None, None
+    rope_params = hf.get("rope_parameters") or {}
+    local_theta = None
+    if family == "gemma3_text":
+        full = dict(rope_params.get("full_attention") or {})
+        local = dict(rope_params.get("sliding_attention") or {})
+        if not full:  # legacy keys
+            full = {"rope_theta": hf.get("rope_theta", 1_000_000.0), **(hf.get("rope_scaling") or {})}
+        local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)))
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"{family}: scaled RoPE on sliding layers is not supported")
+        theta, scaling = _rope_from_hf({"rope_parameters": full, "max_position_embeddings": max_len})
+        if sliding is None:
+            local_theta = None
+    else:
+        theta, scaling = _rope_from_hf(hf)
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, d_ff=hf["intermediate_size"], max_seq_len=max_len,
+        head_dim=None if head_dim * n_heads == d_model else head_dim, norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), position="rope", rope_theta=theta, rope_scaling=scaling,
+        activation="geglu", qk_norm=family == "gemma3_text", tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=bias, out_bias=bias, init_std=float(hf.get("initializer_range", 0.02)),
+        sliding_window=int(window) if window else None, sliding_layers=sliding, rope_local_theta=local_theta,
+        embed_scale=True, sandwich_norm=True, query_scale=float(hf.get("query_pre_attn_scalar") or head_dim),
+        attn_softcap=hf.get("attn_logit_softcapping"), logit_softcap=hf.get("final_logit_softcapping"),
+    )
+
+
 def _gpt2_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     activation = {"gelu": "gelu", "relu2": "relu2"}.get(act)
@@ -169,6 +244,17 @@ def export_family(cfg: ModelConfig) -> str:
     if cfg.parallel_residual:
         raise ValueError("parallel_residual=true has no stock transformers architecture among "
                          f"{', '.join(ARCHITECTURES.values())}; train with parallel_residual=false to export")
+    if cfg.sandwich_norm or cfg.embed_scale or cfg.activation == "geglu":
+        missing = [k for k, ok in (("sandwich_norm", cfg.sandwich_norm), ("embed_scale", cfg.embed_scale),
+                                   ("activation=geglu", cfg.activation == "geglu"), ("rmsnorm", cfg.norm == "rmsnorm"),
+                                   ("rope", cfg.position == "rope"), ("no mlp_bias", not cfg.mlp_bias)) if not ok]
+        if missing:
+            raise ValueError(f"a Gemma-shaped model needs {', '.join(missing)} to export as Gemma 2/3")
+        if cfg.qk_norm:
+            return "gemma3_text"
+        if cfg.rope_local_theta is not None:
+            raise ValueError("rope_local_theta without qk_norm: Gemma 2 has one RoPE theta for all layers")
+        return "gemma2"
     if cfg.sliding_window is not None:
         raise ValueError("sliding_window is exported only with the Mistral/Phi-3 folders it came from; a native "
                          "model with a window has no Llama/Qwen3/GPT-2 equivalent")
@@ -208,6 +294,8 @@ def hf_config_from_native(cfg: ModelConfig, family: str, token_ids: dict[str, in
                 "reorder_and_upcast_attn": False}
     scaling = cfg.rope_scaling_dict
     rope_parameters = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
+    if family in GEMMA:
+        return _gemma_hf_config(cfg, family, common, rope_parameters)
     out = {**common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
            "head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.d_ff,
@@ -221,6 +309,26 @@ def hf_config_from_native(cfg: ModelConfig, family: str, token_ids: dict[str, in
     else:  # qwen3
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
                    layer_types=["full_attention"] * cfg.n_layers)
+    return out
+
+
+def _gemma_hf_config(cfg: ModelConfig, family: str, common: dict[str, Any],
+                     rope_parameters: dict[str, Any]) -> dict[str, Any]:
+    sliding = cfg.sliding_layers or (True,) * cfg.n_layers if cfg.sliding_window else (False,) * cfg.n_layers
+    out = {**common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+           "head_dim": cfg.resolved_head_dim, "intermediate_size": cfg.d_ff, "hidden_activation": "gelu_pytorch_tanh",
+           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+           "query_pre_attn_scalar": cfg.query_scale or cfg.resolved_head_dim,
+           "sliding_window": cfg.sliding_window or cfg.max_seq_len,
+           "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+           "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": cfg.attn_softcap,
+           "attention_bias": cfg.qkv_bias or cfg.out_bias, "attention_dropout": 0.0}
+    if family == "gemma2":
+        out.update(rope_parameters=rope_parameters, rope_theta=cfg.rope_theta)
+    else:
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        out.update(rope_parameters={"full_attention": rope_parameters, "sliding_attention": local})
     return out
 
 
@@ -245,15 +353,25 @@ def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _llama_name(path: tuple[str, ...]) -> str:
+def _llama_name(path: tuple[str, ...], family: str = "llama") -> str:
     """HF name of one of our leaves (layer leaves get a `{i}` placeholder)."""
     top = {("embed_tokens",): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
            ("lm_head", "kernel"): "lm_head.weight"}
     if path in top:
         return top[path]
-    if path[0] != "layers" or path[1:-1] not in LLAMA_MODULES:
-        raise KeyError(f"no llama-family name for param {'/'.join(path)}")
-    return f"model.layers.{{i}}.{LLAMA_MODULES[path[1:-1]]}.{_LEAF_TO_HF[path[-1]]}"
+    modules = GEMMA_MODULES if family in GEMMA else LLAMA_MODULES
+    if path[0] != "layers" or path[1:-1] not in modules:
+        raise KeyError(f"no {family} name for param {'/'.join(path)}")
+    return f"model.layers.{{i}}.{modules[path[1:-1]]}.{_LEAF_TO_HF[path[-1]]}"
+
+
+def _gemma_norm_offset(params: Params, delta: float) -> Params:
+    """Gemma stores RMSNorm weights as w and scales by 1 + w; ours scale by the stored value."""
+    def walk(tree: Any, key: str = "") -> Any:
+        if isinstance(tree, dict):
+            return {k: walk(v, k) for k, v in tree.items()}
+        return tree + delta if key == "scale" else tree
+    return walk(params)
 
 
 class _Tensors:
@@ -283,7 +401,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, family: str
     if family == "phi3":
         tensors = _phi3_unfused(tensors, cfg)
     pool = _Tensors(tensors, source)
-    params = (_gpt2_params_from_hf if family == "gpt2" else _llama_params_from_hf)(pool, cfg, expected)
+    params = _gpt2_params_from_hf(pool, cfg, expected) if family == "gpt2" else _llama_params_from_hf(
+        pool, cfg, expected, family)
     for path, shape in _flatten(expected):
         got = get_path(params, path)
         if got is None or tuple(got.shape) != shape:
@@ -294,10 +413,10 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, family: str
     return params
 
 
-def _llama_params_from_hf(pool: _Tensors, cfg: ModelConfig, expected: Params) -> Params:
+def _llama_params_from_hf(pool: _Tensors, cfg: ModelConfig, expected: Params, family: str = "llama") -> Params:
     params: Params = {}
     for path, _ in _flatten(expected):
-        name = _llama_name(path)
+        name = _llama_name(path, family)
         if path[0] == "layers":
             layers = [pool.take(name.format(i=i)) for i in range(cfg.n_layers)]
             value = np.stack([w.T for w in layers] if path[-1] == "kernel" else layers)
@@ -312,7 +431,7 @@ def _llama_params_from_hf(pool: _Tensors, cfg: ModelConfig, expected: Params) ->
                 if not np.array_equal(gate, pool.take(f"model.layers.{i}.mlp.up_proj.{leaf}")):
                     raise ValueError(f"{pool.source}: hidden_act 'relu' is only supported as relu^2, i.e. with "
                                      f"mlp.gate_proj == mlp.up_proj (layer {i} differs)")
-    return params
+    return _gemma_norm_offset(params, 1.0) if family in GEMMA else params
 
 
 def _gpt2_params_from_hf(pool: _Tensors, cfg: ModelConfig, expected: Params) -> Params:
@@ -350,9 +469,11 @@ def params_to_hf(params: Params, cfg: ModelConfig, family: str) -> dict[str, np.
         return _gpt2_params_to_hf(params, cfg)
     if family not in LLAMA_LIKE:
         raise ValueError(f"cannot write weights for family {family!r}")
+    if family in GEMMA:
+        params = _gemma_norm_offset(params, -1.0)
     out: dict[str, np.ndarray] = {}
     for path, value in _flatten(params):
-        name = _llama_name(path)
+        name = _llama_name(path, family)
         if path[0] == "layers":
             for i in range(cfg.n_layers):
                 out[name.format(i=i)] = value[i].T if path[-1] == "kernel" else value[i]
@@ -363,7 +484,7 @@ def params_to_hf(params: Params, cfg: ModelConfig, family: str) -> dict[str, np.
               "o_proj": cfg.d_model}
     for i in range(L):
         # HF's attention_bias covers q, k, v and o together: a bias we lack is an exact zero.
-        if family in ("llama", "qwen3") and (cfg.qkv_bias or cfg.out_bias):
+        if family in ("llama", "qwen3", *GEMMA) and (cfg.qkv_bias or cfg.out_bias):
             for p, width in widths.items():
                 out.setdefault(f"model.layers.{i}.self_attn.{p}.bias", np.zeros(width, np.float32))
         if cfg.activation == "relu2":  # relu(gate(x)) * up(x) with gate == up is relu(up(x))^2

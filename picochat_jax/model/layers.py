@@ -153,7 +153,8 @@ class Attention(nn.Module):
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
 
         impl = resolve_attention_impl(self.attention_impl, self.dtype, hd)
-        out = attend(q, k, v, mask, segment_ids, impl)
+        scale = None if cfg.query_scale is None else cfg.query_scale ** -0.5
+        out = attend(q, k, v, mask, segment_ids, impl, scale=scale, softcap=cfg.attn_softcap)
         out = out.reshape(B, T, cfg.n_heads * hd)
         o_proj = Projection(out.shape[-1], cfg.d_model, ("heads", "embed"), cfg.out_bias, out_std, name="o_proj")()
         (out,) = project(out, [o_proj], self.dtype, fuse=False)
@@ -171,14 +172,18 @@ class MLP(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
         d = x.shape[-1]
         up_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="up_proj")()
-        if cfg.activation == "swiglu":
+        if cfg.activation in ("swiglu", "geglu"):
             gate_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="gate_proj")()
-            if self.fuse_projections:
+            if self.fuse_projections and cfg.activation == "swiglu":
                 (gate_up,) = project(x, [concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
                 h = swiglu_packed(gate_up)
+            elif self.fuse_projections:
+                (gate_up,) = project(x, [concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
+                gate, up = jnp.split(gate_up, 2, axis=-1)
+                h = nn.gelu(gate, approximate=True) * up
             else:
                 gate, up = project(x, [gate_proj, up_proj], self.dtype, fuse=False)
-                h = nn.silu(gate) * up
+                h = (nn.silu(gate) if cfg.activation == "swiglu" else nn.gelu(gate, approximate=True)) * up
         else:
             (up,) = project(x, [up_proj], self.dtype, fuse=False)
             h = nn.gelu(up, approximate=False) if cfg.activation == "gelu" else jnp.square(nn.relu(up))  # relu2

@@ -174,15 +174,37 @@ def pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) ->
                           interpret=norm_rope_kernel.default_interpret(None))
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str) -> Array:
+def softcapped_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, softcap: float) -> Array:
+    """XLA attention with Gemma 2's score soft-capping: softmax(cap * tanh(q.k * scale / cap)), in float32."""
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = softcap * jnp.tanh(scores / softcap)
+    if mask is None:
+        T, S = q.shape[1], k.shape[1]
+        mask = (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T))[None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str,
+           scale: float | None = None, softcap: float | None = None) -> Array:
     """Scaled dot-product attention, causal unless `mask` (B|1, 1, T, S) is given.
 
     `segment_ids` (B, T) restricts attention to the query's own packed document. The XLA path takes that
     restriction as a boolean `mask` built by the caller; the fused kernels take the ids themselves and
-    never materialise a (B, H, T, T) score tensor.
+    never materialise a (B, H, T, T) score tensor. `scale` defaults to head_dim ** -0.5; `softcap` (Gemma 2)
+    always runs on the XLA path (callers build an explicit mask for it, see Decoder).
     """
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, scale or 1.0 / math.sqrt(q.shape[-1]), softcap)
     if mask is not None or impl == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,
+                                            implementation="xla")
+    if scale is not None and impl == "pallas":
+        raise ValueError("the Pallas attention kernel uses head_dim ** -0.5; use attention_impl xla or cudnn")
     if impl == "cudnn":
         bias = None
         if segment_ids is not None:
@@ -190,7 +212,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array 
             # which is a few MB per layer against the ~0.8 GB of fp32 scores the XLA path writes.
             same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
             bias = jnp.where(same_doc, 0.0, MASKED_BIAS).astype(q.dtype)[:, None]
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=True, scale=scale,
+                                            implementation="cudnn")
     if impl == "pallas":
         return pallas_attention(q, k, v, segment_ids)
     raise ValueError(f"unknown attention implementation {impl!r}")

@@ -113,8 +113,13 @@ class Block(nn.Module):
     rms_norm_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, rope, mask, segment_ids, cache_index, cache):
+    def __call__(self, x, rope, mask, segment_ids, cache_index, local, cache, layer_local):
         cfg = self.cfg
+        if layer_local is not None:  # Gemma: this layer's window and RoPE (local) or the full ones
+            local_rope, local_mask = local
+            mask = jnp.where(layer_local, local_mask, mask)
+            if local_rope is not None:
+                rope = tuple(jnp.where(layer_local, lo, gl) for lo, gl in zip(local_rope, rope, strict=True))
         fused_norm = resolve_rms_norm_impl(self.rms_norm_impl, cfg.norm, x.shape[0] * x.shape[1], x.shape[-1])
 
         def pre_norm(x: Array, name: str) -> tuple[Array, Array]:
@@ -131,6 +136,10 @@ class Block(nn.Module):
         if cfg.parallel_residual:
             x, h2 = pre_norm(x, "post_attention_norm")
             x = x + attn_out + mlp(h2)
+        elif cfg.sandwich_norm:  # Gemma: the attention and MLP outputs are normed before their residual adds
+            attn_out = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="attn_out_norm")(attn_out)
+            x, h2 = pre_norm(x + attn_out, "post_attention_norm")
+            x = x + Norm(cfg.norm, cfg.norm_eps, self.dtype, name="mlp_out_norm")(mlp(h2))
         else:
             x, h2 = pre_norm(x + attn_out, "post_attention_norm")
             x = x + mlp(h2)
@@ -174,7 +183,7 @@ class Decoder(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
             length=cfg.n_layers,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -196,16 +205,46 @@ class Decoder(nn.Module):
         return_hidden: bool = False,
     ):
         B, T = tokens.shape
+        cfg = self.cfg
         offset = 0 if cache_index is None else cache_index
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
         x = shard_activation_batch(jnp.take(gather_whole(self.embed_tokens.astype(self.dtype)), tokens, axis=0))
-        if self.cfg.position == "learned":
-            pos = jnp.clip(positions, 0, self.cfg.max_seq_len - 1)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+        if cfg.position == "learned":
+            pos = jnp.clip(positions, 0, cfg.max_seq_len - 1)
             x = x + jnp.take(self.embed_positions, pos, axis=0).astype(self.dtype)
 
-        window = self.cfg.sliding_window  # a key is visible while q - k < window (transformers' overlay)
-        mask, layer_segments = None, None
+        rope = local_rope = None
+        if cfg.position == "rope":
+            scaling = cfg.rope_scaling_dict
+            rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, scaling),
+                               rope_attention_factor(scaling))
+            if cfg.rope_local_theta is not None:
+                local_rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_local_theta, None))
+        local = layer_local = None
+        if cfg.sliding_layers is None:
+            mask, layer_segments = self._mask(T, offset, cache, kv_valid, segment_ids, cfg.sliding_window,
+                                              explicit=cfg.attn_softcap is not None)
+        else:  # per-layer windows: both masks explicit, each layer picks its own inside the scan
+            mask, layer_segments = self._mask(T, offset, cache, kv_valid, segment_ids, None, explicit=True)
+            local = (local_rope, self._mask(T, offset, cache, kv_valid, segment_ids, cfg.sliding_window, True)[0])
+            layer_local = jnp.asarray(cfg.sliding_layers, bool)
+        x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, local, cache, layer_local)
+        x = self.final_norm(x)
+        if return_hidden:
+            return x
+        logits = self.logits_from_hidden(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def _mask(self, T: int, offset: Any, cache: dict[str, Array] | None, kv_valid: Array | None,
+              segment_ids: Array | None, window: int | None, explicit: bool) -> tuple[Array | None, Array | None]:
+        """(boolean attention mask or None, segment ids for the fused kernels or None).
+
+        A key is visible while q - k < window (transformers' sliding-window overlay). Without a mask the
+        attention is plain causal; fused kernels mask packed documents themselves from the segment ids.
+        """
         if cache is not None:
             S = cache["k"].shape[2]
             q_slot = offset + jnp.arange(T)
@@ -214,35 +253,21 @@ class Decoder(nn.Module):
             if window is not None:
                 # Left padding sits before a row's tokens, so slot distances are position distances.
                 allowed &= q_slot[:, None] - kv_slot < window
-            valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
-            mask = allowed[None, None] & valid[:, None, None, :]
-        elif segment_ids is not None or window is not None:
-            if window is not None or resolve_attention_impl(self.attention_impl, self.dtype,
-                                                            self.cfg.resolved_head_dim) == "xla":
-                i = jnp.arange(T)
-                allowed = i[None, :] <= i[:, None]
-                if window is not None:
-                    allowed &= i[:, None] - i[None, :] < window
-                if segment_ids is not None:
-                    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-                    mask = (allowed[None] & same_doc)[:, None]
-                else:
-                    mask = allowed[None, None]
-            else:  # fused kernels mask documents themselves, without a (B, 1, T, T) boolean mask
-                layer_segments = segment_ids
-
-        rope = None
-        if self.cfg.position == "rope":
-            cfg = self.cfg
-            scaling = cfg.rope_scaling_dict
-            rope = rope_tables(positions, rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, scaling),
-                               rope_attention_factor(scaling))
-        x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, cache)
-        x = self.final_norm(x)
-        if return_hidden:
-            return x
-        logits = self.logits_from_hidden(x)
-        return logits if cache is None else (logits, new_cache)
+            valid = jnp.ones((cache["k"].shape[1], S), bool) if kv_valid is None else kv_valid
+            return allowed[None, None] & valid[:, None, None, :], None
+        if segment_ids is None and window is None and not explicit:
+            return None, None
+        if window is None and not explicit and resolve_attention_impl(self.attention_impl, self.dtype,
+                                                                      self.cfg.resolved_head_dim) != "xla":
+            return None, segment_ids  # fused kernels mask documents themselves, without a (B, 1, T, T) mask
+        i = jnp.arange(T)
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed &= i[:, None] - i[None, :] < window
+        if segment_ids is not None:
+            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+            return (allowed[None] & same_doc)[:, None], None
+        return allowed[None, None], None
 
     def vocab_table(self) -> Array:
         """The (V, D) output projection in the compute dtype: the embedding table when tied."""
@@ -252,10 +277,16 @@ class Decoder(nn.Module):
         return kernel.T.astype(self.dtype)
 
     def logits_from_hidden(self, x: Array) -> Array:
-        return vocab_logits(x.astype(self.dtype), self.vocab_table())
+        logits = vocab_logits(x.astype(self.dtype), self.vocab_table())
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def token_cross_entropy(self, x: Array, targets: Array) -> Array:
         """Per-token cross-entropy (B, T) float32 from the final hidden state (`return_hidden=True`)."""
+        if self.cfg.logit_softcap is not None:  # the fused form has no soft-cap: plain autodiff over the logits
+            logits = self.logits_from_hidden(x)
+            target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            return jax.nn.logsumexp(logits, axis=-1) - target
         return softmax_cross_entropy(x.astype(self.dtype), self.vocab_table(), targets)
 
 
