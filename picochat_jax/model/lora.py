@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picochat_jax.model import quant
+from picochat_jax.model.ops import AdaptedKernel
 
 Array = jax.Array
 Adapters = dict[str, dict[str, Array]]
@@ -138,12 +139,13 @@ def attach(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
     return out
 
 
-def resolve_kernel(value: Any, shape: tuple[int, int]) -> Array:
+def resolve_kernel(value: Any, shape: tuple[int, int]) -> Array | AdaptedKernel:
     """One layer's (in, out) kernel from what a projection is handed: an array, an NF4 dict
-    (model/quant.py) or an `attach`ed adapter over either. Adapted kernels come out in float32."""
+    (model/quant.py) or an `attach`ed adapter over either, which becomes an `ops.AdaptedKernel` (the matmul
+    then trains A and B through the rank-r path, see `ops.lora_matmul`)."""
     if isinstance(value, dict) and "base" in value:
-        base = resolve_kernel(value["base"], shape).astype(jnp.float32)
-        return base + value["scale"] * (value["a"].astype(jnp.float32) @ value["b"].astype(jnp.float32))
+        return AdaptedKernel(resolve_kernel(value["base"], shape), value["a"],
+                             value["scale"] * value["b"].astype(jnp.float32))
     if quant.is_quantized(value):
         return quant.dequantize_nf4(value, shape)
     return value

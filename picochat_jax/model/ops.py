@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.linalg import block_diag
 
 from picochat_jax.model import norm_rope_kernel, rms_norm_kernel
 from picochat_jax.parallel import shard_activation_batch
@@ -108,11 +109,66 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
     return rms_rope(x.astype(jnp.float32), None, rope, 0.0).astype(x.dtype)
 
 
-def concat_projections(weights: list[tuple[Array, Array | None]]) -> tuple[Array, Array | None]:
-    """One (kernel, bias) whose outputs are the given projections' outputs side by side."""
-    kernel = jnp.concatenate([k for k, _ in weights], axis=1)
+class AdaptedKernel(NamedTuple):
+    """A frozen (in, out) kernel with a LoRA update: x @ (base + a @ b), `b` already times alpha / r.
+
+    `project` runs it through `lora_matmul`, whose backward gives the adapters their gradients through the
+    rank-r path and never forms the full (in, out) weight gradient autodiff through base + a @ b would."""
+
+    base: Array
+    a: Array  # (in, r)
+    b: Array  # (r, out)
+
+
+def _out_width(kernel: Array | AdaptedKernel) -> int:
+    return (kernel.base if isinstance(kernel, AdaptedKernel) else kernel).shape[1]
+
+
+def concat_projections(weights: list[tuple[Any, Array | None]]) -> tuple[Any, Array | None]:
+    """One (kernel, bias) whose outputs are the given projections' outputs side by side (adapted kernels
+    concatenate their A's and stack their B's block-diagonally: the same per-part updates)."""
+    kernels = [k for k, _ in weights]
     biases = [b for _, b in weights]  # a fused group shares one bias setting (qkv_bias, mlp_bias)
-    return kernel, None if biases[0] is None else jnp.concatenate(biases)
+    bias = None if biases[0] is None else jnp.concatenate(biases)
+    if not any(isinstance(k, AdaptedKernel) for k in kernels):
+        return jnp.concatenate(kernels, axis=1), bias
+    parts = [k if isinstance(k, AdaptedKernel) else
+             AdaptedKernel(k, jnp.zeros((k.shape[0], 0), jnp.float32), jnp.zeros((0, k.shape[1]), jnp.float32))
+             for k in kernels]
+    return AdaptedKernel(jnp.concatenate([p.base for p in parts], axis=1),
+                         jnp.concatenate([p.a.astype(jnp.float32) for p in parts], axis=1),
+                         block_diag(*[p.b.astype(jnp.float32) for p in parts])), bias
+
+
+def _merged(base: Array, a: Array, b: Array, dtype: Dtype) -> Array:
+    return (base.astype(jnp.float32) + a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lora_matmul(x: Array, base: Array, a: Array, b: Array, dtype: Dtype) -> Array:
+    """x @ (base + a @ b) in `dtype` (float32 accumulation). Gradients: dx through the merged kernel;
+    da = x^T (dy b^T) and db = (x a)^T dy through the rank-r path; the frozen base gets none."""
+    contract = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x.astype(dtype), _merged(base, a, b, dtype), contract)
+
+
+def _lora_matmul_fwd(x: Array, base: Array, a: Array, b: Array, dtype: Dtype) -> tuple[Array, tuple]:
+    return lora_matmul(x, base, a, b, dtype), (x, base, a, b)
+
+
+def _lora_matmul_bwd(dtype: Dtype, res: tuple, dy: Array) -> tuple[Array, Array, Array, Array]:
+    x, base, a, b = res
+    x = x.astype(dtype)
+    dy = dy.astype(dtype)
+    dx = jnp.einsum("...o,io->...i", dy, _merged(base, a, b, dtype)).astype(res[0].dtype)
+    dy_b = jnp.einsum("...o,ro->...r", dy, b.astype(dtype), preferred_element_type=jnp.float32)
+    x_a = jnp.einsum("...i,ir->...r", x, a.astype(dtype), preferred_element_type=jnp.float32)
+    da = jnp.einsum("...i,...r->ir", x, dy_b.astype(dtype), preferred_element_type=jnp.float32)
+    db = jnp.einsum("...r,...o->ro", x_a.astype(dtype), dy, preferred_element_type=jnp.float32)
+    return dx, jnp.zeros_like(base), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, fuse: bool) -> list[Array]:
@@ -126,10 +182,11 @@ def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, f
     """
     if fuse and len(weights) > 1:
         (fused,) = project(x, [concat_projections(weights)], dtype, fuse=False)
-        return jnp.split(fused, np.cumsum([k.shape[1] for k, _ in weights])[:-1].tolist(), axis=-1)
+        return jnp.split(fused, np.cumsum([_out_width(k) for k, _ in weights])[:-1].tolist(), axis=-1)
     x = x.astype(dtype)
     contract = (((x.ndim - 1,), (0,)), ((), ()))
-    outs = [jax.lax.dot_general(x, k.astype(dtype), contract) for k, _ in weights]
+    outs = [lora_matmul(x, *k, dtype) if isinstance(k, AdaptedKernel)
+            else jax.lax.dot_general(x, k.astype(dtype), contract) for k, _ in weights]
     outs = [y if b is None else y + b.astype(dtype) for y, (_, b) in zip(outs, weights, strict=True)]
     return [shard_activation_batch(y) for y in outs]
 
