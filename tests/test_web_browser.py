@@ -79,6 +79,8 @@ def test_runs_page_lists_runs_and_sorts_by_clicking(site, browser, shots):
     header.click()
     assert _visible_names(browser) == ["beta", "alpha"] and header.get_attribute("aria-sort") == "descending"
     assert browser.find_elements(By.CSS_SELECTOR, "#runs .badge-finished")
+    verdict = httpx.get(site + "/api/runs").json()[0]["verdict"]
+    assert verdict and len(browser.find_elements(By.CSS_SELECTOR, f"#runs .badge-{verdict}")) == 2
     _shot(browser, shots, "runs")
 
 
