@@ -163,12 +163,14 @@ def _pick(logits: Array, seeds: Array, t: Array, temperature: Array, top_k: Arra
     """Next token per row; greedy rows (temperature 0) take the argmax, others sample with their own key.
 
     The key of step t is fold_in(key(seed), t): a row's draws depend on its seed, not on its neighbours.
+    `t` is one step for all rows or one per row (continuous batching: rows at different reply lengths).
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample(_: Any) -> Array:
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), t))(seeds)
+        steps = jnp.broadcast_to(t, seeds.shape)
+        keys = jax.vmap(lambda s, step: jax.random.fold_in(jax.random.key(s), step))(seeds, steps)
         scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
         kept = jax.vmap(lambda row, k, p: filter_logits(row[None], k, p)[0])(scaled, top_k, top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
@@ -226,6 +228,67 @@ def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
 
 # The model is a static argument: engines serving the same architecture share compiled programs.
 _PREFILL = jax.jit(_prefill, static_argnames=("model", "cache_len"))
+
+
+# ------------------------------------------------------------------------------- continuous batching (slots)
+
+
+def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], slot: Array, tokens: Array,
+                  prompt_len: Array, temperature: Array, top_k: Array, top_p: Array,
+                  seeds: Array) -> tuple[Array, dict[str, Array]]:
+    """One right-padded (1, P) prompt into cache slot `slot` (its rows 0..P-1); returns (first token, cache).
+
+    Padding after the prompt writes keys a decode step never sees: step t writes slot prompt_len + t before it
+    attends, and attends only up to it."""
+    P = tokens.shape[1]
+
+    def at_prompt_end(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.method_name == "logits_from_hidden":  # only the last real position onto the vocabulary
+            args = (jax.lax.dynamic_slice_in_dim(args[0], prompt_len - 1, 1, axis=1), *args[1:])
+        return next_fun(*args, **kwargs)
+
+    fresh = init_cache(model.cfg, 1, P, model.dtype)
+    with nn.intercept_methods(at_prompt_end):
+        logits, fresh = model.apply({"params": params}, tokens, positions=jnp.arange(P)[None, :], cache=fresh,
+                                    cache_index=jnp.int32(0))
+    cache = {k: jax.lax.dynamic_update_slice(cache[k], fresh[k], (0, slot, 0, 0, 0)) for k in cache}
+    return _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p), cache
+
+
+def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
+                  prompt_len: Array, max_new: Array, temperature: Array, top_k: Array, top_p: Array, seeds: Array,
+                  stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
+    """`_decode_chunk` for slots: every row has its own prompt length and reply step t, so its cache slot
+    prompt_len + t and its position differ from its neighbours'. Finished rows keep their t."""
+    B = tok.shape[0]
+    S = cache["k"].shape[2]
+
+    def cond(carry: tuple) -> Array:
+        i, _, _, _, _, done = carry
+        return (i < steps) & ~jnp.all(done)
+
+    def body(carry: tuple) -> tuple:
+        i, t, tok, cache, out, done = carry
+        out = out.at[:, i].set(jnp.where(done, -1, tok))
+        was_done = done
+        done = done | jnp.isin(tok, stop_ids) | (t + 1 >= max_new)
+        at = jnp.minimum(prompt_len + t, S - 1)  # finished and free rows write where no live row reads
+        logits, cache = model.apply({"params": params}, tok[:, None], positions=at[:, None], cache=cache,
+                                    cache_index=at)
+        nxt = _pick(logits[:, 0], seeds, t + 1, temperature, top_k, top_p)
+        return i + 1, jnp.where(was_done, t, t + 1), jnp.where(was_done, tok, nxt), cache, out, done
+
+    init = (jnp.int32(0), t, tok, cache, jnp.full((B, steps), -1, jnp.int32), done)
+    _, t, tok, cache, out, done = jax.lax.while_loop(cond, body, init)
+    return out, t, tok, cache, done
+
+
+@functools.cache
+def _slot_programs(donate_cache: bool) -> tuple[Any, Any]:
+    """(prefill into a slot, decode chunk over slots), donating the cache where the backend can."""
+    donate = ("cache",) if donate_cache else ()
+    return (jax.jit(_prefill_slot, static_argnames=("model",), donate_argnames=donate),
+            jax.jit(_decode_slots, static_argnames=("model", "steps"), donate_argnames=donate))
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (completions allow 5)
@@ -387,6 +450,10 @@ class Engine:
                     results[i].extend(new)
         return results
 
+    def slots(self, stop_ids: Sequence[int]) -> SlotBatch:
+        """Continuous batching over this engine's model (see `SlotBatch`)."""
+        return SlotBatch(self, stop_ids)
+
     def run(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams], stop_ids: Sequence[int],
             cancelled: Callable[[], Sequence[bool]] | None = None,
             chunk_tokens: int | None = None) -> Iterator[ChunkResult]:
@@ -457,6 +524,87 @@ class Engine:
                 if done[i] and finished[i] is None:
                     finished[i] = reasons[i] = "stop" if hit_stop else "length"
             yield ChunkResult(new_tokens, reasons)
+
+
+class SlotBatch:
+    """Continuous batching on one engine: `max_batch` cache slots of `max_len` tokens each.
+
+    A request is `admit`ted into a free slot (its prompt prefilled into that slot alone) whenever one is free;
+    `step` advances every live slot by one chunk. Requests join and leave between chunks, so a long reply
+    never holds a short one back. The same model programs, sampling and stop rules as `Engine.run`: a greedy
+    or seeded reply is the same token for token. Call from one thread only.
+    """
+
+    def __init__(self, engine: Engine, stop_ids: Sequence[int]):
+        self.engine = engine
+        B, S = engine.max_batch, engine.max_len
+        self.size = B
+        self.cache = init_cache(engine.model_cfg, B, S, engine.model.dtype)
+        self.stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+        self.stop_set = {int(x) for x in stop_ids}
+        self.tok, self.t, self.lens, self.limits = (np.zeros((B,), np.int32) for _ in range(4))
+        self.done = np.ones((B,), bool)
+        self.temps, self.top_p = np.zeros((B,), np.float32), np.ones((B,), np.float32)
+        self.top_k, self.seeds = np.zeros((B,), np.int32), np.zeros((B,), np.uint32)
+        self.live = [False] * B
+        prefill, chunk = _slot_programs(jax.default_backend() != "cpu")
+        self._prefill = functools.partial(prefill, engine.model)
+        self._chunk = functools.partial(chunk, engine.model)
+
+    def free_slots(self) -> list[int]:
+        return [i for i, live in enumerate(self.live) if not live]
+
+    def active(self) -> int:
+        return sum(self.live)
+
+    def admit(self, slot: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
+        """Prefill `prompt` into free `slot`; its reply starts with the next `step`."""
+        if self.live[slot]:
+            raise ValueError(f"slot {slot} is busy")
+        self.engine.check_fits(len(prompt), sampling.max_new_tokens)
+        P = bucket_length(len(prompt), self.engine.max_len)
+        tokens = np.full((1, P), self.engine.pad_id, np.int32)
+        tokens[0, :len(prompt)] = [int(x) for x in prompt]
+        row = (np.asarray([sampling.temperature], np.float32), np.asarray([sampling.top_k], np.int32),
+               np.asarray([sampling.top_p], np.float32), np.asarray([sampling.seed % (1 << 32)], np.uint32))
+        first, self.cache = self._prefill(self.engine.params, self.cache, np.int32(slot), jnp.asarray(tokens),
+                                          np.int32(len(prompt)), *row)
+        self.tok[slot], self.t[slot], self.done[slot] = int(np.asarray(first)[0]), 0, False
+        self.lens[slot], self.limits[slot] = len(prompt), sampling.max_new_tokens
+        self.temps[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = (r[0] for r in row)
+        self.live[slot] = True
+
+    def release(self, slot: int) -> None:
+        """Free a slot (its request finished or was cancelled)."""
+        self.live[slot], self.done[slot] = False, True
+
+    def step(self, chunk_tokens: int | None = None) -> dict[int, tuple[list[int], str | None]]:
+        """One chunk for every live slot: {slot: (new tokens without the stop token, finish reason or None)}.
+        Finished slots are released."""
+        if not any(self.live):
+            return {}
+        out, t, tok, self.cache, done = self._chunk(
+            self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
+            jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
+            jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops,
+            steps=chunk_tokens or self.engine.chunk_tokens)
+        out, self.t, self.tok, done = np.asarray(out), np.array(t), np.array(tok), np.array(done)
+        results: dict[int, tuple[list[int], str | None]] = {}
+        for slot in (i for i, live in enumerate(self.live) if live):
+            row, hit_stop = [], False
+            for x in out[slot].tolist():
+                if x < 0:
+                    break
+                if x in self.stop_set:
+                    hit_stop = True
+                    break
+                row.append(x)
+            reason = ("stop" if hit_stop else "length") if done[slot] else None
+            results[slot] = (row, reason)
+            if reason is not None:
+                self.release(slot)
+        self.done = done | ~np.asarray(self.live)
+        return results
 
 
 def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, precision: str = "fp32",

@@ -180,3 +180,64 @@ def test_sampling_params_validate():
     assert SamplingParams(top_p=0.0).top_p == 0.0  # OpenAI's range: 0 keeps only the most likely token
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+# ------------------------------------------------------------------------------------------ continuous batching
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_slots_decode_what_the_static_batch_decodes_with_requests_joining_mid_reply(name):
+    """Requests admitted into slots between chunks, at different prompt lengths and reply positions, get the
+    tokens the static engine gives them alone: greedy and seeded sampling alike."""
+    from picochat_jax.generate import SlotBatch
+
+    fam = Family(name)
+    engine = Engine(fam.params, fam.cfg, max_batch=4, chunk_tokens=3)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (9, 3, 17, 5, 12)]
+    sampling = [SamplingParams(max_new_tokens=14), SamplingParams(max_new_tokens=5),
+                SamplingParams(max_new_tokens=9, temperature=0.8, top_k=20, seed=11),
+                SamplingParams(max_new_tokens=7), SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=4)]
+    alone = [engine.generate([p], s, stop_ids=())[0] for p, s in zip(prompts, sampling, strict=True)]
+    slots = SlotBatch(engine, stop_ids=())
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    owner: dict[int, int] = {}
+    waiting = list(range(len(prompts)))
+    finished_order = []
+    chunks = 0
+    while waiting or owner:
+        # one request joins per chunk while slots are free: prefill interleaved with decoding
+        free = slots.free_slots()
+        if waiting and free:
+            i = waiting.pop(0)
+            slots.admit(free[0], prompts[i], sampling[i])
+            owner[free[0]] = i
+        for slot, (tokens, reason) in slots.step().items():
+            got[owner[slot]].extend(tokens)
+            if reason is not None:
+                assert reason == "length"
+                finished_order.append(owner.pop(slot))
+        chunks += 1
+        assert chunks < 100
+    assert [got[i] for i in range(len(prompts))] == alone
+    assert finished_order.index(1) < finished_order.index(0)  # the short reply left before the long one ended
+
+
+def test_slots_stop_on_a_stop_token_and_free_the_slot():
+    from picochat_jax.generate import SlotBatch
+
+    fam = Family("rope_gqa")
+    engine = Engine(fam.params, fam.cfg, max_batch=2, chunk_tokens=4)
+    prompt = [5, 6, 7, 8]
+    reply = engine.generate([prompt], SamplingParams(max_new_tokens=10), stop_ids=())[0]
+    stop = reply[3]
+    slots = SlotBatch(engine, stop_ids=(stop,))
+    slots.admit(0, prompt, SamplingParams(max_new_tokens=10))
+    tokens, reasons = [], []
+    while slots.active():
+        for _, (new, reason) in slots.step().items():
+            tokens += new
+            reasons.append(reason)
+    assert tokens == reply[:reply.index(stop)] and reasons[-1] == "stop" and slots.free_slots() == [0, 1]
+    with pytest.raises(ValueError, match="exceeds the context"):
+        slots.admit(0, prompt, SamplingParams(max_new_tokens=fam.cfg.max_seq_len))

@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,11 +24,11 @@ from click.testing import CliRunner
 from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.config import ModelConfig
 from picochat_jax.data.records import Message
-from picochat_jax.generate import ChunkResult, Engine, SamplingParams
+from picochat_jax.generate import Engine, SamplingParams
 from picochat_jax.model.transformer import init_params, make_model
 from picochat_jax.serve.app import create_app
 from picochat_jax.serve.backend import load_backend
-from picochat_jax.serve.batcher import Batcher, GenerationRequest
+from picochat_jax.serve.batcher import Batcher, Event, GenerationRequest
 from picochat_jax.serve.text import StopText
 from picochat_jax.tokenizer import train_tokenizer
 
@@ -233,7 +234,8 @@ def test_stop_text_deltas_add_up_to_the_cut_reply():
 
 
 class _SlowTailEngine:
-    """Stand-in engine: row 0 finishes in the first chunk, row 1 only after the test lets it."""
+    """Stand-in engine whose slots finish the first request in the first chunk and the second only after
+    the test lets it."""
 
     max_batch, max_len = 2, 64
 
@@ -243,15 +245,42 @@ class _SlowTailEngine:
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         pass
 
-    def run(self, prompts, rows, stop_ids, cancelled=None):
-        yield ChunkResult([[5], [6]], ["stop", None])
-        self.release_second_row.wait(10)
-        yield ChunkResult([[], [7]], [None, "length"])
+    def slots(self, stop_ids):
+        return _SlowTailSlots(self.release_second_row)
+
+
+class _SlowTailSlots:
+    def __init__(self, release_second_row: threading.Event) -> None:
+        self.release_second_row, self.live, self.chunks = release_second_row, {}, 0
+
+    def free_slots(self) -> list[int]:
+        return [i for i in range(2) if i not in self.live]
+
+    def active(self) -> int:
+        return len(self.live)
+
+    def admit(self, slot, prompt, sampling) -> None:
+        self.live[slot] = len(self.live)  # arrival order
+
+    def release(self, slot) -> None:
+        self.live.pop(slot, None)
+
+    def step(self):
+        self.chunks += 1
+        first = {slot: order for slot, order in self.live.items()}
+        if self.chunks == 1:
+            out = {slot: ([5], "stop") if order == 0 else ([6], None) for slot, order in first.items()}
+        else:
+            self.release_second_row.wait(10)
+            out = {slot: ([7], "length") for slot in first}
+        for slot, (_, reason) in out.items():
+            if reason is not None:
+                self.release(slot)
+        return out
 
 
 def test_a_request_counts_as_done_when_its_reply_is_out_not_when_its_batch_ends():
-    # A client holding its answer must see itself in stats(); the next request's before/after snapshot
-    # raced the batch's tail when requests were counted only after the whole batch.
+    # A client holding its answer must see itself in stats() while its neighbour is still decoding.
     engine = _SlowTailEngine()
     batcher = Batcher(engine, stop_ids=(0,), batch_wait_s=0.2)
     finished = [threading.Event(), threading.Event()]
@@ -269,10 +298,45 @@ def test_a_request_counts_as_done_when_its_reply_is_out_not_when_its_batch_ends(
         engine.release_second_row.set()
         assert finished[1].wait(10)
         assert batcher.stats().requests_done == 2
-        assert batcher.stats().batches_run == 1
+        assert batcher.stats().batches_run == 2 and batcher.stats().max_batch_seen == 2
     finally:
         engine.release_second_row.set()
         batcher.close()
+
+
+def test_a_short_request_overtakes_a_long_one(native):
+    """Continuous batching: a request that arrives while a long reply is decoding joins the running batch at
+    the next chunk and finishes first; both replies equal what the engine gives each alone."""
+    engine = _backend(native).batcher.engine
+    batcher = Batcher(engine, stop_ids=(), batch_wait_s=0.0)
+    finished: list[str] = []
+    replies = {"long": [], "short": []}
+    events = {k: threading.Event() for k in ("long", "short", "long_started")}
+
+    def on_event(name: str) -> Callable[[Event], None]:
+        def handle(e: Event) -> None:
+            if e.kind == "tokens":
+                replies[name].extend(e.tokens)
+                events["long_started"].set()
+            elif e.kind == "finish":
+                finished.append(name)
+                events[name].set()
+        return handle
+
+    long_prompt, short_prompt = [5, 6, 7], [8, 9, 10, 11, 12]
+    long_n, short_n = CTX - len(long_prompt), 6
+    batcher.start()
+    try:
+        batcher.submit(GenerationRequest(long_prompt, SamplingParams(long_n), on_event("long")))
+        assert events["long_started"].wait(60)
+        batcher.submit(GenerationRequest(short_prompt, SamplingParams(short_n), on_event("short")))
+        assert events["short"].wait(60) and events["long"].wait(120)
+    finally:
+        batcher.close()
+    assert finished == ["short", "long"]
+    assert replies["long"] == engine.generate([long_prompt], SamplingParams(long_n), stop_ids=())[0]
+    assert replies["short"] == engine.generate([short_prompt], SamplingParams(short_n), stop_ids=())[0]
+    assert batcher.stats().max_batch_seen == 2
 
 
 # -------------------------------------------------------------------------------------------- HTTP

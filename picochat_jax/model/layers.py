@@ -100,6 +100,14 @@ class NormScale(nn.Module):
         return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.width,))
 
 
+def write_cache(cache: Array, new: Array, index: Array) -> Array:
+    """cache (B, S, ...) with new (B, T, ...) written from slot `index`: a scalar, or (B,) per row."""
+    index = jnp.asarray(index)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
@@ -146,9 +154,10 @@ class Attention(nn.Module):
 
         new_cache = None
         if cache is not None:
-            # Decoding: write this chunk's keys/values at cache_index, then attend over the whole cache.
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            # Decoding: write this chunk's keys/values at cache_index (one slot for all rows, or one per row
+            # when rows of a continuous batch sit at different lengths), then attend over the whole cache.
+            k_all, v_all = (write_cache(cache[n], x.astype(cache[n].dtype), cache_index) for n, x in (("k", k),
+                                                                                                      ("v", v)))
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
 

@@ -247,14 +247,15 @@ class Decoder(nn.Module):
         """
         if cache is not None:
             S = cache["k"].shape[2]
-            q_slot = offset + jnp.arange(T)
-            kv_slot = jnp.arange(S)[None, :]
-            allowed = kv_slot <= q_slot[:, None]  # (T, S)
+            # (1, T) for one cache index, (B, T) when every row has its own (continuous batching).
+            q_slot = jnp.reshape(jnp.asarray(offset), (-1, 1)) + jnp.arange(T)[None, :]
+            kv_slot = jnp.arange(S)[None, None, :]
+            allowed = kv_slot <= q_slot[:, :, None]  # (1|B, T, S)
             if window is not None:
                 # Left padding sits before a row's tokens, so slot distances are position distances.
-                allowed &= q_slot[:, None] - kv_slot < window
+                allowed &= q_slot[:, :, None] - kv_slot < window
             valid = jnp.ones((cache["k"].shape[1], S), bool) if kv_valid is None else kv_valid
-            return allowed[None, None] & valid[:, None, None, :], None
+            return allowed[:, None] & valid[:, None, None, :], None
         if segment_ids is None and window is None and not explicit:
             return None, None
         if window is None and not explicit and resolve_attention_impl(self.attention_impl, self.dtype,

@@ -1,11 +1,12 @@
-"""The request batcher: one worker thread owns the engine and runs waiting requests together.
+"""The request batcher: one worker thread owns the engine and decodes requests by continuous batching.
 
-Requests arrive from the HTTP event loop through a bounded thread-safe queue. The worker takes the first
-waiting request, waits `batch_wait_s` for others to arrive (concurrent clients usually land within a few
-milliseconds of each other), and runs up to `max_batch` of them as one batch on the decode engine (`generate.Engine`).
-Requests that come while a batch is decoding wait for the next one. After every chunk the worker hands each
-request its new tokens through the request's `on_event` callback, so streams see text while the batch runs,
-and it drops rows whose request was cancelled.
+Requests arrive from the HTTP event loop through a bounded thread-safe queue. The worker keeps `max_batch`
+cache slots (`generate.SlotBatch`): between decode chunks it prefills waiting requests into free slots, then
+advances every live slot by one chunk, so requests join and leave the running batch every chunk and a long
+reply never holds a short one back. When it is idle, the first request waits `batch_wait_s` for others to
+join it before the first chunk. After every chunk the worker hands each request its new tokens through the
+request's `on_event` callback, so streams see text while the batch runs, and it frees the slots of finished
+and cancelled requests.
 
 All JAX calls happen on the worker thread; the event loop only tokenizes, detokenizes and writes HTTP.
 """
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from picochat_jax.config import ServeConfig
 from picochat_jax.generate import Engine, SamplingParams
@@ -67,9 +69,9 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class BatcherStats:
-    batches_run: int
+    batches_run: int  # decode chunks run (each over every live slot)
     requests_done: int
-    max_batch_seen: int
+    max_batch_seen: int  # most requests decoding together in one chunk
     tokens_generated: int
     queued: int
 
@@ -89,6 +91,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._batches_run = self._requests_done = self._max_batch_seen = self._tokens = 0
+        self._slots: Any = None  # generate.SlotBatch, made on first use (warmup or the worker)
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -127,90 +130,100 @@ class Batcher:
                                 self._queue.qsize() + len(self._deferred))
 
     def warmup(self, prompt: Sequence[int], max_new_tokens: int = 2) -> None:
-        """Compile the smallest programs before the first client waits for them (call before start())."""
+        """Compile the prefill and decode programs before the first client waits for them (call before
+        start())."""
         if self._thread is not None:
             raise RuntimeError("warmup() must run before start(): the worker owns the engine")
-        for _ in self.engine.run([list(prompt)], [SamplingParams(max_new_tokens)], self.stop_ids):
-            pass
+        slots = self._slot_batch()
+        slots.admit(0, list(prompt), SamplingParams(max_new_tokens))
+        while slots.active():
+            slots.step()
 
     # ------------------------------------------------------------------------------------------ worker
 
+    def _slot_batch(self) -> Any:
+        if self._slots is None:
+            self._slots = self.engine.slots(self.stop_ids)
+        return self._slots
+
     def _loop(self) -> None:
+        owners: dict[int, GenerationRequest] = {}
         while not self._stop.is_set():
             try:
-                batch = self._take_batch()
-                if batch:
-                    self._run(batch)
-            except Exception:  # never let one bad batch end the worker: the server would hang silently
+                slots = self._slot_batch()
+                idle = not owners
+                self._admit(slots, owners, wait_s=0.05 if idle else 0.0)
+                if idle and owners:  # the first request of a quiet spell waits briefly for companions
+                    self._admit(slots, owners, wait_s=self.batch_wait_s, until_full=True)
+                if owners:
+                    self._step(slots, owners)
+            except Exception as exc:  # never let one bad chunk end the worker: the server would hang silently
                 log.exception("batcher worker error")
+                for slot in list(owners):
+                    self._close(owners.pop(slot), Event("error", message=f"generation failed: "
+                                                                         f"{type(exc).__name__}: {exc}"))
+                self._slots = None  # the cache may be in any state: start from fresh slots
+        for slot in list(owners):
+            self._close(owners.pop(slot), Event("finish", reason="cancelled"))
 
-    def _take_batch(self) -> list[GenerationRequest]:
-        candidates = list(self._deferred)
-        self._deferred.clear()
-        if not candidates:
-            try:
-                candidates.append(self._queue.get(timeout=0.05))
-            except queue.Empty:
-                return []
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(candidates) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                candidates.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        # A batch shares one cache layout: the longest prompt plus the largest max_tokens must fit the
-        # context. Requests that would break that wait (in order) for the next batch.
-        chosen: list[GenerationRequest] = []
-        longest = most_new = 0
-        for req in candidates:
+    def _next_waiting(self, timeout: float) -> GenerationRequest | None:
+        if self._deferred:
+            return self._deferred.popleft()
+        try:
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _admit(self, slots: Any, owners: dict[int, GenerationRequest], wait_s: float,
+               until_full: bool = False) -> None:
+        """Prefill waiting requests into free slots: those already waiting, or (with `wait_s`) ones that arrive
+        within it; `until_full` keeps waiting out `wait_s` while slots are free."""
+        deadline = time.monotonic() + wait_s
+        while slots.free_slots():
+            req = self._next_waiting(max(0.0, deadline - time.monotonic()))
+            if req is None:
+                if until_full and time.monotonic() < deadline:
+                    continue
+                return
             if req.cancelled.is_set():
-                req.emit(Event("finish", reason="cancelled"))
+                self._close(req, Event("finish", reason="cancelled"))
                 continue
-            p = max(longest, len(req.prompt))
-            m = max(most_new, req.sampling.max_new_tokens)
-            if len(chosen) < self.max_batch and p + m <= self.engine.max_len:
-                chosen.append(req)
-                longest, most_new = p, m
-            else:
-                self._deferred.append(req)
-        return chosen
+            slot = slots.free_slots()[0]
+            try:
+                slots.admit(slot, req.prompt, req.sampling)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._close(req, Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            owners[slot] = req
+            if not until_full:
+                wait_s, deadline = 0.0, time.monotonic()  # one wait per call, then only what is already here
 
-    def _run(self, batch: list[GenerationRequest]) -> None:
+    def _step(self, slots: Any, owners: dict[int, GenerationRequest]) -> None:
+        for slot, req in list(owners.items()):
+            if self._stop.is_set() or req.cancelled.is_set():
+                slots.release(slot)
+                self._close(owners.pop(slot), Event("finish", reason="cancelled"))
+        if not owners:
+            return
         with self._lock:
             self._batches_run += 1
-            self._max_batch_seen = max(self._max_batch_seen, len(batch))
-        open_rows = [True] * len(batch)
+            self._max_batch_seen = max(self._max_batch_seen, len(owners))
+        for slot, (tokens, reason) in slots.step().items():
+            req = owners[slot]
+            if tokens:
+                with self._lock:
+                    self._tokens += len(tokens)
+                req.emit(Event("tokens", tokens=tuple(tokens)))
+            if reason is not None:
+                self._close(owners.pop(slot), Event("finish", reason=reason))
 
-        def close_row(i: int, last_event: Event) -> None:
-            # Counted before the last event goes out, so a client that has its answer already sees itself
-            # in stats(): counting after the whole batch raced the next snapshot.
-            open_rows[i] = False
-            with self._lock:
-                self._requests_done += 1
-            batch[i].emit(last_event)
-
-        def cancelled() -> list[bool]:
-            return [self._stop.is_set() or r.cancelled.is_set() for r in batch]
-
-        try:
-            for result in self.engine.run([r.prompt for r in batch], [r.sampling for r in batch], self.stop_ids,
-                                          cancelled):
-                for i, req in enumerate(batch):
-                    if result.tokens[i]:
-                        with self._lock:
-                            self._tokens += len(result.tokens[i])
-                        req.emit(Event("tokens", tokens=tuple(result.tokens[i])))
-                    if result.finished[i] is not None:
-                        close_row(i, Event("finish", reason=result.finished[i]))
-        except Exception as exc:
-            log.exception("generation failed for a batch of %d requests", len(batch))
-            for i in range(len(batch)):
-                if open_rows[i]:
-                    close_row(i, Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
-        finally:
-            with self._lock:  # rows the engine ended without a finish: none expected
-                self._requests_done += sum(open_rows)
+    def _close(self, req: GenerationRequest, last_event: Event) -> None:
+        # Counted before the last event goes out, so a client that has its answer already sees itself in
+        # stats().
+        with self._lock:
+            self._requests_done += 1
+        req.emit(last_event)
 
     def _fail_waiting(self, message: str) -> None:
         waiting = list(self._deferred)
