@@ -539,7 +539,9 @@ class SlotBatch:
         self.engine = engine
         B, S = engine.max_batch, engine.max_len
         self.size = B
-        self.cache = init_cache(engine.model_cfg, B, S, engine.model.dtype)
+        # Committed to the params' device from the start: the programs' outputs are, and a cache that changed
+        # placement after the first chunk would compile every program a second time.
+        self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype), jax.devices()[0])
         self.stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
         self.stop_set = {int(x) for x in stop_ids}
         self.tok, self.t, self.lens, self.limits = (np.zeros((B,), np.int32) for _ in range(4))
