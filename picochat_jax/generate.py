@@ -194,18 +194,19 @@ def _prefill(model: Decoder, params: Any, tokens: Array, prompt_lens: Array, tem
     return _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p), cache
 
 
-def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
-                  prompt_len: Array, prompt_bucket: Array, max_new: Array, temperature: Array, top_k: Array,
-                  top_p: Array, seeds: Array, stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
-    """Advance every unfinished row by up to `steps` tokens.
+def _decode_steps(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
+                  max_new: Array, sampling: tuple[Array, ...], stop_ids: Array, steps: int,
+                  place: Callable[[Array], tuple[Array, Array, Array | None]]) -> tuple[Array, ...]:
+    """Advance every unfinished row by up to `steps` tokens: the loop both decode programs share.
 
     `tok` holds each row's pending token (reply token number t). A step records it, marks the row done on a
     stop token or when it was the row's last allowed token, then feeds it to the model to pick the next.
-    Returns (out (B, steps) with -1 for finished rows, t, tok, cache, done).
-    """
+    `place(t)` gives the step's (positions (B, 1), cache index, kv_valid). `t` is one scalar for a static batch
+    or one per row (slots), where finished rows keep theirs. Returns (out (B, steps) with -1 for finished rows,
+    t, tok, cache, done)."""
     B = tok.shape[0]
-    S = cache["k"].shape[2]
-    kv_valid = jnp.arange(S)[None, :] >= (prompt_bucket - prompt_len)[:, None]
+    temperature, top_k, top_p, seeds = sampling
+    per_row = t.ndim == 1
 
     def cond(carry: tuple) -> Array:
         i, _, _, _, _, done = carry
@@ -214,16 +215,34 @@ def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
     def body(carry: tuple) -> tuple:
         i, t, tok, cache, out, done = carry
         out = out.at[:, i].set(jnp.where(done, -1, tok))
+        was_done = done
         done = done | jnp.isin(tok, stop_ids) | (t + 1 >= max_new)
-        # Slot P + t stays below the cache length: every row is done once t + 1 reaches the largest max_new.
-        logits, cache = model.apply({"params": params}, tok[:, None], positions=(prompt_len + t)[:, None],
-                                    cache=cache, cache_index=prompt_bucket + t, kv_valid=kv_valid)
+        positions, cache_index, kv_valid = place(t)
+        logits, cache = model.apply({"params": params}, tok[:, None], positions=positions, cache=cache,
+                                    cache_index=cache_index, kv_valid=kv_valid)
         nxt = _pick(logits[:, 0], seeds, t + 1, temperature, top_k, top_p)
+        if per_row:
+            return i + 1, jnp.where(was_done, t, t + 1), jnp.where(was_done, tok, nxt), cache, out, done
         return i + 1, t + 1, nxt, cache, out, done
 
     init = (jnp.int32(0), t, tok, cache, jnp.full((B, steps), -1, jnp.int32), done)
     _, t, tok, cache, out, done = jax.lax.while_loop(cond, body, init)
     return out, t, tok, cache, done
+
+
+def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
+                  prompt_len: Array, prompt_bucket: Array, max_new: Array, temperature: Array, top_k: Array,
+                  top_p: Array, seeds: Array, stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
+    """A static batch's chunk: left-padded prompts, so one cache slot prompt_bucket + t serves every row."""
+    S = cache["k"].shape[2]
+    kv_valid = jnp.arange(S)[None, :] >= (prompt_bucket - prompt_len)[:, None]
+
+    def place(t: Array) -> tuple[Array, Array, Array]:
+        # Slot P + t stays below the cache length: every row is done once t + 1 reaches the largest max_new.
+        return (prompt_len + t)[:, None], prompt_bucket + t, kv_valid
+
+    return _decode_steps(model, params, cache, tok, t, done, max_new, (temperature, top_k, top_p, seeds), stop_ids,
+                         steps, place)
 
 
 # The model is a static argument: engines serving the same architecture share compiled programs.
@@ -258,29 +277,16 @@ def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], slot: Ar
 def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
                   prompt_len: Array, max_new: Array, temperature: Array, top_k: Array, top_p: Array, seeds: Array,
                   stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
-    """`_decode_chunk` for slots: every row has its own prompt length and reply step t, so its cache slot
-    prompt_len + t and its position differ from its neighbours'. Finished rows keep their t."""
-    B = tok.shape[0]
+    """A chunk over slots: every row has its own prompt length and reply step t, so its cache slot
+    prompt_len + t and its position differ from its neighbours'."""
     S = cache["k"].shape[2]
 
-    def cond(carry: tuple) -> Array:
-        i, _, _, _, _, done = carry
-        return (i < steps) & ~jnp.all(done)
-
-    def body(carry: tuple) -> tuple:
-        i, t, tok, cache, out, done = carry
-        out = out.at[:, i].set(jnp.where(done, -1, tok))
-        was_done = done
-        done = done | jnp.isin(tok, stop_ids) | (t + 1 >= max_new)
+    def place(t: Array) -> tuple[Array, Array, None]:
         at = jnp.minimum(prompt_len + t, S - 1)  # finished and free rows write where no live row reads
-        logits, cache = model.apply({"params": params}, tok[:, None], positions=at[:, None], cache=cache,
-                                    cache_index=at)
-        nxt = _pick(logits[:, 0], seeds, t + 1, temperature, top_k, top_p)
-        return i + 1, jnp.where(was_done, t, t + 1), jnp.where(was_done, tok, nxt), cache, out, done
+        return at[:, None], at, None
 
-    init = (jnp.int32(0), t, tok, cache, jnp.full((B, steps), -1, jnp.int32), done)
-    _, t, tok, cache, out, done = jax.lax.while_loop(cond, body, init)
-    return out, t, tok, cache, done
+    return _decode_steps(model, params, cache, tok, t, done, max_new, (temperature, top_k, top_p, seeds), stop_ids,
+                         steps, place)
 
 
 @functools.cache

@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, 
 from picochat_jax.hf import export as hf_export
 from picochat_jax.hf import families as hf_families
 from picochat_jax.hf import io as hf_io
-from tests.test_hf_convert import TOKENS, _our_logits, _save_random, _torch_logits
+from tests.test_hf_convert import (
+    TOKENS,
+    _our_logits,
+    _save_random,
+    _torch_logits,
+    assert_cached_greedy_equals_full_forwards,
+)
 
 TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             intermediate_size=96, vocab_size=256, max_position_embeddings=64, sliding_window=6, pad_token_id=0)
@@ -86,24 +92,9 @@ def test_export_round_trip_and_peft_adapter(family, tmp_path):
 def test_kv_cache_decoding_matches_the_full_forward(family, tmp_path):
     """Windows per layer, local RoPE and soft-capping also hold in the KV-cache engine: greedy tokens equal the
     argmax of full forwards, for left-padded prompts longer than the window."""
-    import jax.numpy as jnp
-
-    from picochat_jax.generate import Engine, SamplingParams
-    from picochat_jax.model.transformer import make_model
-
     cls, make_cfg = CASES[family]
     _save_random(cls, make_cfg(), tmp_path)
-    hf = hf_io.load_hf_model(tmp_path)
-    engine = Engine(hf.params, hf.config, max_len=64, max_batch=2, chunk_tokens=4)
-    prompts = [TOKENS[0, :20].tolist(), TOKENS[1, :13].tolist()]
-    got = engine.generate(prompts, SamplingParams(max_new_tokens=6), stop_ids=())
-    model = make_model(hf.config)
-    for prompt, tokens in zip(prompts, got, strict=True):
-        seq = list(prompt)
-        for _ in range(6):
-            logits = np.asarray(model.apply({"params": hf.params}, jnp.asarray([seq])))[0, -1]
-            seq.append(int(np.argmax(logits)))
-        assert list(tokens) == seq[len(prompt):]
+    assert_cached_greedy_equals_full_forwards(hf_io.load_hf_model(tmp_path))
 
 
 @pytest.mark.parametrize("family", list(CASES))

@@ -350,18 +350,23 @@ def test_phi3_round_trip_and_fused_peft_adapter(tmp_path):
 def test_sliding_window_decoding_matches_the_full_forward(tmp_path):
     """The KV-cache engine applies the window too: greedy tokens equal the argmax of full forwards, over prompts
     (left-padded to a shared bucket) longer than the window."""
-    from picochat_jax.generate import Engine, SamplingParams
-
     _save_random(MistralForCausalLM, MistralConfig(**SMALL, sliding_window=6, max_position_embeddings=64),
                  tmp_path)
-    hf = hf_io.load_hf_model(tmp_path)
+    assert_cached_greedy_equals_full_forwards(hf_io.load_hf_model(tmp_path))
+
+
+def assert_cached_greedy_equals_full_forwards(hf: hf_io.HFModel, new_tokens: int = 6) -> None:
+    """The KV-cache engine's greedy replies to two left-padded prompts (20 and 13 tokens) equal the argmax of
+    full forwards over the growing sequence."""
+    from picochat_jax.generate import Engine, SamplingParams
+
     engine = Engine(hf.params, hf.config, max_len=64, max_batch=2, chunk_tokens=4)
     prompts = [TOKENS[0, :20].tolist(), TOKENS[1, :13].tolist()]
-    got = engine.generate(prompts, SamplingParams(max_new_tokens=6), stop_ids=())
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens), stop_ids=())
     model = make_model(hf.config)
     for prompt, tokens in zip(prompts, got, strict=True):
         seq = list(prompt)
-        for _ in range(6):
+        for _ in range(new_tokens):
             logits = np.asarray(model.apply({"params": hf.params}, jnp.asarray([seq])))[0, -1]
             seq.append(int(np.argmax(logits)))
         assert list(tokens) == seq[len(prompt):]
