@@ -262,7 +262,7 @@ class ServeConfig:
 class PerfConfig:
     """Performance knobs of the training step (the same numbers either way; speed and memory differ)."""
 
-    attention_impl: str = "auto"  # auto | xla | cudnn | ... (model.ops.resolve_attention_impl)
+    attention_impl: str = "auto"  # auto | xla | cudnn | pallas | splash (model.ops.resolve_attention_impl)
     ce_chunk_tokens: int = 0  # > 0: cross-entropy in chunks of about this many tokens (less memory)
 
     @property

@@ -145,3 +145,85 @@ def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
     # Adam's first step moves each weight by about lr * sign(grad), so float32 summation-order noise in a
     # near-zero gradient shows up as ~1e-5 in a few weights (lr here is 1e-2).
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
+
+
+# ------------------------------------------------------------------------------------ TPU splash attention
+
+
+SPLASH = dataclasses.replace(TINY, max_seq_len=256)
+
+
+def test_splash_attention_equals_the_xla_path_with_packed_documents_and_gqa():
+    """The TPU splash kernel (Pallas interpret mode here) gives the XLA path's output and gradients, with segment
+    ids keeping packed documents apart and GQA heads repeated."""
+    rng = np.random.default_rng(0)
+    B, T, H, K, D = 2, 256, 4, 2, 64
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, D)), jnp.float32) for n in (H, K, K))
+    segments = jnp.asarray(np.stack([np.repeat([0, 1, 2], [100, 100, 56]), np.repeat([0, 1], [37, 219])]))
+    same_doc = segments[:, :, None] == segments[:, None, :]
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    mask = (causal[None] & same_doc)[:, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    splash = loss(lambda q, k, v: ops.attend(q, k, v, None, segments, "splash"))
+    xla = loss(lambda q, k, v: ops.attend(q, k, v, mask, None, "xla"))
+    np.testing.assert_allclose(ops.attend(q, k, v, None, segments, "splash"), ops.attend(q, k, v, mask, None, "xla"),
+                               atol=2e-5)
+    for got, want in zip(jax.grad(splash, (0, 1, 2))(q, k, v), jax.grad(xla, (0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-4)
+    assert ops.resolve_attention_impl(None, jnp.bfloat16, 64, platform="tpu") == "splash"
+    # A length the kernel's 128-token tiles do not divide falls back to the XLA path, still document-masked.
+    short = ops.attend(q[:, :100], k[:, :100], v[:, :100], None, segments[:, :100], "splash")
+    np.testing.assert_allclose(short, ops.attend(q[:, :100], k[:, :100], v[:, :100], mask[:, :, :100, :100], None,
+                                                 "xla"), atol=2e-5)
+
+
+def test_splash_step_on_a_mesh_matches_the_single_device_xla_step():
+    """`attention_impl: splash` on an 8-device data x fsdp mesh (the kernel runs per batch shard) takes the train
+    step of the single-device XLA decoder on packed rows: same loss, gradient norm and updated params."""
+    from picochat_jax.config import load_scale
+    from picochat_jax.data.loader import BatchSource
+    from picochat_jax.train.optim import make_optimizer
+
+    train_cfg = dataclasses.replace(load_scale("smoke").base, steps=2, batch_size=8, grad_accum_steps=1,
+                                    warmup_steps=1, learning_rate=1e-2)
+    rng = np.random.default_rng(0)
+    stream = (rng.integers(0, 64, (16, 1)) + np.arange(129)) % 64
+    segments = np.repeat([[0] * 70 + [1] * 58], 16, 0).astype(np.int32)
+    examples = {"inputs": stream[:, :-1].astype(np.int32), "targets": stream[:, 1:].astype(np.int32),
+                "loss_mask": np.ones((16, 128), np.float32), "segment_ids": segments}
+
+    def one_step(mesh_shape: MeshShape, impl: str):
+        tx, schedule = make_optimizer(train_cfg)
+        model = make_model(SPLASH, attention_impl=impl)
+        trainer = build_trainer(model, tx, schedule, np.ones(SPLASH.vocab_size), make_mesh(mesh_shape))
+        state = trainer.init(jax.random.key_data(jax.random.key(0)))
+        state, metrics = trainer.step(state, trainer.put_batch(BatchSource(examples, 8, 1, seed=0).batch(0)))
+        return jax.device_get(state.params), jax.device_get(metrics)
+
+    ref_params, ref_metrics = one_step(MeshShape(1, 1, 1), "xla")
+    params, metrics = one_step(MeshShape(2, 4, 1), "splash")
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
+
+
+def test_tpu_plan_counts_state_activations_and_picks_a_mesh(load_tool):
+    from picochat_jax.config import load_scale
+
+    plan = load_tool("tpu_plan")
+    scale = load_scale("h200-1b")
+    n = scale.model.num_params()
+    row = plan.plan_one(scale, plan.CHIPS["v5e"], 8, 2, 4, 0.5)
+    assert row["params"] == n and row["state_gib"] == pytest.approx(16 * n / 4 / 2**30)
+    tokens = 16 / 8 * scale.model.max_seq_len  # the chip's rows of one micro-batch
+    d, L = scale.model.d_model, scale.model.n_layers
+    assert row["activations_gib_no_remat"] == pytest.approx(tokens * L * 34 * d / 2**30)
+    assert row["activations_gib_remat_full"] == pytest.approx(tokens * L * 2 * d / 2**30)
+    assert plan.micro_batch(16, 8, 64) == (64, 2) and plan.micro_batch(16, 8, 256) is None
+    rows = {(r["tpu"], r["chips"]): r for r in plan.plan(["h200-1b"], ["v5e", "v5p"], [1, 8, 32], 0.5)}
+    assert not rows[("v5e", 1)]["chosen"]  # 17 GiB of state on a 16 GiB chip
+    assert rows[("v5e", 8)]["chosen"] and int(rows[("v5e", 8)]["mesh"].split("x")[1]) >= 2  # needs fsdp
+    assert rows[("v5p", 8)]["mesh"] == "8x1" and rows[("v5p", 32)]["micro_batch"] == 32

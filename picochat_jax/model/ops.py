@@ -191,7 +191,8 @@ def project(x: Array, weights: list[tuple[Array, Array | None]], dtype: Dtype, f
     return [shard_activation_batch(y) for y in outs]
 
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas", "splash")
+SPLASH_BLOCK = 128  # sequence tile of the TPU splash kernel; other lengths take the XLA path
 
 # Large-but-finite additive bias for masked logits: -inf would make a fully masked row NaN in bf16.
 MASKED_BIAS = -1e9
@@ -201,8 +202,9 @@ def resolve_attention_impl(impl: str | None, dtype: Dtype, head_dim: int, platfo
     """The attention kernel a Decoder will use: explicit choices stand; None/"auto" picks for the chip.
 
     "auto" means cuDNN flash attention on an NVIDIA GPU when it supports the call (bf16/fp16 operands,
-    head_dim a multiple of 8 up to 128) and XLA's einsum/softmax otherwise (CPU, TPU, float32), so float32
-    CPU results are bit-for-bit what the plain XLA path gives.
+    head_dim a multiple of 8 up to 128), JAX's Pallas splash-attention kernel on TPU (with segment ids for
+    packed rows, as MaxText runs it), and XLA's einsum/softmax otherwise (CPU, float32 GPU), so float32 CPU
+    results are bit-for-bit what the plain XLA path gives.
     """
     if impl not in (None, *ATTENTION_IMPLS):
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -212,6 +214,8 @@ def resolve_attention_impl(impl: str | None, dtype: Dtype, head_dim: int, platfo
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if platform in ("gpu", "cuda") and low_precision and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
+    if platform == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -246,6 +250,43 @@ def softcapped_attention(q: Array, k: Array, v: Array, mask: Array | None, scale
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, scale: float | None = None,
+                     interpret: bool | None = None) -> Array:
+    """Causal attention through JAX's Pallas TPU splash-attention kernel, documents kept apart by segment ids.
+
+    q (B, T, H, D), k/v (B, T, KV, D) -> (B, T, H, D). GQA heads are repeated to the query heads (their
+    gradient sums back). The kernel does not scale scores, so q is scaled first. Under a multi-device mesh it
+    runs per batch shard (`parallel.per_batch_shard`: a Pallas call has no partitioning rule). Off TPU it runs
+    in Pallas' interpret mode (tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    from picochat_jax.parallel import per_batch_shard
+
+    B, T, H, D = q.shape
+    groups = H // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    kernel = splash.make_splash_mha(
+        mask=splash_mask.MultiHeadMask([splash_mask.CausalMask((T, T)) for _ in range(H)]),
+        head_shards=1, q_seq_shards=1, interpret=interpret,
+        block_sizes=splash.BlockSizes(block_q=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK, block_kv=SPLASH_BLOCK,
+                                      block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
+                                      block_kv_dkv_compute=SPLASH_BLOCK, block_q_dq=SPLASH_BLOCK,
+                                      block_kv_dq=SPLASH_BLOCK))
+    q = (q * (scale if scale is not None else 1.0 / math.sqrt(D))).astype(q.dtype)
+    heads_first = (0, 2, 1, 3)
+    q, k, v = (jnp.transpose(x, heads_first) for x in (q, k, v))
+    ids = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+
+    def run(q: Array, k: Array, v: Array, ids: Array) -> tuple[Array]:
+        return (jax.vmap(lambda q, k, v, i: kernel(q, k, v, segment_ids=splash.SegmentIds(q=i, kv=i)))(q, k, v, ids),)
+
+    (out,) = per_batch_shard(run, (True, True, True, True), (True,))(q, k, v, ids)
+    return jnp.transpose(out, heads_first)
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str,
            scale: float | None = None, softcap: float | None = None) -> Array:
     """Scaled dot-product attention, causal unless `mask` (B|1, 1, T, S) is given.
@@ -257,7 +298,13 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array 
     """
     if softcap is not None:
         return softcapped_attention(q, k, v, mask, scale or 1.0 / math.sqrt(q.shape[-1]), softcap)
-    if mask is not None or impl == "xla":
+    if impl == "splash" and mask is None and q.shape[1] % SPLASH_BLOCK == 0 and q.shape[1] == k.shape[1]:
+        return splash_attention(q, k, v, segment_ids, scale)
+    if mask is None and segment_ids is not None and impl == "splash":  # a length the kernel's tiles do not fit
+        same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+        causal = jnp.arange(q.shape[1])[None, :] <= jnp.arange(q.shape[1])[:, None]
+        mask = (causal[None] & same_doc)[:, None]
+    if mask is not None or impl in ("xla", "splash"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,
                                             implementation="xla")
     if scale is not None and impl == "pallas":
