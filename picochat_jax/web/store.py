@@ -280,10 +280,14 @@ def list_packs(root: Path) -> list[dict[str, Any]]:
     out = []
     if not base.is_dir():
         return out
-    for path in sorted(base.rglob("*dataset_pack.json")):
+    found = []
+    for folder, dirs, files in os.walk(base):
+        depth = len(Path(folder).relative_to(base).parts)
+        # Hidden folders (.venv, .git) and anything deeper than three levels are never walked into.
+        dirs[:] = [] if depth >= 3 else sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(folder) / f for f in files if f == "dataset_pack.json" or f.endswith("_dataset_pack.json")]
+    for path in sorted(found):
         rel = path.relative_to(base)
-        if len(rel.parts) > 4 or any(p.startswith(".") for p in rel.parts):
-            continue
         meta = _json(path)
         out.append({"path": rel.as_posix(), "name": meta.get("name") or rel.parent.name,
                     "description": meta.get("description")})
