@@ -95,7 +95,7 @@ def _authorized(scope: dict[str, Any], token: str) -> bool:
     return False
 
 
-class Gate:
+class Workbench:
     """The outer ASGI app: the token check for every route, then /llm/... to the model apps, else the pages."""
 
     def __init__(self, web: FastAPI, models: ModelApps, jobs: JobManager, token: str | None):
@@ -130,7 +130,7 @@ class Gate:
         await self.web(scope, receive, send)
 
 
-def create_web_app(settings: WebSettings) -> Gate:
+def create_web_app(settings: WebSettings) -> Workbench:
     runs_root, packs_root = settings.runs_root, settings.packs_root
     scales = known_scales()
     jobs = JobManager(runs_root, packs_root, scales)
@@ -304,4 +304,4 @@ def create_web_app(settings: WebSettings) -> Gate:
     async def api_cancel(job_id: str) -> dict[str, Any]:
         return jobs.cancel(job_id).as_dict()
 
-    return Gate(app, models, jobs, settings.auth_token)
+    return Workbench(app, models, jobs, settings.auth_token)
