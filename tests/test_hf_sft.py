@@ -411,6 +411,15 @@ def test_hf_dpo_learns_preferences_and_writes_hf_sft_shaped_outputs(tiny, tmp_pa
     assert any("val_reward_accuracy" in r for r in rows) and any("reward_accuracy" in r for r in rows)
     assert type(AutoModelForCausalLM.from_pretrained(out / "final_model")).__name__ == "LlamaForCausalLM"
     assert "reward accuracy 0.00 ->" in (out / "report.md").read_text()
+    # QLoRA DPO: the default reference is the NF4 base the policy starts from, so they start equal too.
+    res = CliRunner().invoke(main, [
+        "train", "hf-dpo", "--model", str(model_dir), "--input", str(prefs), "--out-dir", str(tmp_path / "qdpo"),
+        "--max-steps", "12", "--max-length", "64", "--device", "cpu", "--peft", "lora", "--learning-rate", "2e-2",
+        "--batch-size", "8", "--val-fraction", "0.25", "--beta", "0.5", "--no-progress", "--quantize", "4bit"])
+    assert res.exit_code == 0, res.output
+    q = json.loads((tmp_path / "qdpo" / "hf_dpo_report.json").read_text())
+    assert q["quantize"] == "4bit" and q["dpo"]["before"]["margin"] == pytest.approx(0.0, abs=1e-6)
+    assert q["dpo"]["after"]["reward_accuracy"] >= 0.75
 
 
 @pytest.mark.slow

@@ -227,6 +227,10 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
                             base_params=hf.params, objective=objective,
                             base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32,
                             base_quantize=opts.quantize)
+    # The model training starts from: under QLoRA the dequantised NF4 base, which is also DPO's default
+    # reference (as peft's adapter-disabled base is), so policy and reference start equal either way.
+    start_params = hf.params if opts.quantize == "none" else quant.dequantized_over(
+        quant.quantize_tree(hf.params, [lora.kernel_path(t) for t in lora.TARGETS]), hf.params)
     rng = jax.random.key_data(jax.random.key(opts.seed))
     trainable = count_params(trainer.abstract_state().params)  # shapes only: a resume never builds a fresh state
     scorer = None
@@ -235,7 +239,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         # along in the batches, so the step holds one model.
         scorer = pair_scorer(make_model(hf.config, opts.precision))
         ref_scorer = pair_scorer(make_model(ref_hf.config, opts.precision)) if ref_hf else scorer
-        ref_params = ref_hf.params if ref_hf else hf.params
+        ref_params = ref_hf.params if ref_hf else start_params
         for part in (train_ex, val_ex):
             if len(part["chosen_inputs"]):
                 part["ref_chosen"], part["ref_rejected"] = score_pairs(ref_scorer, ref_params, part, opts.batch_size)
@@ -346,7 +350,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         final_full = trainer.full_params(run.state.params)
         everything = {k: np.concatenate([train_ex[k], val_ex[k]]) for k in train_ex}
         chosen, rejected = score_pairs(scorer, final_full, everything, opts.batch_size)
-        start_c, start_r = score_pairs(scorer, hf.params, everything, opts.batch_size)
+        start_c, start_r = score_pairs(scorer, start_params, everything, opts.batch_size)
         report["dpo"] = {"beta": opts.beta, "reference_model": opts.reference_model, "pairs": len(rows),
                          "before": preference_metrics(start_c, start_r, everything["ref_chosen"],
                                                       everything["ref_rejected"], opts.beta),
