@@ -9,7 +9,8 @@ minus their mean, in blocks of 256, as int8 with one float32 scale per block. Th
 A quantised kernel is a dict of arrays (`QUANT_KEY` marks it) and keeps the leading layer axis of the scanned
 decoder, so `nn.scan` hands each layer its own slice and `dequantize_nf4` rebuilds one layer's kernel inside
 the step: the full-precision weights of all layers never exist at once. Everything is jnp: the same code on
-CPU, GPU and TPU, with XLA fusing the unpack-lookup-scale into the producer of the matmul operand.
+CPU, GPU and TPU; the unpack-lookup-scale is left to XLA's fusion (there is no hand-written dequant-matmul
+kernel).
 """
 
 from __future__ import annotations
