@@ -289,12 +289,22 @@ def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
                          steps, place)
 
 
+def _decode_slots_window(model: Decoder, params: Any, cache: dict[str, Array], *args: Array, steps: int,
+                         window: int) -> tuple[Array, ...]:
+    """`_decode_slots` on the first `window` cache positions only: every live slot's tokens fit in them, so
+    attention reads `window` keys a step instead of the whole cache."""
+    view = {k: jax.lax.slice_in_dim(v, 0, window, axis=2) for k, v in cache.items()}
+    out, t, tok, view, done = _decode_slots(model, params, view, *args, steps=steps)
+    cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], view[k], 0, axis=2) for k in cache}
+    return out, t, tok, cache, done
+
+
 @functools.cache
 def _slot_programs(donate_cache: bool) -> tuple[Any, Any]:
     """(prefill into a slot, decode chunk over slots), donating the cache where the backend can."""
     donate = ("cache",) if donate_cache else ()
     return (jax.jit(_prefill_slot, static_argnames=("model",), donate_argnames=donate),
-            jax.jit(_decode_slots, static_argnames=("model", "steps"), donate_argnames=donate))
+            jax.jit(_decode_slots_window, static_argnames=("model", "steps", "window"), donate_argnames=donate))
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (completions allow 5)
@@ -591,11 +601,15 @@ class SlotBatch:
         Finished slots are released."""
         if not any(self.live):
             return {}
+        steps = chunk_tokens or self.engine.chunk_tokens
+        live = np.asarray(self.live)
+        # Attention reads only the positions live slots can reach this chunk (a power-of-two bucket).
+        reach = int((self.lens[live] + self.t[live]).max()) + steps
+        window = bucket_length(reach, self.engine.max_len)
         out, t, tok, self.cache, done = self._chunk(
             self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
             jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
-            jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops,
-            steps=chunk_tokens or self.engine.chunk_tokens)
+            jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops, steps=steps, window=window)
         out, self.t, self.tok, done = np.asarray(out), np.array(t), np.array(tok), np.array(done)
         results: dict[int, tuple[list[int], str | None]] = {}
         for slot in (i for i, live in enumerate(self.live) if live):
