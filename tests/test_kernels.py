@@ -116,11 +116,22 @@ def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_resi
 
 
 @pytest.mark.slow
+def _one_step(model, examples: dict, train_cfg, mesh_shape: MeshShape) -> tuple:
+    """(params, metrics) after one train step of `model` on the first batch of `examples` over `mesh_shape`."""
+    from picochat_jax.data.loader import BatchSource
+    from picochat_jax.train.optim import make_optimizer
+
+    tx, schedule = make_optimizer(train_cfg)
+    trainer = build_trainer(model, tx, schedule, np.ones(model.cfg.vocab_size), make_mesh(mesh_shape))
+    state = trainer.init(jax.random.key_data(jax.random.key(0)))
+    batch = BatchSource(examples, train_cfg.batch_size, 1, seed=0).batch(0)
+    state, metrics = trainer.step(state, trainer.put_batch(batch))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
 def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
     """Under a data/fsdp mesh the kernels run per batch shard (shard_map) and the scale gradients are summed."""
     from picochat_jax.config import load_scale
-    from picochat_jax.data.loader import BatchSource
-    from picochat_jax.train.optim import make_optimizer
 
     train_cfg = dataclasses.replace(load_scale("smoke").base, steps=2, batch_size=8, grad_accum_steps=1,
                                     warmup_steps=1, learning_rate=1e-2)
@@ -129,17 +140,11 @@ def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
     examples = {"inputs": stream[:, :-1].astype(np.int32), "targets": stream[:, 1:].astype(np.int32),
                 "loss_mask": np.ones((16, 32), np.float32), "segment_ids": np.zeros((16, 32), np.int32)}
 
-    def one_step(mesh_shape: MeshShape, impl: str):
-        tx, schedule = make_optimizer(train_cfg)
-        model = make_model(TINY).clone(norm_rope_impl=impl, rms_norm_impl=impl)
-        trainer = build_trainer(model, tx, schedule, np.ones(TINY.vocab_size), make_mesh(mesh_shape))
-        state = trainer.init(jax.random.key_data(jax.random.key(0)))
-        batch = BatchSource(examples, train_cfg.batch_size, 1, seed=0).batch(0)
-        state, metrics = trainer.step(state, trainer.put_batch(batch))
-        return jax.device_get(state.params), jax.device_get(metrics)
+    def model(impl: str):
+        return make_model(TINY).clone(norm_rope_impl=impl, rms_norm_impl=impl)
 
-    ref_params, ref_metrics = one_step(MeshShape(1, 1, 1), "xla")
-    params, metrics = one_step(MeshShape(2, 4, 1), "pallas")
+    ref_params, ref_metrics = _one_step(model("xla"), examples, train_cfg, MeshShape(1, 1, 1))
+    params, metrics = _one_step(model("pallas"), examples, train_cfg, MeshShape(2, 4, 1))
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     # Adam's first step moves each weight by about lr * sign(grad), so float32 summation-order noise in a
@@ -184,8 +189,6 @@ def test_splash_step_on_a_mesh_matches_the_single_device_xla_step():
     """`attention_impl: splash` on an 8-device data x fsdp mesh (the kernel runs per batch shard) takes the train
     step of the single-device XLA decoder on packed rows: same loss, gradient norm and updated params."""
     from picochat_jax.config import load_scale
-    from picochat_jax.data.loader import BatchSource
-    from picochat_jax.train.optim import make_optimizer
 
     train_cfg = dataclasses.replace(load_scale("smoke").base, steps=2, batch_size=8, grad_accum_steps=1,
                                     warmup_steps=1, learning_rate=1e-2)
@@ -195,16 +198,9 @@ def test_splash_step_on_a_mesh_matches_the_single_device_xla_step():
     examples = {"inputs": stream[:, :-1].astype(np.int32), "targets": stream[:, 1:].astype(np.int32),
                 "loss_mask": np.ones((16, 128), np.float32), "segment_ids": segments}
 
-    def one_step(mesh_shape: MeshShape, impl: str):
-        tx, schedule = make_optimizer(train_cfg)
-        model = make_model(SPLASH, attention_impl=impl)
-        trainer = build_trainer(model, tx, schedule, np.ones(SPLASH.vocab_size), make_mesh(mesh_shape))
-        state = trainer.init(jax.random.key_data(jax.random.key(0)))
-        state, metrics = trainer.step(state, trainer.put_batch(BatchSource(examples, 8, 1, seed=0).batch(0)))
-        return jax.device_get(state.params), jax.device_get(metrics)
-
-    ref_params, ref_metrics = one_step(MeshShape(1, 1, 1), "xla")
-    params, metrics = one_step(MeshShape(2, 4, 1), "splash")
+    ref_params, ref_metrics = _one_step(make_model(SPLASH, attention_impl="xla"), examples, train_cfg,
+                                        MeshShape(1, 1, 1))
+    params, metrics = _one_step(make_model(SPLASH, attention_impl="splash"), examples, train_cfg, MeshShape(2, 4, 1))
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
