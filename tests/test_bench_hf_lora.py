@@ -91,3 +91,21 @@ def test_qlora_side_reports_its_nf4_base(bench, tmp_path):
     assert ours["quantize"] == "4bit" and math.isfinite(ours["final_loss_all_batches"])
     bf16 = bench.main([*TINY, "--peer", "none"])["ours"]
     assert ours["frozen_base_gib"] < 0.6 * bf16["frozen_base_gib"]  # float32 on CPU: NF4 kernels are ~1/8
+
+
+def test_chat_mix_packs_the_examples_the_peer_pads(bench):
+    padded, packed = bench.chat_mix(VOCAB, 8, 128, count=6, median=30, sigma=0.8)
+    assert padded["inputs"].shape == (6, 1, 8, 128) and packed["inputs"].shape[1:] == (1, 8, 128)
+    assert set(packed) >= {"segment_ids", "positions", "loss_mask", "real"}
+    # Every padded row is one example from position 0; its loss mask lies inside its real tokens.
+    real = padded["inputs"] != 0
+    assert np.all(np.diff(real.astype(int), axis=-1) <= 0) and np.all(padded["loss_mask"][~real] == 0)
+    assert padded["real"].sum() == real.sum()
+    # Packed rows hold the same examples far denser, each with positions restarting at 0.
+    fill_packed = packed["real"].mean() / (8 * 128)
+    fill_padded = padded["real"].mean() / (8 * 128)
+    assert fill_packed > 0.85 and fill_padded < 0.5
+    seg, pos = packed["segment_ids"], packed["positions"]
+    starts = (seg > 0) & np.concatenate([np.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
+    assert np.all(pos[starts] == 0)
+    assert np.all(packed["loss_mask"][seg == 0] == 0)

@@ -71,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mesh", default=None, help="DATAxFSDP[xTENSOR] for our side (default: all devices on data)")
     train.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="ours: 4bit = QLoRA, the frozen base's projections in NF4 (hf-sft --quantize 4bit)")
-    train.add_argument("--data", choices=["random", "markov"], default="random",
-                       help="random ids (speed), or rows from a fixed sparse bigram chain over 2,048 ids that a "
-                            "LoRA can learn: its loss after many steps compares QLoRA with bf16 LoRA")
+    train.add_argument("--data", choices=["random", "markov", "chatmix"], default="random",
+                       help="random ids (speed); rows from a fixed sparse bigram chain over 2,048 ids that a "
+                            "LoRA can learn (its loss after many steps compares QLoRA with bf16 LoRA); or chatmix: "
+                            "examples of log-normal length (--median-len, capped at --seq-len), which our side "
+                            "packs by best fit (hf-sft --packing bos_bestfit) and the peer pads one per row to "
+                            "--seq-len, as an HF Trainer with padding='max_length' does; compared on real tokens/s")
+    train.add_argument("--median-len", type=int, default=180, help="chatmix: median example length")
+    train.add_argument("--len-sigma", type=float, default=0.8, help="chatmix: log-normal sigma of the lengths")
     train.add_argument("--batches-count", type=int, default=N_BATCHES, help="distinct batches cycled through")
     run = p.add_argument_group("run")
     run.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -128,6 +133,41 @@ def markov_tokens(vocab: int, shape: tuple[int, ...], seed: int = 0, states: int
     return ids[walk].reshape(shape).astype(np.int32)
 
 
+def chat_mix(vocab: int, batch: int, seq: int, count: int, median: int = 180, sigma: float = 0.8,
+             target_fraction: float = 0.4, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(padded, packed) batch stacks of the same `count * batch` chat-like examples: lengths log-normal around
+    `median` (2..seq), random ids, the loss on each example's tail. Padded: one example per row, padded to
+    `seq`. Packed: hf-sft's best-fit packing (data/packing.py) into rows of `seq` with segment ids and
+    positions, whole batches only. Each stack also carries `real` = real tokens per batch."""
+    import numpy as np
+
+    from picochat_jax.data.packing import pack_examples
+
+    rng = np.random.default_rng(seed)
+    n = count * batch
+    lengths = np.clip(np.round(median * np.exp(sigma * rng.standard_normal(n))), 2, seq).astype(np.int64)
+    ids = rng.integers(1, vocab, (n, seq + 1), dtype=np.int32)
+    real = np.arange(seq)[None, :] < lengths[:, None]
+    start = lengths - np.maximum(1, np.round(target_fraction * lengths)).astype(np.int64)
+    examples = {"inputs": np.where(real, ids[:, :-1], 0).astype(np.int32),
+                "targets": np.where(real, ids[:, 1:], 0).astype(np.int32),
+                "loss_mask": (real & (np.arange(seq)[None, :] >= start[:, None])).astype(np.float32)}
+    packed = pack_examples(examples, seq, 0, lengths)
+    rows = len(packed["inputs"]) // batch * batch
+    if rows == 0:
+        raise SystemExit("chatmix: fewer packed rows than one batch; raise --batches-count")
+
+    def stack(tree: dict[str, Any], used: int) -> dict[str, Any]:
+        out = {k: v[:used].reshape(used // batch, 1, batch, seq) for k, v in tree.items()}
+        seg = out.get("segment_ids")
+        out["real"] = ((seg > 0) if seg is not None else (out["inputs"] != 0)).sum(axis=(1, 2, 3))
+        return out
+
+    padded = stack(examples, n)
+    padded["real"] = real.reshape(count, batch, seq).sum(axis=(1, 2))
+    return padded, stack(packed, rows)
+
+
 def synthetic_batches(vocab: int, batch: int, seq: int, target_fraction: float = 0.4, count: int = N_BATCHES,
                       seed: int = 0, data: str = "random") -> dict[str, Any]:
     """`count` batches stacked: inputs/targets int32 and loss_mask float32, each (count, 1, batch, seq).
@@ -177,7 +217,8 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     hf = load_hf_model(args.model_dir)
     n_params, head_dim, config = count_params(hf.params), hf.config.resolved_head_dim, hf.config
     with np.load(args.batches) as data:
-        stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask")}
+        stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+                   if k in data}
     host_batches = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
     _, batch, seq = host_batches[0]["inputs"].shape
 
@@ -254,9 +295,20 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = args.model_dir or save_random_llama(Path(tmp) / "model", args)
         hf_config = json.loads((Path(model_dir) / "config.json").read_text())
         vocab = int(hf_config["vocab_size"])
-        batches = Path(tmp) / "batches.npz"
-        np.savez(batches, **synthetic_batches(vocab, args.batch_size, args.seq_len, args.target_fraction,
-                                              args.batches_count, data=args.data))
+        batches = peer_batches = Path(tmp) / "batches.npz"
+        if args.data == "chatmix":
+            padded, packed = chat_mix(vocab, args.batch_size, args.seq_len, args.batches_count, args.median_len,
+                                      args.len_sigma, args.target_fraction)
+            peer_batches = Path(tmp) / "padded.npz"
+            np.savez(peer_batches, **{k: v for k, v in padded.items() if k != "real"})
+            np.savez(batches, **{k: v for k, v in packed.items() if k != "real"})
+            positions = args.batch_size * args.seq_len
+            report["fill"] = {"ours_packed": float(packed["real"].mean() / positions),
+                              "peer_padded": float(padded["real"].mean() / positions),
+                              "examples": int(args.batches_count * args.batch_size)}
+        else:
+            np.savez(batches, **synthetic_batches(vocab, args.batch_size, args.seq_len, args.target_fraction,
+                                                  args.batches_count, data=args.data))
         report["model"] = {"dir": str(args.model_dir) if args.model_dir else "random init (seed 0)",
                            **{k: hf_config.get(k) for k in ("model_type", "hidden_size", "intermediate_size",
                                                            "num_hidden_layers", "num_attention_heads",
@@ -267,13 +319,15 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                              "gradient_checkpointing": args.gradient_checkpointing, "rank": args.rank,
                              "alpha": args.alpha, "targets": args.targets, "lr": args.lr,
                              "target_fraction": args.target_fraction, "quantize": args.quantize, "data": args.data,
-                             "batches": args.batches_count}
+                             "batches": args.batches_count, "median_len": args.median_len,
+                             "len_sigma": args.len_sigma}
         common = ["--model-dir", str(model_dir), "--batches", str(batches), *shared_flags(args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if args.peer == "peft":
             out = Path(tmp) / "peer.json"
-            cmd = [sys.executable, str(REPO / "tools" / "peft_baseline.py"), *common, "--device", args.peer_device,
-                   "--json-out", str(out)] + (["--no-compile"] if args.peer_no_compile else [])
+            peer_common = ["--model-dir", str(model_dir), "--batches", str(peer_batches), *shared_flags(args)]
+            cmd = [sys.executable, str(REPO / "tools" / "peft_baseline.py"), *peer_common, "--device",
+                   args.peer_device, "--json-out", str(out)] + (["--no-compile"] if args.peer_no_compile else [])
             report["peer"] = run_child(cmd, out, args.timeout, env)
             if args.json_out:
                 save_json(args.json_out, report)
@@ -287,6 +341,13 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if ours.get("tokens_per_sec") and peer.get("tokens_per_sec"):
         report["ratio"] = ours["tokens_per_sec"] / peer["tokens_per_sec"]
         report["first_loss_gap"] = ours["first_loss"] - peer["first_loss"]
+    if report.get("fill") and ours.get("tokens_per_sec"):
+        fill = report["fill"]
+        fill["ours_real_tokens_per_sec"] = ours["tokens_per_sec"] * fill["ours_packed"]
+        if peer.get("tokens_per_sec"):
+            fill["peer_real_tokens_per_sec"] = peer["tokens_per_sec"] * fill["peer_padded"]
+            fill["real_tokens_ratio"] = fill["ours_real_tokens_per_sec"] / fill["peer_real_tokens_per_sec"]
+        report["first_loss_gap"] = None  # different batches (packed and padded): losses are not comparable
     return report
 
 
@@ -304,7 +365,14 @@ def table(report: dict[str, Any]) -> str:
                      f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | "
                      f"{fmt(r.get('peak_mem_gib'), '.2f')} | {r['trainable_params']:,} | {compiled} | "
                      f"{r['first_loss']:.3f}→{r['last_loss']:.3f} |")
-    if report.get("ratio") is not None:
+    fill = report.get("fill")
+    if fill:
+        lines.append(f"\nchat mix of {fill['examples']} examples: {fill['ours_packed']:.1%} of our packed positions "
+                     f"and {fill['peer_padded']:.1%} of the peer's padded ones are real tokens")
+        if fill.get("real_tokens_ratio") is not None:
+            lines.append(f"real tokens/s: ours {fill['ours_real_tokens_per_sec']:,.0f}, peer "
+                         f"{fill['peer_real_tokens_per_sec']:,.0f}: **{fill['real_tokens_ratio']:.2f}x**")
+    elif report.get("ratio") is not None:
         lines.append(f"\nours / peer tokens/s: **{report['ratio']:.2f}x** (first-loss gap "
                      f"{report['first_loss_gap']:+.4f}: same weights and batch, so ~0)")
     return "\n".join(lines)
