@@ -466,9 +466,9 @@ class Engine:
                     results[i].extend(new)
         return results
 
-    def slots(self, stop_ids: Sequence[int]) -> SlotBatch:
-        """Continuous batching over this engine's model (see `SlotBatch`)."""
-        return SlotBatch(self, stop_ids)
+    def slots(self, stop_ids: Sequence[int], size: int | None = None) -> SlotBatch:
+        """Continuous batching over this engine's model with `size` slots (see `SlotBatch`)."""
+        return SlotBatch(self, stop_ids, size)
 
     def run(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams], stop_ids: Sequence[int],
             cancelled: Callable[[], Sequence[bool]] | None = None,
@@ -528,22 +528,29 @@ class Engine:
             out, done, t = np.asarray(out), np.array(done_d), int(t_d)
             new_tokens: list[list[int]] = []
             for i in range(n):
-                row, hit_stop = [], False
-                for x in out[i].tolist():
-                    if x < 0:
-                        break
-                    if x in stop_set:
-                        hit_stop = True
-                        break
-                    row.append(x)
+                row, hit_stop = chunk_row_tokens(out[i], stop_set)
                 new_tokens.append(row)
                 if done[i] and finished[i] is None:
                     finished[i] = reasons[i] = "stop" if hit_stop else "length"
             yield ChunkResult(new_tokens, reasons)
 
 
+def chunk_row_tokens(row: np.ndarray, stop_set: set[int]) -> tuple[list[int], bool]:
+    """A decode chunk's tokens for one row, up to its first -1 (finished) or stop token (excluded), and
+    whether a stop token ended it."""
+    tokens = []
+    for x in row.tolist():
+        if x < 0:
+            break
+        if x in stop_set:
+            return tokens, True
+        tokens.append(x)
+    return tokens, False
+
+
 class SlotBatch:
-    """Continuous batching on one engine: `max_batch` cache slots of `max_len` tokens each.
+    """Continuous batching on one engine: `size` cache slots (default and at most the engine's `max_batch`)
+    of `max_len` tokens each.
 
     A request is `admit`ted into a free slot (its prompt prefilled into that slot alone) whenever one is free;
     `step` advances every live slot by one chunk. Requests join and leave between chunks, so a long reply
@@ -551,10 +558,9 @@ class SlotBatch:
     or seeded reply is the same token for token. Call from one thread only.
     """
 
-    def __init__(self, engine: Engine, stop_ids: Sequence[int]):
+    def __init__(self, engine: Engine, stop_ids: Sequence[int], size: int | None = None):
         self.engine = engine
-        B, S = engine.max_batch, engine.max_len
-        self.size = B
+        B, S = min(size or engine.max_batch, engine.max_batch), engine.max_len
         # Committed to the params' device from the start: the programs' outputs are, and a cache that changed
         # placement after the first chunk would compile every program a second time.
         self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype), jax.devices()[0])
@@ -613,14 +619,7 @@ class SlotBatch:
         out, self.t, self.tok, done = np.asarray(out), np.array(t), np.array(tok), np.array(done)
         results: dict[int, tuple[list[int], str | None]] = {}
         for slot in (i for i, live in enumerate(self.live) if live):
-            row, hit_stop = [], False
-            for x in out[slot].tolist():
-                if x < 0:
-                    break
-                if x in self.stop_set:
-                    hit_stop = True
-                    break
-                row.append(x)
+            row, hit_stop = chunk_row_tokens(out[slot], self.stop_set)
             reason = ("stop" if hit_stop else "length") if done[slot] else None
             results[slot] = (row, reason)
             if reason is not None:

@@ -241,3 +241,4 @@ def test_slots_stop_on_a_stop_token_and_free_the_slot():
     assert tokens == reply[:reply.index(stop)] and reasons[-1] == "stop" and slots.free_slots() == [0, 1]
     with pytest.raises(ValueError, match="exceeds the context"):
         slots.admit(0, prompt, SamplingParams(max_new_tokens=fam.cfg.max_seq_len))
+    assert engine.slots((), size=1).free_slots() == [0] and engine.slots((), size=9).free_slots() == [0, 1]

@@ -245,7 +245,7 @@ class _SlowTailEngine:
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         pass
 
-    def slots(self, stop_ids):
+    def slots(self, stop_ids, size=None):
         return _SlowTailSlots(self.release_second_row)
 
 

@@ -17,7 +17,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,7 +85,6 @@ class Batcher:
         self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
         self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[GenerationRequest] = queue.Queue(maxsize=max_queue)
-        self._deferred: deque[GenerationRequest] = deque()  # taken from the queue but did not fit a batch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -127,7 +125,7 @@ class Batcher:
     def stats(self) -> BatcherStats:
         with self._lock:
             return BatcherStats(self._batches_run, self._requests_done, self._max_batch_seen, self._tokens,
-                                self._queue.qsize() + len(self._deferred))
+                                self._queue.qsize())
 
     def warmup(self, prompt: Sequence[int], max_new_tokens: int = 2) -> None:
         """Compile the prefill and decode programs before the first client waits for them (call before
@@ -143,7 +141,7 @@ class Batcher:
 
     def _slot_batch(self) -> Any:
         if self._slots is None:
-            self._slots = self.engine.slots(self.stop_ids)
+            self._slots = self.engine.slots(self.stop_ids, self.max_batch)
         return self._slots
 
     def _loop(self) -> None:
@@ -167,8 +165,6 @@ class Batcher:
             self._close(owners.pop(slot), Event("finish", reason="cancelled"))
 
     def _next_waiting(self, timeout: float) -> GenerationRequest | None:
-        if self._deferred:
-            return self._deferred.popleft()
         try:
             return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
         except queue.Empty:
@@ -226,8 +222,7 @@ class Batcher:
         req.emit(last_event)
 
     def _fail_waiting(self, message: str) -> None:
-        waiting = list(self._deferred)
-        self._deferred.clear()
+        waiting: list[GenerationRequest] = []
         while True:
             try:
                 waiting.append(self._queue.get_nowait())
