@@ -227,9 +227,9 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
                             base_params=hf.params, objective=objective,
                             base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32,
                             base_quantize=opts.quantize)
-    # The model training starts from: under QLoRA the dequantised NF4 base, which is also DPO's default
-    # reference (as peft's adapter-disabled base is), so policy and reference start equal either way.
-    start_params = hf.params if opts.quantize == "none" else quant.dequantized_over(
+    # DPO scores the model training starts from: under QLoRA the dequantised NF4 base, which is also the
+    # default reference (as peft's adapter-disabled base is), so policy and reference start equal either way.
+    start_params = hf.params if opts.quantize == "none" or not dpo else quant.dequantized_over(
         quant.quantize_tree(hf.params, [lora.kernel_path(t) for t in lora.TARGETS]), hf.params)
     rng = jax.random.key_data(jax.random.key(opts.seed))
     trainable = count_params(trainer.abstract_state().params)  # shapes only: a resume never builds a fresh state

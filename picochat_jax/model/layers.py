@@ -9,6 +9,7 @@ bridge is a transpose-and-stack, never a permutation.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -183,16 +184,17 @@ class MLP(nn.Module):
         up_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="up_proj")()
         if cfg.activation in ("swiglu", "geglu"):
             gate_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="gate_proj")()
-            if self.fuse_projections and cfg.activation == "swiglu":
+            gate_act = nn.silu if cfg.activation == "swiglu" else functools.partial(nn.gelu, approximate=True)
+            if self.fuse_projections:
                 (gate_up,) = project(x, [concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
-                h = swiglu_packed(gate_up)
-            elif self.fuse_projections:
-                (gate_up,) = project(x, [concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
-                gate, up = jnp.split(gate_up, 2, axis=-1)
-                h = nn.gelu(gate, approximate=True) * up
+                if cfg.activation == "swiglu":
+                    h = swiglu_packed(gate_up)  # with its one-pass packed backward
+                else:
+                    gate, up = jnp.split(gate_up, 2, axis=-1)
+                    h = gate_act(gate) * up
             else:
                 gate, up = project(x, [gate_proj, up_proj], self.dtype, fuse=False)
-                h = (nn.silu(gate) if cfg.activation == "swiglu" else nn.gelu(gate, approximate=True)) * up
+                h = gate_act(gate) * up
         else:
             (up,) = project(x, [up_proj], self.dtype, fuse=False)
             h = nn.gelu(up, approximate=False) if cfg.activation == "gelu" else jnp.square(nn.relu(up))  # relu2

@@ -114,11 +114,6 @@ def _fresh_adapters(shapes: tuple[tuple[str, tuple[int, ...]], ...], rank: int, 
     return adapters
 
 
-def delta(adapter: dict[str, Array], scale: float) -> Array:
-    """(alpha / r) * A @ B per layer, float32, shape (L, in, out)."""
-    return scale * jnp.einsum("lir,lro->lio", adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
-
-
 def set_path(tree: Any, path: tuple[str, ...], value: Any) -> Any:
     """A copy of nested dicts `tree` with the leaf at `path` replaced; untouched branches are shared."""
     if not path:
@@ -152,7 +147,8 @@ def resolve_kernel(value: Any, shape: tuple[int, int]) -> Array | AdaptedKernel:
 
 
 def merge_host(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
-    """`merge` on host numpy arrays (export): no device memory, float32."""
+    """Base params with every adapted kernel replaced by W + (alpha/r) A B, on host numpy arrays (export): no
+    device memory, float32; what `attach` computes layer by layer inside the step."""
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
     adapters = jax.device_get(adapters)
     for target, ab in adapters.items():

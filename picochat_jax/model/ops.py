@@ -219,17 +219,35 @@ def resolve_attention_impl(impl: str | None, dtype: Dtype, head_dim: int, platfo
     return "xla"
 
 
-def pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
-    """Causal flash attention with in-kernel document masking (Pallas/Triton), for packed GPU batches.
-
-    The kernel wants as many K/V heads as query heads, so GQA heads are repeated first (the repeat's
-    gradient sums them back).
-    """
-    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
-
+def kv_heads_to_query_heads(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+    """k, v (B, S, KV, D) with each GQA head repeated for its group of query heads (q: (B, T, H, D)), for
+    kernels that want as many K/V heads as query heads; the repeat's gradient sums the group back."""
     groups = q.shape[2] // k.shape[2]
     if groups > 1:
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    return k, v
+
+
+def causal_mask(T: int, segment_ids: Array | None = None, window: int | None = None) -> Array:
+    """Boolean (B|1, 1, T, T) attention mask: causal, within `window` positions (q - k < window, transformers'
+    sliding-window overlay) and within the query's own packed document when `segment_ids` (B, T) are given."""
+    i = jnp.arange(T)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    if segment_ids is None:
+        return allowed[None, None]
+    return (allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+
+
+def pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) -> Array:
+    """Causal flash attention with in-kernel document masking (Pallas/Triton), for packed GPU batches.
+
+    The kernel wants as many K/V heads as query heads (`kv_heads_to_query_heads`).
+    """
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+
+    k, v = kv_heads_to_query_heads(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     return pallas_gpu.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
                           interpret=norm_rope_kernel.default_interpret(None))
@@ -237,9 +255,7 @@ def pallas_attention(q: Array, k: Array, v: Array, segment_ids: Array | None) ->
 
 def softcapped_attention(q: Array, k: Array, v: Array, mask: Array | None, scale: float, softcap: float) -> Array:
     """XLA attention with Gemma 2's score soft-capping: softmax(cap * tanh(q.k * scale / cap)), in float32."""
-    groups = q.shape[2] // k.shape[2]
-    if groups > 1:
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    k, v = kv_heads_to_query_heads(q, k, v)
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     scores = softcap * jnp.tanh(scores / softcap)
     if mask is None:
@@ -254,19 +270,17 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, sc
                      interpret: bool | None = None) -> Array:
     """Causal attention through JAX's Pallas TPU splash-attention kernel, documents kept apart by segment ids.
 
-    q (B, T, H, D), k/v (B, T, KV, D) -> (B, T, H, D). GQA heads are repeated to the query heads (their
-    gradient sums back). The kernel does not scale scores, so q is scaled first. Under a multi-device mesh it
-    runs per batch shard (`parallel.per_batch_shard`: a Pallas call has no partitioning rule). Off TPU it runs
-    in Pallas' interpret mode (tests)."""
+    q (B, T, H, D), k/v (B, T, KV, D) -> (B, T, H, D). GQA heads are repeated to the query heads. The kernel
+    does not scale scores, so q is scaled first. Under a multi-device mesh it runs per batch shard
+    (`parallel.per_batch_shard`: a Pallas call has no partitioning rule). Off TPU it runs in Pallas' interpret
+    mode (tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
     from picochat_jax.parallel import per_batch_shard
 
     B, T, H, D = q.shape
-    groups = H // k.shape[2]
-    if groups > 1:
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    k, v = kv_heads_to_query_heads(q, k, v)
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
     kernel = splash.make_splash_mha(
         mask=splash_mask.MultiHeadMask([splash_mask.CausalMask((T, T)) for _ in range(H)]),
@@ -301,9 +315,7 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array 
     if impl == "splash" and mask is None and q.shape[1] % SPLASH_BLOCK == 0 and q.shape[1] == k.shape[1]:
         return splash_attention(q, k, v, segment_ids, scale)
     if mask is None and segment_ids is not None and impl == "splash":  # a length the kernel's tiles do not fit
-        same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-        causal = jnp.arange(q.shape[1])[None, :] <= jnp.arange(q.shape[1])[:, None]
-        mask = (causal[None] & same_doc)[:, None]
+        mask = causal_mask(q.shape[1], segment_ids)
     if mask is not None or impl in ("xla", "splash"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale,
                                             implementation="xla")

@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_policies
 from picochat_jax.config import ModelConfig
 from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection
 from picochat_jax.model.ops import (
+    causal_mask,
     resolve_attention_impl,
     resolve_rms_norm_impl,
     rope_attention_factor,
@@ -261,14 +262,7 @@ class Decoder(nn.Module):
         if window is None and not explicit and resolve_attention_impl(self.attention_impl, self.dtype,
                                                                       self.cfg.resolved_head_dim) != "xla":
             return None, segment_ids  # fused kernels mask documents themselves, without a (B, 1, T, T) mask
-        i = jnp.arange(T)
-        allowed = i[None, :] <= i[:, None]
-        if window is not None:
-            allowed &= i[:, None] - i[None, :] < window
-        if segment_ids is not None:
-            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-            return (allowed[None] & same_doc)[:, None], None
-        return allowed[None, None], None
+        return causal_mask(T, segment_ids, window), None
 
     def vocab_table(self) -> Array:
         """The (V, D) output projection in the compute dtype: the embedding table when tied."""

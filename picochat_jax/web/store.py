@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picochat_jax.fileio import read_json_object
+from picochat_jax.fileio import read_json_object, read_jsonl_objects
 from picochat_jax.outdir import MARKER
 
 RUN_KINDS = ("run", "hf-sft", "hf-dpo")
@@ -212,14 +212,7 @@ def run_detail(root: Path, name: str) -> dict[str, Any]:
     """Everything the run page shows."""
     run_dir = resolve_run(root, name)
     kind = run_kind(run_dir)
-    eval_rows = []
-    results = run_dir / "eval" / "eval_results.jsonl"
-    if results.is_file():
-        for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                eval_rows.append(json.loads(line))
-            except ValueError:
-                continue
+    eval_rows = read_jsonl_objects(run_dir / "eval" / "eval_results.jsonl")
     summary = _json(run_dir / "summary.json")
     card = run_dir / "release" / "release_card.md"
     return {
