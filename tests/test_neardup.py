@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from picochat_jax.cli import main
 from picochat_jax.data.records import Conversation, EvalRow, Message
+from picochat_jax.eval import neardup
 from picochat_jax.eval.honesty import merge_near_duplicates
 from picochat_jax.eval.neardup import near_duplicates, regurgitation, scan_near_duplicates, shingles, signature
 from picochat_jax.eval.ngram import TextIndex, scan_contamination
@@ -59,6 +60,37 @@ def test_near_duplicates_found_through_lsh_among_many_targets():
     found = near_duplicates([query, "completely unrelated words here"], targets, [f"t{i}" for i in range(2000)],
                             threshold=0.7)
     assert [(f["query"], f["where"]) for f in found] == [(0, "t1234")]
+
+
+def test_document_prefilter_keeps_every_corpus_finding(monkeypatch):
+    """could_match drops documents that cannot hold a near duplicate; the scan's findings (where, similarity)
+    are the same as scanning every passage of every document, at several thresholds."""
+    rng = np.random.default_rng(1)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = ["".join(rng.choice(letters, int(rng.integers(4, 9)))) for _ in range(2000)]
+    vocab += ["the", "a", "of", "and", "to"] * 100
+    docs = [" ".join(rng.choice(vocab, int(rng.integers(30, 400)))) for _ in range(300)]
+    evals = [EvalRow((Message("user", " ".join(rng.choice(vocab, 12))),), line=i + 1,
+                     reference=" ".join(rng.choice(vocab, 20)) if i % 2 else None) for i in range(6)]
+    # planted: eval 1's prompt re-punctuated as doc 17, eval 2's reference with one word changed as doc 250
+    docs[17] = evals[0].prompt[0].content.replace(" ", ", ", 4) + "!"
+    reference = evals[1].reference.split()
+    docs[250] = " ".join(reference[:9] + ["changed"] + reference[10:])
+    labels = [f"d{i}.txt" for i in range(len(docs))]
+    for threshold in (0.5, 0.7, 0.86):
+        fast = scan_near_duplicates(evals, [], docs, labels, threshold=threshold)
+        keep = neardup.could_match([*(r.prompt[0].content for r in evals), *(r.reference or "" for r in evals)],
+                                   docs, threshold)
+        with monkeypatch.context() as m:
+            m.setattr(neardup, "could_match", lambda texts, documents, *a: np.ones(len(documents), bool))
+            slow = scan_near_duplicates(evals, [], docs, labels, threshold=threshold)
+        assert fast == slow, threshold
+        if threshold == 0.5:
+            assert keep[17] and keep[250]
+    assert keep.sum() < len(docs) // 4  # at the default threshold the filter leaves few documents to scan
+    found = {(f["kind"], f["where"].split("@")[0]) for f in
+             scan_near_duplicates(evals, [], docs, labels, threshold=0.7)["findings"]}
+    assert {("eval_prompt_near_corpus", "d17.txt"), ("eval_reference_near_corpus", "d250.txt")} <= found
 
 
 def test_regurgitated_replies_are_found():

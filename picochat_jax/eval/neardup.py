@@ -70,6 +70,42 @@ def passages(text: str, words: int, stride: int) -> list[str]:
     return [" ".join(w[i:i + words]) for i in range(0, len(w) - words + stride, stride)]
 
 
+def min_shingles(hashes: np.ndarray) -> np.ndarray:
+    """For each of the NUM_PERM permutations, the shingle whose permuted value is the signature's minimum."""
+    out = np.empty(NUM_PERM, np.uint64)
+    for lo in range(0, NUM_PERM, 32):
+        out[lo:lo + 32] = hashes[_mix(hashes[None, :] ^ _SALTS[lo:lo + 32, None]).argmin(axis=1)]
+    return out
+
+
+def could_match(queries: Sequence[str], documents: Sequence[str], threshold: float,
+                n: int = CHAR_NGRAM) -> np.ndarray:
+    """Which documents can hold a passage whose MinHash similarity to some query reaches `threshold`.
+
+    Exact, not a heuristic: the permuted-hash map is a bijection, so a passage agrees with a query on
+    permutation k only when it contains the query's minimising shingle for k, and a passage's shingles are a
+    subset of its document's (normalisation is word-local, so a passage's normal form is a substring of the
+    document's). A document holding fewer than threshold x NUM_PERM of a query's minimising shingles cannot
+    reach the threshold anywhere. One sort per document instead of a signature per passage: what lets the
+    corpus scan run over 100 MB corpora. Queries shorter than one shingle disable the filter (all True)."""
+    sets = [shingles(q, n) for q in queries if normalize(q, strip_punctuation=True)]
+    if not sets or any(len(normalize(q, strip_punctuation=True).encode()) < n for q in queries if q.strip()):
+        return np.ones(len(documents), bool)
+    mins = np.stack([min_shingles(h) for h in sets])  # (queries, NUM_PERM)
+    pool, owner = np.unique(mins, return_inverse=True)
+    owner = owner.reshape(mins.shape)
+    need = threshold * NUM_PERM - 1e-9
+    keep = np.zeros(len(documents), bool)
+    for i, doc in enumerate(documents):
+        norm = normalize(doc, strip_punctuation=True).encode("utf-8")
+        if len(norm) < 2 * n:  # a passage this short is hashed whole (shingles): compare it the slow way
+            keep[i] = True
+            continue
+        present = np.isin(pool, ngram_hashes(np.frombuffer(norm, np.uint8).astype(np.uint64) + np.uint64(1), n))
+        keep[i] = bool((present[owner].sum(axis=1) >= need).any())
+    return keep
+
+
 def near_duplicates(queries: Sequence[str], targets: Sequence[str], target_labels: Sequence[str],
                     threshold: float = NEAR_THRESHOLD, n: int = CHAR_NGRAM) -> list[dict[str, Any]]:
     """For each query with a target at estimated Jaccard >= threshold: {query, where, similarity}, best first."""
@@ -127,12 +163,15 @@ def scan_near_duplicates(eval_rows: Sequence[Any], conversations: Sequence[Any],
                          "similarity": hit["similarity"]})
     longest = max((len(p.split()) for p in prompts), default=0)
     window = max(16, 2 * longest)
+    texts = prompts + [r.reference or "" for r in eval_rows]
+    candidates = could_match(texts, documents, threshold, n)
     corpus_passages, corpus_labels = [], []
-    for doc, label in zip(documents, doc_labels, strict=True):
+    for doc, label, candidate in zip(documents, doc_labels, candidates, strict=True):
+        if not candidate:
+            continue
         for k, passage in enumerate(passages(doc, window, window // 2)):
             corpus_passages.append(passage)
             corpus_labels.append(f"{label}@{k * (window // 2)}w")
-    texts = prompts + [r.reference or "" for r in eval_rows]
     for hit in near_duplicates(texts, corpus_passages, corpus_labels, threshold, n):
         i = hit["query"] % len(eval_rows)
         what = "prompt" if hit["query"] < len(eval_rows) else "reference"
