@@ -370,3 +370,34 @@ def assert_cached_greedy_equals_full_forwards(hf: hf_io.HFModel, new_tokens: int
             logits = np.asarray(model.apply({"params": hf.params}, jnp.asarray([seq])))[0, -1]
             seq.append(int(np.argmax(logits)))
         assert list(tokens) == seq[len(prompt):]
+
+
+def test_check_hf_export_tool_passes_on_a_true_export(load_tool, tmp_path, native_tokenizer, example_pack,
+                                                      monkeypatch):
+    """tools/check_hf_export.py (run on the proof runs' checkpoints on the GPU machine): on a random qwen3-shaped
+    checkpoint the chat-template ids, logits and greedy replies all agree, and a broken export is caught."""
+    cfg, _ = NATIVE["qwen3"]
+    _, tok_path, _ = native_tokenizer
+    save_model_checkpoint(tmp_path / "ckpt", _random_native(cfg), cfg, tok_path, {"stage": "test"})
+    tool = load_tool("check_hf_export")
+    eval_path = load_pack(example_pack).eval
+    report = tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--eval", str(eval_path), "--out-dir",
+                        str(tmp_path / "check"), "--prompts", "3", "--max-new-tokens", "8"])
+    assert report["passed"], report
+    assert report["architecture"] == "Qwen3ForCausalLM" and report["greedy_equal"] == 3
+    assert report["logits"]["max_abs_diff"] < 1e-4 and report["logits"]["min_argmax_agree"] == 1.0
+    assert all(len(r["ours"]) > 0 for r in report["replies"])
+    assert json.loads((tmp_path / "check" / "hf_export_check.json").read_text())["passed"]
+
+    # An export that is wrong by a little (one MLP weight of one layer scaled) must fail the check.
+    real = hf_export.params_to_hf
+
+    def skewed(params, cfg_, family):
+        tensors = dict(real(params, cfg_, family))
+        name = "model.layers.1.mlp.down_proj.weight"
+        tensors[name] = tensors[name] * 1.5
+        return tensors
+
+    monkeypatch.setattr(hf_export, "params_to_hf", skewed)
+    report = tool.check(tmp_path / "ckpt", eval_path, tmp_path / "check_bad", 3, 8, 1e-4)
+    assert not report["passed"] and report["logits"]["max_abs_diff"] > 1e-3

@@ -1,0 +1,122 @@
+"""Curves and figures of a proof run from its own files (RUN/base/metrics.jsonl, RUN/summary.json, ...).
+
+    python tools/plot_proof_run.py RUN --out docs/results/DATE-proof/SCALE
+
+Writes OUT/bpb.png (train and held-out bits per byte against tokens seen), OUT/throughput.png (tokens/s and
+MFU against step) and OUT/proof_figures.json: steps, tokens seen, tokens per parameter, epochs over the train
+split, mean and spread of tokens/s and MFU over the logged windows (compile window excluded), first/last/best
+held-out BPB, and the stability checks (non-finite losses, loss spikes: a logged loss above 1.5x the mean of
+the ten before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+SPIKE_RATIO = 1.5
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def figures(run: Path) -> dict:
+    rows = read_rows(run / "base" / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_bpb" in r]
+    config = json.loads((run / "run_config.json").read_text())["config"]
+    tokens_manifest = json.loads((run / "tokens" / "manifest.json").read_text()) if (
+        run / "tokens" / "manifest.json").exists() else None
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    batch, seq = config["base"]["batch_size"], config["model"]["max_seq_len"]
+    steps = max(r["step"] for r in train)
+    tokens_seen = steps * batch * seq
+    params = summary.get("parameters") or summary.get("params")
+    timed = [r for r in train[1:] if r.get("tokens_per_sec")]
+    tok_s = np.array([r["tokens_per_sec"] for r in timed])
+    mfu = np.array([r["mfu"] for r in timed if r.get("mfu") is not None])
+    losses = np.array([r["loss"] for r in train])
+    spikes = [int(train[i]["step"]) for i in range(10, len(train))
+              if losses[i] > SPIKE_RATIO * losses[i - 10:i].mean()]
+    out = {
+        "steps": steps, "batch": batch, "seq_len": seq, "tokens_seen": tokens_seen,
+        "parameters": params, "tokens_per_parameter": round(tokens_seen / params, 2) if params else None,
+        "tokens_per_sec": {"mean": float(tok_s.mean()), "p10": float(np.percentile(tok_s, 10)),
+                           "p90": float(np.percentile(tok_s, 90)), "windows": len(tok_s)} if len(tok_s) else None,
+        "mfu": {"mean": float(mfu.mean()), "p10": float(np.percentile(mfu, 10)),
+                "p90": float(np.percentile(mfu, 90))} if len(mfu) else None,
+        "train_bpb": {"first": train[0].get("bpb"), "last": train[-1].get("bpb")},
+        "val_bpb": {"first": val[0]["val_bpb"], "last": val[-1]["val_bpb"],
+                    "best": min(r["val_bpb"] for r in val)} if val else None,
+        "non_finite_losses": int((~np.isfinite(losses)).sum()), "loss_spikes": spikes,
+    }
+    if tokens_manifest:
+        train_tokens = tokens_manifest["splits"]["train"]["tokens"]
+        out["train_split_tokens"] = train_tokens
+        out["val_split_tokens"] = tokens_manifest["splits"]["val"]["tokens"]
+        out["epochs"] = round(tokens_seen / train_tokens, 2)
+    return out
+
+
+def plot(run: Path, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(run / "base" / "metrics.jsonl")
+    config = json.loads((run / "run_config.json").read_text())["config"]
+    per_step = config["base"]["batch_size"] * config["model"]["max_seq_len"]
+    train = [r for r in rows if "bpb" in r and math.isfinite(r["bpb"])]
+    val = [r for r in rows if "val_bpb" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] * per_step / 1e6 for r in train], [r["bpb"] for r in train], lw=0.8, label="train")
+    ax.plot([r["step"] * per_step / 1e6 for r in val], [r["val_bpb"] for r in val], "o-", ms=3,
+            label="held-out documents")
+    ax.set_xlabel("tokens seen (millions)")
+    ax.set_ylabel("bits per byte")
+    ax.set_ylim(top=min(4.0, max(r["bpb"] for r in train)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{run.name}: base pretraining")
+    fig.tight_layout()
+    fig.savefig(out_dir / "bpb.png", dpi=110)
+    plt.close(fig)
+
+    timed = [r for r in rows if r.get("tokens_per_sec")][1:]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in timed], [r["tokens_per_sec"] / 1e3 for r in timed], lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens/s (thousands)")
+    ax.grid(alpha=0.3)
+    if any(r.get("mfu") is not None for r in timed):
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in timed if r.get("mfu") is not None],
+                  [100 * r["mfu"] for r in timed if r.get("mfu") is not None], lw=0.6, color="tab:orange")
+        twin.set_ylabel("MFU (%)", color="tab:orange")
+    ax.set_title(f"{run.name}: throughput per logged window")
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = figures(args.run)
+    (args.out / "proof_figures.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(args.run, args.out)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
