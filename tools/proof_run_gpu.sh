@@ -22,6 +22,8 @@ if [ ! -d /tmp/site ] && compgen -G ".whl/*.whl" >/dev/null; then
     || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Later legs load the compiled train, eval and decode programs instead of compiling them again.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax-cache}
 [ -d "$WORK/proof_pack" ] || tar -xJf .proof/proof_pack.tar.xz -C "$WORK" || exit 1
 LOG=$WORK/log-$SCALE.txt
 { date -u +"leg start %Y-%m-%dT%H:%M:%SZ"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; } \
