@@ -170,7 +170,7 @@ class TrainConfig:
     beta2: float
     grad_clip: float
     precision: str  # fp32 | bf16
-    remat: str  # none | full | dots
+    remat: str  # auto | none | full | dots (auto: model.transformer.resolve_remat)
     log_every: int
     eval_every: int
     eval_batches: int
@@ -192,8 +192,8 @@ class TrainConfig:
             raise ValueError(f"sampling must be one of {'|'.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.packing not in ("none", "bos_bestfit"):
             raise ValueError(f"packing must be none|bos_bestfit, got {self.packing!r}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+        if self.remat not in ("auto", "none", "full", "dots"):
+            raise ValueError(f"remat must be auto|none|full|dots, got {self.remat!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum_steps < 1:
             raise ValueError("steps, batch_size and grad_accum_steps must be >= 1")
 

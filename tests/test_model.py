@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from picochat_jax.config import ModelConfig, available_scales, load_scale
-from picochat_jax.model.transformer import count_params, init_params, logical_axes, make_model
+from picochat_jax.model.transformer import count_params, init_params, logical_axes, make_model, training_model
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                    qk_norm=True, tie_embeddings=False)
@@ -78,3 +78,12 @@ def test_params_carry_logical_axes_for_sharding():
     assert tuple(specs["embed_tokens"]) == ("vocab", "embed")
     assert tuple(specs["layers"]["attn"]["q_proj"]["kernel"]) == ("layers", "embed", "heads")
     assert tuple(specs["layers"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
+
+
+def test_remat_auto_is_full_on_cpu_and_off_on_accelerators():
+    from picochat_jax.model.transformer import resolve_remat
+
+    assert [resolve_remat("auto", p) for p in ("cpu", "gpu", "cuda", "tpu")] == ["full", "none", "none", "none"]
+    assert [resolve_remat(r, "cpu") for r in ("none", "dots", "full")] == ["none", "dots", "full"]
+    assert load_scale("pico").base.remat == "auto"  # the shipped default
+    assert training_model(load_scale("pico").model, "fp32", "auto", 1).remat == "full"  # this suite runs on CPU

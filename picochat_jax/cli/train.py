@@ -36,7 +36,7 @@ def train_flags(fn: Any) -> Any:
         click.option("--learning-rate", type=float, default=None),
         click.option("--warmup-steps", type=int, default=None),
         click.option("--seq-len", type=int, default=None),
-        click.option("--remat", type=click.Choice(["none", "full", "dots"]), default=None,
+        click.option("--remat", type=click.Choice(["auto", "none", "full", "dots"]), default=None,
                      help="Rematerialise blocks in the backward pass to save memory."),
         click.option("--seed", type=int, default=None),
         mesh_option, device_option, precision_option,

@@ -68,8 +68,11 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     s, d, heads = seq_len, model_cfg.d_model, model_cfg.n_heads
     width = 2 if train_cfg.precision == "bf16" else 4
     per_layer_full = s * b * d * (34 + 5 * heads * s / d) * width / 2
-    per_layer = {"none": per_layer_full, "dots": per_layer_full / 2, "full": s * b * d * width}[train_cfg.remat]
-    activations = model_cfg.n_layers * per_layer + (per_layer_full if train_cfg.remat != "none" else 0)
+    from picochat_jax.model.transformer import resolve_remat
+
+    remat = resolve_remat(train_cfg.remat)
+    per_layer = {"none": per_layer_full, "dots": per_layer_full / 2, "full": s * b * d * width}[remat]
+    activations = model_cfg.n_layers * per_layer + (per_layer_full if remat != "none" else 0)
     logits = 3 * b * s * model_cfg.vocab_size * 4 / max(mesh.tensor, 1)
     return {"params": float(params), "state_bytes": state, "activation_bytes": activations,
             "logits_bytes": logits, "total_bytes": state + activations + logits}

@@ -297,6 +297,20 @@ def default_scan_unroll(cfg: ModelConfig, platform: str | None = None) -> int:
     return cfg.n_layers if platform in ("gpu", "cuda") else 1
 
 
+def resolve_remat(remat: str, platform: str | None = None) -> str:
+    """The remat policy a training run uses: `auto` is "full" on CPU and "none" elsewhere.
+
+    On CPU a train step is bound by memory traffic, not arithmetic: recomputing each layer in the backward
+    pass costs less than writing its activations (the attention probabilities above all) into the scan's
+    per-layer stacks and reading them back. The pico step (8 x 256 tokens, fp32, 2 cores) ran 89-98 ms with
+    full remat against 105-109 ms without, with the same losses (docs/performance.md). On GPUs and TPUs the
+    recompute is pure cost while memory allows.
+    """
+    if remat != "auto":
+        return remat
+    return "full" if (platform or jax.default_backend()) == "cpu" else "none"
+
+
 def compute_dtype(precision: str) -> Any:
     return jnp.bfloat16 if precision == "bf16" else jnp.float32
 
@@ -315,6 +329,7 @@ def training_model(cfg: ModelConfig, precision: str, remat: str, tensor_parallel
     With remat the scan stays rolled: unrolled, XLA either merges the recomputation with the forward pass or
     schedules it early, and the activations are kept anyway (measured on an H200 at the Qwen2.5-0.5B shape:
     the same peak memory and step time with and without hf-sft --gradient-checkpointing)."""
+    remat = resolve_remat(remat)
     unroll = scan_unroll or (1 if remat != "none" else default_scan_unroll(cfg))
     return make_model(cfg, precision, remat, attention_impl, scan_unroll=unroll,
                       fuse_projections=tensor_parallel == 1)
