@@ -80,10 +80,15 @@ def test_params_carry_logical_axes_for_sharding():
     assert tuple(specs["layers"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
 
 
-def test_remat_auto_is_full_on_cpu_and_off_on_accelerators():
-    from picochat_jax.model.transformer import resolve_remat
+def test_remat_auto_recomputes_large_activations_on_cpu_only():
+    from picochat_jax.model.transformer import CPU_REMAT_ABOVE_BYTES, activation_bytes, resolve_remat
 
-    assert [resolve_remat("auto", p) for p in ("cpu", "gpu", "cuda", "tpu")] == ["full", "none", "none", "none"]
-    assert [resolve_remat(r, "cpu") for r in ("none", "dots", "full")] == ["none", "dots", "full"]
+    pico, smoke = load_scale("pico").model, load_scale("smoke").model
+    assert activation_bytes(pico, 8, 256, "fp32") > CPU_REMAT_ABOVE_BYTES > activation_bytes(smoke, 8, 128, "fp32")
+    assert [resolve_remat("auto", pico, 8, 256, "fp32", p) for p in ("cpu", "gpu", "tpu")] == ["full", "none", "none"]
+    assert resolve_remat("auto", smoke, 8, 128, "fp32", "cpu") == "none"  # cache-sized: recomputing is pure cost
+    assert resolve_remat("auto", pico, 1, 256, "fp32", "cpu") == "none"  # a small per-device micro-batch
+    assert [resolve_remat(r, pico, 8, 256, "fp32", "cpu") for r in ("none", "dots", "full")] == ["none", "dots", "full"]
     assert load_scale("pico").base.remat == "auto"  # the shipped default
-    assert training_model(load_scale("pico").model, "fp32", "auto", 1).remat == "full"  # this suite runs on CPU
+    assert training_model(pico, "fp32", "auto", 1, rows=8, seq_len=256).remat == "full"  # this suite runs on CPU
+    assert training_model(smoke, "fp32", "auto", 1, rows=8, seq_len=128).remat == "none"

@@ -65,12 +65,13 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     shard = max(mesh.fsdp * mesh.tensor, 1)
     state = params * 4 * 5 / shard
     b = max(train_cfg.batch_size // max(mesh.batch_parallelism, 1), 1)
-    s, d, heads = seq_len, model_cfg.d_model, model_cfg.n_heads
-    width = 2 if train_cfg.precision == "bf16" else 4
-    per_layer_full = s * b * d * (34 + 5 * heads * s / d) * width / 2
-    from picochat_jax.model.transformer import resolve_remat
+    from picochat_jax.model.transformer import activation_bytes, resolve_remat
 
-    remat = resolve_remat(train_cfg.remat)
+    s, d = seq_len, model_cfg.d_model
+    width = 2 if train_cfg.precision == "bf16" else 4
+
+    per_layer_full = activation_bytes(model_cfg, b, s, train_cfg.precision) / model_cfg.n_layers
+    remat = resolve_remat(train_cfg.remat, model_cfg, b, s, train_cfg.precision)
     per_layer = {"none": per_layer_full, "dots": per_layer_full / 2, "full": s * b * d * width}[remat]
     activations = model_cfg.n_layers * per_layer + (per_layer_full if remat != "none" else 0)
     logits = 3 * b * s * model_cfg.vocab_size * 4 / max(mesh.tensor, 1)

@@ -297,18 +297,36 @@ def default_scan_unroll(cfg: ModelConfig, platform: str | None = None) -> int:
     return cfg.n_layers if platform in ("gpu", "cuda") else 1
 
 
-def resolve_remat(remat: str, platform: str | None = None) -> str:
-    """The remat policy a training run uses: `auto` is "full" on CPU and "none" elsewhere.
+# Above this many bytes of kept activations a CPU train step recomputes instead (`resolve_remat`): the size of a
+# server CPU's last-level cache (32 MiB on the 2-core machines CI runs on).
+CPU_REMAT_ABOVE_BYTES = 32 * 2**20
 
-    On CPU a train step is bound by memory traffic, not arithmetic: recomputing each layer in the backward
-    pass costs less than writing its activations (the attention probabilities above all) into the scan's
-    per-layer stacks and reading them back. The pico step (8 x 256 tokens, fp32, 2 cores) ran 89-98 ms with
-    full remat against 105-109 ms without, with the same losses (docs/performance.md). On GPUs and TPUs the
-    recompute is pure cost while memory allows.
+
+def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, precision: str) -> float:
+    """Activations a train step keeps for the backward pass without remat, all layers, on one device: Korthikanti
+    et al. (2022), s*b*d*(34 + 5*heads*s/d) bytes per layer at 2-byte precision, doubled for float32."""
+    width = 2 if precision == "bf16" else 4
+    s, d = seq_len, cfg.d_model
+    return cfg.n_layers * s * rows * d * (34 + 5 * cfg.n_heads * s / d) * width / 2
+
+
+def resolve_remat(remat: str, cfg: ModelConfig, rows: int, seq_len: int, precision: str,
+                  platform: str | None = None) -> str:
+    """The remat policy a training run uses. `auto`: "full" on CPU when the activations the backward pass would
+    keep (`activation_bytes` for the per-device micro-batch) exceed CPU_REMAT_ABOVE_BYTES, else "none".
+
+    A CPU step with large activations is bound by memory traffic: recomputing each layer in the backward pass
+    costs less than writing its activations (the attention probabilities above all) into the scan's per-layer
+    stacks and reading them back. The pico step (8 x 256 tokens, fp32, ~100 MB of activations, 2 cores) ran
+    89-98 ms with full remat against 105-109 ms without, with the same losses. Small ones stay in cache and
+    recomputing is pure cost: the smoke step (~7 MB) ran 5.1 ms with full remat against 4.3 ms without
+    (docs/performance.md). On GPUs and TPUs recomputation is pure cost while memory allows.
     """
     if remat != "auto":
         return remat
-    return "full" if (platform or jax.default_backend()) == "cpu" else "none"
+    if (platform or jax.default_backend()) != "cpu":
+        return "none"
+    return "full" if activation_bytes(cfg, rows, seq_len, precision) > CPU_REMAT_ABOVE_BYTES else "none"
 
 
 def compute_dtype(precision: str) -> Any:
@@ -322,14 +340,16 @@ def make_model(cfg: ModelConfig, precision: str = "fp32", remat: str = "none", a
 
 
 def training_model(cfg: ModelConfig, precision: str, remat: str, tensor_parallel: int,
-                   attention_impl: str | None = None, scan_unroll: int = 0) -> Decoder:
+                   attention_impl: str | None = None, scan_unroll: int = 0, rows: int = 1,
+                   seq_len: int | None = None) -> Decoder:
     """The Decoder a training run compiles: layers unrolled on GPU (`default_scan_unroll`, unless
     `scan_unroll` > 0 says otherwise) and projections fused unless the mesh splits them over a tensor axis.
+    `rows` x `seq_len` is one device's micro-batch, which `remat: auto` sizes its choice by.
 
     With remat the scan stays rolled: unrolled, XLA either merges the recomputation with the forward pass or
     schedules it early, and the activations are kept anyway (measured on an H200 at the Qwen2.5-0.5B shape:
     the same peak memory and step time with and without hf-sft --gradient-checkpointing)."""
-    remat = resolve_remat(remat)
+    remat = resolve_remat(remat, cfg, rows, seq_len or cfg.max_seq_len, precision)
     unroll = scan_unroll or (1 if remat != "none" else default_scan_unroll(cfg))
     return make_model(cfg, precision, remat, attention_impl, scan_unroll=unroll,
                       fuse_projections=tensor_parallel == 1)

@@ -186,10 +186,12 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
         raise ValueError("no preference pairs to train on")
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
-    model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor)
+    examples, truncated = preference_examples(rows, tok, train_cfg.seq_len or model_cfg.max_seq_len)
+    model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor,
+                           rows=max(1, 2 * train_cfg.batch_size // mesh_shape.batch_parallelism),  # both sides
+                           seq_len=int(examples["chosen_inputs"].shape[1]))
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, None, mesh, objective=PreferenceObjective(model, dpo_cfg.beta))
-    examples, truncated = preference_examples(rows, tok, train_cfg.seq_len or model_cfg.max_seq_len)
 
     def init_state() -> Any:
         return trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)), init_params)

@@ -331,13 +331,14 @@ def train(
     tables (`data.shards.PackedRows` streamed from disk, or in-memory arrays)."""
     check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
-    model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor, attention_impl)
+    source = BatchSource(train_rows, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
+    seq_len = row_length(source.rows)
+    model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor, attention_impl,
+                           rows=max(1, train_cfg.batch_size // mesh_shape.batch_parallelism), seq_len=seq_len)
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, ce_chunk_tokens=ce_chunk_tokens)
-    source = BatchSource(train_rows, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
     val_table = as_rows(val_rows) if val_rows is not None else None
     val = eval_batches(val_table, train_cfg.batch_size, train_cfg.eval_batches) if val_table is not None else []
-    seq_len = row_length(source.rows)
 
     def evaluate(params: Any) -> dict[str, float] | None:
         if not val:
