@@ -179,8 +179,10 @@ def traced_under(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def check_batch_fits(global_batch: int, shape: MeshShape) -> None:
+def check_batch_fits(global_batch: int, shape: MeshShape) -> int:
+    """The rows each device gets of a global batch, which must split evenly over data*fsdp."""
     if global_batch % shape.batch_parallelism:
         raise ValueError(
             f"batch size {global_batch} must be divisible by data*fsdp = {shape.batch_parallelism} (mesh {shape})"
         )
+    return global_batch // shape.batch_parallelism

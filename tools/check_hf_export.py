@@ -15,7 +15,6 @@ a check fails (logit difference above --atol, or any greedy reply differs).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -38,11 +37,14 @@ def check(checkpoint: Path, eval_path: Path, out_dir: Path, prompts: int, max_ne
 
     from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
     from picochat_jax.data.records import read_eval_jsonl
+    from picochat_jax.fileio import save_json
     from picochat_jax.generate import Engine, NativeChatFormat, SamplingParams
     from picochat_jax.hf.export import export_native
     from picochat_jax.model.transformer import make_model
     from picochat_jax.tokenizer import ChatTokenizer
 
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SystemExit(f"{out_dir} is not empty: give a new or empty folder")
     jax.config.update("jax_default_matmul_precision", "highest")  # fp32 on GPU too, not TF32
     started = time.perf_counter()
     family, hf_dir = export_native(checkpoint, None, out_dir / "hf")
@@ -99,7 +101,7 @@ def check(checkpoint: Path, eval_path: Path, out_dir: Path, prompts: int, max_ne
     }
     report["passed"] = (report["chat_template_ids_equal"] == len(rows) and report["greedy_equal"] == len(rows)
                         and report["logits"]["max_abs_diff"] <= atol)
-    (out_dir / "hf_export_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_json(out_dir / "hf_export_check.json", report)
     return report
 
 
@@ -112,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--atol", type=float, default=1e-3, help="largest logit difference allowed (fp32)")
     args = parser.parse_args(argv)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     report = check(args.checkpoint, args.eval, args.out_dir, args.prompts, args.max_new_tokens, args.atol)
     print(f"{report['architecture']}: chat template ids {report['chat_template_ids_equal']}/{report['prompts']}, "
           f"max |logit diff| {report['logits']['max_abs_diff']:.2e}, greedy replies equal "

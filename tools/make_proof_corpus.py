@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from picochat_jax.fileio import sha256_file
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = REPO / "tools" / "proof_corpus_sources.json"
 DEFAULT_ROWS_FROM = REPO / "examples" / "tiny_pack" / "dataset_pack.json"
@@ -179,14 +181,6 @@ CONVERTERS = {"html": html_to_text, "roff": roff_to_text, "text": tidy}
 
 # ---------------------------------------------------------------- packages
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def deb_name(source: Source) -> str:
     """The file name apt-get download gives a package (the epoch's colon written %3a)."""
     return f"{source.package}_{source.version.replace(':', '%3a')}_all.deb"
@@ -251,13 +245,10 @@ def package_documents(source: Source, deb: Path) -> tuple[list[tuple[str, str]],
         try:
             raw = blob.decode("utf-8")
         except UnicodeDecodeError:
-            try:
-                raw = blob.decode("latin-1") if source.format == "roff" else None
-            except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any bytes
-                raw = None
-            if raw is None:
+            if source.format != "roff":
                 record["dropped_undecodable"] += 1
                 continue
+            raw = blob.decode("latin-1")  # older man pages; latin-1 decodes any bytes
         text = convert(raw)
         if len(text) < MIN_CHARS:
             record["dropped_short"] += 1
@@ -315,7 +306,8 @@ def build(sources: list[Source], cache: Path, out_dir: Path, rows_from: Path | N
             write_atomic(path, rows.encode())
         recipe_sources.append({"path": f"corpus/{source.package}", "label": source.package})
         manifest["sources"].append({
-            "package": source.package, "version": source.version, "deb": deb.name, "deb_sha256": sha256_file(deb),
+            "package": source.package, "version": source.version, "deb": deb.name,
+            "deb_sha256": source.sha256 or sha256_file(deb),  # fetch checked a recorded one
             "format": source.format, "include": list(source.include), "exclude": list(source.exclude),
             "licence": source.licence, **record, "documents": len(kept), "dropped_duplicate": duplicates,
             "chars": chars, "text_bytes": text_bytes})
@@ -362,7 +354,7 @@ def record(sources_path: Path, cache: Path) -> None:
         shown = subprocess.run(["apt-cache", "show", "--no-all-versions", entry["package"]], capture_output=True,
                                text=True, check=True).stdout
         entry["version"] = re.search(r"^Version: (\S+)", shown, re.M).group(1)
-        entry["sha256"] = ""
+        entry["sha256"] = ""  # fetch checks a recorded checksum; the one served now is what gets recorded
         entry["sha256"] = sha256_file(fetch(Source.from_json(entry), cache))
     write_atomic(sources_path, json.dumps(obj, indent=2).encode() + b"\n")
 

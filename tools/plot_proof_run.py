@@ -18,21 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
+from picochat_jax.fileio import read_json_object, read_jsonl_objects, save_json
+
 SPIKE_RATIO = 1.5
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _spread(values: np.ndarray, **extra: int) -> dict | None:
+    if not len(values):
+        return None
+    return {"mean": float(values.mean()), "p10": float(np.percentile(values, 10)),
+            "p90": float(np.percentile(values, 90)), **extra}
 
 
-def figures(run: Path) -> dict:
-    rows = read_rows(run / "base" / "metrics.jsonl")
+def figures(rows: list[dict], config: dict, summary: dict, tokens_manifest: dict) -> dict:
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_bpb" in r]
-    config = json.loads((run / "run_config.json").read_text())["config"]
-    tokens_manifest = json.loads((run / "tokens" / "manifest.json").read_text()) if (
-        run / "tokens" / "manifest.json").exists() else None
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     batch, seq = config["base"]["batch_size"], config["model"]["max_seq_len"]
     steps = max(r["step"] for r in train)
     tokens_seen = steps * batch * seq
@@ -46,10 +46,7 @@ def figures(run: Path) -> dict:
     out = {
         "steps": steps, "batch": batch, "seq_len": seq, "tokens_seen": tokens_seen,
         "parameters": params, "tokens_per_parameter": round(tokens_seen / params, 2) if params else None,
-        "tokens_per_sec": {"mean": float(tok_s.mean()), "p10": float(np.percentile(tok_s, 10)),
-                           "p90": float(np.percentile(tok_s, 90)), "windows": len(tok_s)} if len(tok_s) else None,
-        "mfu": {"mean": float(mfu.mean()), "p10": float(np.percentile(mfu, 10)),
-                "p90": float(np.percentile(mfu, 90))} if len(mfu) else None,
+        "tokens_per_sec": _spread(tok_s, windows=len(tok_s)), "mfu": _spread(mfu),
         "train_bpb": {"first": train[0].get("bpb"), "last": train[-1].get("bpb")},
         "val_bpb": {"first": val[0]["val_bpb"], "last": val[-1]["val_bpb"],
                     "best": min(r["val_bpb"] for r in val)} if val else None,
@@ -63,14 +60,12 @@ def figures(run: Path) -> dict:
     return out
 
 
-def plot(run: Path, out_dir: Path) -> None:
+def plot(name: str, rows: list[dict], config: dict, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_rows(run / "base" / "metrics.jsonl")
-    config = json.loads((run / "run_config.json").read_text())["config"]
     per_step = config["base"]["batch_size"] * config["model"]["max_seq_len"]
     train = [r for r in rows if "bpb" in r and math.isfinite(r["bpb"])]
     val = [r for r in rows if "val_bpb" in r]
@@ -83,7 +78,7 @@ def plot(run: Path, out_dir: Path) -> None:
     ax.set_ylim(top=min(4.0, max(r["bpb"] for r in train)))
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"{run.name}: base pretraining")
+    ax.set_title(f"{name}: base pretraining")
     fig.tight_layout()
     fig.savefig(out_dir / "bpb.png", dpi=110)
     plt.close(fig)
@@ -99,7 +94,7 @@ def plot(run: Path, out_dir: Path) -> None:
         twin.plot([r["step"] for r in timed if r.get("mfu") is not None],
                   [100 * r["mfu"] for r in timed if r.get("mfu") is not None], lw=0.6, color="tab:orange")
         twin.set_ylabel("MFU (%)", color="tab:orange")
-    ax.set_title(f"{run.name}: throughput per logged window")
+    ax.set_title(f"{name}: throughput per logged window")
     fig.tight_layout()
     fig.savefig(out_dir / "throughput.png", dpi=110)
     plt.close(fig)
@@ -110,10 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = figures(args.run)
-    (args.out / "proof_figures.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(args.run, args.out)
+    rows = read_jsonl_objects(args.run / "base" / "metrics.jsonl")
+    config = json.loads((args.run / "run_config.json").read_text())["config"]
+    result = figures(rows, config, read_json_object(args.run / "summary.json"),
+                     read_json_object(args.run / "tokens" / "manifest.json"))
+    save_json(args.out / "proof_figures.json", result)
+    plot(args.run.name, rows, config, args.out)
     print(json.dumps(result, indent=2))
     return result
 

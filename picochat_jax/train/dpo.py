@@ -184,12 +184,11 @@ def train_dpo(*, model_cfg: ModelConfig, train_cfg: TrainConfig, dpo_cfg: DPOCon
 
     if not rows:
         raise ValueError("no preference pairs to train on")
-    check_batch_fits(train_cfg.batch_size, mesh_shape)
+    pairs_per_device = check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
     examples, truncated = preference_examples(rows, tok, train_cfg.seq_len or model_cfg.max_seq_len)
     model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor,
-                           rows=max(1, 2 * train_cfg.batch_size // mesh_shape.batch_parallelism),  # both sides
-                           seq_len=int(examples["chosen_inputs"].shape[1]))
+                           rows=2 * pairs_per_device, seq_len=int(examples["chosen_inputs"].shape[1]))
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, None, mesh, objective=PreferenceObjective(model, dpo_cfg.beta))
 

@@ -329,12 +329,12 @@ def train(
 ) -> TrainResult:
     """Base pretraining and SFT of a native model (causal-LM loss on every param) through `fit`. The rows are
     tables (`data.shards.PackedRows` streamed from disk, or in-memory arrays)."""
-    check_batch_fits(train_cfg.batch_size, mesh_shape)
+    rows_per_device = check_batch_fits(train_cfg.batch_size, mesh_shape)
     mesh = make_mesh(mesh_shape)
     source = BatchSource(train_rows, train_cfg.batch_size, train_cfg.grad_accum_steps, train_cfg.seed)
     seq_len = row_length(source.rows)
     model = training_model(model_cfg, train_cfg.precision, train_cfg.remat, mesh_shape.tensor, attention_impl,
-                           rows=max(1, train_cfg.batch_size // mesh_shape.batch_parallelism), seq_len=seq_len)
+                           rows=rows_per_device, seq_len=seq_len)
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, token_bytes, mesh, ce_chunk_tokens=ce_chunk_tokens)
     val_table = as_rows(val_rows) if val_rows is not None else None
