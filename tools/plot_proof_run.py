@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    written = [args.out / n for n in ("proof_figures.json", "bpb.png", "throughput.png")]
+    if any(p.exists() for p in written):
+        parser.error(f"{args.out} already holds {', '.join(p.name for p in written if p.exists())}: "
+                     "give a folder without them")
     rows = read_jsonl_objects(args.run / "base" / "metrics.jsonl")
     config = json.loads((args.run / "run_config.json").read_text())["config"]
     result = figures(rows, config, read_json_object(args.run / "summary.json"),
