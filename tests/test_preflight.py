@@ -19,7 +19,8 @@ from picochat_jax.config import load_scale
 from picochat_jax.data.pack import load_corpus, load_pack
 from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl, read_preference_jsonl
 from picochat_jax.eval.ngram import scan_contamination
-from picochat_jax.eval.preflight import LEVELS, PreflightBlocked, bytes_per_token, run_preflight
+from picochat_jax.eval.preflight import LEVELS, PreflightBlocked, bytes_per_token, estimate_train_memory, run_preflight
+from picochat_jax.parallel import MeshShape
 from picochat_jax.pipeline import RunOptions, run_tiny
 
 
@@ -62,6 +63,35 @@ def test_example_pack_reports_every_check_and_does_not_block(example_pack):
     s = load_scale("pico")
     assert _check(report, "corpus_replay")["value"] == pytest.approx(
         s.base.steps * s.base.batch_size * s.model.max_seq_len / report["estimates"]["corpus_tokens"], rel=0.01)
+
+
+@pytest.mark.parametrize("scale, batch, remat, mesh, ce_chunk, measured_gib", [
+    # Peak device memory measured by tools/bench_train.py at the run's shapes (docs/performance.md,
+    # docs/proof_runs.md): one H200 at h100-100m; one H100 at h200-1b (16 x 2048, chunked CE); two H200s at
+    # h200-1b with the proof run's 32 x 2048 micro-batch on mesh 1x2, which the old estimate (115 GiB) blocked.
+    ("h100-100m", 64, "none", MeshShape(1, 1, 1), 0, 15.2),
+    ("h200-1b", 16, "dots", MeshShape(1, 1, 1), 8192, 46.7),
+    ("h200-1b", 32, "dots", MeshShape(1, 2, 1), 0, 66.6),
+])
+def test_gpu_memory_estimate_tracks_measured_peaks(scale, batch, remat, mesh, ce_chunk, measured_gib):
+    s = load_scale(scale)
+    est = estimate_train_memory(s.model, dataclasses.replace(s.base, batch_size=batch, remat=remat), mesh,
+                                s.model.max_seq_len, dataclasses.replace(s.perf, ce_chunk_tokens=ce_chunk), "gpu")
+    assert est["attention"] == "cudnn" and est["remat"] == remat
+    assert 0.8 <= est["total_bytes"] / 2**30 / measured_gib <= 1.25
+
+
+def test_memory_estimate_counts_score_tensors_only_without_a_flash_kernel():
+    s = load_scale("h100-100m")
+    base = dataclasses.replace(s.base, remat="none")
+    gpu = estimate_train_memory(s.model, base, MeshShape(1, 1, 1), 512, s.perf, "gpu")
+    xla = estimate_train_memory(s.model, base, MeshShape(1, 1, 1), 512,
+                                dataclasses.replace(s.perf, attention_impl="xla"), "gpu")
+    heads, rows, seq = s.model.n_heads, 64, 512
+    assert xla["activation_bytes"] - gpu["activation_bytes"] == pytest.approx(
+        s.model.n_layers * 5 * heads * seq * seq * rows, rel=1e-6)  # 5 bytes per score at 2-byte precision
+    fsdp = estimate_train_memory(s.model, base, MeshShape(1, 2, 1), 512, s.perf, "gpu")
+    assert fsdp["state_bytes"] == pytest.approx(gpu["state_bytes"] / 2)
 
 
 def test_token_estimate_grows_with_vocab():

@@ -302,12 +302,27 @@ def default_scan_unroll(cfg: ModelConfig, platform: str | None = None) -> int:
 CPU_REMAT_ABOVE_BYTES = 32 * 2**20
 
 
-def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, precision: str) -> float:
+def activation_bytes(cfg: ModelConfig, rows: int, seq_len: int, precision: str,
+                     attention_scores: bool = True) -> float:
     """Activations a train step keeps for the backward pass without remat, all layers, on one device: Korthikanti
-    et al. (2022), s*b*d*(34 + 5*heads*s/d) bytes per layer at 2-byte precision, doubled for float32."""
+    et al. (2022), s*b*d*(34 + 5*heads*s/d) bytes per layer at 2-byte precision, doubled for float32. The
+    5*heads*s/d term is the (heads, s, s) score and softmax tensors: a flash kernel (cuDNN, Pallas, splash) never
+    materialises them, so `attention_scores=False` drops it."""
     width = 2 if precision == "bf16" else 4
     s, d = seq_len, cfg.d_model
-    return cfg.n_layers * s * rows * d * (34 + 5 * cfg.n_heads * s / d) * width / 2
+    scores = 5 * cfg.n_heads * s / d if attention_scores else 0.0
+    return cfg.n_layers * s * rows * d * (34 + scores) * width / 2
+
+
+def saved_dot_bytes(cfg: ModelConfig, rows: int, seq_len: int, precision: str) -> float:
+    """What remat "dots" (`dots_with_no_batch_dims_saveable`) keeps, all layers, on one device: each layer's
+    input and the outputs of its weight matmuls (q/k/v, the attention output projection, gate and up, down);
+    everything else is recomputed in the backward pass."""
+    width = 2 if precision == "bf16" else 4
+    hd = cfg.resolved_head_dim
+    gated = 2 if cfg.activation in ("swiglu", "geglu") else 1
+    per_token = cfg.d_model + (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.d_model + gated * cfg.d_ff + cfg.d_model
+    return cfg.n_layers * seq_len * rows * per_token * width
 
 
 def resolve_remat(remat: str, cfg: ModelConfig, rows: int, seq_len: int, precision: str,
