@@ -15,7 +15,7 @@ from picochat_jax.data.loader import BatchSource
 from picochat_jax.model.transformer import make_model
 from picochat_jax.outdir import OutDirInUse
 from picochat_jax.parallel import MeshShape, make_mesh, parse_mesh
-from picochat_jax.train.loop import train
+from picochat_jax.train.loop import train, training_legs
 from picochat_jax.train.optim import make_optimizer
 from picochat_jax.train.step import build_trainer
 
@@ -127,6 +127,21 @@ def test_loss_falls_and_resume_continues_the_exact_trajectory(tmp_path):
     resumed_losses = [r["loss"] for r in resumed.history]  # history reloaded from metrics.jsonl + new steps
     np.testing.assert_allclose(resumed_losses, losses, rtol=1e-6)
     np.testing.assert_allclose(resumed.val_history[-1]["val_loss"], full.val_history[-1]["val_loss"], rtol=1e-6)
+    # The summary covers both legs: clocks summed, throughput over each leg's windows after its compile window.
+    assert [r["leg"] for r in resumed.history] == [1, 1, 1] + [2] * 5
+    assert resumed.summary["wall_sec"] > part.summary["wall_sec"]
+    steady = [r["tokens_per_sec"] for r in resumed.history if r["step"] not in (1, 4)]
+    assert resumed.summary["tokens_per_sec"] == pytest.approx(float(np.mean(steady)))
+
+
+def test_training_legs_split_at_each_process_and_drop_its_compile_window():
+    rows = [{"step": s, "tokens_per_sec": 10.0 * s, "elapsed_sec": e, "leg": leg}
+            for s, e, leg in [(1, 9.0, 1), (2, 9.5, 1), (3, 10.0, 1), (4, 12.0, 2), (5, 12.5, 2)]]
+    # the second process compiled for longer than the first ran: its clock never went back, its leg number did
+    assert [[r["step"] for r in leg] for leg in training_legs(rows)] == [[2, 3], [5]]
+    old_files = [{k: v for k, v in r.items() if k != "leg"} for r in rows]
+    old_files[3]["elapsed_sec"] = 1.0  # rows written before legs were numbered: a clock restart opens a leg
+    assert [[r["step"] for r in leg] for leg in training_legs(old_files)] == [[2, 3], [5]]
 
 
 @pytest.mark.slow

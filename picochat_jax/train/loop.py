@@ -121,6 +121,28 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def training_legs(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A stage's logged train windows, one list per process that trained it (a resumed run's legs), each
+    without its first window, which holds the compile (and a resume's restore) rather than training speed.
+    Rows carry their leg's number; in files written before they did, a process's clock starting again at 0
+    (an elapsed_sec below the row before) opens a leg."""
+    legs: list[list[dict[str, Any]]] = []
+    previous: dict[str, Any] | None = None
+    for row in rows:
+        if previous is None or ("leg" in row and row["leg"] != previous.get("leg")) or (
+                "leg" not in row and (row.get("elapsed_sec") or 0.0) < (previous.get("elapsed_sec") or 0.0)):
+            legs.append([])
+        elif row.get("tokens_per_sec"):
+            legs[-1].append(row)
+        previous = row
+    return legs
+
+
+def steady_windows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`training_legs`, flattened: the windows a stage's throughput is the mean of."""
+    return [row for leg in training_legs(rows) for row in leg]
+
+
 def read_history(path: Path, upto_step: int) -> list[dict[str, Any]]:
     """metrics.jsonl rows up to a step. A torn last line (a crash mid-write) is dropped with a warning; a bad
     line before the end is an error naming the file and line."""
@@ -159,8 +181,8 @@ class FitResult:
     val_history: list[dict[str, Any]]  # val rows (val_loss, ...)
     best_val: float
     state: Any
-    wall_sec: float
-    tokens_per_sec: float | None  # mean over logged windows, the compile window excluded
+    wall_sec: float  # the stage's own clock over every process that trained it (a resumed run's legs summed)
+    tokens_per_sec: float | None  # mean over logged windows of every leg, each leg's compile window excluded
     mfu: float | None
 
 
@@ -205,10 +227,13 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
             raise
         state, meta = manager.restore(trainer.abstract_state())
         best_val = meta.get("best_val_loss", math.inf) or math.inf
+        earlier_wall = float(meta.get("wall_sec") or 0.0)
+        leg = int(meta.get("leg") or 1) + 1
         history = read_history(metrics_path, int(state.step))
     else:
         state = init_state()
         history = []
+        earlier_wall, leg = 0.0, 1
     start = int(state.step)
     train_rows = [r for r in history if "loss" in r]
     val_rows = [r for r in history if "val_loss" in r]
@@ -218,7 +243,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
 
     def meta(step: int) -> dict[str, Any]:
         return {"stage": stage, "step": step, "data_position": step, "best_val_loss": best_val,
-                "settings": settings}
+                "settings": settings, "wall_sec": earlier_wall + time.perf_counter() - t_start, "leg": leg}
 
     events = EventWriter(tensorboard_dir or out_dir)
 
@@ -226,7 +251,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         events.scalars(int(row["step"]), {f"{stage}/{k}": v for k, v in row.items()
-                                          if k not in ("step", "elapsed_sec")})
+                                          if k not in ("step", "elapsed_sec", "leg")})
         if on_row is not None:
             on_row(row)
 
@@ -263,7 +288,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
                 # The first logged window holds the compile; the summary's throughput skips it.
                 tok_s = (done - last_log_step) * tokens_per_step / max(now - t_last, 1e-9)
                 row = {"step": done, **{k: m[k] for k in log_keys if k in m}, "tokens_per_sec": tok_s,
-                       "elapsed_sec": now - t_start,
+                       "elapsed_sec": now - t_start, "leg": leg,
                        "mfu": (tok_s * flops_per_token / (peak * n_devices)) if (peak and flops_per_token) else None}
                 train_rows.append(row)
                 append(row)
@@ -286,7 +311,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
                 bar.write(f"[{stage}] stopped at step {done}; resume checkpoint saved to {resume_dir}")
                 break
     bar.close()
-    wall = time.perf_counter() - t_start
+    wall = earlier_wall + time.perf_counter() - t_start
     final_step = int(state.step)
     # Resuming a stage that had already finished: its final folders exist, nothing new to evaluate or save.
     if status == "completed" and start < total:
@@ -300,7 +325,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
     manager.close()
     events.close()
 
-    timed = [r for r in train_rows if r["step"] > start + 1]
+    timed = steady_windows(train_rows)
     mean_tok_s = float(np.mean([r["tokens_per_sec"] for r in timed])) if timed else None
     mfu = (mean_tok_s * flops_per_token / (peak * n_devices)) if (peak and mean_tok_s and flops_per_token) else None
     return FitResult(status, final_step, train_rows, val_rows, best_val, state, wall, mean_tok_s, mfu)
