@@ -66,19 +66,19 @@ def test_example_pack_reports_every_check_and_does_not_block(example_pack):
 
 
 @pytest.mark.parametrize("scale, batch, remat, mesh, ce_chunk, measured_gib", [
-    # Peak device memory measured by tools/bench_train.py at the run's shapes (docs/performance.md,
-    # docs/proof_runs.md): one H200 at h100-100m; one H100 at h200-1b (16 x 2048, chunked CE); two H200s at
-    # h200-1b with the proof run's 32 x 2048 micro-batch on mesh 1x2, which the old estimate (115 GiB) blocked.
+    # Peak device memory measured by tools/bench_train.py (docs/performance.md, docs/proof_runs.md): one H200
+    # at h100-100m; one H100 at h200-1b (16 x 2048, remat dots, chunked CE); two H200s at h200-1b with the proof
+    # run's 32 x 2048 micro-batch on mesh 1x2, no remat.
     ("h100-100m", 64, "none", MeshShape(1, 1, 1), 0, 15.2),
     ("h200-1b", 16, "dots", MeshShape(1, 1, 1), 8192, 46.7),
-    ("h200-1b", 32, "dots", MeshShape(1, 2, 1), 0, 66.6),
+    ("h200-1b", 32, "none", MeshShape(1, 2, 1), 0, 66.6),
 ])
 def test_gpu_memory_estimate_tracks_measured_peaks(scale, batch, remat, mesh, ce_chunk, measured_gib):
     s = load_scale(scale)
     est = estimate_train_memory(s.model, dataclasses.replace(s.base, batch_size=batch, remat=remat), mesh,
                                 s.model.max_seq_len, dataclasses.replace(s.perf, ce_chunk_tokens=ce_chunk), "gpu")
     assert est["attention"] == "cudnn" and est["remat"] == remat
-    assert 0.8 <= est["total_bytes"] / 2**30 / measured_gib <= 1.25
+    assert 1.0 <= est["total_bytes"] / 2**30 / measured_gib <= 1.25  # rough, and on the safe side
 
 
 def test_memory_estimate_counts_score_tensors_only_without_a_flash_kernel():

@@ -57,17 +57,17 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     """Rough bytes per device for one training step on `platform` (default: JAX's backend).
 
     State: fp32 params + two Adam moments, and two gradient buffers (the accumulator of the micro-batch scan
-    and the micro-batch's own), split over fsdp*tensor; with fsdp, the gathered weights and their gradients
-    before the reduce-scatter, whole. Activations per layer follow Korthikanti et al.
+    and the micro-batch's own), split over fsdp*tensor. Activations per layer follow Korthikanti et al.
     (2022) (`activation_bytes`), without the score tensors when the attention kernel is a flash kernel; remat
     "dots" keeps the weight matmuls' outputs (`saved_dot_bytes`), "full" one layer input per layer, and both
     recompute one layer at a time in the backward pass. Logits: float32 (tokens, V) three times (logits,
     softmax, gradient), over a chunk of tokens when cross-entropy is chunked.
 
-    Checked against measured peaks on an H200 (tests/test_preflight.py): h100-100m (batch 64 x 512, no remat)
-    17.7 GiB estimated, 15.2 measured; h200-1b on two GPUs (mesh 1x2, 16 x 2048 a device, remat dots) 63.4
-    estimated, 66.6 measured; the old estimate, with score tensors a flash kernel never makes, said 115.3 and
-    blocked that run.
+    Checked against peaks measured by tools/bench_train.py (tests/test_preflight.py), it errs high by 11-21%:
+    h100-100m on an H200 (64 x 512, no remat) 17.7 GiB for 15.2 measured; h200-1b on an H100 (16 x 2048, remat
+    dots, chunked CE) 56.5 for 46.7; h200-1b on two H200s (mesh 1x2, 16 x 2048 a device, no remat) 73.7 for 66.6.
+    For the h200-1b proof run's step (that shape with remat dots) it says 54.8; the old estimate, which counted
+    score tensors a flash kernel never makes, said 115.3 and blocked the run.
     """
     from picochat_jax.model.ops import resolve_attention_impl
     from picochat_jax.model.transformer import activation_bytes, compute_dtype, resolve_remat, saved_dot_bytes
@@ -76,10 +76,6 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     params = model_cfg.num_params()
     shard = max(mesh.fsdp * mesh.tensor, 1)
     state = params * 4 * 5 / shard
-    # Sharded over fsdp, room for a whole fp32 copy of the gathered weights and of their gradients before the
-    # reduce-scatter: XLA can hoist a scanned layer stack's gathers out of the layer loop (the h200-1b 1x2 peak
-    # in the docstring is only reached with it).
-    gathered = 2 * params * 4 / max(mesh.tensor, 1) if mesh.fsdp > 1 else 0.0
     b = max(train_cfg.batch_size // max(mesh.batch_parallelism, 1), 1)
     s, d, width = seq_len, model_cfg.d_model, (2 if train_cfg.precision == "bf16" else 4)
     attention = resolve_attention_impl(perf.attention, compute_dtype(train_cfg.precision),
@@ -95,9 +91,9 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     activations = kept + (layer_full if remat != "none" else 0.0)
     logit_tokens = b * s if perf.ce_chunk_tokens <= 0 else min(b * s, perf.ce_chunk_tokens)
     logits = 3 * logit_tokens * model_cfg.vocab_size * 4 / max(mesh.tensor, 1)
-    return {"params": float(params), "state_bytes": state, "fsdp_gather_bytes": gathered,
-            "activation_bytes": activations, "logits_bytes": logits,
-            "total_bytes": state + gathered + activations + logits, "attention": attention, "remat": remat}
+    return {"params": float(params), "state_bytes": state, "activation_bytes": activations,
+            "logits_bytes": logits, "total_bytes": state + activations + logits, "attention": attention,
+            "remat": remat}
 
 
 def device_memory_bytes() -> tuple[float | None, str]:
