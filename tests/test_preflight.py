@@ -66,7 +66,7 @@ def test_example_pack_reports_every_check_and_does_not_block(example_pack):
 
 
 @pytest.mark.parametrize("scale, batch, remat, mesh, ce_chunk, measured_gib", [
-    # Peak device memory measured by tools/bench_train.py (docs/performance.md, docs/proof_runs.md): one H200
+    # Peak device memory measured by tools/bench_train.py (docs/performance.md, docs/proof_runs.md): one H100
     # at h100-100m; one H100 at h200-1b (16 x 2048, remat dots, chunked CE); two H200s at h200-1b with the proof
     # run's 32 x 2048 micro-batch on mesh 1x2, no remat.
     ("h100-100m", 64, "none", MeshShape(1, 1, 1), 0, 15.2),

@@ -64,7 +64,7 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     softmax, gradient), over a chunk of tokens when cross-entropy is chunked.
 
     Checked against peaks measured by tools/bench_train.py (tests/test_preflight.py), it errs high by 11-21%:
-    h100-100m on an H200 (64 x 512, no remat) 17.7 GiB for 15.2 measured; h200-1b on an H100 (16 x 2048, remat
+    h100-100m on an H100 (64 x 512, no remat) 17.7 GiB for 15.2 measured; h200-1b on an H100 (16 x 2048, remat
     dots, chunked CE) 56.5 for 46.7; h200-1b on two H200s (mesh 1x2, 16 x 2048 a device, no remat) 73.7 for 66.6.
     For the h200-1b proof run's step (that shape with remat dots) it says 54.8; the old estimate, which counted
     score tensors a flash kernel never makes, said 115.3 and blocked the run.
