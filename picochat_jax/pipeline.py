@@ -36,7 +36,7 @@ from picochat_jax.data.records import (
 from picochat_jax.eval.preflight import PreflightBlocked, blocked_message, run_preflight, write_preflight
 from picochat_jax.fileio import read_json_object, read_jsonl_objects, save_json, save_text
 from picochat_jax.markdown import number
-from picochat_jax.outdir import check_out_dir, claim_out_dir
+from picochat_jax.outdir import MARKER, check_out_dir, claim_out_dir, delete_owned, read_marker
 from picochat_jax.parallel import MeshShape, parse_mesh
 from picochat_jax.tokenizer import ChatTokenizer, train_tokenizer
 from picochat_jax.train.loop import TrainResult, check_resume_settings, flatten, train
@@ -249,6 +249,18 @@ def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | 
     return params, summary
 
 
+def discard_stale_stages(out_dir: Path, stages: Iterable[str], why: str) -> None:
+    """Empty the later stages' folders when the model they were trained from has changed (`--resume` with more
+    base steps than a finished run had): reusing them would evaluate and ship a model tuned from the old base.
+    Only folders this run made (with our marker) are emptied."""
+    for stage in stages:
+        folder = out_dir / stage
+        if folder.is_dir() and read_marker(folder) is not None and any(
+                child.name != MARKER for child in folder.iterdir()):
+            print(f"[{stage}] {why}: {folder} was trained from the old model; training it again")
+            delete_owned(folder)
+
+
 RUN_STATUS = "run_status.json"
 
 
@@ -367,6 +379,7 @@ def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, l
     tb_root = Path(options.tensorboard_dir) if options.tensorboard_dir else None
     perf = {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
     done = finished_stage(out_dir / "base", base_cfg.steps) if resume else None
+    base_step_before = int(read_json_object(out_dir / "base" / "summary.json").get("steps") or 0) if resume else 0
     if not done:
         tokenize_stage(lambda: zip(documents, corpus.labels, strict=True), len(documents), tok, tokenizer_path,
                        out_dir / "tokens", base_cfg, progress=options.progress)
@@ -377,6 +390,9 @@ def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, l
     if base.status != "completed":
         return {"status": "interrupted", "stage": "base", "step": base.final_step}
     lap("base")
+    if base.final_step != base_step_before:
+        discard_stale_stages(out_dir, ("sft", "dpo"), f"base trained from step {base_step_before} to "
+                             f"{base.final_step}")
     model_cfg = model_config_for(scale, tok)
     done = finished_stage(out_dir / "sft", sft_cfg.steps) if resume else None
     sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else

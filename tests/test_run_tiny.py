@@ -66,3 +66,23 @@ def test_model_passes_eval_rows_it_was_taught_and_fails_rows_it_was_not(tiny_run
     assert len(taught) == 7 and len(unseen) == 8
     assert sum(r["pass"] for r in taught) >= 6, [r["reply"] for r in taught]
     assert sum(r["pass"] for r in unseen) <= 3, [r["reply"] for r in unseen]
+
+
+@pytest.mark.slow
+def test_resume_with_more_base_steps_trains_sft_again_from_the_new_base(tmp_path, example_pack):
+    out = tmp_path / "run"
+    args = ["run", "tiny", "--dataset-pack", str(example_pack), "--out-dir", str(out), "--scale", "smoke",
+            "--sft-steps", "4", "--no-dpo", "--no-progress", "--allow-preflight-warnings"]
+    first = CliRunner().invoke(main, [*args, "--base-steps", "6"])
+    assert first.exit_code == 0, first.output
+    first_sft = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    again = CliRunner().invoke(main, [*args, "--base-steps", "12", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "base trained from step 6 to 12" in again.output and "reusing" not in again.output
+    _params, _cfg, meta = load_model_checkpoint(out / "base" / "checkpoint")
+    assert meta["step"] == 12
+    sft = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    # one SFT run of 4 steps, started from the 12-step base: a different first loss, not the old rows appended
+    assert [r["step"] for r in sft if "loss" in r] == [r["step"] for r in first_sft if "loss" in r]
+    assert sft[0]["loss"] != first_sft[0]["loss"]
+    assert json.loads((out / "summary.json").read_text())["base"]["steps"] == 12
