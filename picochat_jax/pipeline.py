@@ -251,8 +251,8 @@ def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | 
 
 def discard_stale_stages(out_dir: Path, stages: Iterable[str], why: str) -> None:
     """Empty the later stages' folders when the model they were trained from has changed (`--resume` with more
-    base steps than a finished run had): reusing them would evaluate and ship a model tuned from the old base.
-    Only folders this run made (with our marker) are emptied."""
+    base or SFT steps than a finished run had): reusing them would evaluate and ship a model tuned from the old
+    one. Only folders this run made (with our marker) are emptied."""
     for stage in stages:
         folder = out_dir / stage
         if folder.is_dir() and read_marker(folder) is not None and any(
@@ -394,6 +394,7 @@ def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, l
         discard_stale_stages(out_dir, ("sft", "dpo"), f"base trained from step {base_step_before} to "
                              f"{base.final_step}")
     model_cfg = model_config_for(scale, tok)
+    sft_step_before = int(read_json_object(out_dir / "sft" / "summary.json").get("steps") or 0) if resume else 0
     done = finished_stage(out_dir / "sft", sft_cfg.steps) if resume else None
     sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else
            sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",
@@ -401,6 +402,8 @@ def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, l
     if sft.status != "completed":
         return {"status": "interrupted", "stage": "sft", "step": sft.final_step}
     lap("sft")
+    if sft.final_step != sft_step_before:
+        discard_stale_stages(out_dir, ("dpo",), f"sft trained from step {sft_step_before} to {sft.final_step}")
     candidate = "sft"
     dpo = None
     if preferences:
