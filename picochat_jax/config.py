@@ -230,6 +230,9 @@ class HFSFTConfig:
     val_fraction: float = 0.05
     evals_per_run: int = 5  # held-out evaluations spread over the run (plus one before the first step)
     packing: str = "bos_bestfit"  # several chat rows per training row (exact: segments, positions, masks) | none
+    # > 0: hf-sft's cross-entropy in chunks of about this many tokens, so a large vocabulary's float32 logits never
+    # exist for the whole batch at once (the same loss; one more vocabulary matmul in the backward pass)
+    ce_chunk_tokens: int = 0
     # The fine-tuning optimizer: short warmup, cosine to min_lr_ratio, no weight decay, HF Trainer's Adam betas.
     warmup_fraction: float = 0.1
     warmup_steps: int | None = None  # the original's --lr-warmup-steps: overrides warmup_fraction when set

@@ -75,8 +75,10 @@ case "$scenario" in
     "$PY" tools/bench_hf_lora.py --steps "$steps" --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/hf_lora.json"
     ;;
   qlora)  # Qwen2.5-0.5B shape (batch 8 x 512): bf16 LoRA against QLoRA (NF4 base), peak memory and the loss
-          # after QLORA_STEPS steps on a learnable chain, with and without gradient checkpointing; then speed vs peers
+          # after QLORA_STEPS steps on a learnable chain, with and without gradient checkpointing; CE_CHUNK=N adds
+          # cross-entropy in chunks of N tokens to every run (the logits are 2.3 GiB of the peak at this vocabulary)
     qwen="--layers 24 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936 --batch-size 8"
+    qwen="$qwen --ce-chunk-tokens ${CE_CHUNK:-0}"
     for ckpt in "" "--gradient-checkpointing"; do
       tag=${ckpt:+_ckpt}
       for q in none 4bit; do

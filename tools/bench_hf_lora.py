@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mesh", default=None, help="DATAxFSDP[xTENSOR] for our side (default: all devices on data)")
     train.add_argument("--quantize", choices=["none", "4bit"], default="none",
                        help="ours: 4bit = QLoRA, the frozen base's projections in NF4 (hf-sft --quantize 4bit)")
+    train.add_argument("--ce-chunk-tokens", type=int, default=0,
+                       help="ours: cross-entropy in chunks of ~N tokens (hf-sft --ce-chunk-tokens); 0 = whole batch")
     train.add_argument("--data", choices=["random", "markov", "chatmix"], default="random",
                        help="random ids (speed); rows from a fixed sparse bigram chain over 2,048 ids that a "
                             "LoRA can learn (its loss after many steps compares QLoRA with bf16 LoRA); or chatmix: "
@@ -238,7 +240,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     trainer = build_trainer(model, optimizer, schedule, np.zeros(config.vocab_size, np.float32), mesh,
                             lora_cfg=lcfg, base_params=hf.params,
                             base_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32,
-                            base_quantize=args.quantize)
+                            base_quantize=args.quantize, ce_chunk_tokens=args.ce_chunk_tokens)
     del hf  # only the trainer's device copy (bf16 or NF4) stays
     state0 = trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)))
     batches = [trainer.put_batch(b) for b in host_batches]
@@ -260,6 +262,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "compile_error": None, "precision": args.precision, "gradient_checkpointing": args.gradient_checkpointing,
         "remat": train_cfg.remat, "mesh": str(mesh_shape), "scan_unroll": model.scan_unroll,
         "quantize": args.quantize, "frozen_base_gib": quant.nbytes(trainer.step.frozen) / 2**30,
+        "ce_chunk_tokens": args.ce_chunk_tokens,
         "fuse_projections": model.fuse_projections,
         "attention": resolve_attention_impl(None, compute_dtype(args.precision), head_dim),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -319,6 +322,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                              "gradient_checkpointing": args.gradient_checkpointing, "rank": args.rank,
                              "alpha": args.alpha, "targets": args.targets, "lr": args.lr,
                              "target_fraction": args.target_fraction, "quantize": args.quantize, "data": args.data,
+                             "ce_chunk_tokens": args.ce_chunk_tokens,
                              "batches": args.batches_count, "median_len": args.median_len,
                              "len_sigma": args.len_sigma}
         common = ["--model-dir", str(model_dir), "--batches", str(batches), *shared_flags(args)]
@@ -335,7 +339,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *common, "--json-out", str(out)]
         if args.mesh:
             cmd += ["--mesh", args.mesh]
-        cmd += ["--quantize", args.quantize]
+        cmd += ["--quantize", args.quantize, "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
         report["ours"] = run_child(cmd, out, args.timeout, env)
     ours, peer = report["ours"] or {}, report["peer"] or {}
     if ours.get("tokens_per_sec") and peer.get("tokens_per_sec"):

@@ -118,7 +118,10 @@ def hf_train_options(input_help: str, packing: bool) -> Any:
         *([_hf_sft_option("--packing", click.Choice(["bos_bestfit", "none"]),
                           "Pack several chat rows into each training row by best fit (each keeps its own attention "
                           "segment, positions and assistant mask: the same loss as one row each) or one padded row "
-                          "each.")] if packing else []),
+                          "each."),
+           _hf_sft_option("--ce-chunk-tokens", click.IntRange(min=0),
+                          "Cross-entropy in chunks of about N tokens (0: whole batch): the same loss, less memory "
+                          "for large vocabularies.")] if packing else []),
         click.option("--lr-warmup-steps", type=click.IntRange(min=0), default=None,
                      help="Warmup steps (default: hf_sft.warmup_fraction of --max-steps)."),
         click.option("--lr-decay", type=click.Choice(["cosine", "linear", "none"]), default=None,
@@ -154,7 +157,7 @@ def _hf_train(objective: str, model: str, revision: str | None, trust_remote_cod
     cfg = load_defaults(sets).hf_sft
     cfg = dataclasses.replace(cfg, **{k: v for k, v in (("warmup_steps", lr_warmup_steps), ("decay", lr_decay),
                                                           ("min_lr_ratio", min_lr_ratio)) if v is not None})
-    f = resolve_flags({"packing": None, **flags}, cfg)
+    f = resolve_flags({"packing": None, "ce_chunk_tokens": None, **flags}, cfg)
     precision = precision or ("fp32" if jax.default_backend() == "cpu" else "bf16")
     lora_cfg = LoraConfig()
     if f["peft"] == "lora":
@@ -168,7 +171,8 @@ def _hf_train(objective: str, model: str, revision: str | None, trust_remote_cod
                         resume_or_start=resume_or_start, progress=not no_progress, evals_per_run=cfg.evals_per_run,
                         optimizer=cfg, revision=revision, trust_remote_code=trust_remote_code, eval_input=eval_input,
                         packing=f["packing"] if objective == "sft" else "none", objective=objective,
-                        tensorboard_dir=tensorboard_dir, quantize=quantize, **extra)
+                        tensorboard_dir=tensorboard_dir, quantize=quantize,
+                        ce_chunk_tokens=f["ce_chunk_tokens"] if objective == "sft" else 0, **extra)
     report = run_hf_sft(opts)
     if report["status"] != "completed":
         click.echo(f"{report.get('stage', 'hf-' + objective)} interrupted at step {report['step']}; continue with "

@@ -90,6 +90,7 @@ class HFSFTOptions:
     reference_model: str | None = None  # dpo: the frozen reference (default: the model being tuned, as loaded)
     tensorboard_dir: Path | None = None  # TensorBoard events (default: beside metrics.jsonl in out_dir)
     quantize: str = "none"  # 4bit: QLoRA, the frozen base's projections stored as NF4 (model/quant.py)
+    ce_chunk_tokens: int = 0  # > 0: the loss's logits a chunk of rows at a time (sft; model/loss.py)
 
     def __post_init__(self) -> None:
         if self.peft not in ("lora", "none"):
@@ -102,6 +103,8 @@ class HFSFTOptions:
             raise ValueError(f"objective must be sft|dpo, got {self.objective!r}")
         if self.packing not in ("bos_bestfit", "none"):
             raise ValueError(f"--packing must be bos_bestfit|none, got {self.packing!r}")
+        if self.ce_chunk_tokens < 0 or (self.ce_chunk_tokens and self.objective != "sft"):
+            raise ValueError("--ce-chunk-tokens must be >= 0, and applies to hf-sft's loss only")
         if self.max_steps < 1 or self.max_length < 2:
             raise ValueError("--max-steps must be >= 1 and --max-length >= 2")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -224,7 +227,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
     lora_cfg = opts.lora if opts.peft == "lora" else None
     objective = PreferenceObjective(model, opts.beta) if dpo else None
     trainer = build_trainer(model, optimizer, schedule, None if dpo else token_bytes, mesh, lora_cfg=lora_cfg,
-                            base_params=hf.params, objective=objective,
+                            base_params=hf.params, objective=objective, ce_chunk_tokens=opts.ce_chunk_tokens,
                             base_dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32,
                             base_quantize=opts.quantize)
     # DPO scores the model training starts from: under QLoRA the dequantised NF4 base, which is also the
@@ -332,6 +335,7 @@ def _run(opts: HFSFTOptions, log: Callable[[str], None]) -> dict[str, Any]:
         "effective_tokens_per_sec": None if run.tokens_per_sec is None or dpo else run.tokens_per_sec * fill,
         "train_sec": run.wall_sec, "wall_sec": time.perf_counter() - t0, "mesh": str(mesh_shape),
         "device_kind": jax.devices()[0].device_kind, "precision": opts.precision, "quantize": opts.quantize,
+        "ce_chunk_tokens": opts.ce_chunk_tokens,
         "warnings": warnings, "paths": paths,
     }
     if eval_rows:
