@@ -67,6 +67,22 @@ def test_bench_times_a_tiny_step_on_cpu(bench, tmp_path):
     assert r["first_loss"] == pytest.approx(np.log(128), rel=0.05)  # random init predicts ~uniformly
 
 
+def test_bench_remat_defaults_to_what_the_scale_trains_with(bench):
+    """A bench of a scale measures the step its trainer runs: h200-1b's remat dots, not the bare step."""
+    from picochat_jax.parallel import MeshShape
+
+    def remat(*flags: str, batch: int = 16, mesh: MeshShape | None = None) -> str:
+        args = bench.build_parser().parse_args(list(flags))
+        return bench.bench_remat(args, bench.model_config(args), batch, mesh or MeshShape(1, 1, 1))
+
+    assert remat("--scale", "h200-1b") == "dots"
+    assert remat("--scale", "h200-1b", "--remat", "none") == "none"  # an explicit choice wins
+    assert remat(*TINY) == "none"  # no scale: the bare step
+    # pico's remat is auto: full on this CPU at 8 rows a device, none once the rows are split eight ways
+    assert remat("--scale", "pico", "--precision", "fp32", batch=8) == "full"
+    assert remat("--scale", "pico", "--precision", "fp32", batch=8, mesh=MeshShape(8, 1, 1)) == "none"
+
+
 def test_timing_windows_sync_once_per_window_and_count_every_step(bench):
     calls = []
 

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--grad-accum", type=int, default=1)
     opt = p.add_argument_group("optimisations (each can be switched to measure what it buys)")
     opt.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    opt.add_argument("--remat", choices=["none", "full", "dots", "dots_all"], default="none")
+    opt.add_argument("--remat", choices=["scale", "none", "full", "dots", "dots_all"], default="scale",
+                     help="scale = the scale's train.remat as its trainer resolves it for this device and "
+                          "micro-batch (none without --scale)")
     opt.add_argument("--attention", choices=["auto", "xla", "cudnn", "pallas"], default="auto",
                      help="auto = cuDNN flash attention on GPU in bf16, XLA elsewhere")
     opt.add_argument("--ce-chunk", type=int, default=0,
@@ -140,6 +142,19 @@ def model_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"without --scale, give the whole shape; missing {' '.join(missing)}")
     overrides.setdefault("qk_norm", True)
     return ModelConfig(**overrides, norm="rmsnorm", norm_eps=1e-6, activation="swiglu", tie_embeddings=True)
+
+
+def bench_remat(args: argparse.Namespace, cfg: Any, batch: int, mesh_shape: Any) -> str:
+    """The remat policy a measurement runs: --remat, or with `scale` what training at this scale would use."""
+    if args.remat != "scale":
+        return args.remat
+    if not args.scale:
+        return "none"
+    from picochat_jax.config import load_scale
+    from picochat_jax.model.transformer import resolve_remat
+
+    rows = max(batch // max(mesh_shape.batch_parallelism, 1), 1)
+    return resolve_remat(load_scale(args.scale).base.remat, cfg, rows, cfg.max_seq_len, args.precision)
 
 
 def default_batch(args: argparse.Namespace) -> int:
@@ -296,7 +311,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     train_cfg = TrainConfig(**{**base.__dict__, "steps": 10_000, "warmup_steps": 10, "batch_size": batch,
                                "grad_accum_steps": args.grad_accum, "precision": args.precision,
                                "remat": "none"})
-    model = training_model(cfg, args.precision, args.remat, mesh_shape.tensor,
+    remat = bench_remat(args, cfg, batch, mesh_shape)
+    model = training_model(cfg, args.precision, remat, mesh_shape.tensor,
                            None if args.attention == "auto" else args.attention, args.scan_unroll)
     if args.fuse_projections == "off":
         model = model.clone(fuse_projections=False)
@@ -330,7 +346,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         **info,
         "shape": {"scale": args.scale, **{f: getattr(cfg, f) for f in SHAPE_FLAGS.values()},
                   "batch_size": batch, "grad_accum": args.grad_accum, "params": count_params(state.params)},
-        "options": {"precision": args.precision, "remat": args.remat, "attention": args.attention,
+        "options": {"precision": args.precision, "remat": remat, "attention": args.attention,
                     "attention_resolved": resolve_attention_impl(
                         None if args.attention == "auto" else args.attention,
                         compute_dtype(args.precision), cfg.resolved_head_dim),
@@ -426,9 +442,10 @@ def measure_loop(args: argparse.Namespace) -> dict[str, Any]:
         examples["segment_ids"] = np.ones_like(examples["inputs"])
     windows = max(1, -(-args.steps // 10))
     base = load_scale(args.scale).base if args.scale else load_scale("smoke").base
+    remat = bench_remat(args, cfg, batch, parse_mesh(args.mesh))
     train_cfg = TrainConfig(**{**base.__dict__, "steps": 1 + 10 * windows, "warmup_steps": 10, "batch_size": batch,
                                "grad_accum_steps": args.grad_accum, "precision": args.precision,
-                               "remat": args.remat if args.remat in ("none", "full", "dots") else "none",
+                               "remat": remat if remat in ("none", "full", "dots") else "none",
                                "log_every": 10, "eval_every": 0, "checkpoint_every": 0})
     with tempfile.TemporaryDirectory() as out:
         result = train(stage="bench", model_cfg=cfg, train_cfg=train_cfg, train_rows=examples,
