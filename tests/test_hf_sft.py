@@ -422,20 +422,25 @@ def test_hf_dpo_learns_preferences_and_writes_hf_sft_shaped_outputs(tiny, tmp_pa
     assert q["dpo"]["after"]["reward_accuracy"] >= 0.75
 
 
+def _cli_like_lora_run(tiny, out: Path, *extra: str) -> dict:
+    """`train hf-sft` through the CLI with the LoRA fixture's settings plus `extra` flags: its report."""
+    model_dir, chat = tiny
+    result = CliRunner().invoke(main, [
+        "train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(out),
+        "--max-steps", "24", "--max-length", "64", "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8",
+        "--learning-rate", "2e-2", "--batch-size", "8", "--val-fraction", "0.2", "--no-progress", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "hf_sft_report.json").read_text())
+
+
 @pytest.mark.slow
 def test_qlora_trains_over_an_nf4_base_and_exports_what_it_trained(tiny, lora_run, tmp_path):
     """--quantize 4bit: the same run as the LoRA fixture over an NF4 base lands near its loss, the merged
     final_model (adapters over the dequantised base) is what transformers computes, and the report says so."""
-    model_dir, chat = tiny
+    model_dir, _chat = tiny
     lora_report, _ = lora_run
     out = tmp_path / "qlora"
-    result = CliRunner().invoke(main, [
-        "train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(out),
-        "--max-steps", "24", "--max-length", "64", "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8",
-        "--learning-rate", "2e-2", "--batch-size", "8", "--val-fraction", "0.2", "--quantize", "4bit",
-        "--no-progress"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "hf_sft_report.json").read_text())
+    report = _cli_like_lora_run(tiny, out, "--quantize", "4bit")
     assert report["quantize"] == "4bit" and "dequantised NF4 base" in report["warnings"][0]
     assert "QLoRA (NF4 base)" in (out / "report.md").read_text()
     assert report["best_val_loss"] < report["initial_val_loss"] - 0.5
@@ -467,16 +472,8 @@ def test_quantize_needs_lora(tiny, tmp_path):
 @pytest.mark.slow
 def test_chunked_cross_entropy_gives_the_same_run(tiny, lora_run, tmp_path):
     """--ce-chunk-tokens computes the loss a few rows at a time: the LoRA fixture's run, loss for loss."""
-    model_dir, chat = tiny
     lora_report, _ = lora_run
-    out = tmp_path / "chunked"
-    result = CliRunner().invoke(main, [
-        "train", "hf-sft", "--model", str(model_dir), "--input", str(chat), "--out-dir", str(out),
-        "--max-steps", "24", "--max-length", "64", "--device", "cpu", "--lora-rank", "4", "--lora-alpha", "8",
-        "--learning-rate", "2e-2", "--batch-size", "8", "--val-fraction", "0.2", "--ce-chunk-tokens", "64",
-        "--no-progress"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "hf_sft_report.json").read_text())
+    report = _cli_like_lora_run(tiny, tmp_path / "chunked", "--ce-chunk-tokens", "64")
     assert report["ce_chunk_tokens"] == 64
     got = [r["loss"] for r in report["loss_curve"] if r["loss"] is not None]
     want = [r["loss"] for r in lora_report["loss_curve"] if r["loss"] is not None]
