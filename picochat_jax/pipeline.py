@@ -249,6 +249,11 @@ def finished_stage(stage_dir: Path, steps: int) -> tuple[Any, dict[str, Any]] | 
     return params, summary
 
 
+def recorded_steps(stage_dir: Path) -> int:
+    """The step a training stage's summary.json says it reached (completed or interrupted); 0 without one."""
+    return int(read_json_object(stage_dir / "summary.json").get("steps") or 0)
+
+
 def discard_stale_stages(out_dir: Path, stages: Iterable[str], why: str) -> None:
     """Empty the later stages' folders when the model they were trained from has changed (`--resume` with more
     base or SFT steps than a finished run had): reusing them would evaluate and ship a model tuned from the old
@@ -379,7 +384,7 @@ def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, l
     tb_root = Path(options.tensorboard_dir) if options.tensorboard_dir else None
     perf = {"attention_impl": scale.perf.attention, "ce_chunk_tokens": scale.perf.ce_chunk_tokens}
     done = finished_stage(out_dir / "base", base_cfg.steps) if resume else None
-    base_step_before = int(read_json_object(out_dir / "base" / "summary.json").get("steps") or 0) if resume else 0
+    base_step_before = recorded_steps(out_dir / "base") if resume else 0
     if not done:
         tokenize_stage(lambda: zip(documents, corpus.labels, strict=True), len(documents), tok, tokenizer_path,
                        out_dir / "tokens", base_cfg, progress=options.progress)
@@ -394,7 +399,7 @@ def _run_tiny(pack_path: str | Path, out_dir: str | Path, options: RunOptions, l
         discard_stale_stages(out_dir, ("sft", "dpo"), f"base trained from step {base_step_before} to "
                              f"{base.final_step}")
     model_cfg = model_config_for(scale, tok)
-    sft_step_before = int(read_json_object(out_dir / "sft" / "summary.json").get("steps") or 0) if resume else 0
+    sft_step_before = recorded_steps(out_dir / "sft") if resume else 0
     done = finished_stage(out_dir / "sft", sft_cfg.steps) if resume else None
     sft = (TrainResult("completed", sft_cfg.steps, summary=done[1], params=done[0]) if done else
            sft_stage(model_cfg, sft_cfg, tok, tokenizer_path, conversations, base.params, out_dir / "sft",

@@ -69,11 +69,12 @@ def test_bench_times_a_tiny_step_on_cpu(bench, tmp_path):
 
 def test_bench_remat_defaults_to_what_the_scale_trains_with(bench):
     """A bench of a scale measures the step its trainer runs: h200-1b's remat dots, not the bare step."""
-    from picochat_jax.parallel import MeshShape
+    from picochat_jax.parallel import MeshShape, check_batch_fits
 
     def remat(*flags: str, batch: int = 16, mesh: MeshShape | None = None) -> str:
         args = bench.build_parser().parse_args(list(flags))
-        return bench.bench_remat(args, bench.model_config(args), batch, mesh or MeshShape(1, 1, 1))
+        rows = check_batch_fits(batch, mesh or MeshShape(1, 1, 1))
+        return bench.bench_remat(args, bench.model_config(args), rows)
 
     assert remat("--scale", "h200-1b") == "dots"
     assert remat("--scale", "h200-1b", "--remat", "none") == "none"  # an explicit choice wins

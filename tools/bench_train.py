@@ -144,8 +144,9 @@ def model_config(args: argparse.Namespace) -> Any:
     return ModelConfig(**overrides, norm="rmsnorm", norm_eps=1e-6, activation="swiglu", tie_embeddings=True)
 
 
-def bench_remat(args: argparse.Namespace, cfg: Any, batch: int, mesh_shape: Any) -> str:
-    """The remat policy a measurement runs: --remat, or with `scale` what training at this scale would use."""
+def bench_remat(args: argparse.Namespace, cfg: Any, rows: int) -> str:
+    """The remat policy a measurement runs: --remat, or with `scale` what training at this scale would use for
+    `rows` per device."""
     if args.remat != "scale":
         return args.remat
     if not args.scale:
@@ -153,7 +154,6 @@ def bench_remat(args: argparse.Namespace, cfg: Any, batch: int, mesh_shape: Any)
     from picochat_jax.config import load_scale
     from picochat_jax.model.transformer import resolve_remat
 
-    rows = max(batch // max(mesh_shape.batch_parallelism, 1), 1)
     return resolve_remat(load_scale(args.scale).base.remat, cfg, rows, cfg.max_seq_len, args.precision)
 
 
@@ -302,7 +302,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     seq = cfg.max_seq_len
     batch = default_batch(args)
     mesh_shape = parse_mesh(args.mesh)
-    check_batch_fits(batch, mesh_shape)
+    rows = check_batch_fits(batch, mesh_shape)
     info = device_info()
     n = args.matmul_size if args.matmul_size is not None else (8192 if info["platform"] == "gpu" else 512)
     mm_rate = matmul_tflops(n)
@@ -311,7 +311,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     train_cfg = TrainConfig(**{**base.__dict__, "steps": 10_000, "warmup_steps": 10, "batch_size": batch,
                                "grad_accum_steps": args.grad_accum, "precision": args.precision,
                                "remat": "none"})
-    remat = bench_remat(args, cfg, batch, mesh_shape)
+    remat = bench_remat(args, cfg, rows)
     model = training_model(cfg, args.precision, remat, mesh_shape.tensor,
                            None if args.attention == "auto" else args.attention, args.scan_unroll)
     if args.fuse_projections == "off":
@@ -431,7 +431,7 @@ def measure_loop(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from picochat_jax.config import TrainConfig, load_scale
-    from picochat_jax.parallel import parse_mesh
+    from picochat_jax.parallel import check_batch_fits, parse_mesh
     from picochat_jax.train.loop import train
 
     cfg = model_config(args)
@@ -442,7 +442,7 @@ def measure_loop(args: argparse.Namespace) -> dict[str, Any]:
         examples["segment_ids"] = np.ones_like(examples["inputs"])
     windows = max(1, -(-args.steps // 10))
     base = load_scale(args.scale).base if args.scale else load_scale("smoke").base
-    remat = bench_remat(args, cfg, batch, parse_mesh(args.mesh))
+    remat = bench_remat(args, cfg, check_batch_fits(batch, parse_mesh(args.mesh)))
     train_cfg = TrainConfig(**{**base.__dict__, "steps": 1 + 10 * windows, "warmup_steps": 10, "batch_size": batch,
                                "grad_accum_steps": args.grad_accum, "precision": args.precision,
                                "remat": remat if remat in ("none", "full", "dots") else "none",

@@ -85,8 +85,6 @@ def estimate_train_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: 
     remat = resolve_remat(train_cfg.remat, model_cfg, b, s, train_cfg.precision, platform)
     kept = {"none": model_cfg.n_layers * layer_full,
             "dots": saved_dot_bytes(model_cfg, b, s, train_cfg.precision),
-            "dots_all": saved_dot_bytes(model_cfg, b, s, train_cfg.precision)
-            + (model_cfg.n_layers * b * model_cfg.n_heads * s * s * width if attention == "xla" else 0.0),
             "full": model_cfg.n_layers * s * b * d * width}[remat]
     activations = kept + (layer_full if remat != "none" else 0.0)
     logit_tokens = b * s if perf.ce_chunk_tokens <= 0 else min(b * s, perf.ce_chunk_tokens)
