@@ -92,3 +92,44 @@ def test_remat_auto_recomputes_large_activations_on_cpu_only():
     assert load_scale("pico").base.remat == "auto"  # the shipped default
     assert training_model(pico, "fp32", "auto", 1, rows=8, seq_len=256).remat == "full"  # this suite runs on CPU
     assert training_model(smoke, "fp32", "auto", 1, rows=8, seq_len=128).remat == "none"
+
+
+@pytest.mark.parametrize("impl", ["scatter_f32", "onehot"])
+def test_embedding_gradient_ways_match_the_exact_sum(impl, monkeypatch):
+    from picochat_jax.model import ops
+
+    monkeypatch.setattr(ops, "_ONEHOT_BLOCK_ELEMENTS", 40 * 5)  # 5 tokens a one-hot block: several blocks + pad
+    table = jax.random.normal(jax.random.key(0), (40, 8))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (3, 7)), jnp.int32)
+    weights = jax.random.normal(jax.random.key(1), (3, 7, 8))
+    exact = np.zeros((40, 8), np.float32)
+    np.add.at(exact, np.asarray(tokens).reshape(-1), np.asarray(weights).reshape(-1, 8))
+
+    def loss(t, kind):
+        return jnp.sum(ops.embed_lookup(t, tokens, jnp.float32, kind) * weights)
+
+    np.testing.assert_allclose(jax.grad(loss)(table, impl), exact, atol=1e-5)
+    np.testing.assert_allclose(loss(table, impl), loss(table, "scatter"), rtol=1e-6)
+
+
+def test_bf16_embedding_gradient_sums_repeated_ids_in_float32():
+    """A frequent id's gradient is thousands of rows: summed in bf16 (jnp.take's own backward) it drifts by
+    percents; the float32 ways keep it to the final rounding."""
+    from picochat_jax.model import ops
+
+    tokens = jnp.zeros((4096,), jnp.int32).at[::7].set(1)
+    dy = (jax.random.normal(jax.random.key(0), (4096, 16)) + 1.0).astype(jnp.bfloat16)
+    exact = np.asarray(jax.ops.segment_sum(dy.astype(jnp.float32), tokens, num_segments=4))
+
+    def grad(kind):
+        fn = jax.vjp(lambda t: ops.embed_lookup(t, tokens, jnp.bfloat16, kind), jnp.zeros((4, 16), jnp.float32))[1]
+        return np.asarray(fn(dy)[0])
+
+    def worst_relative_error(kind):
+        return float(np.max(np.abs(grad(kind)[:2] - exact[:2]) / np.abs(exact[:2])))
+
+    assert worst_relative_error("scatter_f32") < 1e-6 and worst_relative_error("onehot") < 1e-2 ** 1.5
+    assert worst_relative_error("scatter") > 1e-2
+    assert ops.resolve_embed_grad_impl(None) == "scatter_f32"
+    with pytest.raises(ValueError, match="embedding-gradient"):
+        ops.resolve_embed_grad_impl("sorted")

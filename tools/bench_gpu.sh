@@ -12,6 +12,8 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh lora-packing   # real tokens/s on a chat-length mix: packed vs padded peer
 #   OUT=/some/dir bash tools/bench_gpu.sh h200-1b        # the 1B scale's step (24 layers, 16 x 2048, remat dots)
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh           # two GPUs: the step on 1x2 and 2x1 vs one GPU
+#   OUT=/some/dir bash tools/bench_gpu.sh embed          # the embedding backward's ways (ops.EMBED_GRAD_IMPLS),
+#                                                        # alone and in the h100-100m step, uniform and Zipf ids
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh-runs      # two GPUs: the whole factory (run tiny) on each mesh
 #   OUT=/some/dir bash tools/bench_gpu.sh shards         # the real driver on disk shards: a synthetic corpus
 #                                                        # (tools/bench_data.py), tokenizer, `data tokenize`, then
@@ -101,12 +103,26 @@ case "$scenario" in
     bench --scale h200-1b --batch-size 16 --remat dots --ce-chunk 8192 --scan-unroll 1 --steps 10 \
       --label h200-1b_rolled_dots --json-out "$OUT/h200_1b.json"
     ;;
-  mesh)  # one host, two GPUs; global batch 128 = 64 per GPU
-    bench --scale h100-100m --mesh 1x2 --batch-size 128 --label mesh_1x2 --json-out "$OUT/mesh_1x2.json"
-    bench --scale h100-100m --mesh 2x1 --batch-size 128 --label mesh_2x1 --json-out "$OUT/mesh_2x1.json"
-    # the same global batch on one GPU: the loss reference, and per-GPU throughput at 64 rows for scaling
-    CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 128 --label one_gpu_b128 --json-out "$OUT/one_b128.json"
-    CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --label one_gpu_b64 --json-out "$OUT/one_b64.json"
+  mesh)  # one host, two GPUs; global batch 128 = 64 per GPU; MESH_FLAGS="none gpu" = without and with
+          # picochat_jax.train.step.GPU_XLA_FLAGS (the latency-hiding scheduler that overlaps collectives)
+    for flags in ${MESH_FLAGS:-none}; do
+      # per-GPU throughput at 64 rows on one GPU: the scaling reference
+      CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --sync-every "$w" --xla-flags "$flags" \
+        --label "one_gpu_b64_$flags" --json-out "$OUT/one_b64_$flags.json"
+      for mesh in 2x1 1x2; do
+        bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" --xla-flags "$flags" \
+          --label "mesh_${mesh}_$flags" --json-out "$OUT/mesh_${mesh}_$flags.json"
+      done
+    done
+    ;;
+  embed)  # the embedding backward alone, then the h100-100m step, each way of summing it, uniform and Zipf ids
+    "$PY" tools/bench_embed_grad.py --vocab 8192 --width 768 --json-out "$OUT/embed_grad_100m.json"
+    "$PY" tools/bench_embed_grad.py --vocab 32768 --width 2048 --json-out "$OUT/embed_grad_1b.json"
+    for ids in "--zipf 1.1" ""; do
+      bench --scale h100-100m --sync-every "$w" $ids --segments 400 --positions \
+        --variant scatter_bf16:embed_grad=scatter --variant scatter_f32:embed_grad=scatter_f32 \
+        --variant onehot:embed_grad=onehot --json-out "$OUT/h100m_embed${ids:+_zipf}.json"
+    done
     ;;
   mesh-runs)  # the whole factory at h100-100m on each two-GPU mesh (preflight warns on the tiny pack)
     for mesh in ${MESHES:-1x2 2x1}; do
@@ -164,7 +180,7 @@ PYEOF
     done
     ;;
   *)
-    echo "unknown scenario $scenario (pretrain|kernels|lora|h200-1b|mesh|mesh-runs|shards|before-after)" >&2
+    echo "unknown scenario $scenario (pretrain|kernels|lora|qlora|lora-peers|lora-packing|h200-1b|mesh|embed|mesh-runs|shards|before-after)" >&2
     exit 2
     ;;
 esac

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--rms-norm", choices=["auto", "xla", "pallas"], default="auto",
                      help="the pre-norms' backward: auto = the Pallas kernel on GPU (model/rms_norm_kernel.py), "
                           "XLA elsewhere")
+    opt.add_argument("--embed-grad", choices=["auto", "scatter", "scatter_f32", "onehot"], default="auto",
+                     help="how the embedding gradient is summed (model/ops.py EMBED_GRAD_IMPLS): auto = float32 "
+                          "scatter")
     opt.add_argument("--xla-flags", choices=["none", "gpu"], default="none",
                      help="gpu = picochat_jax.train.step.GPU_XLA_FLAGS added to XLA_FLAGS")
     opt.add_argument("--extra-xla-flags", default="", help="more XLA flags, verbatim")
@@ -292,7 +295,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from picochat_jax.config import TrainConfig, load_scale
-    from picochat_jax.model.ops import resolve_attention_impl, resolve_norm_rope_impl, resolve_rms_norm_impl
+    from picochat_jax.model.ops import (
+        resolve_attention_impl,
+        resolve_embed_grad_impl,
+        resolve_norm_rope_impl,
+        resolve_rms_norm_impl,
+    )
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
     from picochat_jax.train.optim import make_optimizer
@@ -320,6 +328,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         model = model.clone(norm_rope_impl=args.norm_rope)
     if args.rms_norm != "auto":
         model = model.clone(rms_norm_impl=args.rms_norm)
+    if args.embed_grad != "auto":
+        model = model.clone(embed_grad_impl=args.embed_grad)
     unroll = model.scan_unroll
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
@@ -356,6 +366,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "norm_rope": resolve_norm_rope_impl(model.norm_rope_impl, cfg.qk_norm, cfg.position == "rope",
                                                         batch * seq, cfg.resolved_head_dim),
                     "rms_norm": resolve_rms_norm_impl(model.rms_norm_impl, cfg.norm, batch * seq, cfg.d_model),
+                    "embed_grad": resolve_embed_grad_impl(model.embed_grad_impl),
                     "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "steps": args.steps, "sync_every": args.sync_every, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,

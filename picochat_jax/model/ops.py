@@ -477,3 +477,66 @@ def _swiglu_packed_bwd(gate_up: Array, d_out: Array) -> tuple[Array]:
 
 
 swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
+
+
+# How the token embedding's gradient is summed. jnp.take's own backward ("scatter") scatter-adds in the
+# lookup's dtype: under bf16 compute a frequent id's thousands of rows are summed in bf16 (percents off, tested)
+# and, on GPU, each add is an atomic compare-and-swap loop that real text's repeated ids contend on (the Zipf
+# rows of docs/performance.md). "scatter_f32" scatters into the float32 table's gradient (native atomic adds,
+# exact sums); "onehot" sums with matmuls against one-hot token blocks (no atomics, 2·N·V·d more FLOPs).
+EMBED_GRAD_IMPLS = ("auto", "scatter", "scatter_f32", "onehot")
+
+
+def resolve_embed_grad_impl(impl: str | None) -> str:
+    """"auto" = "scatter_f32" on every platform; the same as "scatter" when the compute dtype is float32."""
+    if impl not in (None, *EMBED_GRAD_IMPLS):
+        raise ValueError(f"embedding-gradient implementation must be one of {EMBED_GRAD_IMPLS}, got {impl!r}")
+    return "scatter_f32" if impl in (None, "auto") else impl
+
+
+# Tokens per one-hot block: bounds the (block, vocab) one-hot operand to 256 MiB of bf16 at a 32k vocabulary.
+_ONEHOT_BLOCK_ELEMENTS = 1 << 27
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _onehot_embed(table: Array, tokens: Array, dtype: Dtype) -> Array:
+    return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def _onehot_embed_fwd(table: Array, tokens: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array]]:
+    # A (vocab, 0) array carries the table's row count and dtype into the backward without its bytes.
+    return _onehot_embed(table, tokens, dtype), (tokens, jnp.zeros((table.shape[0], 0), table.dtype))
+
+
+def _onehot_embed_bwd(dtype: Dtype, res: tuple[Array, Array], dy: Array) -> tuple[Array, None]:
+    tokens, shape_probe = res
+    vocab, width = shape_probe.shape[0], dy.shape[-1]
+    ids, dy = tokens.reshape(-1), dy.reshape(-1, width)
+    block = max(1, min(ids.shape[0], _ONEHOT_BLOCK_ELEMENTS // vocab))
+    blocks = -(-ids.shape[0] // block)
+    pad = blocks * block - ids.shape[0]
+    ids = jnp.pad(ids, (0, pad), constant_values=-1)  # -1 matches no row: padded tokens add nothing
+    dy = jnp.pad(dy, ((0, pad), (0, 0)))
+
+    def add_block(acc: Array, xs: tuple[Array, Array]) -> tuple[Array, None]:
+        block_ids, block_dy = xs
+        onehot = (block_ids[:, None] == jnp.arange(vocab, dtype=block_ids.dtype)[None, :]).astype(block_dy.dtype)
+        return acc + jnp.einsum("nv,nd->vd", onehot, block_dy, preferred_element_type=jnp.float32), None
+
+    grad, _ = jax.lax.scan(add_block, jnp.zeros((vocab, width), jnp.float32),
+                           (ids.reshape(blocks, block), dy.reshape(blocks, block, width)))
+    return grad.astype(shape_probe.dtype), None
+
+
+_onehot_embed.defvjp(_onehot_embed_fwd, _onehot_embed_bwd)
+
+
+def embed_lookup(table: Array, tokens: Array, dtype: Dtype, impl: str) -> Array:
+    """table[tokens] in `dtype`, with the gradient summed as `impl` (a resolved EMBED_GRAD_IMPLS entry) says."""
+    if impl == "scatter":
+        return jnp.take(table.astype(dtype), tokens, axis=0)
+    if impl == "scatter_f32":
+        return jnp.take(table, tokens, axis=0).astype(dtype)
+    if impl == "onehot":
+        return _onehot_embed(table, tokens, dtype)
+    raise ValueError(f"unresolved embedding-gradient implementation {impl!r}")

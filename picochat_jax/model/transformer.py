@@ -23,7 +23,9 @@ from picochat_jax.config import ModelConfig
 from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection
 from picochat_jax.model.ops import (
     causal_mask,
+    embed_lookup,
     resolve_attention_impl,
+    resolve_embed_grad_impl,
     resolve_rms_norm_impl,
     rope_attention_factor,
     rope_inv_freq,
@@ -163,6 +165,8 @@ class Decoder(nn.Module):
     # The pre-norms' backward (with the residual gradient): None/"auto" = a Pallas kernel on GPU, see
     # ops.resolve_rms_norm_impl and model/rms_norm_kernel.py.
     rms_norm_impl: str | None = None
+    # How the token embedding's gradient is summed: None/"auto" = a float32 scatter (ops.resolve_embed_grad_impl).
+    embed_grad_impl: str | None = None
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -210,7 +214,9 @@ class Decoder(nn.Module):
         offset = 0 if cache_index is None else cache_index
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(T, dtype=jnp.int32), (B, T))
-        x = shard_activation_batch(jnp.take(gather_whole(self.embed_tokens.astype(self.dtype)), tokens, axis=0))
+        embed_grad = resolve_embed_grad_impl(self.embed_grad_impl)
+        table = self.embed_tokens.astype(self.dtype) if embed_grad == "scatter" else self.embed_tokens
+        x = shard_activation_batch(embed_lookup(gather_whole(table), tokens, self.dtype, embed_grad))
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
         if cfg.position == "learned":
