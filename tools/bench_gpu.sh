@@ -105,10 +105,10 @@ case "$scenario" in
     ;;
   mesh)  # one host, two GPUs; global batch 128 = 64 per GPU; MESH_FLAGS="none gpu" = without and with
           # picochat_jax.train.step.GPU_XLA_FLAGS (the latency-hiding scheduler that overlaps collectives)
+    # per-GPU throughput at 64 rows on one GPU: the scaling reference (the flags only move collectives)
+    CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --sync-every "$w" --label one_gpu_b64 \
+      --json-out "$OUT/one_b64.json"
     for flags in ${MESH_FLAGS:-none}; do
-      # per-GPU throughput at 64 rows on one GPU: the scaling reference
-      CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --sync-every "$w" --xla-flags "$flags" \
-        --label "one_gpu_b64_$flags" --json-out "$OUT/one_b64_$flags.json"
       for mesh in 2x1 1x2; do
         bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" --xla-flags "$flags" \
           --label "mesh_${mesh}_$flags" --json-out "$OUT/mesh_${mesh}_$flags.json"
