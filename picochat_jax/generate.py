@@ -602,6 +602,31 @@ class SlotBatch:
         """Free a slot (its request finished or was cancelled)."""
         self.live[slot], self.done[slot] = False, True
 
+    def compile_all(self, filler: int, chunk_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """Run every prefill bucket and every decode window once, on dummy rows, so that no request waits for a
+        compile (a first use would stall every live stream for as long). Only with no slot live: it writes into
+        free slots' cache rows, which an admitted request overwrites before reading. Returns (prompt buckets,
+        windows)."""
+        if any(self.live):
+            raise RuntimeError("compile_all() needs every slot free")
+        steps = chunk_tokens or self.engine.chunk_tokens
+        cap = self.engine.max_len
+        lengths = [1] + [(1 << k) + 1 for k in range(MIN_BUCKET.bit_length() - 1, cap.bit_length())]
+        prompt_lengths = {bucket_length(n, cap): n for n in lengths if n < cap}  # each bucket's shortest prompt
+        for n in prompt_lengths.values():
+            self.admit(0, [filler] * n, SamplingParams(1))
+            self.release(0)
+        reaches = [1 + steps] + [(1 << k) + 1 for k in range(cap.bit_length() + 1)]
+        windows = sorted({bucket_length(r, cap) for r in reaches if 1 + steps <= r <= cap + steps})
+        for window in windows:
+            # Every row is done: the chunk changes nothing but free rows' cache entries, so only the cache
+            # (donated on GPU) is kept.
+            self.cache = self._chunk(
+                self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
+                jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
+                jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops, steps=steps, window=window)[3]
+        return sorted(prompt_lengths), windows
+
     def step(self, chunk_tokens: int | None = None) -> dict[int, tuple[list[int], str | None]]:
         """One chunk for every live slot: {slot: (new tokens without the stop token, finish reason or None)}.
         Finished slots are released."""

@@ -223,6 +223,35 @@ def test_slots_decode_what_the_static_batch_decodes_with_requests_joining_mid_re
     assert finished_order.index(1) < finished_order.index(0)  # the short reply left before the long one ended
 
 
+def test_compile_all_leaves_no_program_to_compile_and_changes_no_reply():
+    """The server's warmup runs every prompt bucket and decode window once: requests after it compile nothing
+    (a first use would stall every live stream) and get the tokens they get without it."""
+    from picochat_jax.generate import SlotBatch, _slot_programs
+
+    fam = Family("rope_gqa")  # context 64
+    engine = Engine(fam.params, fam.cfg, max_batch=3, chunk_tokens=3)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (3, 20, 40)]
+    sampling = [SamplingParams(max_new_tokens=n) for n in (30, 12, 20)]
+    alone = [engine.generate([p], s, stop_ids=())[0] for p, s in zip(prompts, sampling, strict=True)]
+    slots = SlotBatch(engine, stop_ids=())
+    assert slots.compile_all(filler=7) == ([16, 32, 64], [16, 32, 64])
+    programs = _slot_programs(jax.default_backend() != "cpu")
+    compiled = [program._cache_size() for program in programs]
+    got: dict[int, list[int]] = {}
+    for i, (prompt, params) in enumerate(zip(prompts, sampling, strict=True)):
+        slots.admit(i, prompt, params)
+        got[i] = []
+    while slots.active():
+        for slot, (tokens, _) in slots.step().items():
+            got[slot].extend(tokens)
+    assert [got[i] for i in range(3)] == alone
+    assert [program._cache_size() for program in programs] == compiled
+    slots.admit(0, prompts[0], sampling[0])
+    with pytest.raises(RuntimeError, match="every slot free"):
+        slots.compile_all(filler=7)
+
+
 def test_slots_stop_on_a_stop_token_and_free_the_slot():
     from picochat_jax.generate import SlotBatch
 

@@ -63,6 +63,6 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
         name = model_name or Path(str(hf_model)).name
     batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)
     if warmup:
-        batcher.warmup(fmt.encode_text("hi"))
+        batcher.warmup((fmt.encode_text("hi") or [0])[0])
     return Backend(name, fmt, batcher, default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,
                    max_prompt_tokens=max_prompt_tokens)

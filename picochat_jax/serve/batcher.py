@@ -127,15 +127,12 @@ class Batcher:
             return BatcherStats(self._batches_run, self._requests_done, self._max_batch_seen, self._tokens,
                                 self._queue.qsize())
 
-    def warmup(self, prompt: Sequence[int], max_new_tokens: int = 2) -> None:
-        """Compile the prefill and decode programs before the first client waits for them (call before
-        start())."""
+    def warmup(self, filler: int) -> tuple[list[int], list[int]]:
+        """Compile every prefill bucket and decode window (`SlotBatch.compile_all`, dummy rows of token `filler`)
+        before the first client waits for one; call before start(). Returns (prompt buckets, windows)."""
         if self._thread is not None:
             raise RuntimeError("warmup() must run before start(): the worker owns the engine")
-        slots = self._slot_batch()
-        slots.admit(0, list(prompt), SamplingParams(max_new_tokens))
-        while slots.active():
-            slots.step()
+        return self._slot_batch().compile_all(filler)
 
     # ------------------------------------------------------------------------------------------ worker
 
