@@ -417,3 +417,18 @@ def test_remat_keeps_the_layer_scan_rolled(monkeypatch):
 
     unrolled_remat = make_model(cfg, remat="full", scan_unroll=cfg.n_layers)
     assert temp_bytes(training_model(cfg, "fp32", "full", 1)) < 0.8 * temp_bytes(unrolled_remat)
+
+
+def test_embed_grad_bench_times_each_way_and_shows_the_bf16_sum_drift(load_tool, tmp_path):
+    """bench_embed_grad.py: a row per (id distribution, way), with the way's error against the exact sum; on
+    Zipf ids the bf16 scatter drifts and the float32 ways do not."""
+    tool = load_tool("bench_embed_grad")
+    rows = tool.main(["--vocab", "64", "--width", "8", "--tokens", "2048", "--iters", "1",
+                      "--json-out", str(tmp_path / "e.json")])
+    assert [(r["ids"], r["impl"]) for r in rows] == [(d, i) for d in ("uniform", "zipf1.1")
+                                                     for i in ("scatter", "scatter_f32", "onehot")]
+    zipf = {r["impl"]: r for r in rows if r["ids"] == "zipf1.1"}
+    assert zipf["scatter"]["max_abs_diff"] > 1e-2 * zipf["scatter"]["max_abs_grad"]
+    assert zipf["scatter_f32"]["max_abs_diff"] < 1e-5 * zipf["scatter"]["max_abs_grad"]
+    assert zipf["onehot"]["max_abs_diff"] < 1e-5 * zipf["scatter"]["max_abs_grad"]
+    assert (tmp_path / "e.json").exists()
