@@ -18,6 +18,8 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh shards         # the real driver on disk shards: a synthetic corpus
 #                                                        # (tools/bench_data.py), tokenizer, `data tokenize`, then
 #                                                        # `train base --shards` at h100-100m against the bench step
+#                                                        # (plain rows, and packed rows like the loader's);
+#                                                        # CORPUS_MB, BASE_STEPS, EVAL_EVERY, CKPT_EVERY, RUN_TIMEOUT
 #   OUT=/some/dir BEFORE=/old/checkout bash tools/bench_gpu.sh before-after
 #                                                        # the h100-100m step and hf-sft LoRA step of another
 #                                                        # checkout (BEFORE) and of this one, alternating
@@ -156,13 +158,20 @@ PYEOF
       --no-progress --overwrite 2>&1 | tail -3
     timeout "${RUN_TIMEOUT:-300}" "$PY" -c "from picochat_jax.cli import main; main()" train base \
       --shards "$work/tokens" --tokenizer "$work/tokenizer.json" --out-dir "$work/base" --scale h100-100m \
-      --steps "${BASE_STEPS:-200}" --set base.eval_every=100 --set base.checkpoint_every=100 --no-progress \
+      --steps "${BASE_STEPS:-200}" --set "base.eval_every=${EVAL_EVERY:-100}" \
+      --set "base.checkpoint_every=${CKPT_EVERY:-100}" --no-progress \
       --overwrite > "$OUT/train_base_shards.log" 2>&1
     echo "train base --shards: exit $?"; tail -3 "$OUT/train_base_shards.log"
     cp "$work/base/metrics.jsonl" "$OUT/base_shards_metrics.jsonl" 2>/dev/null
     cp "$work/base/summary.json" "$OUT/base_shards_summary.json" 2>/dev/null
     cp "$work/tokens/manifest.json" "$OUT/tokens_manifest.json" 2>/dev/null
     bench --scale h100-100m --sync-every "$w" --json-out "$OUT/h100m_step.json"
+    # the step on rows like the loader's: documents of the corpus's mean length, per-segment positions, ids as
+    # skewed as real text (Zipf 1.1)
+    doc_len=$("$PY" -c "import json,sys; t=json.load(open(sys.argv[1]))['splits']['train']; \
+print(max(1, round(t['tokens'] / t['documents'])))" "$work/tokens/manifest.json")
+    bench --scale h100-100m --sync-every "$w" --segments "$doc_len" --positions --zipf 1.1 \
+      --label "packed_zipf_seg$doc_len" --json-out "$OUT/h100m_step_packed_zipf.json"
     ;;
   before-after)  # our side only (no peers): the same step, two checkouts, alternating to spread clock drift
     : "${BEFORE:?set BEFORE to the other checkout (its tools/ and picochat_jax/)}"
