@@ -117,6 +117,14 @@ case "$scenario" in
           --label "mesh_${mesh}_$flags" --json-out "$OUT/mesh_${mesh}_$flags.json"
       done
     done
+    # MESH_EXTRA_FLAGS="..." (verbatim XLA flags, e.g. a smaller all-reduce combine threshold so that layers'
+    # gradient reductions can overlap the rest of the backward) adds each mesh once more with them and the GPU set
+    if [ -n "${MESH_EXTRA_FLAGS:-}" ]; then
+      for mesh in 2x1 1x2; do
+        bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" --xla-flags gpu \
+          --extra-xla-flags "$MESH_EXTRA_FLAGS" --label "mesh_${mesh}_extra" --json-out "$OUT/mesh_${mesh}_extra.json"
+      done
+    fi
     ;;
   embed)  # the embedding backward alone, then the h100-100m step, each way of summing it, uniform and Zipf ids
     "$PY" tools/bench_embed_grad.py --vocab 8192 --width 768 --json-out "$OUT/embed_grad_100m.json"
