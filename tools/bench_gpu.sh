@@ -20,6 +20,8 @@
 #                                                        # `train base --shards` at h100-100m against the bench step
 #                                                        # (plain rows, and packed rows like the loader's);
 #                                                        # CORPUS_MB, BASE_STEPS, EVAL_EVERY, CKPT_EVERY, RUN_TIMEOUT
+#   bash tools/bench_gpu.sh detach SCENARIO; later: OUT=/some/dir bash tools/bench_gpu.sh collect SCENARIO
+#                                                        # a scenario longer than one device call, run detached
 #   OUT=/some/dir BEFORE=/old/checkout bash tools/bench_gpu.sh before-after
 #                                                        # the h100-100m step and hf-sft LoRA step of another
 #                                                        # checkout (BEFORE) and of this one, alternating
@@ -29,6 +31,27 @@ OUT=${OUT:-/tmp/picochat_bench}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# A scenario that outlasts one device call (10 minutes): `detach SCENARIO` starts it detached (setsid), so it
+# keeps running after the call returns, writing to DETACH_DIR/SCENARIO (the environment, CORPUS_MB and the like,
+# goes with it); a later call's `collect SCENARIO` says whether it has finished and packs what it wrote into
+# $OUT/SCENARIO.tar.gz.
+case "${1:-}" in
+  detach|collect)
+    name=${2:?usage: bench_gpu.sh detach|collect SCENARIO}
+    dir=${DETACH_DIR:-/tmp/detached}/$name
+    if [ "$1" = detach ]; then
+      mkdir -p "$dir"
+      OUT=$dir setsid nohup bash -c 'bash "$0" "$1"; echo "exit $? at $(date -u +%H:%M:%S)" > "$2/finished"' \
+        "$0" "$name" "$dir" > "$dir/run.log" 2>&1 < /dev/null &
+      echo "started $name in $dir"
+    else
+      if [ -f "$dir/finished" ]; then echo "$name finished: $(cat "$dir/finished")"; else echo "$name still running"; fi
+      tail -5 "$dir/run.log" 2>/dev/null
+      tar czf "$OUT/$name.tar.gz" -C "$(dirname "$dir")" "$name" && echo "packed $OUT/$name.tar.gz"
+    fi
+    exit 0
+    ;;
+esac
 scenario=${1:-pretrain}
 steps=${STEPS:-20}
 w=${SYNC_EVERY:-10}  # steps per synchronisation in the timed windows (the driver syncs only at log steps)
