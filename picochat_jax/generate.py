@@ -621,11 +621,15 @@ class SlotBatch:
         for window in windows:
             # Every row is done: the chunk changes nothing but free rows' cache entries, so only the cache
             # (donated on GPU) is kept.
-            self.cache = self._chunk(
-                self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
-                jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
-                jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops, steps=steps, window=window)[3]
+            self.cache = self._run_chunk(steps, window)[3]
         return sorted(prompt_lengths), windows
+
+    def _run_chunk(self, steps: int, window: int) -> tuple[Array, ...]:
+        """The decode-chunk program over every slot's current state: (out, t, tok, cache, done)."""
+        return self._chunk(
+            self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
+            jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
+            jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops, steps=steps, window=window)
 
     def step(self, chunk_tokens: int | None = None) -> dict[int, tuple[list[int], str | None]]:
         """One chunk for every live slot: {slot: (new tokens without the stop token, finish reason or None)}.
@@ -637,10 +641,7 @@ class SlotBatch:
         # Attention reads only the positions live slots can reach this chunk (a power-of-two bucket).
         reach = int((self.lens[live] + self.t[live]).max()) + steps
         window = bucket_length(reach, self.engine.max_len)
-        out, t, tok, self.cache, done = self._chunk(
-            self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
-            jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
-            jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops, steps=steps, window=window)
+        out, t, tok, self.cache, done = self._run_chunk(steps, window)
         out, self.t, self.tok, done = np.asarray(out), np.array(t), np.array(tok), np.array(done)
         results: dict[int, tuple[list[int], str | None]] = {}
         for slot in (i for i, live in enumerate(self.live) if live):
