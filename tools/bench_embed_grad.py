@@ -17,15 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # bench_train's helpers, also when this file is loaded by path (tests)
 
-
-def zipf_ids(rng: Any, vocab: int, n: int, exponent: float) -> Any:
-    import numpy as np
-
-    p = 1.0 / np.arange(1, vocab + 1) ** exponent
-    ranks = rng.choice(vocab, n, p=p / p.sum())
-    return rng.permutation(vocab)[ranks].astype(np.int32)
+from bench_train import zipf_ids  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -170,6 +170,16 @@ def default_batch(args: argparse.Namespace) -> int:
     return 8
 
 
+def zipf_ids(rng: Any, vocab: int, shape: Any, exponent: float) -> Any:
+    """int32 ids of `shape` drawn from a Zipf law of `exponent` over ranks, the frequent ranks spread over the
+    vocabulary by a random permutation (as real text's frequent tokens are)."""
+    import numpy as np
+
+    p = 1.0 / np.arange(1, vocab + 1) ** exponent
+    ranks = rng.choice(vocab, shape, p=p / p.sum())
+    return rng.permutation(vocab)[ranks].astype(np.int32)
+
+
 def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int, count: int = 4,
                       seed: int = 0, positions: bool = False, zipf: float = 0.0) -> list[dict[str, Any]]:
     """Random tokens (never zeros: they can run faster than real data), optional packed-document ids."""
@@ -180,9 +190,7 @@ def synthetic_batches(cfg: Any, batch: int, accum: int, seq: int, segments: int,
     for _ in range(count):
         shape = (accum, batch, seq)
         if zipf > 0:
-            p = 1.0 / np.arange(1, cfg.vocab_size + 1) ** zipf
-            ranks = rng.choice(cfg.vocab_size, (2, *shape), p=p / p.sum())
-            ids = rng.permutation(cfg.vocab_size)[ranks].astype(np.int32)  # frequent ids spread over the vocab
+            ids = zipf_ids(rng, cfg.vocab_size, (2, *shape), zipf)
         else:
             ids = rng.integers(0, cfg.vocab_size, (2, *shape), dtype=np.int32)
         b = {"inputs": ids[0], "targets": ids[1], "loss_mask": np.ones(shape, np.float32)}
