@@ -134,20 +134,16 @@ case "$scenario" in
     # per-GPU throughput at 64 rows on one GPU: the scaling reference (the flags only move collectives)
     CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --sync-every "$w" --label one_gpu_b64 \
       --json-out "$OUT/one_b64.json"
-    for flags in ${MESH_FLAGS:-none}; do
+    # MESH_EXTRA_FLAGS="..." (verbatim XLA flags, e.g. a smaller all-reduce combine threshold so that layers'
+    # gradient reductions can overlap the rest of the backward) adds each mesh once more with them and the GPU set
+    for flags in ${MESH_FLAGS:-none} ${MESH_EXTRA_FLAGS:+extra}; do
+      if [ "$flags" = extra ]; then xla=(--xla-flags gpu "--extra-xla-flags=$MESH_EXTRA_FLAGS")
+      else xla=(--xla-flags "$flags"); fi
       for mesh in 2x1 1x2; do
-        bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" --xla-flags "$flags" \
+        bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" "${xla[@]}" \
           --label "mesh_${mesh}_$flags" --json-out "$OUT/mesh_${mesh}_$flags.json"
       done
     done
-    # MESH_EXTRA_FLAGS="..." (verbatim XLA flags, e.g. a smaller all-reduce combine threshold so that layers'
-    # gradient reductions can overlap the rest of the backward) adds each mesh once more with them and the GPU set
-    if [ -n "${MESH_EXTRA_FLAGS:-}" ]; then
-      for mesh in 2x1 1x2; do
-        bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" --xla-flags gpu \
-          --extra-xla-flags "$MESH_EXTRA_FLAGS" --label "mesh_${mesh}_extra" --json-out "$OUT/mesh_${mesh}_extra.json"
-      done
-    fi
     ;;
   embed)  # the embedding backward alone, then the h100-100m step, each way of summing it, uniform and Zipf ids
     "$PY" tools/bench_embed_grad.py --vocab 8192 --width 768 --json-out "$OUT/embed_grad_100m.json"
