@@ -109,3 +109,18 @@ def test_chat_mix_packs_the_examples_the_peer_pads(bench):
     starts = (seg > 0) & np.concatenate([np.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
     assert np.all(pos[starts] == 0)
     assert np.all(packed["loss_mask"][seg == 0] == 0)
+    # Pad-to-longest: each batch ends at its longest example, rounded up to the collator's multiple.
+    longest = real.sum(axis=-1).max(axis=(1, 2))
+    assert np.all(padded["batch_len"] >= longest) and np.all(padded["batch_len"] - longest < bench.PAD_MULTIPLE)
+    assert np.all((padded["batch_len"] % bench.PAD_MULTIPLE == 0) | (padded["batch_len"] == 128))
+
+
+def test_peer_cuts_each_batch_to_its_padded_length(load_tool, tmp_path):
+    peer = load_tool("peft_baseline")
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.integers(1, 9, (3, 1, 2, 16)).astype(np.int32) for k in ("inputs", "targets", "loss_mask")}
+    np.savez(tmp_path / "b.npz", **arrays, batch_len=np.array([16, 4, 8]), real=np.array([20, 7, 11]))
+    batches = peer.load_batches(tmp_path / "b.npz")
+    assert [b["inputs"].shape for b in batches] == [(1, 2, 16), (1, 2, 4), (1, 2, 8)]
+    assert [b["real"] for b in batches] == [20, 7, 11]
+    assert np.array_equal(batches[1]["targets"], arrays["targets"][1][..., :4])

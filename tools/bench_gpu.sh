@@ -10,6 +10,7 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh qlora          # Qwen2.5-0.5B shape: QLoRA vs bf16 LoRA memory and loss
 #   OUT=/some/dir bash tools/bench_gpu.sh lora-peers     # LoRA at the SmolLM2-135M and Qwen2.5-0.5B shapes vs peft
 #   OUT=/some/dir bash tools/bench_gpu.sh lora-packing   # real tokens/s on a chat-length mix: packed vs padded peer
+#                                                        # (PEER_PADDING="longest max_length")
 #   OUT=/some/dir bash tools/bench_gpu.sh h200-1b        # the 1B scale's step (24 layers, 16 x 2048, remat dots)
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh           # two GPUs: the step on 1x2 and 2x1 vs one GPU
 #   OUT=/some/dir bash tools/bench_gpu.sh embed          # the embedding backward's ways (ops.EMBED_GRAD_IMPLS),
@@ -121,9 +122,13 @@ case "$scenario" in
     "$PY" tools/bench_hf_lora.py --layers 24 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 --vocab 151936 \
       --batch-size 8 --steps "$steps" --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/qwen05.json"
     ;;
-  lora-packing)  # chat-length mix (log-normal, median 180, up to 1024): our packed rows vs the peer's padded ones
-    "$PY" tools/bench_hf_lora.py --data chatmix --seq-len 1024 --batch-size 8 --batches-count 64 --steps "$steps" \
-      --warmup 2 --timeout "${CHILD_TIMEOUT:-300}" --json-out "$OUT/lora_packing.json"
+  lora-packing)  # chat-length mix (log-normal, median 180, up to 1024): our packed rows vs the peer's padded ones,
+                 # padded to each batch's longest example (trl's default collator) and to 1024 (padding="max_length")
+    for padding in ${PEER_PADDING:-longest max_length}; do
+      "$PY" tools/bench_hf_lora.py --data chatmix --seq-len 1024 --batch-size 8 --batches-count 64 \
+        --steps "${STEPS:-40}" --warmup 2 --peer-padding "$padding" --timeout "${CHILD_TIMEOUT:-300}" \
+        --json-out "$OUT/lora_packing_$padding.json"
+    done
     ;;
   h200-1b)  # all 24 layers at the scale's micro-batch (16 x 2048); a rolled layer scan bounds the compile time
     bench --scale h200-1b --batch-size 16 --remat dots --ce-chunk 8192 --scan-unroll 1 --steps 10 \

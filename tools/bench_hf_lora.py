@@ -77,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random ids (speed); rows from a fixed sparse bigram chain over 2,048 ids that a "
                             "LoRA can learn (its loss after many steps compares QLoRA with bf16 LoRA); or chatmix: "
                             "examples of log-normal length (--median-len, capped at --seq-len), which our side "
-                            "packs by best fit (hf-sft --packing bos_bestfit) and the peer pads one per row to "
-                            "--seq-len, as an HF Trainer with padding='max_length' does; compared on real tokens/s")
+                            "packs by best fit (hf-sft --packing bos_bestfit) and the peer pads one per row "
+                            "(--peer-padding); compared on real tokens/s")
+    train.add_argument("--peer-padding", choices=["longest", "max_length"], default="longest",
+                       help="chatmix: the peer pads each batch to its longest example rounded up to a multiple of "
+                            "64 (a data collator's padding=True, pad_to_multiple_of=64: trl's SFTTrainer default) "
+                            "or every row to --seq-len (padding='max_length')")
     train.add_argument("--median-len", type=int, default=180, help="chatmix: median example length")
     train.add_argument("--len-sigma", type=float, default=0.8, help="chatmix: log-normal sigma of the lengths")
     train.add_argument("--batches-count", type=int, default=N_BATCHES, help="distinct batches cycled through")
@@ -135,12 +139,17 @@ def markov_tokens(vocab: int, shape: tuple[int, ...], seed: int = 0, states: int
     return ids[walk].reshape(shape).astype(np.int32)
 
 
+PAD_MULTIPLE = 64  # the peer's pad_to_multiple_of under --peer-padding longest
+
+
 def chat_mix(vocab: int, batch: int, seq: int, count: int, median: int = 180, sigma: float = 0.8,
              target_fraction: float = 0.4, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """(padded, packed) batch stacks of the same `count * batch` chat-like examples: lengths log-normal around
     `median` (2..seq), random ids, the loss on each example's tail. Padded: one example per row, padded to
-    `seq`. Packed: hf-sft's best-fit packing (data/packing.py) into rows of `seq` with segment ids and
-    positions, whole batches only. Each stack also carries `real` = real tokens per batch."""
+    `seq`, with `batch_len` = each batch's longest example rounded up to a multiple of PAD_MULTIPLE (where a
+    pad-to-longest collator would cut it). Packed: hf-sft's best-fit packing (data/packing.py) into rows of
+    `seq` with segment ids and positions, whole batches only. Each stack also carries `real` = real tokens per
+    batch."""
     import numpy as np
 
     from picochat_jax.data.packing import pack_examples
@@ -167,6 +176,8 @@ def chat_mix(vocab: int, batch: int, seq: int, count: int, median: int = 180, si
 
     padded = stack(examples, n)
     padded["real"] = real.reshape(count, batch, seq).sum(axis=(1, 2))
+    longest = lengths.reshape(count, batch).max(axis=1)
+    padded["batch_len"] = np.minimum(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, seq).astype(np.int32)
     return padded, stack(packed, rows)
 
 
@@ -221,6 +232,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     with np.load(args.batches) as data:
         stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
                    if k in data}
+        real_per_batch = np.asarray(data["real"]) if "real" in data else None
     host_batches = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
     _, batch, seq = host_batches[0]["inputs"].shape
 
@@ -256,6 +268,10 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     step_s = statistics.median(times)
     tokens = batch * seq
     dev = jax.devices()[0]
+    real = None
+    if real_per_batch is not None:  # real tokens over the timed steps' own batches, over their whole time
+        timed = range(args.warmup, args.warmup + args.steps)
+        real = float(sum(real_per_batch[i % len(real_per_batch)] for i in timed)) / sum(times)
     mean_loss_tokens = statistics.mean(float(b["loss_mask"].sum()) for b in host_batches)  # as the peer counts
     return {
         "framework": "picochat-jax",
@@ -274,6 +290,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_step": tokens, "tokens_per_sec": tokens / step_s,
         "loss_tokens_per_step": mean_loss_tokens, "loss_tokens_per_sec": mean_loss_tokens / step_s,
+        "real_tokens_per_sec": real,
         "peak_mem_gib": step_peak, "peak_mem_gib_with_eval": peak_memory_gib(),
         "first_loss": first_loss, "last_loss": last_loss,
         "final_loss_all_batches": sums["ce"] / max(sums["tokens"], 1.0),
@@ -307,11 +324,16 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             padded, packed = chat_mix(vocab, args.batch_size, args.seq_len, args.batches_count, args.median_len,
                                       args.len_sigma, args.target_fraction)
             peer_batches = Path(tmp) / "padded.npz"
-            np.savez(peer_batches, **{k: v for k, v in padded.items() if k != "real"})
-            np.savez(batches, **{k: v for k, v in packed.items() if k != "real"})
+            if args.peer_padding == "max_length":
+                del padded["batch_len"]
+            np.savez(peer_batches, **padded)
+            np.savez(batches, **packed)
             positions = args.batch_size * args.seq_len
+            peer_positions = args.batch_size * padded.get("batch_len", np.full(len(padded["real"]), args.seq_len))
             report["fill"] = {"ours_packed": float(packed["real"].mean() / positions),
-                              "peer_padded": float(padded["real"].mean() / positions),
+                              "peer_padded": float(padded["real"].sum() / peer_positions.sum()),
+                              "peer_padding": args.peer_padding,
+                              "peer_mean_row_len": float(peer_positions.mean() / args.batch_size),
                               "examples": int(args.batches_count * args.batch_size)}
         else:
             np.savez(batches, **synthetic_batches(vocab, args.batch_size, args.seq_len, args.target_fraction,
@@ -328,6 +350,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                              "target_fraction": args.target_fraction, "quantize": args.quantize, "data": args.data,
                              "ce_chunk_tokens": args.ce_chunk_tokens,
                              "batches": args.batches_count, "median_len": args.median_len,
+                             "peer_padding": args.peer_padding if args.data == "chatmix" else None,
                              "len_sigma": args.len_sigma}
         common = ["--model-dir", str(model_dir), "--batches", str(batches), *shared_flags(args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -349,11 +372,11 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     if ours.get("tokens_per_sec") and peer.get("tokens_per_sec"):
         report["ratio"] = ours["tokens_per_sec"] / peer["tokens_per_sec"]
         report["first_loss_gap"] = ours["first_loss"] - peer["first_loss"]
-    if report.get("fill") and ours.get("tokens_per_sec"):
+    if report.get("fill") and ours.get("real_tokens_per_sec"):
         fill = report["fill"]
-        fill["ours_real_tokens_per_sec"] = ours["tokens_per_sec"] * fill["ours_packed"]
-        if peer.get("tokens_per_sec"):
-            fill["peer_real_tokens_per_sec"] = peer["tokens_per_sec"] * fill["peer_padded"]
+        fill["ours_real_tokens_per_sec"] = ours["real_tokens_per_sec"]
+        if peer.get("real_tokens_per_sec"):
+            fill["peer_real_tokens_per_sec"] = peer["real_tokens_per_sec"]
             fill["real_tokens_ratio"] = fill["ours_real_tokens_per_sec"] / fill["peer_real_tokens_per_sec"]
         report["first_loss_gap"] = None  # different batches (packed and padded): losses are not comparable
     return report
@@ -376,7 +399,8 @@ def table(report: dict[str, Any]) -> str:
     fill = report.get("fill")
     if fill:
         lines.append(f"\nchat mix of {fill['examples']} examples: {fill['ours_packed']:.1%} of our packed positions "
-                     f"and {fill['peer_padded']:.1%} of the peer's padded ones are real tokens")
+                     f"and {fill['peer_padded']:.1%} of the peer's padded ones are real tokens (peer padding: "
+                     f"{fill['peer_padding']}, mean row {fill['peer_mean_row_len']:.0f})")
         if fill.get("real_tokens_ratio") is not None:
             lines.append(f"real tokens/s: ours {fill['ours_real_tokens_per_sec']:,.0f}, peer "
                          f"{fill['peer_real_tokens_per_sec']:,.0f}: **{fill['real_tokens_ratio']:.2f}x**")

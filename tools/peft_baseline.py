@@ -56,14 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_batches(path: Path) -> list[dict[str, Any]]:
-    """The .npz as a list of {inputs, targets, loss_mask} numpy arrays of shape (grad_accum=1, batch, seq)."""
+    """The .npz as a list of {inputs, targets, loss_mask} numpy arrays of shape (grad_accum=1, batch, seq), and
+    `real` (real tokens) where the file has it. A `batch_len` array (one per batch) cuts each batch to that
+    length, as a pad-to-longest data collator would have padded it."""
     import numpy as np
 
     with np.load(path) as data:
         arrays = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask")}
+        extra = {k: np.asarray(data[k]) for k in ("real", "batch_len") if k in data}
     if arrays["inputs"].shape[1] != 1:
         raise ValueError(f"{path}: grad_accum must be 1 (got {arrays['inputs'].shape[1]})")
-    return [{k: v[i] for k, v in arrays.items()} for i in range(len(arrays["inputs"]))]
+    batches = []
+    for i in range(len(arrays["inputs"])):
+        cut = int(extra["batch_len"][i]) if "batch_len" in extra else arrays["inputs"].shape[-1]
+        batch = {k: v[i][..., :cut] for k, v in arrays.items()}
+        if "real" in extra:
+            batch["real"] = int(extra["real"][i])
+        batches.append(batch)
+    return batches
 
 
 def _sync(torch: Any, device: str) -> None:
@@ -109,12 +119,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         logits = model(input_ids=x, use_cache=False).logits.float()
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
-    batches = []
+    batches, real_tokens = [], []
     for b in load_batches(args.batches):
         x = torch.from_numpy(b["inputs"][0]).long()
         labels = torch.where(torch.from_numpy(b["loss_mask"][0]) > 0, torch.from_numpy(b["targets"][0]).long(), -100)
         batches.append((x.to(device), labels.to(device), int((labels != -100).sum())))
+        real_tokens.append(b.get("real"))
     batch_size, seq_len = batches[0][0].shape
+    # Every distinct batch shape runs once before the timing (a new shape recompiles), then the timed steps.
+    first_of_shape = {tuple(x.shape): i for i, (x, _, _) in reversed(list(enumerate(batches)))}
+    untimed = sorted(first_of_shape.values())
 
     # Compiling model + loss together lets inductor fuse the float32 upcast into the cross-entropy, as a
     # careful PyTorch user would; compilation happens lazily on the first call, hence the fallback below.
@@ -135,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     losses = []
-    for i in range(args.warmup):
+    for i in list(range(args.warmup)) + [j for j in untimed if j >= args.warmup]:
         try:
             losses.append(step(impl, i))
         except Exception as exc:  # only compilation may fail here; an eager failure is a real error
@@ -157,8 +171,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _sync(torch, device)
         times.append(time.perf_counter() - t)
     last_loss = float(loss)
-    step_s = statistics.median(times)
-    tokens = batch_size * seq_len
+    timed = [i % len(batches) for i in range(args.warmup, args.warmup + args.steps)]
+    if len(first_of_shape) > 1:  # steps of several lengths: the whole timed span, not one typical step
+        positions = sum(batches[i][0].numel() for i in timed)
+        step_s, tokens = sum(times) / len(times), positions / len(times)
+    else:
+        step_s, tokens = statistics.median(times), batch_size * seq_len
+    real = None
+    if all(r is not None for r in real_tokens):
+        real = sum(real_tokens[i] for i in timed) / sum(times)
     loss_tokens = statistics.mean(n for _, _, n in batches)
     return {
         "framework": "transformers+peft",
@@ -172,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_step": tokens, "tokens_per_sec": tokens / step_s,
         "loss_tokens_per_step": loss_tokens, "loss_tokens_per_sec": loss_tokens / step_s,
+        "real_tokens_per_sec": real, "batch_shapes": len(first_of_shape),
         # The whole run's high-water mark (never reset), the counterpart of XLA's peak_bytes_in_use.
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "first_loss": first_loss, "last_loss": last_loss,
