@@ -252,12 +252,14 @@ _PREFILL = jax.jit(_prefill, static_argnames=("model", "cache_len"))
 # ------------------------------------------------------------------------------- continuous batching (slots)
 
 
-def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], slot: Array, tokens: Array,
-                  prompt_len: Array, temperature: Array, top_k: Array, top_p: Array,
-                  seeds: Array) -> tuple[Array, dict[str, Array]]:
-    """One right-padded (1, P) prompt into cache slot `slot` (its rows 0..P-1); returns (first token, cache).
+def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
+                  slot: Array, tokens: Array, prompt_len: Array, temperature: Array, top_k: Array, top_p: Array,
+                  seeds: Array) -> tuple[dict[str, Array], Array, Array, Array]:
+    """One right-padded (1, P) prompt into cache slot `slot` (its rows 0..P-1), and that slot's decode state
+    set to its first token at reply step 0, not done; returns (cache, tok, t, done).
 
-    Padding after the prompt writes keys a decode step never sees: step t writes slot prompt_len + t before it
+    The first token stays on the device: admitting a request never waits for the chunk in flight. Padding
+    after the prompt writes keys a decode step never sees: step t writes slot prompt_len + t before it
     attends, and attends only up to it."""
     P = tokens.shape[1]
 
@@ -271,7 +273,8 @@ def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], slot: Ar
         logits, fresh = model.apply({"params": params}, tokens, positions=jnp.arange(P)[None, :], cache=fresh,
                                     cache_index=jnp.int32(0))
     cache = {k: jax.lax.dynamic_update_slice(cache[k], fresh[k], (0, slot, 0, 0, 0)) for k in cache}
-    return _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p), cache
+    first = _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p)[0]
+    return cache, tok.at[slot].set(first), t.at[slot].set(0), done.at[slot].set(False)
 
 
 def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
@@ -289,12 +292,13 @@ def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
                          steps, place)
 
 
-def _decode_slots_window(model: Decoder, params: Any, cache: dict[str, Array], *args: Array, steps: int,
-                         window: int) -> tuple[Array, ...]:
-    """`_decode_slots` on the first `window` cache positions only: every live slot's tokens fit in them, so
-    attention reads `window` keys a step instead of the whole cache."""
+def _decode_slots_window(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
+                         live: Array, *args: Array, steps: int, window: int) -> tuple[Array, ...]:
+    """`_decode_slots` over the live slots (a free or released one is done), on the first `window` cache
+    positions only: every live slot's tokens fit in them, so attention reads `window` keys a step instead of
+    the whole cache."""
     view = {k: jax.lax.slice_in_dim(v, 0, window, axis=2) for k, v in cache.items()}
-    out, t, tok, view, done = _decode_slots(model, params, view, *args, steps=steps)
+    out, t, tok, view, done = _decode_slots(model, params, view, tok, t, done | ~live, *args, steps=steps)
     cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], view[k], 0, axis=2) for k in cache}
     return out, t, tok, cache, done
 
@@ -548,29 +552,49 @@ def chunk_row_tokens(row: np.ndarray, stop_set: set[int]) -> tuple[list[int], bo
     return tokens, False
 
 
+@dataclass(frozen=True)
+class SlotChunk:
+    """A decode chunk in flight (`SlotBatch.launch`): its device outputs and which admission owned each slot
+    that was live when it started."""
+
+    out: Array
+    done: Array
+    owners: dict[int, int]  # slot -> admission number
+
+
 class SlotBatch:
     """Continuous batching on one engine: `size` cache slots (default and at most the engine's `max_batch`)
     of `max_len` tokens each.
 
     A request is `admit`ted into a free slot (its prompt prefilled into that slot alone) whenever one is free;
-    `step` advances every live slot by one chunk. Requests join and leave between chunks, so a long reply
-    never holds a short one back. The same model programs, sampling and stop rules as `Engine.run`: a greedy
-    or seeded reply is the same token for token. Call from one thread only.
+    `launch` starts one chunk over every live slot and `collect` waits for a launched chunk's tokens. Requests
+    join and leave between chunks, so a long reply never holds a short one back. Each slot's pending token,
+    reply step and done flag live on the device, so neither admitting nor launching waits for the device:
+    a caller can launch the next chunk before it collects the last, keeping the device busy while the host
+    hands tokens out (`step` is both at once). The same model programs, sampling and stop rules as
+    `Engine.run`: a greedy or seeded reply is the same token for token. Call from one thread only.
     """
 
     def __init__(self, engine: Engine, stop_ids: Sequence[int], size: int | None = None):
         self.engine = engine
         B, S = min(size or engine.max_batch, engine.max_batch), engine.max_len
-        # Committed to the params' device from the start: the programs' outputs are, and a cache that changed
-        # placement after the first chunk would compile every program a second time.
-        self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype), jax.devices()[0])
-        self.stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+        # Everything the programs take is committed to the params' device from the start: the programs'
+        # outputs are, and an input that changed placement after the first chunk would compile every program
+        # a second time.
+        self.device = jax.devices()[0]
+        self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype), self.device)
+        self.tok, self.t = (jax.device_put(np.zeros((B,), np.int32), self.device) for _ in range(2))
+        self.done = jax.device_put(np.ones((B,), bool), self.device)
+        self.stops = jax.device_put(np.asarray(list(stop_ids) or [-1], np.int32), self.device)
         self.stop_set = {int(x) for x in stop_ids}
-        self.tok, self.t, self.lens, self.limits = (np.zeros((B,), np.int32) for _ in range(4))
-        self.done = np.ones((B,), bool)
+        # Per-slot settings, fixed while a request holds its slot: sent to the device again only after a change.
+        self.lens, self.limits = np.zeros((B,), np.int32), np.zeros((B,), np.int32)
         self.temps, self.top_p = np.zeros((B,), np.float32), np.ones((B,), np.float32)
         self.top_k, self.seeds = np.zeros((B,), np.int32), np.zeros((B,), np.uint32)
         self.live = [False] * B
+        self._settings: tuple[Array, ...] | None = None
+        self._admissions = [0] * B
+        self._reply_steps = np.zeros((B,), np.int32)  # an upper bound of each slot's reply step t: for the window
         prefill, chunk = _slot_programs(jax.default_backend() != "cpu")
         self._prefill = functools.partial(prefill, engine.model)
         self._chunk = functools.partial(chunk, engine.model)
@@ -582,7 +606,7 @@ class SlotBatch:
         return sum(self.live)
 
     def admit(self, slot: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
-        """Prefill `prompt` into free `slot`; its reply starts with the next `step`."""
+        """Prefill `prompt` into free `slot`; its reply starts with the next `launch`."""
         if self.live[slot]:
             raise ValueError(f"slot {slot} is busy")
         self.engine.check_fits(len(prompt), sampling.max_new_tokens)
@@ -591,16 +615,20 @@ class SlotBatch:
         tokens[0, :len(prompt)] = [int(x) for x in prompt]
         row = (np.asarray([sampling.temperature], np.float32), np.asarray([sampling.top_k], np.int32),
                np.asarray([sampling.top_p], np.float32), np.asarray([sampling.seed % (1 << 32)], np.uint32))
-        first, self.cache = self._prefill(self.engine.params, self.cache, np.int32(slot), jnp.asarray(tokens),
-                                          np.int32(len(prompt)), *row)
-        self.tok[slot], self.t[slot], self.done[slot] = int(np.asarray(first)[0]), 0, False
+        self.cache, self.tok, self.t, self.done = self._prefill(
+            self.engine.params, self.cache, self.tok, self.t, self.done, np.int32(slot), tokens,
+            np.int32(len(prompt)), *row)
         self.lens[slot], self.limits[slot] = len(prompt), sampling.max_new_tokens
         self.temps[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = (r[0] for r in row)
         self.live[slot] = True
+        self._admissions[slot] += 1
+        self._reply_steps[slot] = 0
+        self._settings = None
 
     def release(self, slot: int) -> None:
-        """Free a slot (its request finished or was cancelled)."""
-        self.live[slot], self.done[slot] = False, True
+        """Free a slot (its request finished or was cancelled); the next chunk treats it as done."""
+        self.live[slot] = False
+        self._settings = None
 
     def compile_all(self, filler: int, chunk_tokens: int | None = None) -> tuple[list[int], list[int]]:
         """Run every prefill bucket and every decode window once, on dummy rows, so that no request waits for a
@@ -619,39 +647,53 @@ class SlotBatch:
         reaches = [1 + steps] + [(1 << k) + 1 for k in range(cap.bit_length() + 1)]
         windows = sorted({bucket_length(r, cap) for r in reaches if 1 + steps <= r <= cap + steps})
         for window in windows:
-            # Every row is done: the chunk changes nothing but free rows' cache entries, so only the cache
-            # (donated on GPU) is kept.
-            self.cache = self._run_chunk(steps, window)[3]
+            # Every slot is free, hence done: the chunk changes nothing but free rows' cache entries.
+            self.collect(self._launch(steps, window))
+        jax.block_until_ready(self.cache)
         return sorted(prompt_lengths), windows
 
-    def _run_chunk(self, steps: int, window: int) -> tuple[Array, ...]:
-        """The decode-chunk program over every slot's current state: (out, t, tok, cache, done)."""
-        return self._chunk(
-            self.engine.params, self.cache, jnp.asarray(self.tok), jnp.asarray(self.t), jnp.asarray(self.done),
-            jnp.asarray(self.lens), jnp.asarray(self.limits), jnp.asarray(self.temps), jnp.asarray(self.top_k),
-            jnp.asarray(self.top_p), jnp.asarray(self.seeds), self.stops, steps=steps, window=window)
+    def _launch(self, steps: int, window: int) -> SlotChunk:
+        if self._settings is None:
+            self._settings = tuple(jax.device_put(a, self.device) for a in (
+                np.asarray(self.live), self.lens, self.limits, self.temps, self.top_k, self.top_p, self.seeds))
+        out, self.t, self.tok, self.cache, self.done = self._chunk(
+            self.engine.params, self.cache, self.tok, self.t, self.done, *self._settings, self.stops,
+            steps=steps, window=window)
+        owners = {i: self._admissions[i] for i, live in enumerate(self.live) if live}
+        self._reply_steps[list(owners)] += steps
+        return SlotChunk(out, self.done, owners)
 
-    def step(self, chunk_tokens: int | None = None) -> dict[int, tuple[list[int], str | None]]:
-        """One chunk for every live slot: {slot: (new tokens without the stop token, finish reason or None)}.
-        Finished slots are released."""
+    def launch(self, chunk_tokens: int | None = None) -> SlotChunk | None:
+        """Start one chunk of every live slot on the device and return at once (None with no slot live)."""
         if not any(self.live):
-            return {}
+            return None
         steps = chunk_tokens or self.engine.chunk_tokens
         live = np.asarray(self.live)
         # Attention reads only the positions live slots can reach this chunk (a power-of-two bucket).
-        reach = int((self.lens[live] + self.t[live]).max()) + steps
-        window = bucket_length(reach, self.engine.max_len)
-        out, t, tok, self.cache, done = self._run_chunk(steps, window)
-        out, self.t, self.tok, done = np.asarray(out), np.array(t), np.array(tok), np.array(done)
+        reply_steps = np.minimum(self._reply_steps[live], self.limits[live])
+        window = bucket_length(int((self.lens[live] + reply_steps).max()) + steps, self.engine.max_len)
+        return self._launch(steps, window)
+
+    def collect(self, chunk: SlotChunk | None) -> dict[int, tuple[list[int], str | None]]:
+        """Wait for a launched chunk: {slot: (new tokens without the stop token, finish reason or None)} for
+        each slot still held by the request it decoded for. Finished slots are released."""
+        if chunk is None:
+            return {}
+        out, done = np.asarray(chunk.out), np.asarray(chunk.done)
         results: dict[int, tuple[list[int], str | None]] = {}
-        for slot in (i for i, live in enumerate(self.live) if live):
+        for slot, admission in chunk.owners.items():
+            if not self.live[slot] or self._admissions[slot] != admission:
+                continue  # released (finished or cancelled) after this chunk started
             row, hit_stop = chunk_row_tokens(out[slot], self.stop_set)
             reason = ("stop" if hit_stop else "length") if done[slot] else None
             results[slot] = (row, reason)
             if reason is not None:
                 self.release(slot)
-        self.done = done | ~np.asarray(self.live)
         return results
+
+    def step(self, chunk_tokens: int | None = None) -> dict[int, tuple[list[int], str | None]]:
+        """One chunk for every live slot, waited for: `collect(launch())`."""
+        return self.collect(self.launch(chunk_tokens))
 
 
 def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, precision: str = "fp32",

@@ -223,6 +223,46 @@ def test_slots_decode_what_the_static_batch_decodes_with_requests_joining_mid_re
     assert finished_order.index(1) < finished_order.index(0)  # the short reply left before the long one ended
 
 
+def test_slots_pipelined_one_chunk_ahead_give_the_same_replies():
+    """The server's worker launches chunk N+1 before it collects chunk N: a slot that finishes in N is reused
+    by a newcomer while N+1 is in flight, and a cancelled reply stops; every other reply is the one the engine
+    gives alone, and the stale chunk gives the newcomer no tokens of its predecessor."""
+    from picochat_jax.generate import SlotBatch
+
+    fam = Family("rope_gqa")
+    engine = Engine(fam.params, fam.cfg, max_batch=2, chunk_tokens=3)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (6, 4, 11, 8)]
+    sampling = [SamplingParams(max_new_tokens=n) for n in (4, 20, 9, 20)]
+    alone = [engine.generate([p], s, stop_ids=())[0] for p, s in zip(prompts, sampling, strict=True)]
+    slots = SlotBatch(engine, stop_ids=())
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    owner: dict[int, int] = {}
+    waiting, reasons = [0, 1, 2, 3], {}
+    in_flight, chunks = None, 0
+    while waiting or owner:
+        for slot in slots.free_slots():
+            if waiting:
+                i = waiting.pop(0)
+                slots.admit(slot, prompts[i], sampling[i])
+                owner[slot] = i
+        if got[3] and 3 in owner.values():  # request 3 is cancelled while a chunk of it is in flight
+            slot = next(k for k, v in owner.items() if v == 3)
+            slots.release(slot)
+            reasons[owner.pop(slot)] = "cancelled"
+        launched = slots.launch()
+        for slot, (tokens, reason) in slots.collect(in_flight).items():
+            got[owner[slot]].extend(tokens)
+            if reason is not None:
+                reasons[owner.pop(slot)] = reason
+        in_flight, chunks = launched, chunks + 1
+        assert chunks < 100
+    assert slots.collect(in_flight) == {}
+    assert [got[i] for i in range(3)] == alone[:3]
+    assert reasons == {0: "length", 1: "length", 2: "length", 3: "cancelled"}
+    assert 0 < len(got[3]) < len(alone[3]) and got[3] == alone[3][:len(got[3])]
+
+
 def test_compile_all_leaves_no_program_to_compile_and_changes_no_reply():
     """The server's warmup runs every prompt bucket and decode window once: requests after it compile nothing
     (a first use would stall every live stream) and get the tokens they get without it."""

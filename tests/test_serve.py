@@ -265,7 +265,12 @@ class _SlowTailSlots:
     def release(self, slot) -> None:
         self.live.pop(slot, None)
 
-    def step(self):
+    def launch(self):
+        return object() if self.live else None
+
+    def collect(self, chunk):
+        if chunk is None:
+            return {}
         self.chunks += 1
         first = {slot: order for slot, order in self.live.items()}
         if self.chunks == 1:

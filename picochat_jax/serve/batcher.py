@@ -8,6 +8,10 @@ join it before the first chunk. After every chunk the worker hands each request 
 request's `on_event` callback, so streams see text while the batch runs, and it frees the slots of finished
 and cancelled requests.
 
+The worker keeps one chunk queued ahead: it launches chunk N+1 before it collects chunk N, so the device
+decodes while the host hands out tokens and prefills newcomers. A slot that finished in chunk N rides along
+in chunk N+1 as done (no tokens); a request admitted after a launch joins the chunk after it.
+
 All JAX calls happen on the worker thread; the event loop only tokenizes, detokenizes and writes HTTP.
 """
 
@@ -68,7 +72,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class BatcherStats:
-    batches_run: int  # decode chunks run (each over every live slot)
+    batches_run: int  # decode chunks that gave requests tokens or finished them (each over every live slot)
     requests_done: int
     max_batch_seen: int  # most requests decoding together in one chunk
     tokens_generated: int
@@ -143,6 +147,7 @@ class Batcher:
 
     def _loop(self) -> None:
         owners: dict[int, GenerationRequest] = {}
+        in_flight = None  # the chunk launched last, not yet collected
         while not self._stop.is_set():
             try:
                 slots = self._slot_batch()
@@ -150,13 +155,16 @@ class Batcher:
                 self._admit(slots, owners, wait_s=0.05 if idle else 0.0)
                 if idle and owners:  # the first request of a quiet spell waits briefly for companions
                     self._admit(slots, owners, wait_s=self.batch_wait_s, until_full=True)
-                if owners:
-                    self._step(slots, owners)
+                self._cancel(slots, owners)
+                launched = slots.launch() if owners else None
+                self._hand_out(slots.collect(in_flight), owners)
+                in_flight = launched
             except Exception as exc:  # never let one bad chunk end the worker: the server would hang silently
                 log.exception("batcher worker error")
                 for slot in list(owners):
                     self._close(owners.pop(slot), Event("error", message=f"generation failed: "
                                                                          f"{type(exc).__name__}: {exc}"))
+                in_flight = None
                 self._slots = None  # the cache may be in any state: start from fresh slots
         for slot in list(owners):
             self._close(owners.pop(slot), Event("finish", reason="cancelled"))
@@ -192,17 +200,21 @@ class Batcher:
             if not until_full:
                 wait_s, deadline = 0.0, time.monotonic()  # one wait per call, then only what is already here
 
-    def _step(self, slots: Any, owners: dict[int, GenerationRequest]) -> None:
+    def _cancel(self, slots: Any, owners: dict[int, GenerationRequest]) -> None:
         for slot, req in list(owners.items()):
             if self._stop.is_set() or req.cancelled.is_set():
                 slots.release(slot)
                 self._close(owners.pop(slot), Event("finish", reason="cancelled"))
-        if not owners:
+
+    def _hand_out(self, results: dict[int, tuple[list[int], str | None]],
+                  owners: dict[int, GenerationRequest]) -> None:
+        """Give each request its tokens from a collected chunk; close the finished ones."""
+        if not results:
             return
         with self._lock:
             self._batches_run += 1
-            self._max_batch_seen = max(self._max_batch_seen, len(owners))
-        for slot, (tokens, reason) in slots.step().items():
+            self._max_batch_seen = max(self._max_batch_seen, len(results))
+        for slot, (tokens, reason) in results.items():
             req = owners[slot]
             if tokens:
                 with self._lock:
