@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Compiling model + loss together lets inductor fuse the float32 upcast into the cross-entropy, as a
     # careful PyTorch user would; compilation happens lazily on the first call, hence the fallback below.
-    impl = torch.compile(loss_fn) if args.compile else loss_fn
+    # Batches of several lengths (pad-to-longest) compile once with a dynamic sequence length, as recompiling per
+    # length would (torch's own answer to variable shapes); one length compiles static.
+    impl = torch.compile(loss_fn, dynamic=len(first_of_shape) > 1 or None) if args.compile else loss_fn
     compiled, compile_error = args.compile, None
     autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
                               enabled=args.precision == "bf16")
