@@ -647,9 +647,9 @@ class SlotBatch:
         reaches = [1 + steps] + [(1 << k) + 1 for k in range(cap.bit_length() + 1)]
         windows = sorted({bucket_length(r, cap) for r in reaches if 1 + steps <= r <= cap + steps})
         for window in windows:
-            # Every slot is free, hence done: the chunk changes nothing but free rows' cache entries.
+            # Every slot is free, hence done: the chunk changes nothing but free rows' cache entries. Collecting
+            # it waits for the program, so the warmup ends with every compile done.
             self.collect(self._launch(steps, window))
-        jax.block_until_ready(self.cache)
         return sorted(prompt_lengths), windows
 
     def _launch(self, steps: int, window: int) -> SlotChunk:
