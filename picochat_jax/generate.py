@@ -41,7 +41,7 @@ import numpy as np
 from picochat_jax.config import ModelConfig
 from picochat_jax.data.chat import encode_prompt
 from picochat_jax.data.records import Message
-from picochat_jax.model.transformer import Decoder, init_cache, make_model
+from picochat_jax.model.transformer import Decoder, default_scan_unroll, init_cache, make_model
 from picochat_jax.tokenizer import ChatTokenizer
 
 Array = jax.Array
@@ -374,7 +374,7 @@ class Engine:
     Call it from one thread only."""
 
     def __init__(self, params: Any, model_cfg: ModelConfig, max_len: int | None = None, precision: str = "fp32",
-                 *, max_batch: int = 32, chunk_tokens: int = 8, pad_id: int = 0):
+                 *, max_batch: int = 32, chunk_tokens: int = 8, pad_id: int = 0, scan_unroll: int = 1):
         self.max_len = context_length(model_cfg, max_len, max_batch)
         self.precision = precision
         if chunk_tokens < 1:
@@ -383,7 +383,10 @@ class Engine:
         self.max_batch = max_batch
         self.chunk_tokens = chunk_tokens
         self.pad_id = pad_id
-        self.model = make_model(model_cfg, precision)
+        # Layers per scan iteration; 0 = the backend's default (all of them on GPU). Unrolled, an H200 decode step
+        # of a 0.5B model ran 12-17% faster but compiled ~5x longer (docs/performance.md): the server, which
+        # compiles once at warmup, asks for it; eval and chat, which compile per batch shape, do not.
+        self.model = make_model(model_cfg, precision, scan_unroll=scan_unroll or default_scan_unroll(model_cfg))
         # Committed to one device however they were loaded, so every engine of this model calls the
         # shared programs with the same argument placement (a different one would compile them again).
         self.params = inference_params(params, self.model.dtype, jax.devices()[0])
@@ -698,7 +701,7 @@ class SlotBatch:
 
 def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, precision: str = "fp32",
                 max_len: int | None = None, max_batch: int = 32,
-                chunk_tokens: int = 8) -> tuple[Engine, NativeChatFormat]:
+                chunk_tokens: int = 8, scan_unroll: int = 1) -> tuple[Engine, NativeChatFormat]:
     """Engine and chat format for a native checkpoint folder (RUN/sft/checkpoint and friends); the tokenizer
     defaults to the folder's own copy and must be the one the model was trained with."""
     from picochat_jax.checkpoint import checkpoint_tokenizer, load_model_checkpoint
@@ -708,4 +711,4 @@ def load_native(checkpoint_dir: Path, tokenizer_path: Path | None = None, *, pre
     tok = ChatTokenizer.load(tokenizer_path)
     fmt = NativeChatFormat(tok)
     return Engine(params, model_cfg, max_len, precision, max_batch=max_batch, chunk_tokens=chunk_tokens,
-                  pad_id=fmt.pad_id), fmt
+                  pad_id=fmt.pad_id, scan_unroll=scan_unroll), fmt

@@ -89,6 +89,25 @@ def test_kv_cache_greedy_matches_full_recomputation(families, family, prompts):
     assert engine.generate(prompts, GREEDY, stop_ids=[], batch_size=2) == expected
 
 
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_unrolled_layers_decode_the_same_tokens(families, family, prompts):
+    """GPU engines unroll the layer loop (`default_scan_unroll`); a rolled and an unrolled engine give the same
+    greedy replies, in a static batch and through slots."""
+    fam = families[family]
+    unrolled = Engine(fam.params, fam.cfg, max_batch=8, scan_unroll=fam.cfg.n_layers)
+    assert unrolled.model.scan_unroll == fam.cfg.n_layers and fam.engine.model.scan_unroll == 1  # CPU default
+    expected = [fam.reference(p, 10) for p in prompts]
+    assert unrolled.generate(prompts, GREEDY, stop_ids=[]) == expected
+    slots = unrolled.slots(stop_ids=())
+    for slot, p in enumerate(prompts):
+        slots.admit(slot, p, GREEDY)
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    while slots.active():
+        for slot, (tokens, _) in slots.step().items():
+            got[slot].extend(tokens)
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
 def test_stops_at_stop_token_and_drops_it(families, prompts):
     engine, ref = families["learned_gpt2"].engine, families["learned_gpt2"].reference(prompts[2], 10)
     cut = next(i for i in range(1, 10) if ref[i] not in ref[:i])

@@ -122,7 +122,7 @@ class HFChatFormat:
 
 def load_hf_chat(model: str | Path, *, precision: str = "fp32", max_len: int | None = None,
                  max_batch: int = 32, cache_dir: str | Path | None = None,
-                 default_max_len: int = 4096, chunk_tokens: int = 8) -> tuple[Any, HFChatFormat]:
+                 default_max_len: int = 4096, chunk_tokens: int = 8, scan_unroll: int = 1) -> tuple[Any, HFChatFormat]:
     """(generate.Engine, HFChatFormat) for an HF folder or cached hub id. The KV cache defaults to at most
     `default_max_len` positions (serve.hf_max_len): HF configs often advertise 128k contexts no eval needs."""
     from picochat_jax.generate import Engine
@@ -132,4 +132,4 @@ def load_hf_chat(model: str | Path, *, precision: str = "fp32", max_len: int | N
     fmt = HFChatFormat.load(hf.path)
     length = max_len or min(hf.config.max_seq_len, default_max_len)
     return Engine(hf.params, hf.config, length, precision, max_batch=max_batch, chunk_tokens=chunk_tokens,
-                  pad_id=fmt.pad_id), fmt
+                  pad_id=fmt.pad_id, scan_unroll=scan_unroll), fmt

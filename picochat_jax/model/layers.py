@@ -22,6 +22,7 @@ from picochat_jax.model import lora, rms_norm_kernel
 from picochat_jax.model.ops import (
     apply_rope,
     attend,
+    attend_cache_and_new,
     concat_projections,
     heads_from_qkv,
     project,
@@ -101,6 +102,12 @@ class NormScale(nn.Module):
         return self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (self.width,))
 
 
+def is_decode_step(cache: dict[str, Array] | None, T: int) -> bool:
+    """A cached forward of one token a row: its attention reads the cache without writing it
+    (`ops.attend_cache_and_new`), and the caller writes the new rows afterwards (`Decoder`)."""
+    return cache is not None and T == 1
+
+
 def write_cache(cache: Array, new: Array, index: Array) -> Array:
     """cache (B, S, ...) with new (B, T, ...) written from slot `index`: a scalar, or (B,) per row."""
     index = jnp.asarray(index)
@@ -154,17 +161,23 @@ class Attention(nn.Module):
                 k = apply_rope(k, rope)
 
         new_cache = None
-        if cache is not None:
-            # Decoding: write this chunk's keys/values at cache_index (one slot for all rows, or one per row
-            # when rows of a continuous batch sit at different lengths), then attend over the whole cache.
-            k_all, v_all = (write_cache(cache[n], x.astype(cache[n].dtype), cache_index) for n, x in (("k", k),
-                                                                                                      ("v", v)))
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-
-        impl = resolve_attention_impl(self.attention_impl, self.dtype, hd)
         scale = None if cfg.query_scale is None else cfg.query_scale ** -0.5
-        out = attend(q, k, v, mask, segment_ids, impl, scale=scale, softcap=cfg.attn_softcap)
+        if is_decode_step(cache, T):
+            # One new token a row: attend over the cache as it stands plus the token's own key, and hand back
+            # only the new row; the Decoder writes all layers' rows into the cache after the layer stack.
+            new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+            out = attend_cache_and_new(q, k, v, cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), mask,
+                                       scale=scale, softcap=cfg.attn_softcap)
+        else:
+            if cache is not None:
+                # A prompt into the cache: write its keys/values at cache_index (one slot for all rows, or one
+                # per row), then attend over the whole cache.
+                k_all, v_all = (write_cache(cache[n], x.astype(cache[n].dtype), cache_index)
+                                for n, x in (("k", k), ("v", v)))
+                new_cache = {"k": k_all, "v": v_all}
+                k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+            impl = resolve_attention_impl(self.attention_impl, self.dtype, hd)
+            out = attend(q, k, v, mask, segment_ids, impl, scale=scale, softcap=cfg.attn_softcap)
         out = out.reshape(B, T, cfg.n_heads * hd)
         o_proj = Projection(out.shape[-1], cfg.d_model, ("heads", "embed"), cfg.out_bias, out_std, name="o_proj")()
         (out,) = project(out, [o_proj], self.dtype, fuse=False)

@@ -301,6 +301,32 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, sc
     return jnp.transpose(out, heads_first)
 
 
+def attend_cache_and_new(q: Array, k_new: Array, v_new: Array, k_cache: Array, v_cache: Array, cache_mask: Array,
+                         scale: float | None = None, softcap: float | None = None) -> Array:
+    """One decode step's attention: the query (B, 1, H, D) over the cached keys (B, S, KV, D) that `cache_mask`
+    (B|1, 1, 1, S) allows, and over its own new key (B, 1, KV, D), which is not in the cache yet.
+
+    The caller writes every layer's new key and value into the cache once, after the layer stack
+    (`Decoder`): a layer that wrote its row before attending would hand the scan a fresh copy of its whole
+    cache slice each step. GQA groups stay grouped (no repeated K/V); scores and softmax in float32."""
+    B, T, H, D = q.shape
+    KV = k_cache.shape[2]
+    qg = q.reshape(B, T, KV, H // KV, D)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    old = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    own = jnp.einsum("btkgd,btkd->bkgt", qg, k_new, preferred_element_type=jnp.float32)[..., None] * scale
+    if softcap is not None:
+        old, own = (softcap * jnp.tanh(s / softcap) for s in (old, own))
+    old = jnp.where(cache_mask[:, :, None], old, jnp.finfo(jnp.float32).min)  # (B|1, 1, 1, 1, S) over (k, g)
+    top = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), own)
+    p_old, p_own = jnp.exp(old - top), jnp.exp(own - top)
+    total = jnp.sum(p_old, axis=-1, keepdims=True) + p_own
+    out = jnp.einsum("bkgts,bskd->btkgd", (p_old / total).astype(v_cache.dtype), v_cache,
+                     preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgt,btkd->btkgd", (p_own / total)[..., 0], v_new.astype(jnp.float32))
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None, segment_ids: Array | None, impl: str,
            scale: float | None = None, softcap: float | None = None) -> Array:
     """Scaled dot-product attention, causal unless `mask` (B|1, 1, T, S) is given.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_policies
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection
+from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection, is_decode_step
 from picochat_jax.model.ops import (
     causal_mask,
     embed_lookup,
@@ -239,6 +239,8 @@ class Decoder(nn.Module):
             local = (local_rope, self._mask(T, offset, cache, kv_valid, segment_ids, cfg.sliding_window, True)[0])
             layer_local = jnp.asarray(cfg.sliding_layers, bool)
         x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, local, cache, layer_local)
+        if is_decode_step(cache, T):  # the layers returned each one's new row: one write for all of them
+            new_cache = {n: write_layer_rows(cache[n], new_cache[n], cache_index) for n in cache}
         x = self.final_norm(x)
         if return_hidden:
             return x
@@ -257,7 +259,8 @@ class Decoder(nn.Module):
             # (1, T) for one cache index, (B, T) when every row has its own (continuous batching).
             q_slot = jnp.reshape(jnp.asarray(offset), (-1, 1)) + jnp.arange(T)[None, :]
             kv_slot = jnp.arange(S)[None, None, :]
-            allowed = kv_slot <= q_slot[:, :, None]  # (1|B, T, S)
+            # A decode step's own key is not in the cache yet (layers.is_decode_step): its slot is masked.
+            allowed = (kv_slot < q_slot[:, :, None]) if is_decode_step(cache, T) else (kv_slot <= q_slot[:, :, None])
             if window is not None:
                 # Left padding sits before a row's tokens, so slot distances are position distances.
                 allowed &= q_slot[:, :, None] - kv_slot < window
@@ -390,6 +393,16 @@ def logical_axes(model: Decoder) -> Any:
     """Pytree of PartitionSpecs over *logical* axis names, matching the params tree."""
     abstract = jax.eval_shape(lambda r: model.init(r, dummy_tokens(model.cfg)), jax.random.key(0))
     return nn.get_partition_spec(abstract["params"])
+
+
+def write_layer_rows(cache: Array, rows: Array, index: Array) -> Array:
+    """cache (L, B, S, KV, D) with every layer's new rows (L, B, 1, KV, D) written at slot `index`: a scalar,
+    or (B,) one per row. Inside the decode loop the cache is loop state, so XLA updates it in place."""
+    index = jnp.asarray(index)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, rows, index, axis=2)
+    return jax.vmap(lambda c, r, i: jax.lax.dynamic_update_slice_in_dim(c, r, i, axis=1),
+                    in_axes=(1, 1, 0), out_axes=1)(cache, rows, index)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict[str, Array]:

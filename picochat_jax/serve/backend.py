@@ -15,6 +15,9 @@ from picochat_jax.config import ServeConfig
 from picochat_jax.serve.batcher import Batcher
 
 DEFAULTS = ServeConfig()  # mirrors configs/base.yaml serve: (tests/test_config.py keeps them equal)
+# The server's decode programs unroll the layer loop on GPU (0 = the backend's default, rolled on CPU): it
+# compiles them once, at warmup, and then decodes for its whole life (generate.Engine, docs/performance.md).
+SERVE_SCAN_UNROLL = 0
 
 
 @dataclass
@@ -50,7 +53,7 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
         from picochat_jax.generate import load_native
 
         engine, fmt = load_native(Path(checkpoint), tokenizer, precision=precision, max_len=max_len,
-                                  max_batch=max_batch, chunk_tokens=chunk_tokens)
+                                  max_batch=max_batch, chunk_tokens=chunk_tokens, scan_unroll=SERVE_SCAN_UNROLL)
         name = model_name or "picochat"
     else:
         try:
@@ -59,7 +62,8 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
             raise ValueError(f"--hf-model needs the HF bridge (picochat_jax.hf), which failed to import: {exc}") \
                 from exc
         engine, fmt = load_hf_chat(hf_model, precision=precision, max_len=max_len, max_batch=max_batch,
-                                   default_max_len=hf_max_len, chunk_tokens=chunk_tokens)
+                                   default_max_len=hf_max_len, chunk_tokens=chunk_tokens,
+                                   scan_unroll=SERVE_SCAN_UNROLL)
         name = model_name or Path(str(hf_model)).name
     batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)
     if warmup:
