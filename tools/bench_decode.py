@@ -25,17 +25,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # bench_serve's shape flags
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench_serve import add_shape_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shape = p.add_argument_group("shape (default: Qwen2.5-0.5B)")
-    shape.add_argument("--layers", type=int, default=24)
-    shape.add_argument("--hidden", type=int, default=896)
-    shape.add_argument("--intermediate", type=int, default=4864)
-    shape.add_argument("--heads", type=int, default=14)
-    shape.add_argument("--kv-heads", type=int, default=2)
-    shape.add_argument("--vocab", type=int, default=151936)
+    add_shape_arguments(p)
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-len", type=int, default=1024)

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The model shape flags, Qwen2.5-0.5B's by default (tools/bench_decode.py takes the same)."""
     shape = p.add_argument_group("shape (default: Qwen2.5-0.5B)")
     shape.add_argument("--layers", type=int, default=24)
     shape.add_argument("--hidden", type=int, default=896)
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--heads", type=int, default=14)
     shape.add_argument("--kv-heads", type=int, default=2)
     shape.add_argument("--vocab", type=int, default=151936)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(p)
     load = p.add_argument_group("load")
     load.add_argument("--streams", default="1,16,64", help="comma-separated concurrency levels")
     load.add_argument("--requests-per-stream", type=int, default=2)
