@@ -259,8 +259,8 @@ def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
     set to its first token at reply step 0, not done; returns (cache, tok, t, done).
 
     The first token stays on the device: admitting a request never waits for the chunk in flight. Padding
-    after the prompt writes keys a decode step never sees: step t writes slot prompt_len + t before it
-    attends, and attends only up to it."""
+    after the prompt writes keys a decode step never sees: step t reads the cache only below slot
+    prompt_len + t (its own key comes straight from the step) and then writes that slot."""
     P = tokens.shape[1]
 
     def at_prompt_end(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
