@@ -91,11 +91,11 @@ def test_kv_cache_greedy_matches_full_recomputation(families, family, prompts):
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_unrolled_layers_decode_the_same_tokens(families, family, prompts):
-    """GPU engines unroll the layer loop (`default_scan_unroll`); a rolled and an unrolled engine give the same
-    greedy replies, in a static batch and through slots."""
+    """The server's engine unrolls the layer loop on GPU (`serve.backend.SERVE_SCAN_UNROLL`); a rolled and an
+    unrolled engine give the same greedy replies, in a static batch and through slots."""
     fam = families[family]
     unrolled = Engine(fam.params, fam.cfg, max_batch=8, scan_unroll=fam.cfg.n_layers)
-    assert unrolled.model.scan_unroll == fam.cfg.n_layers and fam.engine.model.scan_unroll == 1  # CPU default
+    assert unrolled.model.scan_unroll == fam.cfg.n_layers and fam.engine.model.scan_unroll == 1  # Engine's default
     expected = [fam.reference(p, 10) for p in prompts]
     assert unrolled.generate(prompts, GREEDY, stop_ids=[]) == expected
     slots = unrolled.slots(stop_ids=())
