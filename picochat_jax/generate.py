@@ -41,7 +41,14 @@ import numpy as np
 from picochat_jax.config import ModelConfig
 from picochat_jax.data.chat import encode_prompt
 from picochat_jax.data.records import Message
-from picochat_jax.model.transformer import Decoder, default_scan_unroll, init_cache, make_model
+from picochat_jax.model.transformer import (
+    Decoder,
+    cache_batch_and_length,
+    default_scan_unroll,
+    init_cache,
+    make_model,
+    unstack_layers,
+)
 from picochat_jax.tokenizer import ChatTokenizer
 
 Array = jax.Array
@@ -187,7 +194,7 @@ def _prefill(model: Decoder, params: Any, tokens: Array, prompt_lens: Array, tem
     pad = P - prompt_lens
     kv_valid = jnp.arange(cache_len)[None, :] >= pad[:, None]
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)
-    cache = init_cache(model.cfg, B, cache_len, model.dtype)
+    cache = init_cache(model.cfg, B, cache_len, model.dtype, per_layer=model.layer_loop)
     with nn.intercept_methods(_last_position_logits):
         logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid)
@@ -234,7 +241,7 @@ def _decode_chunk(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
                   prompt_len: Array, prompt_bucket: Array, max_new: Array, temperature: Array, top_k: Array,
                   top_p: Array, seeds: Array, stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
     """A static batch's chunk: left-padded prompts, so one cache slot prompt_bucket + t serves every row."""
-    S = cache["k"].shape[2]
+    S = cache_batch_and_length(cache)[1]
     kv_valid = jnp.arange(S)[None, :] >= (prompt_bucket - prompt_len)[:, None]
 
     def place(t: Array) -> tuple[Array, Array, Array]:
@@ -268,11 +275,12 @@ def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
             args = (jax.lax.dynamic_slice_in_dim(args[0], prompt_len - 1, 1, axis=1), *args[1:])
         return next_fun(*args, **kwargs)
 
-    fresh = init_cache(model.cfg, 1, P, model.dtype)
+    fresh = init_cache(model.cfg, 1, P, model.dtype, per_layer=model.layer_loop)
     with nn.intercept_methods(at_prompt_end):
         logits, fresh = model.apply({"params": params}, tokens, positions=jnp.arange(P)[None, :], cache=fresh,
                                     cache_index=jnp.int32(0))
-    cache = {k: jax.lax.dynamic_update_slice(cache[k], fresh[k], (0, slot, 0, 0, 0)) for k in cache}
+    cache = jax.tree_util.tree_map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, slot, axis=c.ndim - 4),
+                                   cache, fresh)
     first = _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p)[0]
     return cache, tok.at[slot].set(first), t.at[slot].set(0), done.at[slot].set(False)
 
@@ -282,7 +290,7 @@ def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Arr
                   stop_ids: Array, *, steps: int) -> tuple[Array, ...]:
     """A chunk over slots: every row has its own prompt length and reply step t, so its cache slot
     prompt_len + t and its position differ from its neighbours'."""
-    S = cache["k"].shape[2]
+    S = cache_batch_and_length(cache)[1]
 
     def place(t: Array) -> tuple[Array, Array, None]:
         at = jnp.minimum(prompt_len + t, S - 1)  # finished and free rows write where no live row reads
@@ -297,9 +305,10 @@ def _decode_slots_window(model: Decoder, params: Any, cache: dict[str, Array], t
     """`_decode_slots` over the live slots (a free or released one is done), on the first `window` cache
     positions only: every live slot's tokens fit in them, so attention reads `window` keys a step instead of
     the whole cache."""
-    view = {k: jax.lax.slice_in_dim(v, 0, window, axis=2) for k, v in cache.items()}
+    view = jax.tree_util.tree_map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=c.ndim - 3), cache)
     out, t, tok, view, done = _decode_slots(model, params, view, tok, t, done | ~live, *args, steps=steps)
-    cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], view[k], 0, axis=2) for k in cache}
+    cache = jax.tree_util.tree_map(lambda c, v: jax.lax.dynamic_update_slice_in_dim(c, v, 0, axis=c.ndim - 3),
+                                   cache, view)
     return out, t, tok, cache, done
 
 
@@ -374,7 +383,8 @@ class Engine:
     Call it from one thread only."""
 
     def __init__(self, params: Any, model_cfg: ModelConfig, max_len: int | None = None, precision: str = "fp32",
-                 *, max_batch: int = 32, chunk_tokens: int = 8, pad_id: int = 0, scan_unroll: int = 1):
+                 *, max_batch: int = 32, chunk_tokens: int = 8, pad_id: int = 0, scan_unroll: int = 1,
+                 layer_loop: bool | None = None):
         self.max_len = context_length(model_cfg, max_len, max_batch)
         self.precision = precision
         if chunk_tokens < 1:
@@ -385,11 +395,17 @@ class Engine:
         self.pad_id = pad_id
         # Layers per scan iteration; 0 = the backend's default (all of them on GPU). Unrolled, an H200 decode step
         # of a 0.5B model ran 12-17% faster but compiled ~5x longer (docs/performance.md): the server, which
-        # compiles once at warmup, asks for it; eval and chat, which compile per batch shape, do not.
-        self.model = make_model(model_cfg, precision, scan_unroll=scan_unroll or default_scan_unroll(model_cfg))
+        # compiles once at warmup, asks for it; eval and chat, which compile per batch shape, do not. Fully
+        # unrolled, the layers run as a loop over per-layer params and caches (`layer_loop`, None = then),
+        # which spares every decode step the copies of slicing stacked ones.
+        unroll = scan_unroll or default_scan_unroll(model_cfg)
+        if layer_loop is None:
+            layer_loop = unroll >= model_cfg.n_layers
+        self.model = make_model(model_cfg, precision, scan_unroll=1 if layer_loop else unroll, layer_loop=layer_loop)
         # Committed to one device however they were loaded, so every engine of this model calls the
         # shared programs with the same argument placement (a different one would compile them again).
-        self.params = inference_params(params, self.model.dtype, jax.devices()[0])
+        params = inference_params(params, self.model.dtype, jax.devices()[0])
+        self.params = unstack_layers(params, model_cfg.n_layers) if layer_loop else params
         self._prefill = functools.partial(_PREFILL, self.model)
         self._chunk = functools.partial(_chunk_program(jax.default_backend() != "cpu"), self.model)
 
@@ -585,7 +601,8 @@ class SlotBatch:
         # outputs are, and an input that changed placement after the first chunk would compile every program
         # a second time.
         self.device = jax.devices()[0]
-        self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype), self.device)
+        self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype,
+                                               per_layer=engine.model.layer_loop), self.device)
         self.tok, self.t = (jax.device_put(np.zeros((B,), np.int32), self.device) for _ in range(2))
         self.done = jax.device_put(np.ones((B,), bool), self.device)
         self.stops = jax.device_put(np.asarray(list(stop_ids) or [-1], np.int32), self.device)

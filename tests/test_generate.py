@@ -89,13 +89,20 @@ def test_kv_cache_greedy_matches_full_recomputation(families, family, prompts):
     assert engine.generate(prompts, GREEDY, stop_ids=[], batch_size=2) == expected
 
 
+@pytest.mark.parametrize("layer_loop", [None, False], ids=["layer_loop", "unrolled_scan"])
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_unrolled_layers_decode_the_same_tokens(families, family, prompts):
-    """The server's engine unrolls the layer loop on GPU (`serve.backend.SERVE_SCAN_UNROLL`); a rolled and an
-    unrolled engine give the same greedy replies, in a static batch and through slots."""
+def test_unrolled_layers_decode_the_same_tokens(families, family, prompts, layer_loop):
+    """The server's engine unrolls the layers on GPU (`serve.backend.SERVE_SCAN_UNROLL`): fully unrolled, as a
+    loop over per-layer params and caches (`Decoder.layer_loop`), or as an unrolled scan when asked. Both give
+    the rolled engine's greedy replies, in a static batch and through slots."""
     fam = families[family]
-    unrolled = Engine(fam.params, fam.cfg, max_batch=8, scan_unroll=fam.cfg.n_layers)
-    assert unrolled.model.scan_unroll == fam.cfg.n_layers and fam.engine.model.scan_unroll == 1  # Engine's default
+    unrolled = Engine(fam.params, fam.cfg, max_batch=8, scan_unroll=fam.cfg.n_layers, layer_loop=layer_loop)
+    assert fam.engine.model.scan_unroll == 1 and not fam.engine.model.layer_loop  # Engine's default: rolled
+    if layer_loop is None:  # full unroll: the loop, with each layer's params and cache arrays its own
+        assert unrolled.model.layer_loop and "layers" not in unrolled.params and "layers_0" in unrolled.params
+        assert isinstance(unrolled.slots(stop_ids=()).cache["k"], tuple)
+    else:
+        assert unrolled.model.scan_unroll == fam.cfg.n_layers and not unrolled.model.layer_loop
     expected = [fam.reference(p, 10) for p in prompts]
     assert unrolled.generate(prompts, GREEDY, stop_ids=[]) == expected
     slots = unrolled.slots(stop_ids=())

@@ -7,7 +7,8 @@ and `Engine.run` (a static batch), per way of compiling the layer loop.
         --slots 4 --prompt-len 8 --windows 32,64 --max-len 64 --chunks 2 --unroll 1,2 --precision fp32   # CPU
 
 The model is a random-init native model of a Qwen2-like shape (RoPE, GQA, q/k/v bias, tied embeddings). For each
-`--unroll` value (layers per scan iteration; 0 = the engine's default for this backend) it fills `--slots`
+`--unroll` value (N = layers per scan iteration of the stacked layers; `loop` = the layers as a loop over per-layer
+params and caches, `Decoder.layer_loop`; 0 = the engine's default for this backend) it fills `--slots`
 slots with `--prompt-len`-token prompts, then times `--chunks` decode chunks of `--chunk-tokens` steps at each
 attention window in `--windows` with every slot live, and with one slot live; then `Engine.run` on the same
 prompts as one static batch. Each program runs once untimed first; its compile time is reported.
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=10,
                    help="timed chunks per window (prompt + (chunks + 1) x chunk-tokens should fit the smallest)")
     p.add_argument("--unroll", default="1,0",
-                   help="layers per scan iteration; 0 = the backend default (all on GPU, as serve)")
+                   help="layers per scan iteration of the stacked layers, `loop` for the per-layer loop, or 0 for "
+                        "the backend default (the loop on GPU, as serve)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--profile", action="store_true",
                    help="trace 3 chunks at the largest window (all slots live) and print the top kernels by time")
@@ -88,21 +90,30 @@ def _timed(fn: Any, repeats: int) -> tuple[float, float]:
     return first, (time.perf_counter() - t0) / repeats
 
 
-def bench_variant(args: argparse.Namespace, params: Any, cfg: Any, unroll: int) -> dict[str, Any]:
+def engine_options(variant: str) -> dict[str, Any]:
+    """Engine keywords of an `--unroll` value: "loop", "0" (the backend default) or N (a stacked scan)."""
+    if variant == "loop":
+        return {"layer_loop": True}
+    unroll = int(variant)
+    return {"scan_unroll": unroll} if unroll == 0 else {"scan_unroll": unroll, "layer_loop": False}
+
+
+def bench_variant(args: argparse.Namespace, params: Any, cfg: Any, unroll: str) -> dict[str, Any]:
     import jax
     import numpy as np
 
     from picochat_jax.generate import Engine, SamplingParams
 
     engine = Engine(params, cfg, args.max_len, args.precision, max_batch=args.slots,
-                    chunk_tokens=args.chunk_tokens, scan_unroll=unroll)
+                    chunk_tokens=args.chunk_tokens, **engine_options(unroll))
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, args.vocab, (args.slots, args.prompt_len)).tolist()
     # Replies never end inside the timed chunks: no stop token, and room for every timed step.
     reply = args.max_len - args.prompt_len
     sampling = SamplingParams(max_new_tokens=reply)
     steps = args.chunk_tokens
-    out: dict[str, Any] = {"unroll": unroll, "scan_unroll": engine.model.scan_unroll, "slots": {}}
+    out: dict[str, Any] = {"unroll": unroll, "scan_unroll": engine.model.scan_unroll,
+                           "layer_loop": engine.model.layer_loop, "slots": {}}
     for live in sorted({args.slots, 1}, reverse=True):
         slots = engine.slots([], args.slots)
         rows, admit_s = [], []
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "command": shlex.join([sys.executable, *sys.argv]), "options": vars(args) | {
                                   "json_out": str(args.json_out)},
                               "device": str(jax.devices()[0]), "jax": jax.__version__, "variants": []}
-    for unroll in (int(u) for u in args.unroll.split(",")):
+    for unroll in args.unroll.split(","):
         report["variants"].append(bench_variant(args, params, cfg, unroll))
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2))

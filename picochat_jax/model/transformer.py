@@ -1,7 +1,9 @@
 """The picochat decoder: a pure-functional Flax module whose params are a plain pytree.
 
 Layers are stacked with `nn.scan` (one compiled block, a leading `layers` axis on every block param), which
-keeps compile time flat in depth and gives the HF bridge one tensor per weight kind.
+keeps compile time flat in depth and gives the HF bridge one tensor per weight kind. A decoding engine can run
+the same blocks as a Python loop instead (`layer_loop`: params `layers_0`, `layers_1`, ... from
+`unstack_layers`, one cache array per layer), so no decode step slices a stacked cache or weight.
 
     model = Decoder(cfg)
     params = init_params(model, jax.random.key(0))
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_policies
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection, is_decode_step
+from picochat_jax.model.layers import MLP, Attention, Norm, NormScale, Projection, is_decode_step, write_cache
 from picochat_jax.model.ops import (
     causal_mask,
     embed_lookup,
@@ -167,6 +169,11 @@ class Decoder(nn.Module):
     rms_norm_impl: str | None = None
     # How the token embedding's gradient is summed: None/"auto" = a float32 scatter (ops.resolve_embed_grad_impl).
     embed_grad_impl: str | None = None
+    # The layers as separate modules called in a Python loop (params `layers_i`, see `unstack_layers`; a cache of
+    # one array per layer, see `init_cache`) instead of one scanned block. For decoding on GPU: even a fully
+    # unrolled scan reads each layer's weights and cache as slices of (n_layers, ...) stacks, which XLA copies
+    # out every decode step (0.4 ms of a 3 ms step at the Qwen2.5-0.5B shape on an H200, docs/performance.md).
+    layer_loop: bool = False
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -184,16 +191,20 @@ class Decoder(nn.Module):
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
-            length=cfg.n_layers,
-            unroll=self.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
-          self.rms_norm_impl, name="layers")
+        block_args = (cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
+                      self.rms_norm_impl)
+        if self.layer_loop:
+            self.layers = [block(*block_args) for _ in range(cfg.n_layers)]  # named layers_0, layers_1, ...
+        else:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+                length=cfg.n_layers,
+                unroll=self.scan_unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(*block_args, name="layers")
         self.final_norm = Norm(cfg.norm, cfg.norm_eps, self.dtype, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = Projection(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), False, cfg.init_std,
@@ -238,7 +249,10 @@ class Decoder(nn.Module):
             mask, layer_segments = self._mask(T, offset, cache, kv_valid, segment_ids, None, explicit=True)
             local = (local_rope, self._mask(T, offset, cache, kv_valid, segment_ids, cfg.sliding_window, True)[0])
             layer_local = jnp.asarray(cfg.sliding_layers, bool)
-        x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, local, cache, layer_local)
+        if self.layer_loop:
+            x, new_cache = self._loop_layers(x, rope, mask, layer_segments, cache_index, local, cache, layer_local)
+        else:
+            x, new_cache = self.layers(x, rope, mask, layer_segments, cache_index, local, cache, layer_local)
         if is_decode_step(cache, T):  # the layers returned each one's new row: one write for all of them
             new_cache = {n: write_layer_rows(cache[n], new_cache[n], cache_index) for n in cache}
         x = self.final_norm(x)
@@ -246,6 +260,20 @@ class Decoder(nn.Module):
             return x
         logits = self.logits_from_hidden(x)
         return logits if cache is None else (logits, new_cache)
+
+    def _loop_layers(self, x: Array, rope: Any, mask: Any, segment_ids: Any, cache_index: Any, local: Any,
+                     cache: dict[str, Any] | None, layer_local: Array | None) -> tuple[Array, dict[str, Any] | None]:
+        """The blocks one after another, each with its own cache arrays: (x, new cache or None), the cache as
+        tuples of per-layer arrays in the scan's layout without its layer axis."""
+        outputs = []
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else {n: cache[n][i] for n in cache}
+            x, layer_out = block(x, rope, mask, segment_ids, cache_index, local, layer_cache,
+                                 None if layer_local is None else layer_local[i])
+            outputs.append(layer_out)
+        if cache is None:
+            return x, None
+        return x, {n: tuple(out[n] for out in outputs) for n in cache}
 
     def _mask(self, T: int, offset: Any, cache: dict[str, Array] | None, kv_valid: Array | None,
               segment_ids: Array | None, window: int | None, explicit: bool) -> tuple[Array | None, Array | None]:
@@ -255,7 +283,7 @@ class Decoder(nn.Module):
         attention is plain causal; fused kernels mask packed documents themselves from the segment ids.
         """
         if cache is not None:
-            S = cache["k"].shape[2]
+            B, S = cache_batch_and_length(cache)
             # (1, T) for one cache index, (B, T) when every row has its own (continuous batching).
             q_slot = jnp.reshape(jnp.asarray(offset), (-1, 1)) + jnp.arange(T)[None, :]
             kv_slot = jnp.arange(S)[None, None, :]
@@ -264,7 +292,7 @@ class Decoder(nn.Module):
             if window is not None:
                 # Left padding sits before a row's tokens, so slot distances are position distances.
                 allowed &= q_slot[:, :, None] - kv_slot < window
-            valid = jnp.ones((cache["k"].shape[1], S), bool) if kv_valid is None else kv_valid
+            valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
             return allowed[:, None] & valid[:, None, None, :], None
         if segment_ids is None and window is None and not explicit:
             return None, None
@@ -358,9 +386,9 @@ def compute_dtype(precision: str) -> Any:
 
 
 def make_model(cfg: ModelConfig, precision: str = "fp32", remat: str = "none", attention_impl: str | None = None,
-               scan_unroll: int = 1, fuse_projections: bool = True) -> Decoder:
+               scan_unroll: int = 1, fuse_projections: bool = True, layer_loop: bool = False) -> Decoder:
     return Decoder(cfg, dtype=compute_dtype(precision), remat=remat, attention_impl=attention_impl,
-                   scan_unroll=scan_unroll, fuse_projections=fuse_projections)
+                   scan_unroll=scan_unroll, fuse_projections=fuse_projections, layer_loop=layer_loop)
 
 
 def training_model(cfg: ModelConfig, precision: str, remat: str, tensor_parallel: int,
@@ -395,9 +423,21 @@ def logical_axes(model: Decoder) -> Any:
     return nn.get_partition_spec(abstract["params"])
 
 
-def write_layer_rows(cache: Array, rows: Array, index: Array) -> Array:
+def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+    """A scanned Decoder's params (block params stacked under `layers`) as a `layer_loop` Decoder's: each
+    layer's own arrays under `layers_0`, `layers_1`, ... Run once, outside jit: the slices are new buffers."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": jax.tree_util.tree_map(lambda p, i=i: p[i], params["layers"])
+                       for i in range(n_layers)}}
+
+
+def write_layer_rows(cache: Array | tuple[Array, ...], rows: Array | tuple[Array, ...],
+                     index: Array) -> Array | tuple[Array, ...]:
     """cache (L, B, S, KV, D) with every layer's new rows (L, B, 1, KV, D) written at slot `index`: a scalar,
-    or (B,) one per row. Inside the decode loop the cache is loop state, so XLA updates it in place."""
+    or (B,) one per row; or the same per layer, for tuples of (B, S, KV, D) arrays (`Decoder.layer_loop`).
+    Inside the decode loop the cache is loop state, so XLA updates it in place."""
+    if isinstance(cache, tuple):
+        return tuple(write_cache(c, r, index) for c, r in zip(cache, rows, strict=True))
     index = jnp.asarray(index)
     if index.ndim == 0:
         return jax.lax.dynamic_update_slice_in_dim(cache, rows, index, axis=2)
@@ -405,9 +445,21 @@ def write_layer_rows(cache: Array, rows: Array, index: Array) -> Array:
                     in_axes=(1, 1, 0), out_axes=1)(cache, rows, index)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict[str, Array]:
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
+               per_layer: bool = False) -> dict[str, Any]:
+    """Zeroed keys and values: (n_layers, batch, max_len, KV, D) arrays, or with `per_layer` (a `layer_loop`
+    Decoder's cache) tuples of n_layers (batch, max_len, KV, D) arrays. Code that handles both indexes the
+    batch and slot axes from the end (-4, -3)."""
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    if per_layer:
+        return {n: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for n in ("k", "v")}
+    return {n: jnp.zeros((cfg.n_layers, *shape), dtype) for n in ("k", "v")}
+
+
+def cache_batch_and_length(cache: dict[str, Any]) -> tuple[int, int]:
+    """(rows, slots) of a cache in either layout (`init_cache`)."""
+    leaf = jax.tree_util.tree_leaves(cache)[0]
+    return leaf.shape[-4], leaf.shape[-3]
 
 
 def count_params(params: Any) -> int:
