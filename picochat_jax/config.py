@@ -253,6 +253,7 @@ class ServeConfig:
     max_batch: int = 8
     batch_wait_ms: float = 5.0
     chunk_tokens: int = 8
+    prefill_rows: int = 8  # waiting prompts prefilled per program call (1 or this many rows, padded)
     default_max_tokens: int = 256
     max_queue: int = 256
     max_request_bytes: int = 1 << 20

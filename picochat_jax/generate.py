@@ -259,30 +259,32 @@ _PREFILL = jax.jit(_prefill, static_argnames=("model", "cache_len"))
 # ------------------------------------------------------------------------------- continuous batching (slots)
 
 
-def _prefill_slot(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
-                  slot: Array, tokens: Array, prompt_len: Array, temperature: Array, top_k: Array, top_p: Array,
-                  seeds: Array) -> tuple[dict[str, Array], Array, Array, Array]:
-    """One right-padded (1, P) prompt into cache slot `slot` (its rows 0..P-1), and that slot's decode state
-    set to its first token at reply step 0, not done; returns (cache, tok, t, done).
+def _prefill_slots(model: Decoder, params: Any, cache: dict[str, Any], tok: Array, t: Array, done: Array,
+                   slots: Array, tokens: Array, prompt_lens: Array, temperature: Array, top_k: Array, top_p: Array,
+                   seeds: Array) -> tuple[dict[str, Any], Array, Array, Array]:
+    """Right-padded (R, P) prompts into cache slots `slots` (R,) (each its rows 0..P-1), and those slots'
+    decode state set to their first token at reply step 0, not done; returns (cache, tok, t, done). A row whose
+    slot is out of range (the cache's batch size) is filler: its writes are dropped.
 
-    The first token stays on the device: admitting a request never waits for the chunk in flight. Padding
-    after the prompt writes keys a decode step never sees: step t reads the cache only below slot
+    The first tokens stay on the device: admitting requests never waits for the chunk in flight. Padding
+    after a prompt writes keys a decode step never sees: step t reads the cache only below slot
     prompt_len + t (its own key comes straight from the step) and then writes that slot."""
-    P = tokens.shape[1]
+    R, P = tokens.shape
 
     def at_prompt_end(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        if context.method_name == "logits_from_hidden":  # only the last real position onto the vocabulary
-            args = (jax.lax.dynamic_slice_in_dim(args[0], prompt_len - 1, 1, axis=1), *args[1:])
+        if context.method_name == "logits_from_hidden":  # only each row's last real position onto the vocabulary
+            args = (jnp.take_along_axis(args[0], (prompt_lens - 1)[:, None, None], axis=1), *args[1:])
         return next_fun(*args, **kwargs)
 
-    fresh = init_cache(model.cfg, 1, P, model.dtype, per_layer=model.layer_loop)
+    fresh = init_cache(model.cfg, R, P, model.dtype, per_layer=model.layer_loop)
     with nn.intercept_methods(at_prompt_end):
-        logits, fresh = model.apply({"params": params}, tokens, positions=jnp.arange(P)[None, :], cache=fresh,
-                                    cache_index=jnp.int32(0))
-    cache = jax.tree_util.tree_map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, slot, axis=c.ndim - 4),
-                                   cache, fresh)
-    first = _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p)[0]
-    return cache, tok.at[slot].set(first), t.at[slot].set(0), done.at[slot].set(False)
+        logits, fresh = model.apply({"params": params}, tokens, positions=jnp.broadcast_to(jnp.arange(P), (R, P)),
+                                    cache=fresh, cache_index=jnp.int32(0))
+    cache = jax.tree_util.tree_map(
+        lambda c, f: c.at[(slice(None),) * (c.ndim - 4) + (slots, slice(0, P))].set(f, mode="drop"), cache, fresh)
+    first = _pick(logits[:, -1], seeds, jnp.int32(0), temperature, top_k, top_p)
+    return (cache, tok.at[slots].set(first, mode="drop"), t.at[slots].set(0, mode="drop"),
+            done.at[slots].set(False, mode="drop"))
 
 
 def _decode_slots(model: Decoder, params: Any, cache: dict[str, Array], tok: Array, t: Array, done: Array,
@@ -314,9 +316,9 @@ def _decode_slots_window(model: Decoder, params: Any, cache: dict[str, Array], t
 
 @functools.cache
 def _slot_programs(donate_cache: bool) -> tuple[Any, Any]:
-    """(prefill into a slot, decode chunk over slots), donating the cache where the backend can."""
+    """(prefill into slots, decode chunk over slots), donating the cache where the backend can."""
     donate = ("cache",) if donate_cache else ()
-    return (jax.jit(_prefill_slot, static_argnames=("model",), donate_argnames=donate),
+    return (jax.jit(_prefill_slots, static_argnames=("model",), donate_argnames=donate),
             jax.jit(_decode_slots_window, static_argnames=("model", "steps", "window"), donate_argnames=donate))
 
 
@@ -489,9 +491,9 @@ class Engine:
                     results[i].extend(new)
         return results
 
-    def slots(self, stop_ids: Sequence[int], size: int | None = None) -> SlotBatch:
+    def slots(self, stop_ids: Sequence[int], size: int | None = None, prefill_rows: int = 1) -> SlotBatch:
         """Continuous batching over this engine's model with `size` slots (see `SlotBatch`)."""
-        return SlotBatch(self, stop_ids, size)
+        return SlotBatch(self, stop_ids, size, prefill_rows)
 
     def run(self, prompts: Sequence[Sequence[int]], rows: Sequence[SamplingParams], stop_ids: Sequence[int],
             cancelled: Callable[[], Sequence[bool]] | None = None,
@@ -585,18 +587,22 @@ class SlotBatch:
     """Continuous batching on one engine: `size` cache slots (default and at most the engine's `max_batch`)
     of `max_len` tokens each.
 
-    A request is `admit`ted into a free slot (its prompt prefilled into that slot alone) whenever one is free;
-    `launch` starts one chunk over every live slot and `collect` waits for a launched chunk's tokens. Requests
-    join and leave between chunks, so a long reply never holds a short one back. Each slot's pending token,
+    A request is `admit`ted into a free slot whenever one is free (`admit_many`: several prompts prefilled
+    together, `prefill_rows` per program call); `launch` starts one chunk over every live slot and `collect`
+    waits for a launched chunk's tokens. Requests join and leave between chunks, so a long reply never holds a
+    short one back. Each slot's pending token,
     reply step and done flag live on the device, so neither admitting nor launching waits for the device:
     a caller can launch the next chunk before it collects the last, keeping the device busy while the host
     hands tokens out (`step` is both at once). The same model programs, sampling and stop rules as
     `Engine.run`: a greedy or seeded reply is the same token for token. Call from one thread only.
     """
 
-    def __init__(self, engine: Engine, stop_ids: Sequence[int], size: int | None = None):
+    def __init__(self, engine: Engine, stop_ids: Sequence[int], size: int | None = None, prefill_rows: int = 1):
         self.engine = engine
         B, S = min(size or engine.max_batch, engine.max_batch), engine.max_len
+        if prefill_rows < 1:
+            raise ValueError(f"prefill_rows must be >= 1, got {prefill_rows}")
+        self.prefill_rows = min(prefill_rows, B)
         # Everything the programs take is committed to the params' device from the start: the programs'
         # outputs are, and an input that changed placement after the first chunk would compile every program
         # a second time.
@@ -627,22 +633,48 @@ class SlotBatch:
 
     def admit(self, slot: int, prompt: Sequence[int], sampling: SamplingParams) -> None:
         """Prefill `prompt` into free `slot`; its reply starts with the next `launch`."""
-        if self.live[slot]:
-            raise ValueError(f"slot {slot} is busy")
-        self.engine.check_fits(len(prompt), sampling.max_new_tokens)
-        P = bucket_length(len(prompt), self.engine.max_len)
-        tokens = np.full((1, P), self.engine.pad_id, np.int32)
-        tokens[0, :len(prompt)] = [int(x) for x in prompt]
-        row = (np.asarray([sampling.temperature], np.float32), np.asarray([sampling.top_k], np.int32),
-               np.asarray([sampling.top_p], np.float32), np.asarray([sampling.seed % (1 << 32)], np.uint32))
+        self.admit_many([slot], [prompt], [sampling])
+
+    def admit_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                   samplings: Sequence[SamplingParams]) -> None:
+        """Prefill each prompt into its free slot, `prefill_rows` prompts per program call (one call for a single
+        prompt): a burst of arrivals costs a few prefills instead of one each. Checks every prompt before the
+        first call; their replies start with the next `launch`."""
+        if not len(slots) == len(prompts) == len(samplings):
+            raise ValueError(f"{len(slots)} slots, {len(prompts)} prompts and {len(samplings)} sampling rows")
+        if len(set(slots)) != len(slots) or any(self.live[s] for s in slots):
+            raise ValueError(f"slots {list(slots)} are not distinct free slots")
+        for prompt, sampling in zip(prompts, samplings, strict=True):
+            self.engine.check_fits(len(prompt), sampling.max_new_tokens)
+        for lo in range(0, len(slots), self.prefill_rows):
+            self._prefill_group(slots[lo:lo + self.prefill_rows], prompts[lo:lo + self.prefill_rows],
+                                samplings[lo:lo + self.prefill_rows])
+
+    def _prefill_group(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                       samplings: Sequence[SamplingParams]) -> None:
+        # Two row counts per prompt bucket (1, and prefill_rows with filler rows), so the warmup compiles few.
+        R = 1 if len(slots) == 1 else self.prefill_rows
+        P = bucket_length(max(len(p) for p in prompts), self.engine.max_len)
+        tokens = np.full((R, P), self.engine.pad_id, np.int32)
+        lens = np.ones((R,), np.int32)
+        at = np.full((R,), len(self.live), np.int32)  # filler rows aim past the last slot: dropped
+        temps, top_p = np.zeros((R,), np.float32), np.ones((R,), np.float32)
+        top_k, seeds = np.zeros((R,), np.int32), np.zeros((R,), np.uint32)
+        for i, (slot, prompt, sampling) in enumerate(zip(slots, prompts, samplings, strict=True)):
+            tokens[i, :len(prompt)] = [int(x) for x in prompt]
+            lens[i], at[i] = len(prompt), slot
+            temps[i], top_k[i], top_p[i] = sampling.temperature, sampling.top_k, sampling.top_p
+            seeds[i] = sampling.seed % (1 << 32)
         self.cache, self.tok, self.t, self.done = self._prefill(
-            self.engine.params, self.cache, self.tok, self.t, self.done, np.int32(slot), tokens,
-            np.int32(len(prompt)), *row)
-        self.lens[slot], self.limits[slot] = len(prompt), sampling.max_new_tokens
-        self.temps[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = (r[0] for r in row)
-        self.live[slot] = True
-        self._admissions[slot] += 1
-        self._reply_steps[slot] = 0
+            self.engine.params, self.cache, self.tok, self.t, self.done, at, tokens, lens, temps, top_k, top_p,
+            seeds)
+        for i, slot in enumerate(slots):
+            self.lens[slot], self.limits[slot] = lens[i], samplings[i].max_new_tokens
+            self.temps[slot], self.top_k[slot] = temps[i], top_k[i]
+            self.top_p[slot], self.seeds[slot] = top_p[i], seeds[i]
+            self.live[slot] = True
+            self._admissions[slot] += 1
+            self._reply_steps[slot] = 0
         self._settings = None
 
     def release(self, slot: int) -> None:
@@ -662,8 +694,10 @@ class SlotBatch:
         lengths = [1] + [(1 << k) + 1 for k in range(MIN_BUCKET.bit_length() - 1, cap.bit_length())]
         prompt_lengths = {bucket_length(n, cap): n for n in lengths if n < cap}  # each bucket's shortest prompt
         for n in prompt_lengths.values():
-            self.admit(0, [filler] * n, SamplingParams(1))
-            self.release(0)
+            for rows in sorted({1, self.prefill_rows}):
+                self.admit_many(range(rows), [[filler] * n] * rows, [SamplingParams(1)] * rows)
+                for slot in range(rows):
+                    self.release(slot)
         reaches = [1 + steps] + [(1 << k) + 1 for k in range(cap.bit_length() + 1)]
         windows = sorted({bucket_length(r, cap) for r in reaches if 1 + steps <= r <= cap + steps})
         for window in windows:

@@ -1,5 +1,6 @@
 """tools/bench_decode.py on CPU with a tiny model: every variant, window and live-slot count gets a step time,
-and the unroll value (a stacked scan's, or the per-layer loop) reaches the engine's model. GPU figures come from running the tool there."""
+and the unroll value (a stacked scan's, or the per-layer loop) reaches the engine's model. GPU figures come from
+running the tool there."""
 
 from __future__ import annotations
 

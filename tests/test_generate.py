@@ -289,6 +289,36 @@ def test_slots_pipelined_one_chunk_ahead_give_the_same_replies():
     assert 0 < len(got[3]) < len(alone[3]) and got[3] == alone[3][:len(got[3])]
 
 
+def test_prompts_prefilled_together_give_the_replies_each_gets_alone():
+    """`admit_many` prefills several prompts in one program call (`prefill_rows` rows, filler rows dropped):
+    each reply equals the one its prompt gets alone, and a slot already decoding is untouched by the filler."""
+    from picochat_jax.generate import SlotBatch
+
+    fam = Family("rope_gqa")
+    engine = Engine(fam.params, fam.cfg, max_batch=6, chunk_tokens=4)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (5, 17, 2, 9, 30, 12)]
+    sampling = [SamplingParams(max_new_tokens=n, temperature=t, seed=i)
+                for i, (n, t) in enumerate(zip((12, 6, 20, 9, 15, 11), (0, 0.8, 0, 1.0, 0, 0), strict=True))]
+    alone = [engine.generate([p], s, stop_ids=())[0] for p, s in zip(prompts, sampling, strict=True)]
+    slots = SlotBatch(engine, stop_ids=(), prefill_rows=4)
+    slots.admit(5, prompts[5], sampling[5])  # decoding while the others arrive
+    calls = []
+    slots._prefill = lambda *args, f=slots._prefill: calls.append(args[6].shape) or f(*args)
+    got: dict[int, list[int]] = {i: [] for i in range(6)}
+    for slot, (tokens, _) in slots.step().items():
+        got[slot].extend(tokens)
+    slots.admit_many([0, 1, 2], prompts[:3], sampling[:3])  # 3 prompts and a filler row in one call
+    slots.admit_many([3, 4], prompts[3:5], sampling[3:5])
+    while slots.active():
+        for slot, (tokens, _) in slots.step().items():
+            got[slot].extend(tokens)
+    assert [got[i] for i in range(6)] == alone
+    assert calls == [(4, 32), (4, 32)]  # (rows, prompt bucket) of each prefill call: with filler rows
+    with pytest.raises(ValueError, match="distinct free slots"):
+        slots.admit_many([1, 1], prompts[:2], sampling[:2])
+
+
 def test_compile_all_leaves_no_program_to_compile_and_changes_no_reply():
     """The server's warmup runs every prompt bucket and decode window once: requests after it compile nothing
     (a first use would stall every live stream) and get the tokens they get without it."""
@@ -300,14 +330,13 @@ def test_compile_all_leaves_no_program_to_compile_and_changes_no_reply():
     prompts = [rng.integers(1, 97, n).tolist() for n in (3, 20, 40)]
     sampling = [SamplingParams(max_new_tokens=n) for n in (30, 12, 20)]
     alone = [engine.generate([p], s, stop_ids=())[0] for p, s in zip(prompts, sampling, strict=True)]
-    slots = SlotBatch(engine, stop_ids=())
+    slots = SlotBatch(engine, stop_ids=(), prefill_rows=2)
     assert slots.compile_all(filler=7) == ([16, 32, 64], [16, 32, 64])
     programs = _slot_programs(jax.default_backend() != "cpu")
     compiled = [program._cache_size() for program in programs]
-    got: dict[int, list[int]] = {}
-    for i, (prompt, params) in enumerate(zip(prompts, sampling, strict=True)):
-        slots.admit(i, prompt, params)
-        got[i] = []
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    slots.admit_many([0, 1], prompts[:2], sampling[:2])  # two rows in one prefill: compiled by the warmup too
+    slots.admit(2, prompts[2], sampling[2])
     while slots.active():
         for slot, (tokens, _) in slots.step().items():
             got[slot].extend(tokens)

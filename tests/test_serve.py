@@ -245,7 +245,7 @@ class _SlowTailEngine:
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
         pass
 
-    def slots(self, stop_ids, size=None):
+    def slots(self, stop_ids, size=None, prefill_rows=1):
         return _SlowTailSlots(self.release_second_row)
 
 
@@ -261,6 +261,10 @@ class _SlowTailSlots:
 
     def admit(self, slot, prompt, sampling) -> None:
         self.live[slot] = len(self.live)  # arrival order
+
+    def admit_many(self, slots, prompts, samplings) -> None:
+        for slot, prompt, sampling in zip(slots, prompts, samplings, strict=True):
+            self.admit(slot, prompt, sampling)
 
     def release(self, slot) -> None:
         self.live.pop(slot, None)
@@ -716,3 +720,72 @@ def test_api_key_guards_every_route_and_cors_preflight_passes(native):
         authed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0, timeout=120,
                                http_client=openai.DefaultHttpxClient(trust_env=False))
         assert authed.completions.create(model=MODEL_ID, prompt="hi", max_tokens=2, temperature=0).choices
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_stop_text_incremental_decode_equals_the_whole_decode(kind):
+    """StopText decodes only each chunk's new tokens (and the step before them); for a byte-level BPE (characters
+    split over tokens) and a SentencePiece-style tokenizer (a token's leading space depends on its position), the
+    streamed text equals decoding the whole reply at once, for any chunking."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = ["naïve café façade über straße", "日本語のテキスト と 漢字", "emoji 🙂 🚀 mixed with ascii words"] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
+    if kind == "byte_level":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
+    tok.train_from_iterator(corpus, trainer)
+    rng = np.random.default_rng(0)
+    encoded = [tok.encode(text).ids for text in corpus[:3]]
+    replies = [sum(encoded, []), rng.integers(1, tok.get_vocab_size(), 200).tolist()]  # real text, random ids
+
+    def decode(ids):
+        return tok.decode(list(ids))
+
+    for ids in replies:
+        whole = decode(ids)
+        for size in (1, 2, 5, 8):
+            stream = StopText(decode, [])
+            pieces = [stream.add(ids[i:i + size]) for i in range(0, len(ids), size)]
+            pieces.append(stream.finish())
+            assert "".join(pieces) == whole, (kind, size)
+
+
+def test_requests_waiting_together_share_prefill_calls():
+    """Requests that are waiting when the worker admits are prefilled `prefill_rows` to a call (a burst of 5
+    with prefill_rows 4: two calls, not five), and each gets the reply it gets alone."""
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                      init_std=0.3)
+    engine = Engine(init_params(make_model(cfg), jax.random.key(3)), cfg, max_batch=8, chunk_tokens=4)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, 97, n).tolist() for n in (3, 8, 20, 5, 11)]
+    sampling = SamplingParams(max_new_tokens=6)
+    alone = [engine.generate([p], sampling, stop_ids=())[0] for p in prompts]
+    batcher = Batcher(engine, stop_ids=(), batch_wait_s=0.0, prefill_rows=4)
+    slots = batcher._slot_batch()
+    calls: list[int] = []
+    slots._prefill = lambda *args, f=slots._prefill: calls.append(args[6].shape[0]) or f(*args)
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    finished = threading.Semaphore(0)
+
+    def on_event(i: int) -> Callable[[Event], None]:
+        def handle(event: Event) -> None:
+            if event.kind == "tokens":
+                got[i].extend(event.tokens)
+            elif event.kind == "finish":
+                finished.release()
+        return handle
+
+    for i, p in enumerate(prompts):  # all waiting before the worker starts
+        batcher.submit(GenerationRequest(p, sampling, on_event(i)))
+    batcher.start()
+    try:
+        for _ in prompts:
+            assert finished.acquire(timeout=60)
+    finally:
+        batcher.close()
+    assert calls == [4, 1]
+    assert [got[i] for i in range(len(prompts))] == alone

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-len", type=int, default=1024, help="served context (KV-cache slots' length)")
     server.add_argument("--max-batch", type=int, default=64)
     server.add_argument("--chunk-tokens", type=int, default=8)
+    server.add_argument("--prefill-rows", type=int, default=None, help="the server's --prefill-rows (default: its own)")
     server.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="start the server without compiling every prompt bucket and decode window first")
     server.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -173,6 +174,8 @@ def run_ours(args: argparse.Namespace, folder: Path, levels: list[int]) -> dict[
     cmd = [sys.executable, "-m", "picochat_jax.cli", "serve", "--hf-model", str(folder), "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--chunk-tokens",
            str(args.chunk_tokens), "--precision", args.precision, "--model-name", "bench", "--log-level", "warning"]
+    if args.prefill_rows is not None:
+        cmd += ["--prefill-rows", str(args.prefill_rows)]
     if not args.warmup:  # the server then compiles each prompt bucket and decode window at its first use
         cmd.append("--no-warmup")
     log = open(Path(folder) / "server.log", "wb")  # noqa: SIM115  (closed below)

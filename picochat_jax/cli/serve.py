@@ -37,6 +37,8 @@ def _serve_option(name: str, kind: Any, help_text: str = "") -> Any:
                "How long the first waiting request waits for others to join its batch.")
 @_serve_option("--chunk-tokens", click.IntRange(min=1),
                "Tokens decoded per compiled step before streams get them and new cancellations apply.")
+@_serve_option("--prefill-rows", click.IntRange(min=1),
+               "Waiting prompts prefilled together in one call (a burst of arrivals costs few prefills).")
 @click.option("--max-len", default=None, type=click.IntRange(min=2),
               help="KV-cache length / served context (default: the model's; for HF models at most serve.hf_max_len).")
 @_serve_option("--default-max-tokens", click.IntRange(min=1),
@@ -81,6 +83,7 @@ def serve(checkpoint_dir: Path | None, tokenizer_path: Path | None, hf_model: st
     click.echo(f"loading {checkpoint_dir or hf_model} ...")
     backend = load_backend(checkpoint_dir, tokenizer_path, hf_model, model_name=model_name, precision=f["precision"],
                            max_len=max_len, max_batch=f["max_batch"], chunk_tokens=f["chunk_tokens"],
+                           prefill_rows=f["prefill_rows"],
                            batch_wait_ms=f["batch_wait_ms"], default_max_tokens=f["default_max_tokens"],
                            max_queue=f["max_queue"], warmup=warmup, max_request_bytes=f["max_request_bytes"],
                            max_prompt_tokens=f["max_prompt_tokens"], hf_max_len=cfg.hf_max_len)

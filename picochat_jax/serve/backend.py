@@ -41,6 +41,7 @@ class Backend:
 def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, hf_model: str | Path | None = None,
                  *, model_name: str | None = None, precision: str = DEFAULTS.precision, max_len: int | None = None,
                  max_batch: int = DEFAULTS.max_batch, chunk_tokens: int = DEFAULTS.chunk_tokens,
+                 prefill_rows: int = DEFAULTS.prefill_rows,
                  batch_wait_ms: float = DEFAULTS.batch_wait_ms, default_max_tokens: int = DEFAULTS.default_max_tokens,
                  max_queue: int = DEFAULTS.max_queue, warmup: bool = True,
                  max_request_bytes: int = DEFAULTS.max_request_bytes,
@@ -65,7 +66,8 @@ def load_backend(checkpoint: Path | None = None, tokenizer: Path | None = None, 
                                    default_max_len=hf_max_len, chunk_tokens=chunk_tokens,
                                    scan_unroll=SERVE_SCAN_UNROLL)
         name = model_name or Path(str(hf_model)).name
-    batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue)
+    batcher = Batcher(engine, fmt.stop_ids, batch_wait_s=batch_wait_ms / 1000.0, max_queue=max_queue,
+                      prefill_rows=prefill_rows)
     if warmup:
         batcher.warmup((fmt.encode_text("hi") or [0])[0])
     return Backend(name, fmt, batcher, default_max_tokens=default_max_tokens, max_request_bytes=max_request_bytes,

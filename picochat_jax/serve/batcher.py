@@ -1,19 +1,18 @@
 """The request batcher: one worker thread owns the engine and decodes requests by continuous batching.
 
-Requests arrive from the HTTP event loop through a bounded thread-safe queue. The worker keeps `max_batch`
-cache slots (`generate.SlotBatch`): between decode chunks it prefills waiting requests into free slots, then
-advances every live slot by one chunk, so requests join and leave the running batch every chunk and a long
-reply never holds a short one back. When it is idle, the first request waits `batch_wait_s` for others to
-join it before the first chunk. After every chunk the worker hands each request its new tokens through the
-request's `on_event` callback, so streams see text while the batch runs, and it frees the slots of finished
-and cancelled requests.
+Requests arrive from the HTTP event loop through a bounded thread-safe queue. The worker keeps `max_batch` cache
+slots (`generate.SlotBatch`): between decode chunks it prefills waiting requests into free slots (up to
+`prefill_rows` of them per prefill call), then advances every live slot by one chunk, so requests join and leave the
+running batch every chunk and a long reply never holds a short one back. When it is idle, the first request waits
+`batch_wait_s` for others to join it before the first chunk. After every chunk the worker hands each request its new
+tokens through the request's `on_event` callback, so streams see text while the batch runs, and it frees the slots
+of finished and cancelled requests.
 
-The worker keeps one chunk queued ahead: it launches chunk N+1 before it collects chunk N, so the device
-decodes while the host hands out tokens and prefills newcomers. A slot that finished in chunk N rides along
-in chunk N+1 as done (no tokens); a request admitted after a launch joins the chunk after it.
+The worker keeps one chunk queued ahead: it launches chunk N+1 before it collects chunk N, so the device decodes
+while the host hands out tokens and prefills newcomers. A slot that finished in chunk N rides along in chunk N+1 as
+done (no tokens); a request admitted after a launch joins the chunk after it.
 
-All JAX calls happen on the worker thread; the event loop only tokenizes, detokenizes and writes HTTP.
-"""
+All JAX calls happen on the worker thread; the event loop only tokenizes, detokenizes and writes HTTP."""
 
 from __future__ import annotations
 
@@ -83,8 +82,10 @@ class Batcher:
     """Owns the decode engine on a background thread; `submit` is safe from any thread."""
 
     def __init__(self, engine: Engine, stop_ids: Sequence[int], *, max_batch: int | None = None,
-                 batch_wait_s: float = _SERVE.batch_wait_ms / 1000.0, max_queue: int = _SERVE.max_queue):
+                 batch_wait_s: float = _SERVE.batch_wait_ms / 1000.0, max_queue: int = _SERVE.max_queue,
+                 prefill_rows: int = _SERVE.prefill_rows):
         self.engine = engine
+        self.prefill_rows = prefill_rows
         self.stop_ids = tuple(int(s) for s in stop_ids)
         self.max_batch = min(max_batch or engine.max_batch, engine.max_batch)
         self.batch_wait_s = batch_wait_s
@@ -142,7 +143,7 @@ class Batcher:
 
     def _slot_batch(self) -> Any:
         if self._slots is None:
-            self._slots = self.engine.slots(self.stop_ids, self.max_batch)
+            self._slots = self.engine.slots(self.stop_ids, self.max_batch, self.prefill_rows)
         return self._slots
 
     def _loop(self) -> None:
@@ -177,28 +178,44 @@ class Batcher:
 
     def _admit(self, slots: Any, owners: dict[int, GenerationRequest], wait_s: float,
                until_full: bool = False) -> None:
-        """Prefill waiting requests into free slots: those already waiting, or (with `wait_s`) ones that arrive
-        within it; `until_full` keeps waiting out `wait_s` while slots are free."""
+        """Prefill waiting requests into free slots, all in as few prefill calls as `prefill_rows` allows: those
+        already waiting, or (with `wait_s`) ones that arrive within it; `until_full` keeps waiting out `wait_s`
+        while slots are free."""
         deadline = time.monotonic() + wait_s
-        while slots.free_slots():
+        free = slots.free_slots()
+        admitted: list[tuple[int, GenerationRequest]] = []
+        while len(admitted) < len(free):
             req = self._next_waiting(max(0.0, deadline - time.monotonic()))
             if req is None:
                 if until_full and time.monotonic() < deadline:
                     continue
-                return
+                break
             if req.cancelled.is_set():
                 self._close(req, Event("finish", reason="cancelled"))
                 continue
-            slot = slots.free_slots()[0]
-            try:
-                slots.admit(slot, req.prompt, req.sampling)
-            except Exception as exc:
-                log.exception("prefill failed")
-                self._close(req, Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
-                continue
-            owners[slot] = req
+            admitted.append((free[len(admitted)], req))
             if not until_full:
                 wait_s, deadline = 0.0, time.monotonic()  # one wait per call, then only what is already here
+        if not admitted:
+            return
+        try:
+            slots.admit_many([s for s, _ in admitted], [r.prompt for _, r in admitted],
+                             [r.sampling for _, r in admitted])
+        except Exception:  # find the request that failed: the others are admitted on their own
+            log.exception("prefill failed; admitting the requests one by one")
+            for slot, req in admitted:
+                if slots.live[slot]:  # its group's prefill went through before the failure
+                    owners[slot] = req
+                    continue
+                try:
+                    slots.admit(slot, req.prompt, req.sampling)
+                except Exception as exc:
+                    log.exception("prefill failed")
+                    self._close(req, Event("error", message=f"generation failed: {type(exc).__name__}: {exc}"))
+                    continue
+                owners[slot] = req
+            return
+        owners.update(admitted)
 
     def _cancel(self, slots: Any, owners: dict[int, GenerationRequest]) -> None:
         for slot, req in list(owners.items()):

@@ -1,8 +1,9 @@
 """Replies as text: token chunks from the batcher's worker become text pieces on the event loop.
 
-Detokenizing runs in worker threads. Stop strings cut the reply there (and cancel the row), and streams hold
-back the last few characters that could still turn out to be the start of a stop string, so a stream never
-emits text past a stop and its deltas add up to exactly the non-streamed text.
+Detokenizing is incremental and runs on the event loop: each chunk decodes only its new tokens and a few before
+them, so a chunk costs microseconds however long the reply. Stop strings cut the reply there (and cancel the
+row), and streams hold back the last few characters that could still turn out to be the start of a stop string,
+so a stream never emits text past a stop and its deltas add up to exactly the non-streamed text.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ class StopText:
     `add` returns the text that is safe to show now; `finish` returns the rest. Their concatenation is
     the whole reply cut at the first stop string, whatever the chunking, so a stream's deltas add up to
     exactly the non-streamed text.
+
+    The text grows by decoding ids[_prefix:] against ids[_prefix:_read] (the tokens already in the text from
+    the last step): the difference is the new tokens' text as the whole decode renders it, also for
+    tokenizers that render a token differently at the start of a sequence (a leading space) or split a
+    character over tokens. The window stays put while its text ends in an incomplete character. Decoding
+    the whole reply for each chunk instead cost O(length) a chunk, and was sent to a thread for it; with 64
+    streams those hand-offs held up the batcher's worker (docs/serving.md).
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str]):
@@ -31,8 +39,24 @@ class StopText:
         # A stop string that starts in the last len-1 characters may still be completed by the next tokens.
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.ids: list[int] = []
+        self.text = ""  # the text of ids[:_read]
+        self._prefix = self._read = 0
         self.emitted = 0
         self.stopped = False
+
+    def _decode(self, final: bool) -> str:
+        """The reply's text so far. The new ids' text joins `text` (and the window moves on) once it ends in a
+        complete character, or at the reply's end; until then it is returned after `text`, trailing
+        replacement characters and all, for `add` to hold the incomplete end back."""
+        if self._read == len(self.ids):
+            return self.text
+        known = self.decode(self.ids[self._prefix:self._read])
+        new = self.decode(self.ids[self._prefix:])[len(known):]
+        if final or (new and not new.endswith("\ufffd")):
+            self.text += new
+            self._prefix, self._read = self._read, len(self.ids)
+            return self.text
+        return self.text + new
 
     def _cut(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
@@ -42,7 +66,7 @@ class StopText:
         if self.stopped:
             return ""
         self.ids.extend(ids)
-        text = self.decode(self.ids)
+        text = self._decode(final=False)
         cut = self._cut(text)
         if cut is not None:
             self.stopped = True
@@ -55,7 +79,7 @@ class StopText:
     def finish(self) -> str:
         if self.stopped:
             return ""
-        text = self.decode(self.ids)
+        text = self._decode(final=True)
         cut = self._cut(text)
         self.stopped = cut is not None
         return self._emit(text, len(text) if cut is None else cut)
@@ -116,7 +140,7 @@ class ChoiceRun:
                 if event.kind == "tokens":
                     self.completion_tokens += len(event.tokens)
                     self.ids[index].extend(event.tokens)
-                    delta = await asyncio.to_thread(text.add, event.tokens)
+                    delta = text.add(event.tokens)
                     if text.stopped:
                         self.requests[index].cancel()
                         open_choices.discard(index)
@@ -128,7 +152,7 @@ class ChoiceRun:
                         raise APIError(503, "generation was cancelled: the server is shutting down",
                                        type="server_error", code="shutting_down")
                     open_choices.discard(index)
-                    tail = await asyncio.to_thread(text.finish)
+                    tail = text.finish()
                     yield Piece(index, tail, "stop" if text.stopped else event.reason or "stop")
                 else:
                     raise APIError(500, event.message or "generation failed", type="server_error")
