@@ -178,13 +178,13 @@ class Batcher:
 
     def _admit(self, slots: Any, owners: dict[int, GenerationRequest], wait_s: float,
                until_full: bool = False) -> None:
-        """Prefill waiting requests into free slots, all in as few prefill calls as `prefill_rows` allows: those
-        already waiting, or (with `wait_s`) ones that arrive within it; `until_full` keeps waiting out `wait_s`
-        while slots are free."""
+        """Prefill waiting requests into free slots: those already waiting, or (with `wait_s`) ones that arrive
+        within it; `until_full` keeps waiting out `wait_s` while slots are free. Each `prefill_rows` of them go
+        to the device in one prefill call as soon as they are in hand, the rest at the end."""
         deadline = time.monotonic() + wait_s
         free = slots.free_slots()
-        admitted: list[tuple[int, GenerationRequest]] = []
-        while len(admitted) < len(free):
+        taken, group = 0, []
+        while taken < len(free):
             req = self._next_waiting(max(0.0, deadline - time.monotonic()))
             if req is None:
                 if until_full and time.monotonic() < deadline:
@@ -193,20 +193,23 @@ class Batcher:
             if req.cancelled.is_set():
                 self._close(req, Event("finish", reason="cancelled"))
                 continue
-            admitted.append((free[len(admitted)], req))
+            group.append((free[taken], req))
+            taken += 1
+            if len(group) == self.prefill_rows:
+                self._prefill(slots, owners, group)
+                group = []
             if not until_full:
                 wait_s, deadline = 0.0, time.monotonic()  # one wait per call, then only what is already here
-        if not admitted:
-            return
+        if group:
+            self._prefill(slots, owners, group)
+
+    def _prefill(self, slots: Any, owners: dict[int, GenerationRequest],
+                 group: list[tuple[int, GenerationRequest]]) -> None:
         try:
-            slots.admit_many([s for s, _ in admitted], [r.prompt for _, r in admitted],
-                             [r.sampling for _, r in admitted])
+            slots.admit_many([s for s, _ in group], [r.prompt for _, r in group], [r.sampling for _, r in group])
         except Exception:  # find the request that failed: the others are admitted on their own
             log.exception("prefill failed; admitting the requests one by one")
-            for slot, req in admitted:
-                if slots.live[slot]:  # its group's prefill went through before the failure
-                    owners[slot] = req
-                    continue
+            for slot, req in group:
                 try:
                     slots.admit(slot, req.prompt, req.sampling)
                 except Exception as exc:
@@ -215,7 +218,7 @@ class Batcher:
                     continue
                 owners[slot] = req
             return
-        owners.update(admitted)
+        owners.update(group)
 
     def _cancel(self, slots: Any, owners: dict[int, GenerationRequest]) -> None:
         for slot, req in list(owners.items()):
