@@ -587,13 +587,12 @@ class SlotBatch:
     """Continuous batching on one engine: `size` cache slots (default and at most the engine's `max_batch`)
     of `max_len` tokens each.
 
-    A request is `admit`ted into a free slot whenever one is free (`admit_many`: several prompts prefilled
-    together, `prefill_rows` per program call); `launch` starts one chunk over every live slot and `collect`
-    waits for a launched chunk's tokens. Requests join and leave between chunks, so a long reply never holds a
-    short one back. Each slot's pending token,
-    reply step and done flag live on the device, so neither admitting nor launching waits for the device:
-    a caller can launch the next chunk before it collects the last, keeping the device busy while the host
-    hands tokens out (`step` is both at once). The same model programs, sampling and stop rules as
+    A request is `admit`ted into a free slot whenever one is free (`admit_many`: several prompts prefilled together,
+    `prefill_rows` per program call); `launch` starts one chunk over every live slot and `collect` waits for a
+    launched chunk's tokens. Requests join and leave between chunks, so a long reply never holds a short one back.
+    Each slot's pending token, reply step and done flag live on the device, so neither admitting nor launching waits
+    for the device: a caller can launch the next chunk before it collects the last, keeping the device busy while
+    the host hands tokens out (`step` is both at once). The same model programs, sampling and stop rules as
     `Engine.run`: a greedy or seeded reply is the same token for token. Call from one thread only.
     """
 
