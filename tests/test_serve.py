@@ -789,3 +789,41 @@ def test_requests_waiting_together_share_prefill_calls():
         batcher.close()
     assert calls == [4, 1]
     assert [got[i] for i in range(len(prompts))] == alone
+
+
+def test_a_prompt_whose_prefill_fails_fails_alone():
+    """When a prefill call fails, the batcher admits its requests one by one: the bad one gets an error event
+    and the others their replies."""
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                      init_std=0.3)
+    engine = Engine(init_params(make_model(cfg), jax.random.key(3)), cfg, max_batch=4, chunk_tokens=4)
+    batcher = Batcher(engine, stop_ids=(), batch_wait_s=0.0, prefill_rows=4)
+    slots = batcher._slot_batch()
+
+    def prefill(*args, f=slots._prefill):
+        if (args[6] == 13).any():  # the poisoned prompt's token
+            raise RuntimeError("poisoned prompt")
+        return f(*args)
+
+    slots._prefill = prefill
+    events: dict[int, list[Event]] = {i: [] for i in range(3)}
+    finished = threading.Semaphore(0)
+
+    def on_event(i: int) -> Callable[[Event], None]:
+        def handle(event: Event) -> None:
+            events[i].append(event)
+            if event.kind in ("finish", "error"):
+                finished.release()
+        return handle
+
+    for i, prompt in enumerate(([1, 2, 3], [13, 4], [5, 6, 7, 8])):
+        batcher.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=5), on_event(i)))
+    batcher.start()
+    try:
+        for _ in range(3):
+            assert finished.acquire(timeout=60)
+    finally:
+        batcher.close()
+    assert [e.kind for e in events[1]] == ["error"] and "poisoned prompt" in events[1][0].message
+    for i in (0, 2):
+        assert events[i][-1].kind == "finish" and sum(len(e.tokens) for e in events[i]) == 5

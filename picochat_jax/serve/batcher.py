@@ -210,6 +210,9 @@ class Batcher:
         except Exception:  # find the request that failed: the others are admitted on their own
             log.exception("prefill failed; admitting the requests one by one")
             for slot, req in group:
+                if slot not in slots.free_slots():  # admitted by a prefill call before the one that failed
+                    owners[slot] = req
+                    continue
                 try:
                     slots.admit(slot, req.prompt, req.sampling)
                 except Exception as exc:
