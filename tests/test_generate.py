@@ -101,6 +101,10 @@ def test_unrolled_layers_decode_the_same_tokens(families, family, prompts, layer
     if layer_loop is None:  # full unroll: the loop, with each layer's params and cache arrays its own
         assert unrolled.model.layer_loop and "layers" not in unrolled.params and "layers_0" in unrolled.params
         assert isinstance(unrolled.slots(stop_ids=()).cache["k"], tuple)
+        # The server scores prompts (echo/logprobs) with the same engine: the loop's log-probabilities too.
+        for mine, rolled in zip(unrolled.score(prompts, top=3), fam.engine.score(prompts, top=3), strict=True):
+            np.testing.assert_allclose(mine.logprobs[1:], rolled.logprobs[1:], atol=1e-4)
+            assert [[i for i, _ in alts] for alts in mine.top[1:]] == [[i for i, _ in alts] for alts in rolled.top[1:]]
     else:
         assert unrolled.model.scan_unroll == fam.cfg.n_layers and not unrolled.model.layer_loop
     expected = [fam.reference(p, 10) for p in prompts]
