@@ -64,3 +64,17 @@ def web_roots(tmp_path_factory) -> tuple[Path, Path]:
     summary["base"]["final_loss"] += 0.25
     (runs / "beta" / "summary.json").write_text(json.dumps(summary))
     return runs, packs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps memory for each executable, and the
+    whole suite's programs, kept alive by JAX's caches, came to more memory maps than Linux allows a process
+    (vm.max_map_count, 65,530): the next compile then crashed the run with a segmentation fault."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
