@@ -194,7 +194,7 @@ def _prefill(model: Decoder, params: Any, tokens: Array, prompt_lens: Array, tem
     pad = P - prompt_lens
     kv_valid = jnp.arange(cache_len)[None, :] >= pad[:, None]
     positions = jnp.maximum(jnp.arange(P)[None, :] - pad[:, None], 0)
-    cache = init_cache(model.cfg, B, cache_len, model.dtype, per_layer=model.layer_loop)
+    cache = init_cache(model, B, cache_len)
     with nn.intercept_methods(_last_position_logits):
         logits, cache = model.apply({"params": params}, tokens, positions=positions, cache=cache,
                                     cache_index=jnp.int32(0), kv_valid=kv_valid)
@@ -276,7 +276,7 @@ def _prefill_slots(model: Decoder, params: Any, cache: dict[str, Any], tok: Arra
             args = (jnp.take_along_axis(args[0], (prompt_lens - 1)[:, None, None], axis=1), *args[1:])
         return next_fun(*args, **kwargs)
 
-    fresh = init_cache(model.cfg, R, P, model.dtype, per_layer=model.layer_loop)
+    fresh = init_cache(model, R, P)
     with nn.intercept_methods(at_prompt_end):
         logits, fresh = model.apply({"params": params}, tokens, positions=jnp.broadcast_to(jnp.arange(P), (R, P)),
                                     cache=fresh, cache_index=jnp.int32(0))
@@ -407,7 +407,7 @@ class Engine:
         # Committed to one device however they were loaded, so every engine of this model calls the
         # shared programs with the same argument placement (a different one would compile them again).
         params = inference_params(params, self.model.dtype, jax.devices()[0])
-        self.params = unstack_layers(params, model_cfg.n_layers) if layer_loop else params
+        self.params = unstack_layers(params) if layer_loop else params
         self._prefill = functools.partial(_PREFILL, self.model)
         self._chunk = functools.partial(_chunk_program(jax.default_backend() != "cpu"), self.model)
 
@@ -606,8 +606,7 @@ class SlotBatch:
         # outputs are, and an input that changed placement after the first chunk would compile every program
         # a second time.
         self.device = jax.devices()[0]
-        self.cache = jax.device_put(init_cache(engine.model_cfg, B, S, engine.model.dtype,
-                                               per_layer=engine.model.layer_loop), self.device)
+        self.cache = jax.device_put(init_cache(engine.model, B, S), self.device)
         self.tok, self.t = (jax.device_put(np.zeros((B,), np.int32), self.device) for _ in range(2))
         self.done = jax.device_put(np.ones((B,), bool), self.device)
         self.stops = jax.device_put(np.asarray(list(stop_ids) or [-1], np.int32), self.device)

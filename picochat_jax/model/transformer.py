@@ -423,10 +423,11 @@ def logical_axes(model: Decoder) -> Any:
     return nn.get_partition_spec(abstract["params"])
 
 
-def unstack_layers(params: dict[str, Any], n_layers: int) -> dict[str, Any]:
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
     """A scanned Decoder's params (block params stacked under `layers`) as a `layer_loop` Decoder's: each
     layer's own arrays under `layers_0`, `layers_1`, ... Run once, outside jit: the slices are new buffers."""
     rest = {k: v for k, v in params.items() if k != "layers"}
+    n_layers = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
     return {**rest, **{f"layers_{i}": jax.tree_util.tree_map(lambda p, i=i: p[i], params["layers"])
                        for i in range(n_layers)}}
 
@@ -445,15 +446,15 @@ def write_layer_rows(cache: Array | tuple[Array, ...], rows: Array | tuple[Array
                     in_axes=(1, 1, 0), out_axes=1)(cache, rows, index)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
-               per_layer: bool = False) -> dict[str, Any]:
-    """Zeroed keys and values: (n_layers, batch, max_len, KV, D) arrays, or with `per_layer` (a `layer_loop`
-    Decoder's cache) tuples of n_layers (batch, max_len, KV, D) arrays. Code that handles both indexes the
-    batch and slot axes from the end (-4, -3)."""
+def init_cache(model: Decoder, batch: int, max_len: int) -> dict[str, Any]:
+    """Zeroed keys and values in `model`'s compute dtype and layout: (n_layers, batch, max_len, KV, D) arrays,
+    or for a `layer_loop` Decoder tuples of n_layers (batch, max_len, KV, D) arrays. Code that handles both
+    indexes the batch and slot axes from the end (-4, -3)."""
+    cfg = model.cfg
     shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    if per_layer:
-        return {n: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for n in ("k", "v")}
-    return {n: jnp.zeros((cfg.n_layers, *shape), dtype) for n in ("k", "v")}
+    if model.layer_loop:
+        return {n: tuple(jnp.zeros(shape, model.dtype) for _ in range(cfg.n_layers)) for n in ("k", "v")}
+    return {n: jnp.zeros((cfg.n_layers, *shape), model.dtype) for n in ("k", "v")}
 
 
 def cache_batch_and_length(cache: dict[str, Any]) -> tuple[int, int]:
