@@ -252,7 +252,7 @@ class ServeConfig:
     port: int = 8000
     max_batch: int = 8
     batch_wait_ms: float = 5.0
-    chunk_tokens: int = 8
+    chunk_tokens: int = 16  # decode steps per chunk: fewer host round trips per token than 8 (docs/performance.md)
     prefill_rows: int = 8  # waiting prompts prefilled per program call (1 or this many rows, padded)
     default_max_tokens: int = 256
     max_queue: int = 256

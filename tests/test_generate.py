@@ -167,6 +167,18 @@ def test_prompt_buckets_bound_the_number_of_compiles(engine):
     assert bucket_length(1, 64) == 16 and bucket_length(17, 64) == 32 and bucket_length(40, 48) == 48
 
 
+def test_decode_windows_add_three_quarter_sizes_above_256():
+    from picochat_jax.generate import decode_windows, window_length
+
+    assert [window_length(n, 1024) for n in (9, 200, 257, 384, 385, 648, 769)] == [16, 256, 384, 384, 512, 768,
+                                                                                    1024]
+    assert window_length(900, 1000) == 1000 and window_length(600, 1000) == 750  # never above the cache
+    assert decode_windows(1024, 8) == [16, 32, 64, 128, 256, 384, 512, 768, 1024]
+    assert decode_windows(64, 3) == [16, 32, 64]
+    for n in range(9, 1033):  # every reach a chunk can have gets a window the warmup compiled, covering it
+        assert window_length(n, 1024) in decode_windows(1024, 8) and window_length(n, 1024) >= min(n, 1024)
+
+
 def test_context_limit_truncates_prompts_from_the_left(families, engine):
     cfg, params = families["rope_gqa"].cfg, families["rope_gqa"].params
     sampling = GREEDY

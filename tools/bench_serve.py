@@ -61,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     server = p.add_argument_group("server")
     server.add_argument("--max-len", type=int, default=1024, help="served context (KV-cache slots' length)")
     server.add_argument("--max-batch", type=int, default=64)
-    server.add_argument("--chunk-tokens", type=int, default=8)
+    server.add_argument("--chunk-tokens", type=int, default=None, help="the server's --chunk-tokens (default: its own)")
     server.add_argument("--prefill-rows", type=int, default=None, help="the server's --prefill-rows (default: its own)")
+    server.add_argument("--compile-cache", type=Path, default=None,
+                        help="JAX persistent compilation cache folder for the server (JAX_COMPILATION_CACHE_DIR): "
+                             "a second server of the same shape starts without compiling")
     server.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="start the server without compiling every prompt bucket and decode window first")
     server.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
@@ -172,14 +175,19 @@ def run_ours(args: argparse.Namespace, folder: Path, levels: list[int]) -> dict[
     port = sock.getsockname()[1]
     sock.close()
     cmd = [sys.executable, "-m", "picochat_jax.cli", "serve", "--hf-model", str(folder), "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--chunk-tokens",
-           str(args.chunk_tokens), "--precision", args.precision, "--model-name", "bench", "--log-level", "warning"]
+           "--max-batch", str(args.max_batch), "--max-len", str(args.max_len), "--precision", args.precision,
+           "--model-name", "bench", "--log-level", "warning"]
+    if args.chunk_tokens is not None:
+        cmd += ["--chunk-tokens", str(args.chunk_tokens)]
     if args.prefill_rows is not None:
         cmd += ["--prefill-rows", str(args.prefill_rows)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.compile_cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(args.compile_cache.resolve())
     if not args.warmup:  # the server then compiles each prompt bucket and decode window at its first use
         cmd.append("--no-warmup")
     log = open(Path(folder) / "server.log", "wb")  # noqa: SIM115  (closed below)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     try:
@@ -255,8 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     levels = [int(x) for x in args.streams.split(",")]
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                              "command": shlex.join([sys.executable, *sys.argv]), "options": vars(args) | {
-                                  "json_out": str(args.json_out)}}
+                              "command": shlex.join([sys.executable, *sys.argv]), "options": {
+                                  k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     report["options"].pop("peer_child", None)
     with tempfile.TemporaryDirectory(prefix="bench_serve.") as tmp:
         folder = save_model(Path(tmp) / "model", args)
