@@ -102,8 +102,11 @@ def test_unrolled_layers_decode_the_same_tokens(families, family, prompts, layer
         assert unrolled.model.layer_loop and "layers" not in unrolled.params and "layers_0" in unrolled.params
         assert isinstance(unrolled.slots(stop_ids=()).cache["k"], tuple)
         # The server scores prompts (echo/logprobs) with the same engine: the loop's log-probabilities too.
+        # XLA:GPU runs float32 matmuls with TF32 inputs by default, rounded differently in the loop's and the
+        # scan's fusions (an H200 gave differences of 1.4e-4); on CPU they agree to 1e-4.
+        atol = 1e-4 if jax.default_backend() == "cpu" else 1e-3
         for mine, rolled in zip(unrolled.score(prompts, top=3), fam.engine.score(prompts, top=3), strict=True):
-            np.testing.assert_allclose(mine.logprobs[1:], rolled.logprobs[1:], atol=1e-4)
+            np.testing.assert_allclose(mine.logprobs[1:], rolled.logprobs[1:], atol=atol)
             assert [[i for i, _ in alts] for alts in mine.top[1:]] == [[i for i, _ in alts] for alts in rolled.top[1:]]
     else:
         assert unrolled.model.scan_unroll == fam.cfg.n_layers and not unrolled.model.layer_loop
