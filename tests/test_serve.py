@@ -231,6 +231,15 @@ def test_stop_text_deltas_add_up_to_the_cut_reply():
         assert "".join(pieces) == expected
         assert all("\ufffd" not in p for p in pieces)  # split multi-byte characters are held back
         assert stream.stopped
+        # The reply needs the bytes of its text and no more, however far past the stop the chunks went.
+        assert stream.kept_tokens() == len(expected.encode())
+    cut_in_char = StopText(decode, ["\u00efve"])  # the stop starts inside "ï"'s two bytes: both tokens go
+    cut_in_char.add(ids)
+    assert cut_in_char.kept_tokens() == 2  # "n", "a"
+    unstopped = StopText(decode, ["zzz"])
+    unstopped.add(ids)
+    unstopped.finish()
+    assert unstopped.kept_tokens() == len(ids)
 
 
 class _SlowTailEngine:
@@ -393,9 +402,13 @@ def test_stop_strings_cut_streamed_and_plain_replies(client):
     stop = reply[start:start + 2]
     expected = reply[:reply.index(stop)]
     plain = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0,
-                                           stop=[stop])
+                                           stop=[stop], logprobs=True)
     assert plain.choices[0].message.content == expected
     assert plain.choices[0].finish_reason == "stop"
+    # Log-probabilities and usage cover the reply's tokens up to the cut, not the rest of the chunk.
+    tokens = [t.token for t in plain.choices[0].logprobs.content]
+    assert "".join(tokens).startswith(expected) and not "".join(tokens[:-1]).startswith(expected or "\0")
+    assert plain.usage.completion_tokens == len(tokens) < 12
     streamed = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0,
                                               stop=stop, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected

@@ -43,6 +43,7 @@ class StopText:
         self._prefix = self._read = 0
         self.emitted = 0
         self.stopped = False
+        self.kept: str | None = None  # once stopped: the reply's text before the stop string
 
     def _decode(self, final: bool) -> str:
         """The reply's text so far. The new ids' text joins `text` (and the window moves on) once it ends in a
@@ -69,7 +70,7 @@ class StopText:
         text = self._decode(final=False)
         cut = self._cut(text)
         if cut is not None:
-            self.stopped = True
+            self.stopped, self.kept = True, text[:cut]
             return self._emit(text, cut)
         safe = len(text)
         while safe > self.emitted and text[safe - 1] == "\ufffd":  # a multi-byte character not yet complete
@@ -82,7 +83,20 @@ class StopText:
         text = self._decode(final=True)
         cut = self._cut(text)
         self.stopped = cut is not None
+        if self.stopped:
+            self.kept = text[:cut]
         return self._emit(text, len(text) if cut is None else cut)
+
+    def kept_tokens(self) -> int:
+        """How many of the reply's ids its text needs: all of them, or after a stop string the fewest whose
+        text still holds everything before it (a token that straddles the cut stays). The ids after them
+        were decoded in the same chunk but are not part of the reply (its logprobs and usage)."""
+        if self.kept is None:
+            return len(self.ids)
+        keep = len(self.ids)
+        while keep > 0 and self.decode(self.ids[:keep - 1]).startswith(self.kept):
+            keep -= 1
+        return keep
 
     def _emit(self, text: str, end: int) -> str:
         delta = text[self.emitted:end]
@@ -144,6 +158,7 @@ class ChoiceRun:
                     if text.stopped:
                         self.requests[index].cancel()
                         open_choices.discard(index)
+                        self._drop_after_stop(index)
                         yield Piece(index, delta, "stop")
                     elif delta:
                         yield Piece(index, delta)
@@ -153,11 +168,18 @@ class ChoiceRun:
                                        type="server_error", code="shutting_down")
                     open_choices.discard(index)
                     tail = text.finish()
+                    self._drop_after_stop(index)
                     yield Piece(index, tail, "stop" if text.stopped else event.reason or "stop")
                 else:
                     raise APIError(500, event.message or "generation failed", type="server_error")
         finally:
             self.cancel()  # no-op for finished rows; frees the batch slot when a client goes away mid-stream
+
+    def _drop_after_stop(self, index: int) -> None:
+        """A reply cut at a stop string keeps only the ids its text needs, for its logprobs and usage."""
+        keep = self.texts[index].kept_tokens()
+        self.completion_tokens -= len(self.ids[index]) - keep
+        del self.ids[index][keep:]
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
