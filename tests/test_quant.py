@@ -87,3 +87,29 @@ def test_decoder_on_nf4_kernels_equals_decoder_on_their_dequantisation():
 def test_kernels_that_do_not_split_into_blocks_stay_float():
     odd = {"layers": {"attn": {"q_proj": {"kernel": np.ones((1, 5, 7), np.float32)}}}}
     assert quant.quantize_tree(odd, [lora.kernel_path("q_proj")]) == odd
+
+
+def test_the_lora_backward_keeps_nf4_kernels_as_stored():
+    """`ops.lora_matmul` carries a frozen kernel from the forward pass to the backward as stored (NF4 codes)
+    and dequantizes it in each, so the differentiated program holds no stacked float copy of every layer's
+    kernels (XLA:CPU kept such a copy alive between the passes: tools/lora_step_memory.py)."""
+    rng = np.random.default_rng(4)
+    base = jax.tree_util.tree_map(lambda shape: np.asarray(rng.normal(0.0, 0.2, shape), np.float32),
+                                  param_shapes(CFG), is_leaf=lambda x: isinstance(x, tuple))
+    quantized = jax.tree_util.tree_map(jnp.asarray, quant.quantize_tree(base, [lora.kernel_path(t)
+                                                                              for t in lora.TARGETS]))
+    cfg = lora.LoraConfig(rank=2, alpha=4, targets=("q_proj", "o_proj", "down_proj"))
+    adapters = lora.init_adapters(base, cfg, jax.random.key(0))
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 12)))
+    model = make_model(CFG)
+
+    def loss(adapters):
+        return jnp.mean(model.apply({"params": lora.attach(quantized, adapters, cfg)}, tokens) ** 2)
+
+    grads = jax.grad(loss)(adapters)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+    assert float(jnp.abs(grads["q_proj"]["b"]).max()) > 0  # the rank-r path trains the adapters
+    program = jax.jit(jax.grad(loss)).lower(adapters).as_text()
+    L, d, ff, qkv = CFG.n_layers, CFG.d_model, CFG.d_ff, CFG.d_model + 2 * CFG.n_kv_heads * (CFG.d_model // CFG.n_heads)
+    stacked_float_kernels = [f"tensor<{L}x{i}x{o}xf32>" for i, o in ((d, qkv), (d, d), (d, 2 * ff), (ff, d))]
+    assert not [t for t in stacked_float_kernels if t in program]

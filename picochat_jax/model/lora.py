@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from picochat_jax.model import quant
-from picochat_jax.model.ops import AdaptedKernel
+from picochat_jax.model.ops import AdaptedKernel, FrozenKernel
 
 Array = jax.Array
 Adapters = dict[str, dict[str, Array]]
@@ -136,13 +136,14 @@ def attach(params: Any, adapters: Adapters, cfg: LoraConfig) -> Any:
 
 def resolve_kernel(value: Any, shape: tuple[int, int]) -> Array | AdaptedKernel:
     """One layer's (in, out) kernel from what a projection is handed: an array, an NF4 dict
-    (model/quant.py) or an `attach`ed adapter over either, which becomes an `ops.AdaptedKernel` (the matmul
-    then trains A and B through the rank-r path, see `ops.lora_matmul`)."""
+    (model/quant.py) or an `attach`ed adapter over either. Adapters and NF4 kernels become an
+    `ops.AdaptedKernel` over the kernel as stored (an NF4 kernel alone: rank 0, it is frozen): the matmul
+    trains A and B through the rank-r path and dequantizes in its forward and backward, see `ops.lora_matmul`."""
     if isinstance(value, dict) and "base" in value:
-        return AdaptedKernel(resolve_kernel(value["base"], shape), value["a"],
+        return AdaptedKernel(FrozenKernel.of(value["base"], shape), value["a"],
                              value["scale"] * value["b"].astype(jnp.float32))
     if quant.is_quantized(value):
-        return quant.dequantize_nf4(value, shape)
+        return AdaptedKernel.frozen_only(FrozenKernel.of(value, shape))
     return value
 
 

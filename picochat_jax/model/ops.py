@@ -6,6 +6,7 @@ Pure functions of arrays: no parameters live here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import block_diag
 
-from picochat_jax.model import norm_rope_kernel, rms_norm_kernel
+from picochat_jax.model import norm_rope_kernel, quant, rms_norm_kernel
 from picochat_jax.parallel import shard_activation_batch
 
 Array = jax.Array
@@ -109,19 +110,57 @@ def apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
     return rms_rope(x.astype(jnp.float32), None, rope, 0.0).astype(x.dtype)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["parts"], meta_fields=["shapes"])
+@dataclasses.dataclass(frozen=True)
+class FrozenKernel:
+    """A frozen (in, out) kernel as it is stored: `parts` side by side along the output axis, each a plain
+    array or an NF4 dict (model/quant.py) of the (in, out) shape in `shapes`.
+
+    `lora_matmul` keeps it in this form from the forward pass to the backward and builds the kernel in each
+    (`materialize`): saving the built kernel instead kept a copy of every layer's concatenated (and, for NF4,
+    dequantized float32) kernels alive between the passes."""
+
+    parts: tuple[Any, ...]
+    shapes: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def of(stored: Any, shape: tuple[int, int]) -> FrozenKernel:
+        return FrozenKernel((stored,), (tuple(shape),))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.shapes[0][0], sum(out for _, out in self.shapes)
+
+    def materialize(self, dtype: Dtype) -> Array:
+        if not any(quant.is_quantized(part) for part in self.parts):  # joined as stored, then one conversion
+            return (self.parts[0] if len(self.parts) == 1 else jnp.concatenate(self.parts, axis=1)).astype(dtype)
+        arrays = [quant.dequantize_nf4(part, shape, dtype) if quant.is_quantized(part) else part.astype(dtype)
+                  for part, shape in zip(self.parts, self.shapes, strict=True)]
+        return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=1)
+
+    def concat(self, other: FrozenKernel) -> FrozenKernel:
+        return FrozenKernel(self.parts + other.parts, self.shapes + other.shapes)
+
+
 class AdaptedKernel(NamedTuple):
     """A frozen (in, out) kernel with a LoRA update: x @ (base + a @ b), `b` already times alpha / r.
 
     `project` runs it through `lora_matmul`, whose backward gives the adapters their gradients through the
-    rank-r path and never forms the full (in, out) weight gradient autodiff through base + a @ b would."""
+    rank-r path and never forms the full (in, out) weight gradient autodiff through base + a @ b would. A
+    frozen kernel without adapters is one with rank 0 (`frozen_only`)."""
 
-    base: Array
+    base: FrozenKernel
     a: Array  # (in, r)
     b: Array  # (r, out)
 
+    @staticmethod
+    def frozen_only(base: FrozenKernel) -> AdaptedKernel:
+        d_in, d_out = base.shape
+        return AdaptedKernel(base, jnp.zeros((d_in, 0), jnp.float32), jnp.zeros((0, d_out), jnp.float32))
+
 
 def _out_width(kernel: Array | AdaptedKernel) -> int:
-    return (kernel.base if isinstance(kernel, AdaptedKernel) else kernel).shape[1]
+    return kernel.shape[1] if not isinstance(kernel, AdaptedKernel) else kernel.base.shape[1]
 
 
 def concat_projections(weights: list[tuple[Any, Array | None]]) -> tuple[Any, Array | None]:
@@ -132,31 +171,39 @@ def concat_projections(weights: list[tuple[Any, Array | None]]) -> tuple[Any, Ar
     bias = None if biases[0] is None else jnp.concatenate(biases)
     if not any(isinstance(k, AdaptedKernel) for k in kernels):
         return jnp.concatenate(kernels, axis=1), bias
-    parts = [k if isinstance(k, AdaptedKernel) else
-             AdaptedKernel(k, jnp.zeros((k.shape[0], 0), jnp.float32), jnp.zeros((0, k.shape[1]), jnp.float32))
+    parts = [k if isinstance(k, AdaptedKernel) else AdaptedKernel.frozen_only(FrozenKernel.of(k, k.shape))
              for k in kernels]
-    return AdaptedKernel(jnp.concatenate([p.base for p in parts], axis=1),
+    return AdaptedKernel(functools.reduce(FrozenKernel.concat, [p.base for p in parts]),
                          jnp.concatenate([p.a.astype(jnp.float32) for p in parts], axis=1),
                          block_diag(*[p.b.astype(jnp.float32) for p in parts])), bias
 
 
-def _merged(base: Array, a: Array, b: Array, dtype: Dtype) -> Array:
-    return (base.astype(jnp.float32) + a.astype(jnp.float32) @ b.astype(jnp.float32)).astype(dtype)
+def _merged(base: FrozenKernel, a: Array, b: Array, dtype: Dtype) -> Array:
+    merged = base.materialize(jnp.float32)
+    if a.shape[1]:
+        merged = merged + a.astype(jnp.float32) @ b.astype(jnp.float32)
+    return merged.astype(dtype)
+
+
+def _no_cotangent(leaf: Array) -> Any:
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, jax.dtypes.float0)  # integer leaves (NF4 codes) take float0 cotangents
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def lora_matmul(x: Array, base: Array, a: Array, b: Array, dtype: Dtype) -> Array:
+def lora_matmul(x: Array, base: FrozenKernel, a: Array, b: Array, dtype: Dtype) -> Array:
     """x @ (base + a @ b) in `dtype` (float32 accumulation). Gradients: dx through the merged kernel;
     da = x^T (dy b^T) and db = (x a)^T dy through the rank-r path; the frozen base gets none."""
     contract = (((x.ndim - 1,), (0,)), ((), ()))
     return jax.lax.dot_general(x.astype(dtype), _merged(base, a, b, dtype), contract)
 
 
-def _lora_matmul_fwd(x: Array, base: Array, a: Array, b: Array, dtype: Dtype) -> tuple[Array, tuple]:
-    return lora_matmul(x, base, a, b, dtype), (x, base, a, b)
+def _lora_matmul_fwd(x: Array, base: FrozenKernel, a: Array, b: Array, dtype: Dtype) -> tuple[Array, tuple]:
+    return lora_matmul(x, base, a, b, dtype), (x, base, a, b)  # the stored kernel, rebuilt in the backward
 
 
-def _lora_matmul_bwd(dtype: Dtype, res: tuple, dy: Array) -> tuple[Array, Array, Array, Array]:
+def _lora_matmul_bwd(dtype: Dtype, res: tuple, dy: Array) -> tuple[Array, Any, Array, Array]:
     x, base, a, b = res
     x = x.astype(dtype)
     dy = dy.astype(dtype)
@@ -165,7 +212,7 @@ def _lora_matmul_bwd(dtype: Dtype, res: tuple, dy: Array) -> tuple[Array, Array,
     x_a = jnp.einsum("...i,ir->...r", x, a.astype(dtype), preferred_element_type=jnp.float32)
     da = jnp.einsum("...i,...r->ir", x, dy_b.astype(dtype), preferred_element_type=jnp.float32)
     db = jnp.einsum("...r,...o->ro", x_a.astype(dtype), dy, preferred_element_type=jnp.float32)
-    return dx, jnp.zeros_like(base), da.astype(a.dtype), db.astype(b.dtype)
+    return dx, jax.tree_util.tree_map(_no_cotangent, base), da.astype(a.dtype), db.astype(b.dtype)
 
 
 lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
