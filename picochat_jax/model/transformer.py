@@ -436,7 +436,9 @@ def write_layer_rows(cache: Array | tuple[Array, ...], rows: Array | tuple[Array
                      index: Array) -> Array | tuple[Array, ...]:
     """cache (L, B, S, KV, D) with every layer's new rows (L, B, 1, KV, D) written at slot `index`: a scalar,
     or (B,) one per row; or the same per layer, for tuples of (B, S, KV, D) arrays (`Decoder.layer_loop`).
-    Inside the decode loop the cache is loop state, so XLA updates it in place."""
+    Inside the decode loop the cache is loop state, so XLA updates it in place. The stacked case is written out
+    rather than `jax.vmap(write_cache)` over the layers, which turns a scalar slot into per-layer slicing and
+    selects around the update instead of one dynamic-update-slice."""
     if isinstance(cache, tuple):
         return tuple(write_cache(c, r, index) for c, r in zip(cache, rows, strict=True))
     index = jnp.asarray(index)
