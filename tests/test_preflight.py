@@ -163,3 +163,21 @@ def test_run_tiny_stops_before_training_with_a_clear_message(pack_copy, tmp_path
                                        str(tmp_path / "cli"), "--scale", "smoke", "--no-progress"])
     assert result.exit_code != 0
     assert "preflight blocked the run" in result.output and "--allow-preflight-warnings" in result.output
+
+
+def test_corpus_replay_warns_a_long_run_after_four_reads(example_pack):
+    """A long run (here h100-100m's 107M parameters) is warned beyond 4 reads of the corpus, where the proof
+    run's held-out BPB turned up; a small teaching run only beyond 16."""
+    s = load_scale("h100-100m")
+    small = _preflight(example_pack)
+    reads = _check(small, "corpus_replay")["value"]
+    corpus_tokens = _preflight(example_pack, "h100-100m", mesh=None)["estimates"]["corpus_tokens"]
+    tokens_per_step = s.base.batch_size * s.base.grad_accum_steps * s.model.max_seq_len
+    for target_reads, level in ((3.0, "ok"), (6.0, "warn")):
+        steps = max(1, round(target_reads * corpus_tokens / tokens_per_step))
+        report = _preflight(example_pack, "h100-100m", mesh=None,
+                            base_cfg=dataclasses.replace(s.base, steps=steps))
+        check = _check(report, "corpus_replay")
+        assert report["long_run"] and check["threshold"] == 4.0 and check["level"] == level, check
+    assert _check(small, "corpus_replay")["threshold"] == 16.0
+    assert _check(small, "corpus_replay")["level"] == ("warn" if reads > 16 else "ok")

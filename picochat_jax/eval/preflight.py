@@ -28,6 +28,8 @@ LEVELS = ("ok", "warn", "block")
 # release gate blocks anyway). Contamination blocks long runs, and any run whose eval is mostly contaminated.
 LONG_RUN_PARAMS = 10_000_000
 LONG_RUN_TOKENS = 100_000_000
+LONG_RUN_MAX_REPLAY = 4.0  # corpus reads before preflight warns, for a long run ...
+SHORT_RUN_MAX_REPLAY = 16.0  # ... and for a small teaching run
 # Per-role header + <|end|> tokens around each message, and <|bos|>.
 CHAT_OVERHEAD_TOKENS = 3
 
@@ -165,17 +167,20 @@ def run_preflight(*, pack: DatasetPack, corpus: Corpus, conversations: Sequence[
                          f"base sees {base_tokens:,} tokens for {params:,} parameters ({ratio:.2f} tokens/param; "
                          f"compute-optimal is ~20)" + ("; the model will be badly undertrained" if ratio < 1 else "")))
     replay = base_tokens / max(corpus_tokens, 1)
-    checks.append(_check("corpus_replay", round(replay, 2), 16.0, "warn" if replay > 16 else "ok",
+    long_run = params >= LONG_RUN_PARAMS or base_tokens >= LONG_RUN_TOKENS
+    # A long run's held-out loss turns up after a few reads (the h100-100m proof run's was best after ~4.3 of
+    # 15.7, docs/proof_runs.md); a teaching run on a small pack reads it many times by design.
+    max_replay = LONG_RUN_MAX_REPLAY if long_run else SHORT_RUN_MAX_REPLAY
+    checks.append(_check("corpus_replay", round(replay, 2), max_replay, "warn" if replay > max_replay else "ok",
                          f"base reads the corpus ~{replay:.1f} times"
-                         + ("; beyond ~16 epochs repeated data stops helping and memorisation grows"
-                            if replay > 16 else "")))
+                         + (f"; beyond ~{max_replay:g} reads repeated data stops helping and the model memorises it "
+                            f"(feed more text or take fewer base steps)" if replay > max_replay else "")))
     sft_epochs = sft_cfg.steps * sft_cfg.batch_size * sft_cfg.grad_accum_steps / max(n_sft, 1)
     checks.append(_check("sft_epochs", round(sft_epochs, 1), 50.0, "warn" if sft_epochs > 50 else "ok",
                          f"SFT reads each row ~{sft_epochs:.0f} times"
                          + ("; expect the rows to be memorised rather than learned" if sft_epochs > 50 else "")))
 
     # --- contamination (the honesty report's cheap text checks) -------------------------------------
-    long_run = params >= LONG_RUN_PARAMS or base_tokens >= LONG_RUN_TOKENS
     if eval_rows:
         scan = scan_contamination(eval_rows, conversations, corpus.documents,
                                   document_sources(corpus))
