@@ -26,8 +26,9 @@ browser:
 	  echo "could not install chromium: the browser tests will be skipped"; \
 	fi
 
+# Two worker processes, one test file each at a time (module fixtures are built once): CI's two cores.
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 tiny: setup
 	$(BIN)/picochat run tiny --dataset-pack examples/tiny_pack/dataset_pack.json --out-dir runs/tiny --overwrite
