@@ -38,12 +38,11 @@ class StopText:
         self.stops = [s for s in stops if s]
         # A stop string that starts in the last len-1 characters may still be completed by the next tokens.
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the reply's ids; once cut at a stop string, only those its text needs
         self.text = ""  # the text of ids[:_read]
         self._prefix = self._read = 0
         self.emitted = 0
         self.stopped = False
-        self.kept: str | None = None  # once stopped: the reply's text before the stop string
 
     def _decode(self, final: bool) -> str:
         """The reply's text so far. The new ids' text joins `text` (and the window moves on) once it ends in a
@@ -70,7 +69,7 @@ class StopText:
         text = self._decode(final=False)
         cut = self._cut(text)
         if cut is not None:
-            self.stopped, self.kept = True, text[:cut]
+            self._stop(text[:cut])
             return self._emit(text, cut)
         safe = len(text)
         while safe > self.emitted and text[safe - 1] == "\ufffd":  # a multi-byte character not yet complete
@@ -82,21 +81,17 @@ class StopText:
             return ""
         text = self._decode(final=True)
         cut = self._cut(text)
-        self.stopped = cut is not None
-        if self.stopped:
-            self.kept = text[:cut]
+        if cut is not None:
+            self._stop(text[:cut])
         return self._emit(text, len(text) if cut is None else cut)
 
-    def kept_tokens(self) -> int:
-        """How many of the reply's ids its text needs: all of them, or after a stop string the fewest whose
-        text still holds everything before it (a token that straddles the cut stays). The ids after them
-        were decoded in the same chunk but are not part of the reply (its logprobs and usage)."""
-        if self.kept is None:
-            return len(self.ids)
-        keep = len(self.ids)
-        while keep > 0 and self.decode(self.ids[:keep - 1]).startswith(self.kept):
-            keep -= 1
-        return keep
+    def _stop(self, kept: str) -> None:
+        """Cut the reply at a stop string: `ids` keeps the fewest ids whose text still holds `kept`, everything
+        before the stop (a token that straddles the cut stays). The ids after them were decoded in the same
+        chunk but are not part of the reply (its logprobs and usage)."""
+        self.stopped = True
+        while self.ids and self.decode(self.ids[:-1]).startswith(kept):
+            self.ids.pop()
 
     def _emit(self, text: str, end: int) -> str:
         delta = text[self.emitted:end]
@@ -118,9 +113,7 @@ class ChoiceRun:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.texts = [StopText(backend.fmt.decode, stops) for _ in prompts]
-        self.ids: list[list[int]] = [[] for _ in prompts]  # generated ids per choice (for logprobs)
         self.prompt_tokens = sum(len(p) for p in prompts)
-        self.completion_tokens = 0
         self.requests = [GenerationRequest(p, sampling, self._callback(i)) for i, p in enumerate(prompts)]
         try:
             for req in self.requests:
@@ -152,13 +145,10 @@ class ChoiceRun:
                     continue  # a choice already cut at a stop string: its last events don't matter
                 text = self.texts[index]
                 if event.kind == "tokens":
-                    self.completion_tokens += len(event.tokens)
-                    self.ids[index].extend(event.tokens)
                     delta = text.add(event.tokens)
                     if text.stopped:
                         self.requests[index].cancel()
                         open_choices.discard(index)
-                        self._drop_after_stop(index)
                         yield Piece(index, delta, "stop")
                     elif delta:
                         yield Piece(index, delta)
@@ -168,19 +158,18 @@ class ChoiceRun:
                                        type="server_error", code="shutting_down")
                     open_choices.discard(index)
                     tail = text.finish()
-                    self._drop_after_stop(index)
                     yield Piece(index, tail, "stop" if text.stopped else event.reason or "stop")
                 else:
                     raise APIError(500, event.message or "generation failed", type="server_error")
         finally:
             self.cancel()  # no-op for finished rows; frees the batch slot when a client goes away mid-stream
 
-    def _drop_after_stop(self, index: int) -> None:
-        """A reply cut at a stop string keeps only the ids its text needs, for its logprobs and usage."""
-        keep = self.texts[index].kept_tokens()
-        self.completion_tokens -= len(self.ids[index]) - keep
-        del self.ids[index][keep:]
+    @property
+    def ids(self) -> list[list[int]]:
+        """Each choice's generated ids (for logprobs): after a stop string, only those its text needs."""
+        return [text.ids for text in self.texts]
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        completion = sum(len(text.ids) for text in self.texts)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
