@@ -132,8 +132,6 @@ class FrozenKernel:
         return self.shapes[0][0], sum(out for _, out in self.shapes)
 
     def materialize(self, dtype: Dtype) -> Array:
-        if not any(quant.is_quantized(part) for part in self.parts):  # joined as stored, then one conversion
-            return (self.parts[0] if len(self.parts) == 1 else jnp.concatenate(self.parts, axis=1)).astype(dtype)
         arrays = [quant.dequantize_nf4(part, shape, dtype) if quant.is_quantized(part) else part.astype(dtype)
                   for part, shape in zip(self.parts, self.shapes, strict=True)]
         return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=1)
