@@ -207,34 +207,20 @@ def synthetic_batches(vocab: int, batch: int, seq: int, target_fraction: float =
 # ----------------------------------------------------------------------------------------------- our side
 
 
-def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the folder, build hf-sft's LoRA trainer and time its step, in this process."""
+def build_lora_trainer(args: argparse.Namespace, hf: Any, batch: int, seq: int) -> tuple[Any, Any, Any, Any]:
+    """hf-sft's LoRA trainer for `hf` (a loaded HF model) as these flags set it: (trainer, train config, model,
+    mesh shape). The trainer keeps its own device copy of the base (bf16 or NF4)."""
     import dataclasses
 
-    import flax
-    import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from picochat_jax import parallel
-    from picochat_jax.hf.io import load_hf_model
     from picochat_jax.hf.sft import HFSFTOptions, hf_train_config
-    from picochat_jax.model import quant
     from picochat_jax.model.lora import LoraConfig, parse_targets
-    from picochat_jax.model.ops import resolve_attention_impl
-    from picochat_jax.model.transformer import compute_dtype, count_params, training_model
+    from picochat_jax.model.transformer import training_model
     from picochat_jax.train.optim import make_optimizer
     from picochat_jax.train.step import build_trainer
-
-    hf = load_hf_model(args.model_dir)
-    n_params, head_dim, config = count_params(hf.params), hf.config.resolved_head_dim, hf.config
-    with np.load(args.batches) as data:
-        stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-                   if k in data}
-        real_per_batch = np.asarray(data["real"]) if "real" in data else None
-    host_batches = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
-    _, batch, seq = host_batches[0]["inputs"].shape
 
     lcfg = LoraConfig(rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets))
     opts = HFSFTOptions(model=str(args.model_dir), input=Path("-"), out_dir=Path("-"),
@@ -247,12 +233,37 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     mesh_shape = parallel.parse_mesh(args.mesh)
     parallel.check_batch_fits(batch, mesh_shape)
     mesh = parallel.make_mesh(mesh_shape)
-    model = training_model(config, args.precision, train_cfg.remat, mesh_shape.tensor)
+    model = training_model(hf.config, args.precision, train_cfg.remat, mesh_shape.tensor)
     optimizer, schedule = make_optimizer(train_cfg)
-    trainer = build_trainer(model, optimizer, schedule, np.zeros(config.vocab_size, np.float32), mesh,
+    trainer = build_trainer(model, optimizer, schedule, np.zeros(hf.config.vocab_size, np.float32), mesh,
                             lora_cfg=lcfg, base_params=hf.params,
                             base_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32,
                             base_quantize=args.quantize, ce_chunk_tokens=args.ce_chunk_tokens)
+    return trainer, train_cfg, model, mesh_shape
+
+
+def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the folder, build hf-sft's LoRA trainer and time its step, in this process."""
+    import flax
+    import jax
+    import numpy as np
+    import optax
+
+    from picochat_jax.hf.io import load_hf_model
+    from picochat_jax.model import quant
+    from picochat_jax.model.ops import resolve_attention_impl
+    from picochat_jax.model.transformer import compute_dtype, count_params
+
+    hf = load_hf_model(args.model_dir)
+    n_params, head_dim = count_params(hf.params), hf.config.resolved_head_dim
+    with np.load(args.batches) as data:
+        stacked = {k: np.asarray(data[k]) for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+                   if k in data}
+        real_per_batch = np.asarray(data["real"]) if "real" in data else None
+    host_batches = [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["inputs"]))]
+    _, batch, seq = host_batches[0]["inputs"].shape
+
+    trainer, train_cfg, model, mesh_shape = build_lora_trainer(args, hf, batch, seq)
     del hf  # only the trainer's device copy (bf16 or NF4) stays
     state0 = trainer.init(jax.random.key_data(jax.random.key(train_cfg.seed)))
     batches = [trainer.put_batch(b) for b in host_batches]
