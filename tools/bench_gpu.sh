@@ -135,10 +135,16 @@ case "$scenario" in
       --label h200-1b_rolled_dots --json-out "$OUT/h200_1b.json"
     ;;
   mesh)  # one host, two GPUs; global batch 128 = 64 per GPU; MESH_FLAGS="none gpu" = without and with
-          # picochat_jax.train.step.GPU_XLA_FLAGS (the latency-hiding scheduler that overlaps collectives)
+          # picochat_jax.train.step.GPU_XLA_FLAGS (the latency-hiding scheduler that overlaps collectives);
+          # PROFILE=1 adds a kernel profile (NCCL kernels included) to each two-GPU run
     # per-GPU throughput at 64 rows on one GPU: the scaling reference (the flags only move collectives)
     CUDA_VISIBLE_DEVICES=0 bench --scale h100-100m --batch-size 64 --sync-every "$w" --label one_gpu_b64 \
       --json-out "$OUT/one_b64.json"
+    # what each mesh moves, read from the GPU's own optimized program (two layers: the dtypes, not the totals)
+    for mesh in 2x1 1x2; do
+      "$PY" tools/collectives.py --scale h100-100m --layers 2 --batch-size 128 --mesh "$mesh" \
+        > "$OUT/collectives_$mesh.txt" 2>&1
+    done
     # MESH_EXTRA_FLAGS="..." (verbatim XLA flags, e.g. a smaller all-reduce combine threshold so that layers'
     # gradient reductions can overlap the rest of the backward) adds each mesh once more with them and the GPU set
     for flags in ${MESH_FLAGS:-none} ${MESH_EXTRA_FLAGS:+extra}; do
@@ -146,7 +152,7 @@ case "$scenario" in
       else xla=(--xla-flags "$flags"); fi
       for mesh in 2x1 1x2; do
         bench --scale h100-100m --mesh "$mesh" --batch-size 128 --sync-every "$w" "${xla[@]}" \
-          --label "mesh_${mesh}_$flags" --json-out "$OUT/mesh_${mesh}_$flags.json"
+          ${PROFILE:+--profile} --label "mesh_${mesh}_$flags" --json-out "$OUT/mesh_${mesh}_$flags.json"
       done
     done
     ;;
