@@ -112,6 +112,22 @@ def test_build_is_byte_identical_and_loads_as_a_pack(load_tool, tmp_path, exampl
     assert len(corpus.documents) == 2
     from picochat_jax.eval.external import read_choice_questions
     assert len(read_choice_questions(tmp_path / "a" / "external_eval.jsonl")) == 40
+    # The pack's chat eval is the held-out one by default: none of its prompts is an SFT prompt.
+    from picochat_jax.data.records import read_chat_jsonl, read_eval_jsonl
+    from picochat_jax.eval.ngram import scan_contamination
+
+    held_out = example_pack.parents[1] / "proof" / "eval.jsonl"
+    with_eval = tool.build(sources[:1], cache, tmp_path / "e", example_pack, external, held_out)
+    assert (tmp_path / "e" / "eval.jsonl").read_bytes() == held_out.read_bytes()
+    assert with_eval["rows"]["eval"]["from"] == "examples/proof/eval.jsonl"
+    scan = scan_contamination(read_eval_jsonl(tmp_path / "e" / "eval.jsonl"),
+                              read_chat_jsonl(tmp_path / "e" / "chat.jsonl"), [])
+    assert scan["counts"]["eval_rows"] == 20 and scan["counts"]["eval_rows_in_sft"] == 0
+    bad = tmp_path / "bad_eval.jsonl"
+    bad.write_text('{"user": "fine?", "must_include": []}\n{"must_include": []}\n')
+    with pytest.raises(ValueError, match=r"bad_eval\.jsonl:2: field .user. is missing"):
+        tool.build(sources[:1], cache, tmp_path / "f", example_pack, external, bad)
+    assert not (tmp_path / "f").exists()
 
     text = tool.build(sources[1:], cache, tmp_path / "c", None)["sources"][0]
     assert text["documents"] == 1 and text["text_bytes"] > 600  # the .gz source, unpacked

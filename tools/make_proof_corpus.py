@@ -9,7 +9,9 @@ Markdown and AsciiDoc sources are kept as written. The output is a dataset pack 
     OUT/dataset_pack.json          corpus recipe + the chat/eval/preference rows named by --rows-from
     OUT/corpus_recipe.json         one labelled source per package
     OUT/corpus/PACKAGE/part-NNNNN.jsonl   {"text", "source"} rows, in sorted path order
-    OUT/chat.jsonl eval.jsonl preferences.jsonl   copied from the --rows-from pack
+    OUT/chat.jsonl preferences.jsonl   copied from the --rows-from pack
+    OUT/eval.jsonl                 chat eval rows (--eval; default examples/proof/eval.jsonl, no prompt in the SFT
+                                   rows, so the gate judges skill rather than recall); --eval none keeps --rows-from's
     OUT/external_eval.jsonl        multiple-choice questions (--external-eval), scored by log-likelihood
     OUT/proof_corpus_manifest.json every package (version, .deb sha256, licences, copyright file sha256,
                                    files and documents kept and dropped) and every written file's sha256
@@ -50,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = REPO / "tools" / "proof_corpus_sources.json"
 DEFAULT_ROWS_FROM = REPO / "examples" / "tiny_pack" / "dataset_pack.json"
 DEFAULT_EXTERNAL_EVAL = REPO / "examples" / "proof" / "external_eval.jsonl"
+DEFAULT_EVAL = REPO / "examples" / "proof" / "eval.jsonl"
 ROWS_PER_PART = 2000
 MIN_CHARS = 200
 
@@ -275,10 +278,18 @@ def _shown(path: Path) -> str:
 
 
 def build(sources: list[Source], cache: Path, out_dir: Path, rows_from: Path | None,
-          external_eval: Path | None = None) -> dict:
-    """Write the pack into `out_dir` (new or empty) and return its manifest."""
+          external_eval: Path | None = None, eval_rows: Path | None = None) -> dict:
+    """Write the pack into `out_dir` (new or empty) and return its manifest. `eval_rows` replaces the eval file
+    of `rows_from`."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SystemExit(f"{out_dir} is not empty: give a new or empty folder")
+    for given in (rows_from, external_eval, eval_rows):
+        if given is not None and not given.is_file():
+            raise SystemExit(f"{given}: no such file")
+    if eval_rows is not None:
+        from picochat_jax.data.records import read_eval_jsonl
+
+        read_eval_jsonl(eval_rows)  # a bad row names its file, line and field before anything is written
     debs = [fetch(s, cache) for s in sources]  # every download and checksum before the first byte is written
     out_dir.mkdir(parents=True, exist_ok=True)
     seen: dict[str, str] = {}
@@ -320,12 +331,17 @@ def build(sources: list[Source], cache: Path, out_dir: Path, rows_from: Path | N
     if rows_from is not None:
         rows_pack = json.loads(rows_from.read_text())
         for key in ("chat", "eval", "preferences"):
-            if key in rows_pack:
+            if key in rows_pack and not (key == "eval" and eval_rows is not None):
                 src = (rows_from.parent / rows_pack[key]).resolve()
                 shutil.copyfile(src, out_dir / f"{key}.jsonl")
                 pack[key] = f"{key}.jsonl"
                 manifest.setdefault("rows", {})[key] = {"from": _shown(src),
                                                         "sha256": sha256_file(out_dir / f"{key}.jsonl")}
+    if eval_rows is not None:
+        shutil.copyfile(eval_rows, out_dir / "eval.jsonl")
+        pack["eval"] = "eval.jsonl"
+        manifest.setdefault("rows", {})["eval"] = {"from": _shown(eval_rows.resolve()),
+                                                   "sha256": sha256_file(out_dir / "eval.jsonl")}
     if external_eval is not None:
         shutil.copyfile(external_eval, out_dir / "external_eval.jsonl")
         pack["external_eval"] = "external_eval.jsonl"
@@ -368,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="pack whose chat/eval/preference rows the proof pack copies")
     parser.add_argument("--external-eval", type=Path, default=DEFAULT_EXTERNAL_EVAL,
                         help="multiple-choice questions the pack names as external_eval")
+    parser.add_argument("--eval", type=lambda v: None if v == "none" else Path(v), default=DEFAULT_EVAL,
+                        help="chat eval rows for the pack (none = the --rows-from pack's eval rows)")
     parser.add_argument("--record", action="store_true", help="pin the versions served now in --sources")
     args = parser.parse_args(argv)
     if args.record:
@@ -375,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.out_dir is None:
         parser.error("--out-dir is required")
-    manifest = build(load_sources(args.sources), args.cache, args.out_dir, args.rows_from, args.external_eval)
+    manifest = build(load_sources(args.sources), args.cache, args.out_dir, args.rows_from, args.external_eval,
+                     args.eval)
     totals = manifest["totals"]
     print(f"{args.out_dir}: {totals['documents']} documents, {totals['text_bytes'] / 1e6:.1f} MB of text from "
           f"{len(manifest['sources'])} packages", file=sys.stderr)
