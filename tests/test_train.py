@@ -63,7 +63,18 @@ def test_sharded_step_matches_single_device():
         params, metrics = _one_step(shape)
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
         np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+        jax.tree_util.tree_map(_assert_same_adam_step, params, ref_params)
+
+
+def _assert_same_adam_step(a: np.ndarray, b: np.ndarray) -> None:
+    """Params after one AdamW step agree to 1e-5, but for at most 0.1% of elements (none beyond 1e-4).
+
+    Adam's first update is g / (|g| + eps) times the learning rate: an element whose gradient is near eps turns
+    summation-order noise (sharded against single-device sums) into a visible difference. On 2026-12-01 one
+    gate_proj element of 4,096 differed by 1.4e-5 on every mesh; a sharding bug moves far more, far further.
+    """
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    assert (diff > 1e-5).mean() <= 1e-3 and diff.max() <= 1e-4, (diff.max(), int((diff > 1e-5).sum()), diff.size)
 
 
 def test_params_are_actually_sharded_on_the_mesh():
