@@ -182,8 +182,14 @@ class TrainConfig:
     all_assistant_turns: bool = False  # SFT: train on every assistant turn, not only the last
     sampling: str = "uniform"  # SFT rows per category: uniform | balanced | sqrt (data/loader.resample_by_category)
     packing: str = "none"  # SFT rows: none (one per row) | bos_bestfit (best-fit packed, data/packing.py)
+    # Each batch's rows are cut after its last loss position, to the shortest of this many equal lengths that
+    # holds it (data.loader.trim_trailing_padding): the same losses, less padding computed, one program per
+    # length. None = auto: 2 on CPU, 1 (always the full row) on GPU/TPU, where a compile costs more than padding.
+    length_buckets: int | None = None
 
     def __post_init__(self) -> None:
+        if self.length_buckets is not None and self.length_buckets < 1:
+            raise ValueError(f"length_buckets must be >= 1 (or null for auto), got {self.length_buckets}")
         if self.decay not in ("cosine", "linear", "none"):
             raise ValueError(f"decay must be cosine|linear|none, got {self.decay!r}")
         if self.precision not in ("fp32", "bf16"):

@@ -109,6 +109,67 @@ def test_fsdp_step_gathers_params_and_never_moves_whole_batch_activations():
     assert not whole_batch, whole_batch
 
 
+def _padded_chat_rows(n: int = 64, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows like native SFT's: real tokens then padding (id 0, no loss), 3 to 7 real positions a row, so every
+    batch's rows end by position 8 and trim to half the row."""
+    rng = np.random.default_rng(seed)
+    rows = _examples(n, seq, seed)
+    lengths = rng.integers(3, 8, n)
+    real = np.arange(seq)[None, :] < lengths[:, None]
+    return {"inputs": np.where(real, rows["inputs"], 0).astype(np.int32),
+            "targets": np.where(real, rows["targets"], 0).astype(np.int32),
+            "loss_mask": (real & (np.arange(seq)[None, :] >= 1)).astype(np.float32)}
+
+
+def test_trim_trailing_padding_cuts_to_a_bucket_and_keeps_everything_else():
+    from picochat_jax.data.loader import resolve_length_buckets, trim_trailing_padding
+
+    batch = BatchSource(_padded_chat_rows(), 8, 2, seed=0).batch(0)
+    trimmed = trim_trailing_padding(batch, 2)
+    assert {k: v.shape for k, v in trimmed.items()} == {k: (2, 8, 8) for k in batch}
+    for k in batch:
+        np.testing.assert_array_equal(trimmed[k], batch[k][..., :8])
+        assert not batch[k][..., 8:].any(), k  # only padding was cut
+    assert trim_trailing_padding(batch, 1) is batch
+    assert trim_trailing_padding(batch, 16)["inputs"].shape[-1] == 7  # the last loss position is 6
+    full = BatchSource(_examples(), 8, 2, seed=0).batch(0)  # loss on every position: nothing to cut
+    assert trim_trailing_padding(full, 4) is full
+    pairs = {"chosen_inputs": np.zeros((1, 2, 16), np.int32)}  # preference pairs carry no loss_mask
+    assert trim_trailing_padding(pairs, 4) is pairs
+    assert resolve_length_buckets(None, "cpu") == 2 and resolve_length_buckets(None, "gpu") == 1
+    assert resolve_length_buckets(3, "gpu") == 3
+    with pytest.raises(ValueError, match="length_buckets"):
+        dataclasses.replace(TRAIN, length_buckets=0)
+
+
+def test_trimmed_batches_train_the_same_trajectory(tmp_path, monkeypatch):
+    """The driver with length buckets computes shorter rows and the same losses and params as full rows."""
+    from picochat_jax.train import loop
+
+    rows, val = _padded_chat_rows(), _padded_chat_rows(16, seed=1)
+    widths = []
+
+    def recording(batch, buckets):
+        out = trim_trailing_padding(batch, buckets)
+        widths.append(out["inputs"].shape[-1])
+        return out
+
+    trim_trailing_padding = loop.trim_trailing_padding
+    monkeypatch.setattr(loop, "trim_trailing_padding", recording)
+
+    def run(name, buckets):
+        cfg = dataclasses.replace(TRAIN, steps=4, eval_every=0, length_buckets=buckets)
+        return train(stage="sft", model_cfg=TINY, train_cfg=cfg, train_rows=rows, val_rows=val,
+                     out_dir=tmp_path / name, mesh_shape=MeshShape(1, 1, 1), token_bytes=np.ones(64),
+                     tokenizer_path=None, progress=False)
+
+    full, trimmed = run("full", 1), run("trimmed", 2)
+    assert widths == [16] * 4 + [8] * 4
+    np.testing.assert_allclose([r["loss"] for r in trimmed.history], [r["loss"] for r in full.history], rtol=1e-5)
+    np.testing.assert_allclose([r["bpb"] for r in trimmed.history], [r["bpb"] for r in full.history], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), trimmed.params, full.params)
+
+
 def _run(out_dir, steps_cfg, **kw):
     return train(stage="base", model_cfg=TINY, train_cfg=steps_cfg, train_rows=_examples(),
                  val_rows=_examples(16, seed=1), out_dir=out_dir, mesh_shape=MeshShape(1, 1, 1),

@@ -25,7 +25,15 @@ from typing_extensions import Self
 
 from picochat_jax.checkpoint import save_model_checkpoint
 from picochat_jax.config import ModelConfig, TrainConfig
-from picochat_jax.data.loader import BatchSource, RowTable, as_rows, eval_batches, row_length
+from picochat_jax.data.loader import (
+    BatchSource,
+    RowTable,
+    as_rows,
+    eval_batches,
+    resolve_length_buckets,
+    row_length,
+    trim_trailing_padding,
+)
 from picochat_jax.data.records import DataError
 from picochat_jax.fileio import save_json
 from picochat_jax.model.transformer import count_params, training_model
@@ -194,7 +202,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
         eval_at_start: bool = False, resume: bool = False, resume_or_start: bool = False,
         should_stop: Callable[[int], bool] | None = None, progress: bool = True,
         on_row: Callable[[dict[str, Any]], None] | None = None,
-        tensorboard_dir: Path | None = None) -> FitResult:
+        tensorboard_dir: Path | None = None, length_buckets: int = 1) -> FitResult:
     """The one training driver: resume, the step loop, metrics.jsonl, progress, evaluation and best-model
     saves, resume checkpoints (async orbax) and SIGTERM, the final model. Every kind of training runs here.
 
@@ -202,6 +210,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
     also goes to a TensorBoard event file beside metrics.jsonl (or under `tensorboard_dir`), tagged
     `STAGE/KEY`.
     `evaluate(trainable_params)` returns the validation row (`val_loss` picks the best model) or None;
+    `length_buckets` > 1 cuts each batch's trailing all-padding columns (`data.loader.trim_trailing_padding`).
     `save_model(name, trainable_params, meta)` writes the stage's model folder `name` ("checkpoint" = final,
     "best_checkpoint" = best val loss); `settings` is what a resume must match (named keys on a mismatch).
     The loop syncs with the device only at log/eval/checkpoint steps; in between, steps are dispatched
@@ -278,7 +287,8 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
     batches = source.iterate(start)
     with _StopRequest() as stop:
         for step in range(start, total):
-            state, metrics = trainer.step(state, trainer.put_batch(next(batches)))
+            batch = trim_trailing_padding(next(batches), length_buckets)
+            state, metrics = trainer.step(state, trainer.put_batch(batch))
             done = step + 1
             bar.update(1)
             log_now = done % train_cfg.log_every == 0 or done == total or done == start + 1
@@ -385,7 +395,7 @@ def train(
               tokens_per_step=seq_len * train_cfg.batch_size * train_cfg.grad_accum_steps, evaluate=evaluate,
               save_model=save_model, flops_per_token=flops_per_token, resume=resume,
               resume_or_start=resume_or_start, should_stop=should_stop, progress=progress,
-              tensorboard_dir=tensorboard_dir)
+              tensorboard_dir=tensorboard_dir, length_buckets=resolve_length_buckets(train_cfg.length_buckets))
     rows, vals = run.history, run.val_history
     summary = {
         "stage": stage, "status": run.status, "steps": run.final_step, "params": count_params(run.state.params),
