@@ -78,18 +78,3 @@ def _free_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
-
-
-# `make test` runs two xdist workers that take whole test files in collection order (--dist loadfile), and the
-# longest files sort last by name. Started last, they left one worker running them alone for the final minutes
-# of the suite. They go first now, slowest first (the 40 longest tests of these files on 2 cores, 2026-12-01:
-# test_run_tiny.py 323 s, test_generate.py 304 s, test_train.py 218 s, test_hf_sft.py 153 s,
-# test_run_tiny_evidence.py 151 s, test_web.py 119 s), and every other file keeps its order.
-LONGEST_FILES_FIRST = ("test_run_tiny.py", "test_generate.py", "test_train.py", "test_hf_sft.py",
-                       "test_run_tiny_evidence.py", "test_web.py", "test_serve.py", "test_runs.py",
-                       "test_web_browser.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
