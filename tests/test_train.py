@@ -148,13 +148,13 @@ def test_trimmed_batches_train_the_same_trajectory(tmp_path, monkeypatch):
 
     rows = _padded_chat_rows()
     widths = []
+    trim = loop.trim_trailing_padding
 
     def recording(batch, buckets):
-        out = trim_trailing_padding(batch, buckets)
+        out = trim(batch, buckets)
         widths.append(out["inputs"].shape[-1])
         return out
 
-    trim_trailing_padding = loop.trim_trailing_padding
     monkeypatch.setattr(loop, "trim_trailing_padding", recording)
 
     def run(name, buckets):

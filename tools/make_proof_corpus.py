@@ -328,25 +328,19 @@ def build(sources: list[Source], cache: Path, out_dir: Path, rows_from: Path | N
             "description": "Debian documentation packages (human-written, freely licensed English) for the "
                            "proof runs; see proof_corpus_manifest.json for every source and licence.",
             "corpus": {"recipe": "corpus_recipe.json"}}
+    row_files: dict[str, Path] = {}  # pack key -> the file it copies, in the pack's order
     if rows_from is not None:
         rows_pack = json.loads(rows_from.read_text())
-        for key in ("chat", "eval", "preferences"):
-            if key in rows_pack and not (key == "eval" and eval_rows is not None):
-                src = (rows_from.parent / rows_pack[key]).resolve()
-                shutil.copyfile(src, out_dir / f"{key}.jsonl")
-                pack[key] = f"{key}.jsonl"
-                manifest.setdefault("rows", {})[key] = {"from": _shown(src),
-                                                        "sha256": sha256_file(out_dir / f"{key}.jsonl")}
+        row_files = {key: (rows_from.parent / rows_pack[key]).resolve()
+                     for key in ("chat", "eval", "preferences") if key in rows_pack}
     if eval_rows is not None:
-        shutil.copyfile(eval_rows, out_dir / "eval.jsonl")
-        pack["eval"] = "eval.jsonl"
-        manifest.setdefault("rows", {})["eval"] = {"from": _shown(eval_rows.resolve()),
-                                                   "sha256": sha256_file(out_dir / "eval.jsonl")}
+        row_files["eval"] = eval_rows.resolve()
     if external_eval is not None:
-        shutil.copyfile(external_eval, out_dir / "external_eval.jsonl")
-        pack["external_eval"] = "external_eval.jsonl"
-        manifest.setdefault("rows", {})["external_eval"] = {"from": _shown(external_eval.resolve()),
-                                                            "sha256": sha256_file(out_dir / "external_eval.jsonl")}
+        row_files["external_eval"] = external_eval.resolve()
+    for key, src in row_files.items():
+        shutil.copyfile(src, out_dir / f"{key}.jsonl")
+        pack[key] = f"{key}.jsonl"
+        manifest.setdefault("rows", {})[key] = {"from": _shown(src), "sha256": sha256_file(out_dir / f"{key}.jsonl")}
     write_atomic(out_dir / "corpus_recipe.json",
                  json.dumps({"name": "proof-corpus", "sources": recipe_sources}, indent=2).encode() + b"\n")
     write_atomic(out_dir / "dataset_pack.json", json.dumps(pack, indent=2).encode() + b"\n")
