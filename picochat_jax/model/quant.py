@@ -78,11 +78,16 @@ def quantize_nf4(kernel: Any) -> dict[str, np.ndarray]:
 def dequantize_nf4(q: dict[str, Array], shape: tuple[int, int], dtype: Any = jnp.float32) -> Array:
     """One kernel of `shape` (in, out) from a quantised dict *without* the layer axis (as inside the scan),
     or (L, in, out) from one with it."""
+    return _dequantize(q, shape, dtype, jnp)
+
+
+def _dequantize(q: dict[str, Any], shape: tuple[int, int], dtype: Any, xp: Any) -> Any:
+    """`dequantize_nf4` in the array module `xp`: jnp inside the step, numpy on the host."""
     packed = q[QUANT_KEY]
     lead = packed.shape[:-1]
-    codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*lead, -1, BLOCK)
-    values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
-    absmax_q = q["absmax_q"].astype(jnp.float32).reshape(*lead, -1, ABSMAX_BLOCK)
+    codes = xp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*lead, -1, BLOCK)
+    values = xp.asarray(NF4_LEVELS)[codes.astype(xp.int32)]
+    absmax_q = q["absmax_q"].astype(xp.float32).reshape(*lead, -1, ABSMAX_BLOCK)
     absmax = (absmax_q * q["absmax_scale"][..., None]).reshape(*lead, -1)[..., :codes.shape[-2]]
     absmax = absmax + q["absmax_offset"][..., None]
     return (values * absmax[..., None]).reshape(*lead, *shape).astype(dtype)
@@ -104,9 +109,12 @@ def quantize_tree(params: Any, paths: list[tuple[str, ...]], source: Any = None)
 
 def dequantized_over(quantized: Any, original: Any) -> Any:
     """`original` (host params) with every leaf that is an NF4 dict in `quantized` replaced by its float32
-    dequantisation: the weights a QLoRA run actually trained against."""
+    dequantisation: the weights a QLoRA run actually trained against. Computed in numpy, one layer at a time:
+    on an accelerator the float32 copy of a stacked kernel and its temporaries (several times the NF4 model)
+    would set the run's peak memory."""
     if is_quantized(quantized):
-        return np.asarray(dequantize_nf4(quantized, tuple(original.shape[1:]), jnp.float32))
+        layers = [{k: np.asarray(v[i]) for k, v in quantized.items()} for i in range(original.shape[0])]
+        return np.stack([_dequantize(layer, tuple(original.shape[1:]), np.float32, np) for layer in layers])
     if isinstance(quantized, dict):
         return {k: dequantized_over(v, original[k]) for k, v in quantized.items()}
     return original

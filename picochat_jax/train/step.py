@@ -251,7 +251,6 @@ model/quant.py; sharded by their logical axes); otherwise
         elif base_quantize != "none":
             raise ValueError(f"--quantize must be one of {', '.join(quant.QUANTIZE_CHOICES)}, got {base_quantize!r}")
         frozen = jax.device_put(host_base, frozen_shardings)
-        merge_base = base_params if base_quantize == "none" else quant.dequantized_over(host_base, base_params)
 
         def lora_state(rng_data: Array) -> TrainState:
             adapters = lora.init_adapters(base_params, lora_cfg, jax.random.wrap_key_data(rng_data))
@@ -267,8 +266,10 @@ model/quant.py; sharded by their logical axes); otherwise
             return jax.device_put(lora_state(rng_data), state_shardings)
 
         def full_params(adapters: Any) -> Any:
-            # QLoRA merges into the dequantised base: the model exactly as trained and evaluated.
-            return lora.merge_host(merge_base, adapters, lora_cfg)
+            # QLoRA merges into the dequantised base: the model exactly as trained and evaluated. Built on the
+            # host when an export asks, so no float copy of the base is held while training.
+            base = base_params if base_quantize == "none" else quant.dequantized_over(host_base, base_params)
+            return lora.merge_host(base, adapters, lora_cfg)
 
     step_fn = parallel.traced_under(mesh, make_step_fn(objective, optimizer, schedule, trainable))
     eval_fn = parallel.traced_under(mesh, make_eval_fn(objective, trainable))
