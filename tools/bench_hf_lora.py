@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))  # bench_train's helpers, also when this file is loaded by path (tests)
 
-from bench_train import fmt, peak_memory_gib, run_child, table_head, time_steps  # noqa: E402
+from bench_train import fmt, peak_memory_gib, profile_steps, run_child, table_head, time_steps  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 N_BATCHES = 4  # distinct batches cycled through: no step sees the same data twice in a row
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--peer-no-compile", action="store_true", help="eager peer (CPU smoke runs)")
     run.add_argument("--peer-device", default="auto", help="auto (cuda when torch sees one), cuda or cpu")
     run.add_argument("--timeout", type=int, default=600, help="seconds per child process")
+    run.add_argument("--profile", action="store_true",
+                     help="our side: trace 3 more steps with jax.profiler, GPU kernel time by kernel and category")
     run.add_argument("--json-out", type=Path, default=None)
     run.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # time our side in this process
     run.add_argument("--batches", type=Path, default=None, help=argparse.SUPPRESS)  # the child's .npz
@@ -274,6 +276,9 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     # The process's peak so far is the train step's: read it before the evaluation's own programs can raise it
     # (under gradient checkpointing the step's peak is small enough for the forward-only program to top it).
     step_peak = peak_memory_gib()
+    profile = None
+    if args.profile:
+        state, profile = profile_steps(trainer.step, state, batches)
     # The trained adapters' loss over every batch (not one step's): what QLoRA and bf16 LoRA runs compare.
     sums = trainer.evaluate_batches(state.params, host_batches)
     step_s = statistics.median(times)
@@ -305,6 +310,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         "peak_mem_gib": step_peak, "peak_mem_gib_with_eval": peak_memory_gib(),
         "first_loss": first_loss, "last_loss": last_loss,
         "final_loss_all_batches": sums["ce"] / max(sums["tokens"], 1.0),
+        "profile": profile,
     }
 
 
@@ -378,6 +384,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         if args.mesh:
             cmd += ["--mesh", args.mesh]
         cmd += ["--quantize", args.quantize, "--ce-chunk-tokens", str(args.ce_chunk_tokens)]
+        cmd += ["--profile"] if args.profile else []
         report["ours"] = run_child(cmd, out, args.timeout, env)
     ours, peer = report["ours"] or {}, report["peer"] or {}
     if ours.get("tokens_per_sec") and peer.get("tokens_per_sec"):
