@@ -11,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+# Unoptimised XLA:CPU code by default (see `_compile_level_and_free_programs`): also for session fixtures and
+# the CLI subprocesses that tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -67,14 +70,25 @@ def web_roots(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _free_compiled_programs():
-    """Drop every compiled program after each test module. XLA:CPU maps memory for each executable, and the
-    whole suite's programs, kept alive by JAX's caches, came to more memory maps than Linux allows a process
-    (vm.max_map_count, 65,530): the next compile then crashed the run with a segmentation fault."""
-    yield
+def _compile_level_and_free_programs(request):
+    """XLA:CPU compiles each test module's programs with LLVM's optimisations off, unless the module is marked
+    `xla_optimized`; after the module every compiled program is dropped.
+
+    Most of the suite's time is compiling many small programs that then run for milliseconds: 221 of
+    test_generate.py's 267 s on 2 cores (2026-12-01). Unoptimised code compiles about 40% faster with the
+    same numerics (no fast-math either way). It also runs 2-2.5x slower, which only a module that trains
+    for hundreds of steps notices (`make tiny`'s run: 202 s optimised, 447 s not): those modules carry
+    `pytestmark = pytest.mark.xla_optimized`.
+
+    Dropping the programs: XLA:CPU maps memory for each executable, and the whole suite's programs, kept alive
+    by JAX's caches, came to more memory maps than Linux allows a process (vm.max_map_count, 65,530): the next
+    compile then crashed the run with a segmentation fault."""
     import gc
 
     import jax
 
+    jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("xla_optimized") is None)
+    yield
     jax.clear_caches()
     gc.collect()
+    jax.config.update("jax_disable_most_optimizations", True)
