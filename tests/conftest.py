@@ -11,7 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
-# Unoptimised XLA:CPU code by default (see `_compile_level_and_free_programs`): also for session fixtures and
+# Unoptimised XLA:CPU code by default (see `_compile_level_and_free_programs`): also for run-wide fixtures and
 # the CLI subprocesses that tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
