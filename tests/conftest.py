@@ -76,9 +76,9 @@ def _compile_level_and_free_programs(request):
 
     Most of the suite's time is compiling many small programs that then run for milliseconds: 221 of
     test_generate.py's 267 s on 2 cores (2026-12-01). Unoptimised code compiles about 40% faster with the
-    same numerics (no fast-math either way). It also runs 2-2.5x slower, which only a module that trains
-    for hundreds of steps notices (`make tiny`'s run: 202 s optimised, 447 s not): those modules carry
-    `pytestmark = pytest.mark.xla_optimized`.
+    same math (no fast-math either way; sums may round differently in the last bits). It also runs 2-2.5x
+    slower, which only a module that trains for hundreds of steps notices (`make tiny`'s run: 202 s
+    optimised, 447 s not): those modules carry `pytestmark = pytest.mark.xla_optimized`.
 
     Dropping the programs: XLA:CPU maps memory for each executable, and the whole suite's programs, kept alive
     by JAX's caches, came to more memory maps than Linux allows a process (vm.max_map_count, 65,530): the next
