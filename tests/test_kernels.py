@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model import norm_rope_kernel, ops, rms_norm_kernel
+from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, ops, rms_norm_kernel, rms_norm_mgpu
 from picochat_jax.model.transformer import make_model
 from picochat_jax.parallel import MeshShape, make_mesh
 from picochat_jax.train.step import build_trainer
@@ -31,16 +31,22 @@ def _packed_inputs(B: int, T: int, H: int, K: int, D: int, dtype=jnp.float32, pe
     return qkv, q_scale, k_scale, rope
 
 
-@pytest.mark.parametrize("B,T,per_row_positions", [(2, 16, False), (1, 48, False), (4, 64, True)])
-def test_kernels_equal_the_xla_path_forward_and_backward(B, T, per_row_positions):
+KERNEL_MODULES = {"pallas": norm_rope_kernel, "mosaic": norm_rope_mgpu}  # Triton, and its Mosaic GPU port
+
+
+@pytest.mark.parametrize("impl", ["pallas", "mosaic"])
+@pytest.mark.parametrize("B,T,per_row_positions", [(2, 16, False), (1, 48, False), (2, 32, False), (4, 64, True)])
+def test_kernels_equal_the_xla_path_forward_and_backward(B, T, per_row_positions, impl):
     H, K, D = 4, 2, 32
+    if not KERNEL_MODULES[impl].supported(B * T, D):
+        pytest.skip(f"{impl} kernels take no {B * T}-token shape")
     qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D, per_row_positions=per_row_positions)
 
     def heads(impl):
         return lambda x, qs, ks: ops.heads_from_qkv(x, qs, ks, rope, H, K, 1e-6, impl)
 
     want, want_vjp = jax.vjp(heads("xla"), qkv, q_scale, k_scale)
-    got, got_vjp = jax.vjp(heads("pallas"), qkv, q_scale, k_scale)
+    got, got_vjp = jax.vjp(heads(impl), qkv, q_scale, k_scale)
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5)
     cotangents = tuple(jax.random.normal(jax.random.PRNGKey(i + 7), w.shape) for i, w in enumerate(want))
@@ -48,31 +54,38 @@ def test_kernels_equal_the_xla_path_forward_and_backward(B, T, per_row_positions
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
 
 
-def test_kernels_in_bf16_stay_within_rounding_of_the_float32_path():
+@pytest.mark.parametrize("impl", ["pallas", "mosaic"])
+def test_kernels_in_bf16_stay_within_rounding_of_the_float32_path(impl):
     B, T, H, K, D = 2, 32, 4, 2, 64
     qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D, jnp.bfloat16)
     want = ops.heads_from_qkv(qkv.astype(jnp.float32), q_scale, k_scale, rope, H, K, 1e-6, "xla")
-    got = ops.heads_from_qkv(qkv, q_scale, k_scale, rope, H, K, 1e-6, "pallas")
+    got = ops.heads_from_qkv(qkv, q_scale, k_scale, rope, H, K, 1e-6, impl)
     for w, g in zip(want, got, strict=True):
         assert g.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=3e-2, rtol=1e-2)
 
 
 def test_resolution_picks_the_kernels_only_where_they_apply():
-    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 64, platform="gpu") == "pallas"
+    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 64, platform="gpu") == "mosaic"
+    assert ops.resolve_norm_rope_impl("auto", True, True, 1024, 64, platform="tpu") == "xla"
     assert ops.resolve_norm_rope_impl("auto", True, True, 1024, 64, platform="cpu") == "xla"
     assert ops.resolve_norm_rope_impl("pallas", True, True, 1024, 64, platform="cpu") == "pallas"
     assert ops.resolve_norm_rope_impl("pallas", False, True, 1024, 64) == "xla"  # no QK-norm scale
     assert ops.resolve_norm_rope_impl("pallas", True, False, 1024, 64) == "xla"  # learned positions
     assert ops.resolve_norm_rope_impl(None, True, True, 7, 64, platform="gpu") == "xla"  # decode rows
-    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 48, platform="gpu") == "xla"
+    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 40, platform="gpu") == "xla"
+    assert ops.resolve_norm_rope_impl(None, True, True, 96, 64, platform="gpu") == "xla"  # not whole 64-token blocks
+    assert ops.resolve_norm_rope_impl("pallas", True, True, 96, 64, platform="gpu") == "pallas"  # Triton's 32 tiles
     assert norm_rope_kernel.block_tokens(96) == 16 and norm_rope_kernel.block_tokens(96, 64) == 32
     with pytest.raises(ValueError, match="norm/rope implementation"):
         ops.resolve_norm_rope_impl("triton", True, True, 1024, 64)
 
 
+@pytest.mark.parametrize("impl", ["pallas", "mosaic"])
 @pytest.mark.parametrize("shape", [(2, 16, 64), (1, 64, 96), (4, 32, 768)])
-def test_rms_norm_backward_kernel_equals_autodiff_with_the_residual_gradient(shape):
+def test_rms_norm_backward_kernel_equals_autodiff_with_the_residual_gradient(shape, impl):
+    if impl == "mosaic" and not rms_norm_mgpu.supported(shape[0] * shape[1], shape[-1]):
+        pytest.skip(f"the Mosaic GPU kernel takes no {shape} shape")
     keys = jax.random.split(jax.random.PRNGKey(3), 4)
     x = jax.random.normal(keys[0], shape) * 3
     scale = 1 + 0.2 * jax.random.normal(keys[1], shape[-1:])
@@ -81,7 +94,8 @@ def test_rms_norm_backward_kernel_equals_autodiff_with_the_residual_gradient(sha
     def reference(x, scale):
         return x, rms_norm_kernel.rms_norm(x, scale, 1e-6, jnp.float32)
 
-    (x_out, y), kernel_vjp = jax.vjp(lambda x, s: rms_norm_kernel.residual_rms_norm(x, s, 1e-6, jnp.float32), x, scale)
+    (x_out, y), kernel_vjp = jax.vjp(lambda x, s: rms_norm_kernel.residual_rms_norm(x, s, 1e-6, jnp.float32, impl),
+                                     x, scale)
     (want_x, want_y), want_vjp = jax.vjp(reference, x, scale)
     np.testing.assert_array_equal(x_out, want_x)
     np.testing.assert_array_equal(y, want_y)
@@ -90,15 +104,44 @@ def test_rms_norm_backward_kernel_equals_autodiff_with_the_residual_gradient(sha
 
 
 def test_rms_norm_resolution():
-    assert ops.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="gpu") == "pallas"
+    assert ops.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="gpu") == "mosaic"
     assert ops.resolve_rms_norm_impl(None, "rmsnorm", 32768, 768, platform="cpu") == "xla"
     assert ops.resolve_rms_norm_impl("pallas", "layernorm", 32768, 768) == "xla"
     assert ops.resolve_rms_norm_impl("pallas", "rmsnorm", 32768, 100) == "xla"  # no power-of-two chunk
     assert rms_norm_kernel.column_chunk(768) == 256 and rms_norm_kernel.column_chunk(96) == 32
+    assert ops.resolve_rms_norm_impl("mosaic", "rmsnorm", 32768, 768, platform="gpu") == "mosaic"
+    assert ops.resolve_rms_norm_impl("mosaic", "rmsnorm", 32768, 96) == "xla"  # no 64-column chunks
 
 
+def test_mosaic_kernels_lower_for_cuda_without_a_gpu():
+    """The Mosaic GPU kernels' layouts, pipelines and TMA blocks are checked when they lower to Mosaic GPU's
+    MLIR, which runs on any host (interpret mode runs their steps, not their pipelines): the step's shape, both
+    directions."""
+    B, T, H, K, D = 2, 128, 12, 4, 64
+    qkv, q_scale, k_scale, rope = _packed_inputs(B, T, H, K, D, jnp.bfloat16)
+    heads = ops.heads_from_qkv(qkv, q_scale, k_scale, rope, H, K, 1e-6, "xla")
+
+    def both(x, qs, ks, cotangents):
+        out = norm_rope_mgpu.norm_rope_forward(x, qs, ks, rope, H, K, 1e-6, interpret=False)
+        return out, norm_rope_mgpu.norm_rope_backward(x, qs, ks, rope, *cotangents, H, K, 1e-6, interpret=False)
+
+    text = jax.jit(both).trace(qkv, q_scale, k_scale, heads).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # one kernel each way
+    x = qkv[..., :768]
+    norm_grad = jax.jit(lambda x, s: rms_norm_mgpu.rms_norm_backward(x, s, x, x, 1e-6, interpret=False))
+    assert "stablehlo.custom_call @mosaic_gpu" in norm_grad.trace(x, jnp.ones(768)).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+
+def test_mosaic_resolution():
+    assert ops.resolve_norm_rope_impl("mosaic", True, True, 1024, 64, platform="gpu") == "mosaic"
+    assert ops.resolve_norm_rope_impl("mosaic", True, True, 96, 64, platform="gpu") == "xla"  # not 64-token blocks
+    assert ops.resolve_norm_rope_impl("mosaic", True, True, 1024, 40, platform="gpu") == "xla"
+
+
+@pytest.mark.parametrize("norm_rope", ["pallas", "mosaic"])
 @pytest.mark.parametrize("parallel_residual", [False, True])
-def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_residual):
+def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_residual, norm_rope):
     model = make_model(dataclasses.replace(TINY, parallel_residual=parallel_residual))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, TINY.vocab_size)
     params = model.init(jax.random.PRNGKey(0), tokens)["params"]
@@ -110,7 +153,7 @@ def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_resi
     # float32 matmuls in full precision: on a GPU the default (TF32) rounds away the 1e-6 this test checks.
     with jax.default_matmul_precision("highest"):
         want, want_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="xla", rms_norm_impl="xla"))
-        got, got_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="pallas", rms_norm_impl="pallas"))
+        got, got_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl=norm_rope, rms_norm_impl=norm_rope))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5), got_grad, want_grad)
 

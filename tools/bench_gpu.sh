@@ -96,6 +96,7 @@ case "$scenario" in
     bench --scale h100-100m --sync-every "$w" \
       --variant default \
       --variant xla_norm_rope:norm_rope=xla \
+      --variant mosaic_norm_rope:norm_rope=mosaic \
       --variant xla_rms_norm:rms_norm=xla \
       --variant default_prof:profile=1 \
       --json-out "$OUT/h100m_kernels.json"

@@ -62,7 +62,7 @@ def bench_norm_rope(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> li
     import jax
     import jax.numpy as jnp
 
-    from picochat_jax.model import norm_rope_kernel, ops
+    from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, ops
 
     B, T, H, K, D = a.batch, a.seq, a.heads, a.kv_heads, a.head_dim
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
@@ -93,6 +93,15 @@ def bench_norm_rope(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> li
                          impl="pallas", max_block=block, num_warps=warps))
         rows.append(_row("norm_rope_bwd", time_call(bwd, (qkv, q_scale, k_scale, dq, dk, dv), a.windows, a.calls),
                          3 * packed, impl="pallas", max_block=block, num_warps=warps))
+    if not a.interpret and norm_rope_mgpu.supported(B * T, D):  # the Mosaic GPU port (64-token blocks)
+        fwd = jax.jit(functools.partial(norm_rope_mgpu.norm_rope_forward, rope=rope, n_heads=H, n_kv_heads=K,
+                                        eps=1e-6))
+        bwd = jax.jit(lambda x, qs, ks, dq, dk, dv: norm_rope_mgpu.norm_rope_backward(
+            x, qs, ks, rope, dq, dk, dv, H, K, 1e-6))
+        rows.append(_row("norm_rope_fwd", time_call(fwd, (qkv, q_scale, k_scale), a.windows, a.calls), 2 * packed,
+                         impl="mosaic", max_block=64))
+        rows.append(_row("norm_rope_bwd", time_call(bwd, (qkv, q_scale, k_scale, dq, dk, dv), a.windows, a.calls),
+                         3 * packed, impl="mosaic", max_block=64))
     return rows
 
 
@@ -100,7 +109,7 @@ def bench_rms_norm(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> lis
     import jax
     import jax.numpy as jnp
 
-    from picochat_jax.model import rms_norm_kernel
+    from picochat_jax.model import rms_norm_kernel, rms_norm_mgpu
 
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     shape = (a.batch, a.seq, a.d_model)
@@ -118,6 +127,10 @@ def bench_rms_norm(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> lis
                                        max_block=block, num_warps=warps))
         rows.append(_row("rms_norm_bwd", time_call(fn, (x, scale, dy, d_pass), a.windows, a.calls), traffic,
                          impl="pallas", max_block=block, num_warps=warps))
+    if not a.interpret and rms_norm_mgpu.supported(a.batch * a.seq, a.d_model):
+        fn = jax.jit(functools.partial(rms_norm_mgpu.rms_norm_backward, eps=1e-6))
+        rows.append(_row("rms_norm_bwd", time_call(fn, (x, scale, dy, d_pass), a.windows, a.calls), traffic,
+                         impl="mosaic", max_block=64))
     return rows
 
 

@@ -84,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "loader (data/shards.py) feeds base pretraining")
     opt.add_argument("--fuse-projections", choices=["on", "off"], default="on",
                      help="q/k/v and gate/up as one matmul each (what training uses unless the mesh has a tensor axis)")
-    opt.add_argument("--norm-rope", choices=["auto", "xla", "pallas"], default="auto",
+    opt.add_argument("--norm-rope", choices=["auto", "xla", "pallas", "mosaic"], default="auto",
                      help="QK-norm + RoPE: auto = the fused Pallas kernels on GPU (model/norm_rope_kernel.py), "
-                          "XLA elsewhere")
-    opt.add_argument("--rms-norm", choices=["auto", "xla", "pallas"], default="auto",
+                          "XLA elsewhere; mosaic = their Mosaic GPU port (model/norm_rope_mgpu.py)")
+    opt.add_argument("--rms-norm", choices=["auto", "xla", "pallas", "mosaic"], default="auto",
                      help="the pre-norms' backward: auto = the Pallas kernel on GPU (model/rms_norm_kernel.py), "
-                          "XLA elsewhere")
+                          "XLA elsewhere; mosaic = its Mosaic GPU port (model/rms_norm_mgpu.py)")
     opt.add_argument("--embed-grad", choices=["auto", "scatter", "scatter_f32", "onehot"], default="auto",
                      help="how the embedding gradient is summed (model/ops.py EMBED_GRAD_IMPLS): auto = float32 "
                           "scatter")

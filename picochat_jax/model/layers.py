@@ -121,7 +121,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # None/"auto" = cuDNN flash on GPU when it can, else XLA; see attend()
     fuse_projections: bool = True  # q, k and v as one matmul: see project()
-    norm_rope_impl: str | None = None  # None/"auto" = Pallas QK-norm+RoPE kernels on GPU; see heads_from_qkv()
+    norm_rope_impl: str | None = None  # None/"auto" = the Mosaic GPU QK-norm+RoPE kernels on GPU; see heads_from_qkv()
 
     @nn.compact
     def __call__(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import block_diag
 
-from picochat_jax.model import norm_rope_kernel, quant, rms_norm_kernel
+from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, quant, rms_norm_kernel, rms_norm_mgpu
 from picochat_jax.parallel import shard_activation_batch
 
 Array = jax.Array
@@ -440,34 +440,35 @@ def split_qkv(qkv: Array, n_heads: int, n_kv_heads: int) -> tuple[Array, Array, 
     return q.reshape(B, T, n_heads, hd), k.reshape(B, T, n_kv_heads, hd), v.reshape(B, T, n_kv_heads, hd)
 
 
-KERNEL_IMPLS = ("auto", "xla", "pallas")
+KERNEL_IMPLS = ("auto", "xla", "pallas", "mosaic")
 
 
-def resolve_kernel(impl: str | None, what: str, applies: bool, platform: str | None) -> str:
-    """"pallas" or "xla" for one of the Pallas kernels: where it doesn't apply even an explicit "pallas" gets
-    the XLA path; "auto" picks the kernel on an NVIDIA GPU only, so CPU and TPU results are the XLA path's."""
+def resolve_kernel(impl: str | None, what: str, fits: dict[str, bool], platform: str | None) -> str:
+    """"mosaic" (Pallas on Mosaic GPU), "pallas" (the same kernels on Pallas' Triton backend, which jax 0.11
+    deprecates; kept for comparison) or "xla" for one of the Pallas kernels. `fits` says which kernels take the
+    shape; where the chosen one doesn't, even an explicit choice gets the XLA path. "auto" picks the Mosaic GPU
+    kernel on an NVIDIA GPU only, so CPU and TPU results are the XLA path's."""
     if impl not in (None, *KERNEL_IMPLS):
         raise ValueError(f"{what} implementation must be one of {KERNEL_IMPLS}, got {impl!r}")
-    if not applies or impl == "xla":
-        return "xla"
-    if impl == "pallas":
-        return "pallas"
-    return "pallas" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
+    if impl in (None, "auto"):
+        impl = "mosaic" if (platform or jax.default_backend()) in ("gpu", "cuda") else "xla"
+    return impl if impl != "xla" and fits[impl] else "xla"
 
 
 def resolve_rms_norm_impl(impl: str | None, kind: str, n_rows: int, width: int, platform: str | None = None) -> str:
-    """Which code runs the pre-norms' backward: "pallas" (`rms_norm_kernel`, RMSNorm with power-of-two tiles
-    only) or "xla"."""
-    applies = kind == "rmsnorm" and rms_norm_kernel.supported(n_rows, width)
-    return resolve_kernel(impl, "rms-norm", applies, platform)
+    """Which code runs the pre-norms' backward: "mosaic" (`rms_norm_mgpu`, 64-row blocks and 64-column chunks),
+    "pallas" (`rms_norm_kernel`, power-of-two tiles) or "xla"; RMSNorm only."""
+    fits = {"mosaic": rms_norm_mgpu.supported(n_rows, width), "pallas": rms_norm_kernel.supported(n_rows, width)}
+    return resolve_kernel(impl, "rms-norm", {k: kind == "rmsnorm" and v for k, v in fits.items()}, platform)
 
 
 def resolve_norm_rope_impl(impl: str | None, qk_norm: bool, rope: bool, n_tokens: int, head_dim: int,
                            platform: str | None = None) -> str:
-    """Which code applies QK-norm + RoPE in `heads_from_qkv`: "pallas" (`norm_rope_kernel`, which needs both a
-    norm scale and RoPE tables, and power-of-two tiles) or "xla"."""
-    applies = qk_norm and rope and norm_rope_kernel.supported(n_tokens, head_dim)
-    return resolve_kernel(impl, "norm/rope", applies, platform)
+    """Which code applies QK-norm + RoPE in `heads_from_qkv`: "mosaic" (`norm_rope_mgpu`, 64-token blocks),
+    "pallas" (`norm_rope_kernel`, power-of-two tiles) or "xla". The kernels need both a norm scale and RoPE."""
+    fits = {"mosaic": norm_rope_mgpu.supported(n_tokens, head_dim),
+            "pallas": norm_rope_kernel.supported(n_tokens, head_dim)}
+    return resolve_kernel(impl, "norm/rope", {k: qk_norm and rope and v for k, v in fits.items()}, platform)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -478,10 +479,12 @@ def heads_from_qkv(qkv: Array, q_scale: Array | None, k_scale: Array | None, rop
 
     The custom VJP returns the packed (B, T, (H + 2K) * D) gradient from one pass: autodiff through the
     split writes d_q and d_k, then copies them and d_v into the packed layout (docs/performance.md).
-    impl="pallas" (see `resolve_norm_rope_impl`) runs both directions as the `norm_rope_kernel` kernels.
+    impl="mosaic" or "pallas" (see `resolve_norm_rope_impl`) runs both directions as the `norm_rope_mgpu` or
+    `norm_rope_kernel` kernels.
     """
-    if impl == "pallas":
-        return norm_rope_kernel.norm_rope_forward(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps)
+    if impl in ("pallas", "mosaic"):
+        kernels = norm_rope_kernel if impl == "pallas" else norm_rope_mgpu
+        return kernels.norm_rope_forward(qkv, q_scale, k_scale, rope, n_heads, n_kv_heads, eps)
     q, k, v = split_qkv(qkv, n_heads, n_kv_heads)
     q = rms_rope(q.astype(jnp.float32), q_scale, rope, eps).astype(qkv.dtype)
     k = rms_rope(k.astype(jnp.float32), k_scale, rope, eps).astype(qkv.dtype)
@@ -497,9 +500,10 @@ def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, impl, res, grads):
     qkv, q_scale, k_scale, rope = res
     dq, dk, dv = grads
     rope_zero = None if rope is None else tuple(jnp.zeros_like(t) for t in rope)
-    if impl == "pallas":
-        d_qkv, d_q_scale, d_k_scale = norm_rope_kernel.norm_rope_backward(qkv, q_scale, k_scale, rope, dq, dk, dv,
-                                                                          n_heads, n_kv_heads, eps)
+    if impl in ("pallas", "mosaic"):
+        kernels = norm_rope_kernel if impl == "pallas" else norm_rope_mgpu
+        d_qkv, d_q_scale, d_k_scale = kernels.norm_rope_backward(qkv, q_scale, k_scale, rope, dq, dk, dv,
+                                                                 n_heads, n_kv_heads, eps)
         return d_qkv, d_q_scale, d_k_scale, rope_zero
     q, k, _ = split_qkv(qkv, n_heads, n_kv_heads)
     dq, d_q_scale = rms_rope_bwd(q.astype(jnp.float32), q_scale, rope, eps, dq.astype(jnp.float32))

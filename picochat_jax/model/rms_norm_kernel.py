@@ -95,20 +95,24 @@ def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: flo
     return per_batch_shard(local, (True, False, True, True), (True, False))(x, scale, dy, d_pass)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def residual_rms_norm(x: Array, scale: Array, eps: float, dtype) -> tuple[Array, Array]:
-    """(x, RMSNorm(x) * scale in `dtype`): the residual stream passed through, and its pre-norm."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def residual_rms_norm(x: Array, scale: Array, eps: float, dtype, impl: str = "mosaic") -> tuple[Array, Array]:
+    """(x, RMSNorm(x) * scale in `dtype`): the residual stream passed through, and its pre-norm. The backward
+    runs this module's Triton kernel (impl "pallas") or its Mosaic GPU port (`rms_norm_mgpu`, impl "mosaic")."""
     return x, rms_norm(x, scale, eps, dtype)
 
 
-def _residual_rms_norm_fwd(x, scale, eps, dtype):
-    return residual_rms_norm(x, scale, eps, dtype), (x, scale)
+def _residual_rms_norm_fwd(x, scale, eps, dtype, impl):
+    return residual_rms_norm(x, scale, eps, dtype, impl), (x, scale)
 
 
-def _residual_rms_norm_bwd(eps, dtype, res, cotangents):
+def _residual_rms_norm_bwd(eps, dtype, impl, res, cotangents):
+    from picochat_jax.model import rms_norm_mgpu  # it imports this module's neighbour, not this module
+
     x, scale = res
     d_pass, dy = cotangents
-    dx, d_scale = rms_norm_backward(x, scale, dy, d_pass, eps)
+    backward = rms_norm_mgpu.rms_norm_backward if impl == "mosaic" else rms_norm_backward
+    dx, d_scale = backward(x, scale, dy, d_pass, eps)
     return dx, d_scale.astype(scale.dtype)
 
 

@@ -129,8 +129,8 @@ class Block(nn.Module):
 
         def pre_norm(x: Array, name: str) -> tuple[Array, Array]:
             """(x, norm(x)); the fused form's backward adds x's own cotangent in the same kernel."""
-            if fused_norm == "pallas":
-                return residual_rms_norm(x, NormScale(x.shape[-1], name=name)(), cfg.norm_eps, self.dtype)
+            if fused_norm in ("pallas", "mosaic"):
+                return residual_rms_norm(x, NormScale(x.shape[-1], name=name)(), cfg.norm_eps, self.dtype, fused_norm)
             return x, Norm(cfg.norm, cfg.norm_eps, self.dtype, name=name)(x)
 
         x, h = pre_norm(x, "input_norm")
@@ -162,10 +162,11 @@ class Decoder(nn.Module):
     # Several projections of one input (q/k/v, gate/up) as one matmul: see ops.project. Off for
     # tensor-parallel meshes, where it would reshuffle kernels sharded on their output axis.
     fuse_projections: bool = True
-    # QK-norm + RoPE: None/"auto" = fused Pallas kernels on GPU, XLA elsewhere (ops.resolve_norm_rope_impl).
+    # QK-norm + RoPE: None/"auto" = fused Pallas Mosaic GPU kernels on GPU, XLA elsewhere
+    # (ops.resolve_norm_rope_impl); "pallas" = the same kernels on Pallas' deprecated Triton backend.
     norm_rope_impl: str | None = None
-    # The pre-norms' backward (with the residual gradient): None/"auto" = a Pallas kernel on GPU, see
-    # ops.resolve_rms_norm_impl and model/rms_norm_kernel.py.
+    # The pre-norms' backward (with the residual gradient): None/"auto" = a Pallas Mosaic GPU kernel on GPU, see
+    # ops.resolve_rms_norm_impl and model/rms_norm_mgpu.py; "pallas" = its Triton form (model/rms_norm_kernel.py).
     rms_norm_impl: str | None = None
     # How the token embedding's gradient is summed: None/"auto" = a float32 scatter (ops.resolve_embed_grad_impl).
     embed_grad_impl: str | None = None
