@@ -139,8 +139,8 @@ def test_mosaic_resolution():
     assert ops.resolve_norm_rope_impl("mosaic", True, True, 1024, 40, platform="gpu") == "xla"
 
 
-@pytest.mark.parametrize("norm_rope", ["pallas", "mosaic"])
-@pytest.mark.parametrize("parallel_residual", [False, True])
+# the default (Mosaic GPU) kernels in the default block, the Triton ones in the parallel-residual block
+@pytest.mark.parametrize("parallel_residual,norm_rope", [(False, "mosaic"), (True, "pallas")])
 def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_residual, norm_rope):
     model = make_model(dataclasses.replace(TINY, parallel_residual=parallel_residual))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, TINY.vocab_size)
