@@ -95,8 +95,8 @@ case "$scenario" in
     "$PY" tools/bench_kernels.py --json-out "$OUT/kernels.json"
     bench --scale h100-100m --sync-every "$w" \
       --variant default \
+      --variant triton:norm_rope=pallas,rms_norm=pallas \
       --variant xla_norm_rope:norm_rope=xla \
-      --variant mosaic_norm_rope:norm_rope=mosaic \
       --variant xla_rms_norm:rms_norm=xla \
       --variant default_prof:profile=1 \
       --json-out "$OUT/h100m_kernels.json"
