@@ -124,7 +124,7 @@ def _padded_chat_rows(n: int = 64, seq: int = 16, seed: int = 0) -> dict[str, np
 
 
 def test_trim_trailing_padding_cuts_to_a_bucket_and_keeps_everything_else():
-    from picochat_jax.data.loader import resolve_length_buckets, trim_trailing_padding
+    from picochat_jax.data.loader import kept_tokens, resolve_length_buckets, trim_trailing_padding
 
     batch = BatchSource(_padded_chat_rows(), 8, 2, seed=0).batch(0)
     trimmed = trim_trailing_padding(batch, 2)
@@ -134,6 +134,8 @@ def test_trim_trailing_padding_cuts_to_a_bucket_and_keeps_everything_else():
         assert not batch[k][..., 8:].any(), k  # only padding was cut
     assert trim_trailing_padding(batch, 1) is batch
     assert trim_trailing_padding(batch, 16)["inputs"].shape[-1] == 7  # the last loss position is 6
+    # throughput counts the positions that ran: half of each 16-token row after cutting to 8
+    assert kept_tokens(batch, trimmed, 2 * 8 * 16) == 2 * 8 * 8 and kept_tokens(batch, batch, 256) == 256
     full = BatchSource(_examples(), 8, 2, seed=0).batch(0)  # loss on every position: nothing to cut
     assert trim_trailing_padding(full, 4) is full
     pairs = {"chosen_inputs": np.zeros((1, 2, 16), np.int32)}  # preference pairs carry no loss_mask

@@ -161,6 +161,14 @@ def trim_trailing_padding(batch: dict[str, np.ndarray], buckets: int) -> dict[st
     return {k: v[..., :length] if v.ndim == mask.ndim and v.shape[-1] == T else v for k, v in batch.items()}
 
 
+def kept_tokens(full: dict[str, np.ndarray], trimmed: dict[str, np.ndarray], tokens_per_step: int) -> int:
+    """The positions a step computes after `trim_trailing_padding`: `tokens_per_step` scaled by the kept share of
+    the row length, so throughput counts what ran rather than the padding that was cut."""
+    if trimmed is full or "loss_mask" not in full:
+        return tokens_per_step
+    return tokens_per_step * trimmed["loss_mask"].shape[-1] // full["loss_mask"].shape[-1]
+
+
 def eval_batches(examples: RowTable | dict[str, np.ndarray], batch_size: int,
                  max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
     """Fixed, unshuffled validation batches of shape (1, batch_size, ...): every row once (at most

@@ -30,6 +30,7 @@ from picochat_jax.data.loader import (
     RowTable,
     as_rows,
     eval_batches,
+    kept_tokens,
     resolve_length_buckets,
     row_length,
     trim_trailing_padding,
@@ -282,12 +283,14 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
     t_start = time.perf_counter()
     if eval_at_start and start == 0 and not val_rows:
         validate(0)
-    t_last, last_log_step = time.perf_counter(), start
+    t_last, window_tokens = time.perf_counter(), 0
     bar = tqdm(total=total, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
     batches = source.iterate(start)
     with _StopRequest() as stop:
         for step in range(start, total):
-            batch = trim_trailing_padding(next(batches), length_buckets)
+            full = next(batches)
+            batch = trim_trailing_padding(full, length_buckets)
+            window_tokens += kept_tokens(full, batch, tokens_per_step)
             state, metrics = trainer.step(state, trainer.put_batch(batch))
             done = step + 1
             bar.update(1)
@@ -296,7 +299,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 # The first logged window holds the compile; the summary's throughput skips it.
-                tok_s = (done - last_log_step) * tokens_per_step / max(now - t_last, 1e-9)
+                tok_s = window_tokens / max(now - t_last, 1e-9)
                 row = {"step": done, **{k: m[k] for k in log_keys if k in m}, "tokens_per_sec": tok_s,
                        "elapsed_sec": now - t_start, "leg": leg,
                        "mfu": (tok_s * flops_per_token / (peak * n_devices)) if (peak and flops_per_token) else None}
@@ -311,7 +314,7 @@ def fit(*, stage: str, trainer: ShardedTrainer, init_state: Callable[[], Any], s
                                                                    if k != "step"))
                 t_last += time.perf_counter() - t_eval  # evaluation is not training throughput
             if log_now:
-                t_last, last_log_step = time.perf_counter(), done
+                t_last, window_tokens = time.perf_counter(), 0
             if train_cfg.checkpoint_every and done % train_cfg.checkpoint_every == 0 and done != total:
                 manager.save(done, state, meta(done))
             stop_now = stop.requested or (should_stop is not None and should_stop(done))
