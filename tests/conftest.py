@@ -87,8 +87,9 @@ def _compile_level_and_free_programs(request):
 
     import jax
 
+    default = jax.config.read("jax_disable_most_optimizations")  # from JAX_DISABLE_MOST_OPTIMIZATIONS, set above
     jax.config.update("jax_disable_most_optimizations", request.node.get_closest_marker("xla_optimized") is None)
     yield
     jax.clear_caches()
     gc.collect()
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", default)
