@@ -276,11 +276,12 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     # The process's peak so far is the train step's: read it before the evaluation's own programs can raise it
     # (under gradient checkpointing the step's peak is small enough for the forward-only program to top it).
     step_peak = peak_memory_gib()
+    # The trained adapters' loss over every batch (not one step's): what QLoRA and bf16 LoRA runs compare. Taken
+    # before any profiled steps, so the loss is that of warmup + steps updates with or without --profile.
+    sums = trainer.evaluate_batches(state.params, host_batches)
     profile = None
     if args.profile:
-        state, profile = profile_steps(trainer.step, state, batches)
-    # The trained adapters' loss over every batch (not one step's): what QLoRA and bf16 LoRA runs compare.
-    sums = trainer.evaluate_batches(state.params, host_batches)
+        _, profile = profile_steps(trainer.step, state, batches)
     step_s = statistics.median(times)
     tokens = batch * seq
     dev = jax.devices()[0]
