@@ -9,6 +9,7 @@ A dimension a mesh axis does not divide stays replicated on that axis, so any sc
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,16 @@ def active_batch_axes() -> tuple[str, ...]:
     if mesh.empty or mesh.size == 1:
         return ()
     return tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def per_shard_rows(rows: int) -> int:
+    """How many of `rows` batch rows each device holds under the traced mesh (`per_batch_shard` hands a kernel
+    only its own shard, so a kernel's shape checks must use this count)."""
+    axes = active_batch_axes()
+    if not axes:
+        return rows
+    mesh = jax.sharding.get_abstract_mesh()
+    return rows // math.prod(mesh.shape[a] for a in axes)
 
 
 def shard_activation_batch(x: jax.Array) -> jax.Array:

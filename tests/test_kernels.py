@@ -12,7 +12,7 @@ import pytest
 from picochat_jax.config import ModelConfig
 from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, ops, rms_norm_kernel, rms_norm_mgpu
 from picochat_jax.model.transformer import make_model
-from picochat_jax.parallel import MeshShape, make_mesh
+from picochat_jax.parallel import MeshShape, make_mesh, per_shard_rows
 from picochat_jax.train.step import build_trainer
 
 TINY = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=32,
@@ -133,6 +133,21 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu():
         lowering_platforms=("cuda",)).as_text()
 
 
+def test_mosaic_resolution_counts_one_batch_shard_under_a_mesh():
+    from picochat_jax.parallel import traced_under
+
+    def resolved(x):
+        return ops.resolve_norm_rope_impl("mosaic", True, True, per_shard_rows(x.shape[0]) * x.shape[1], 64,
+                                          platform="gpu")
+
+    x = jnp.zeros((8, 32))
+    assert resolved(x) == "mosaic"  # 256 tokens
+    for mesh, want in ((MeshShape(1, 2, 1), "mosaic"), (MeshShape(2, 4, 1), "xla")):  # 128 or 32 tokens a shard
+        seen = []
+        jax.jit(traced_under(make_mesh(mesh), lambda x, seen=seen: seen.append(resolved(x)) or x)).trace(x)
+        assert seen == [want], mesh
+
+
 def test_mosaic_resolution():
     assert ops.resolve_norm_rope_impl("mosaic", True, True, 1024, 64, platform="gpu") == "mosaic"
     assert ops.resolve_norm_rope_impl("mosaic", True, True, 96, 64, platform="gpu") == "xla"  # not 64-token blocks
@@ -173,10 +188,11 @@ def _one_step(model, examples: dict, train_cfg, mesh_shape: MeshShape) -> tuple:
 
 
 def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
-    """Under a data/fsdp mesh the kernels run per batch shard (shard_map) and the scale gradients are summed."""
+    """Under a data/fsdp mesh the kernels run per batch shard (shard_map) and the scale gradients are summed.
+    The Mosaic GPU kernels take whole 64-token blocks of a shard: 2 rows of 32 tokens on each of 8 devices."""
     from picochat_jax.config import load_scale
 
-    train_cfg = dataclasses.replace(load_scale("smoke").base, steps=2, batch_size=8, grad_accum_steps=1,
+    train_cfg = dataclasses.replace(load_scale("smoke").base, steps=2, batch_size=16, grad_accum_steps=1,
                                     warmup_steps=1, learning_rate=1e-2)
     rng = np.random.default_rng(0)
     stream = (rng.integers(0, 64, (16, 1)) + np.arange(33)) % 64
@@ -187,7 +203,7 @@ def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
         return make_model(TINY).clone(norm_rope_impl=impl, rms_norm_impl=impl)
 
     ref_params, ref_metrics = _one_step(model("xla"), examples, train_cfg, MeshShape(1, 1, 1))
-    params, metrics = _one_step(model("pallas"), examples, train_cfg, MeshShape(2, 4, 1))
+    params, metrics = _one_step(model("mosaic"), examples, train_cfg, MeshShape(2, 4, 1))
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
     # Adam's first step moves each weight by about lr * sign(grad), so float32 summation-order noise in a

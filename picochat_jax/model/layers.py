@@ -30,6 +30,7 @@ from picochat_jax.model.ops import (
     resolve_norm_rope_impl,
     swiglu_packed,
 )
+from picochat_jax.parallel import per_shard_rows
 
 Array = jax.Array
 Dtype = Any
@@ -146,7 +147,8 @@ class Attention(nn.Module):
         if self.fuse_projections:
             (qkv,) = project(x, [concat_projections(qkv_weights)], self.dtype, fuse=False)
             scales = (NormScale(hd, name="q_norm")(), NormScale(hd, name="k_norm")()) if cfg.qk_norm else (None, None)
-            norm_rope = resolve_norm_rope_impl(self.norm_rope_impl, cfg.qk_norm, rope is not None, B * T, hd)
+            norm_rope = resolve_norm_rope_impl(self.norm_rope_impl, cfg.qk_norm, rope is not None,
+                                               per_shard_rows(B) * T, hd)  # the kernels see one batch shard
             q, k, v = heads_from_qkv(qkv, *scales, rope, cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, norm_rope)
         else:
             q, k, v = project(x, qkv_weights, self.dtype, fuse=False)

@@ -34,7 +34,7 @@ from picochat_jax.model.ops import (
     rope_tables,
 )
 from picochat_jax.model.rms_norm_kernel import residual_rms_norm
-from picochat_jax.parallel import gather_whole, shard_activation_batch
+from picochat_jax.parallel import gather_whole, per_shard_rows, shard_activation_batch
 
 Array = jax.Array
 
@@ -125,7 +125,8 @@ class Block(nn.Module):
             mask = jnp.where(layer_local, local_mask, mask)
             if local_rope is not None:
                 rope = tuple(jnp.where(layer_local, lo, gl) for lo, gl in zip(local_rope, rope, strict=True))
-        fused_norm = resolve_rms_norm_impl(self.rms_norm_impl, cfg.norm, x.shape[0] * x.shape[1], x.shape[-1])
+        fused_norm = resolve_rms_norm_impl(self.rms_norm_impl, cfg.norm, per_shard_rows(x.shape[0]) * x.shape[1],
+                                           x.shape[-1])  # the kernel sees one batch shard
 
         def pre_norm(x: Array, name: str) -> tuple[Array, Array]:
             """(x, norm(x)); the fused form's backward adds x's own cotangent in the same kernel."""
