@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--blocks", default="16,32,64", help="tokens (rows) per program to try, powers of two")
     p.add_argument("--warps", default="2,4,8", help="num_warps values to try")
+    p.add_argument("--mosaic-concurrency", default="2,3,4", help="Mosaic GPU kernels: blocks in flight to try")
+    p.add_argument("--mosaic-chunks", default="64,128", help="Mosaic GPU pre-norm backward: columns per step to try")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke runs)")
     p.add_argument("--json-out", type=Path, default=None)
     return p.parse_args(argv)
@@ -56,6 +58,18 @@ def time_call(fn: Any, args: tuple, windows: int, calls: int) -> float:
 def _row(name: str, ms: float, traffic_bytes: int, **tuning: Any) -> dict[str, Any]:
     return {"kernel": name, **tuning, "ms": ms, "traffic_mb": traffic_bytes / 1e6,
             "gb_per_s": traffic_bytes / (ms / 1e3) / 1e9}
+
+
+def _ints(csv: str) -> list[int]:
+    return [int(v) for v in csv.split(",") if v]
+
+
+def _mosaic_row(name: str, fn: Any, args: tuple, a: argparse.Namespace, traffic: int, **tuning: Any) -> dict:
+    """A Mosaic GPU kernel's row; a tuning that does not fit (too much shared memory) is reported, not fatal."""
+    try:
+        return _row(name, time_call(fn, args, a.windows, a.calls), traffic, impl="mosaic", **tuning)
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure of one tuning
+        return {"kernel": name, "impl": "mosaic", **tuning, "ms": None, "error": f"{type(err).__name__}: {err}"[:300]}
 
 
 def bench_norm_rope(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> list[dict[str, Any]]:
@@ -94,14 +108,16 @@ def bench_norm_rope(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> li
         rows.append(_row("norm_rope_bwd", time_call(bwd, (qkv, q_scale, k_scale, dq, dk, dv), a.windows, a.calls),
                          3 * packed, impl="pallas", max_block=block, num_warps=warps))
     if not a.interpret and norm_rope_mgpu.supported(B * T, D):  # the Mosaic GPU port (64-token blocks)
-        fwd = jax.jit(functools.partial(norm_rope_mgpu.norm_rope_forward, rope=rope, n_heads=H, n_kv_heads=K,
-                                        eps=1e-6))
-        bwd = jax.jit(lambda x, qs, ks, dq, dk, dv: norm_rope_mgpu.norm_rope_backward(
-            x, qs, ks, rope, dq, dk, dv, H, K, 1e-6))
-        rows.append(_row("norm_rope_fwd", time_call(fwd, (qkv, q_scale, k_scale), a.windows, a.calls), 2 * packed,
-                         impl="mosaic", max_block=64))
-        rows.append(_row("norm_rope_bwd", time_call(bwd, (qkv, q_scale, k_scale, dq, dk, dv), a.windows, a.calls),
-                         3 * packed, impl="mosaic", max_block=64))
+        for concurrency in _ints(a.mosaic_concurrency):
+            tune = {"concurrency": concurrency}
+            fwd = jax.jit(functools.partial(norm_rope_mgpu.norm_rope_forward, rope=rope, n_heads=H, n_kv_heads=K,
+                                            eps=1e-6, **tune))
+            bwd = jax.jit(lambda x, qs, ks, dq, dk, dv, tune=tune: norm_rope_mgpu.norm_rope_backward(
+                x, qs, ks, rope, dq, dk, dv, H, K, 1e-6, **tune))
+            rows.append(_mosaic_row("norm_rope_fwd", fwd, (qkv, q_scale, k_scale), a, 2 * packed, max_block=64,
+                                    **tune))
+            rows.append(_mosaic_row("norm_rope_bwd", bwd, (qkv, q_scale, k_scale, dq, dk, dv), a, 3 * packed,
+                                    max_block=64, **tune))
     return rows
 
 
@@ -127,18 +143,25 @@ def bench_rms_norm(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> lis
                                        max_block=block, num_warps=warps))
         rows.append(_row("rms_norm_bwd", time_call(fn, (x, scale, dy, d_pass), a.windows, a.calls), traffic,
                          impl="pallas", max_block=block, num_warps=warps))
-    if not a.interpret and rms_norm_mgpu.supported(a.batch * a.seq, a.d_model):
-        fn = jax.jit(functools.partial(rms_norm_mgpu.rms_norm_backward, eps=1e-6))
-        rows.append(_row("rms_norm_bwd", time_call(fn, (x, scale, dy, d_pass), a.windows, a.calls), traffic,
-                         impl="mosaic", max_block=64))
+    for chunk, concurrency in itertools.product(_ints(a.mosaic_chunks), _ints(a.mosaic_concurrency)):
+        if a.interpret or not rms_norm_mgpu.supported(a.batch * a.seq, a.d_model, chunk):
+            continue
+        tune = {"chunk": chunk, "concurrency": concurrency}
+        fn = jax.jit(functools.partial(rms_norm_mgpu.rms_norm_backward, eps=1e-6, **tune))
+        rows.append(_mosaic_row("rms_norm_bwd", fn, (x, scale, dy, d_pass), a, traffic, max_block=64, **tune))
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| kernel | impl | max block | warps | ms / call | traffic MB | GB/s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | impl | max block | warps | chunk | in flight | ms / call | traffic MB | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['impl']} | {r.get('max_block', '-')} | {r.get('num_warps', '-')} | "
-                     f"{r['ms']:.4f} | {r['traffic_mb']:.0f} | {r['gb_per_s']:,.0f} |")
+        tuning = " | ".join(str(r.get(k, "-")) for k in ("max_block", "num_warps", "chunk", "concurrency"))
+        if r["ms"] is None:
+            lines.append(f"| {r['kernel']} | {r['impl']} | {tuning} | failed: {r['error'][:80]} | | |")
+            continue
+        lines.append(f"| {r['kernel']} | {r['impl']} | {tuning} | {r['ms']:.4f} | {r['traffic_mb']:.0f} | "
+                     f"{r['gb_per_s']:,.0f} |")
     return "\n".join(lines)
 
 

@@ -54,9 +54,10 @@ def broadcast_rows(row_values: Array, shape: tuple[int, int]) -> Array:
 
 
 def pipeline(step: Callable[..., Any], steps: int, program: Any, inputs: Sequence[tuple[Any, Block]],
-             outputs: Sequence[tuple[Any, Block]], interpret: bool, init_carry: Any = None) -> Any:
-    """`step(indices, *input blocks, *output blocks[, carry])` over `steps` steps of one program; returns the
-    final carry when `init_carry` is given."""
+             outputs: Sequence[tuple[Any, Block]], interpret: bool, init_carry: Any = None,
+             concurrency: int = 2) -> Any:
+    """`step(indices, *input blocks, *output blocks[, carry])` over `steps` steps of one program, with
+    `concurrency` steps' blocks in shared memory at once; returns the final carry when `init_carry` is given."""
     if not interpret:
         from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -64,7 +65,7 @@ def pipeline(step: Callable[..., Any], steps: int, program: Any, inputs: Sequenc
             return [pl.BlockSpec(b.shape, lambda s, b=b: b.index(program, s)) for _, b in pairs]
 
         return plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(inputs), out_specs=specs(outputs),
-                                   max_concurrent_steps=2, init_carry=init_carry)(
+                                   max_concurrent_steps=min(concurrency, steps), init_carry=init_carry)(
             *(ref for ref, _ in inputs), *(ref for ref, _ in outputs))
     carry = init_carry
     for s in range(steps):

@@ -32,6 +32,7 @@ from picochat_jax.parallel import per_batch_shard
 Array = jax.Array
 
 _BLOCK_TOKENS = 64  # the WGMMA layout's row tile: a warpgroup's 4 warps own 16 rows each
+_CONCURRENCY = 2  # heads' blocks in shared memory at once: the one computed and the one being copied in
 
 
 def supported(n_tokens: int, head_dim: int, block: int = _BLOCK_TOKENS) -> bool:
@@ -109,7 +110,7 @@ def _tables_and_scales(i: Any, cos, sin, scale_rows, block: int) -> list:
 
 
 def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: int, n_kv_heads: int, eps: float,
-                   block: int, interpret: bool) -> tuple[Array, Array, Array]:
+                   block: int, interpret: bool, concurrency: int) -> tuple[Array, Array, Array]:
     B, T, width = qkv.shape
     N, D = B * T, width // (n_heads + 2 * n_kv_heads)
     head = (block, D)
@@ -120,11 +121,12 @@ def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: i
                 step = _norm_rope_step(cos_rows, sin_rows, scale_rows.at[pl.ds(kind * block, block)], eps,
                                        interpret)
                 mgpu.pipeline(step, count, i, [(x, Block(head, lambda i, h, first=first: (i, first + h)))],
-                              [(out, Block(head, lambda i, h: (i, h)))], interpret)
+                              [(out, Block(head, lambda i, h: (i, h)))], interpret, concurrency=concurrency)
 
         mgpu.staged(_tables_and_scales(i, cos, sin, scale_rows, block), heads, interpret)
         mgpu.pipeline(_copy_step, n_kv_heads, i, [(x, Block(head, lambda i, h: (i, n_heads + n_kv_heads + h)))],
-                      [(v, Block(head, lambda i, h: (i, h)))], interpret)  # the value heads, unchanged
+                      [(v, Block(head, lambda i, h: (i, h)))], interpret,
+                      concurrency=concurrency)  # the value heads, unchanged
 
     out_type = [jax.ShapeDtypeStruct((N, n * D), qkv.dtype) for n in (n_heads, n_kv_heads, n_kv_heads)]
     operands = (qkv.reshape(N, width), cos.reshape(N, D // 2), sin.reshape(N, D // 2),
@@ -134,7 +136,8 @@ def _local_forward(qkv: Array, cos: Array, sin: Array, scales: Array, n_heads: i
 
 
 def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array, dk: Array, dv: Array,
-                    n_heads: int, n_kv_heads: int, eps: float, block: int, interpret: bool) -> tuple[Array, Array]:
+                    n_heads: int, n_kv_heads: int, eps: float, block: int, interpret: bool,
+                    concurrency: int) -> tuple[Array, Array]:
     B, T, width = qkv.shape
     N, D = B * T, width // (n_heads + 2 * n_kv_heads)
     n_normed = n_heads + n_kv_heads
@@ -149,11 +152,13 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
                               [(x, Block(head, lambda i, h, first=first: (i, first + h))),
                                (dy, Block(head, lambda i, h: (i, h)))],
                               [(dx, Block(head, lambda i, h, first=first: (i, first + h))),
-                               (partials, Block((1, D), lambda i, h, first=first: (i, first + h)))], interpret)
+                               (partials, Block((1, D), lambda i, h, first=first: (i, first + h)))], interpret,
+                              concurrency=concurrency)
 
         mgpu.staged(_tables_and_scales(i, cos, sin, scale_rows, block), heads, interpret)
         mgpu.pipeline(_copy_step, n_kv_heads, i, [(dv, Block(head, lambda i, h: (i, h)))],
-                      [(dx, Block(head, lambda i, h: (i, n_normed + h)))], interpret)  # d v, unchanged
+                      [(dx, Block(head, lambda i, h: (i, n_normed + h)))], interpret,
+                      concurrency=concurrency)  # d v, unchanged
 
     out_type = [jax.ShapeDtypeStruct((N, width), qkv.dtype),
                 jax.ShapeDtypeStruct((N // block, n_normed * D), jnp.float32)]
@@ -172,25 +177,26 @@ def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:
 
 
 def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], n_heads: int,
-                      n_kv_heads: int, eps: float, interpret: bool | None = None,
-                      block: int = _BLOCK_TOKENS) -> tuple[Array, Array, Array]:
+                      n_kv_heads: int, eps: float, interpret: bool | None = None, block: int = _BLOCK_TOKENS,
+                      concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
     """(q, k, v) heads from the packed projection (B, T, (H + 2K) * D): RMSNorm * scale, then RoPE. Pallas'
-    interpret mode on CPU (tests), the compiled kernels elsewhere, unless told."""
+    interpret mode on CPU (tests), the compiled kernels elsewhere, unless told. `block` (tokens per program, a
+    multiple of 64) and `concurrency` (heads' blocks in flight) are tuning knobs (tools/bench_kernels.py)."""
     cos, sin = _tables(rope, qkv)
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, block=block,
-                              interpret=default_interpret(interpret))
+                              concurrency=concurrency, interpret=default_interpret(interpret))
     return per_batch_shard(local, (True, True, True, False), (True, True, True))(qkv, cos, sin, scales)
 
 
 def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], dq: Array, dk: Array,
                        dv: Array, n_heads: int, n_kv_heads: int, eps: float, interpret: bool | None = None,
-                       block: int = _BLOCK_TOKENS) -> tuple[Array, Array, Array]:
+                       block: int = _BLOCK_TOKENS, concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
     """(d qkv packed, d q_scale, d k_scale) for the cotangents of `norm_rope_forward`'s outputs."""
     cos, sin = _tables(rope, qkv)
     scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, block=block,
-                              interpret=default_interpret(interpret))
+                              concurrency=concurrency, interpret=default_interpret(interpret))
     run = per_batch_shard(local, (True, True, True, False, True, True, True), (True, False))
     d_packed, d_scales = run(qkv, cos, sin, scales, dq, dk, dv)
     return d_packed, d_scales[0].astype(q_scale.dtype), d_scales[1].astype(k_scale.dtype)

@@ -22,19 +22,20 @@ Array = jax.Array
 
 _BLOCK_ROWS = 64
 _CHUNK = 64
+_CONCURRENCY = 2
 
 
-def supported(n_rows: int, width: int) -> bool:
-    """Whether the kernel takes this shape: whole 64-row blocks and 64-column chunks."""
-    return n_rows % _BLOCK_ROWS == 0 and width % _CHUNK == 0
+def supported(n_rows: int, width: int, chunk: int = _CHUNK) -> bool:
+    """Whether the kernel takes this shape: whole 64-row blocks and whole column chunks."""
+    return n_rows % _BLOCK_ROWS == 0 and width % chunk == 0
 
 
-def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float,
-                    interpret: bool) -> tuple[Array, Array]:
+def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float, interpret: bool, columns: int,
+                    concurrency: int) -> tuple[Array, Array]:
     *lead, width = x.shape
     rows = x.size // width
-    chunk = (_BLOCK_ROWS, _CHUNK)
-    chunks = width // _CHUNK
+    chunk = (_BLOCK_ROWS, columns)
+    chunks = width // columns
 
     def statistics_step(_, x_ref, dy_ref, scale_ref, sums):
         sum_sq, sum_dy_g_x = sums
@@ -49,7 +50,7 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
         scale_block = (scale_rows, Block(chunk, lambda i, c: (0, c)))
         zeros = mgpu.row_zeros(_BLOCK_ROWS, interpret)
         sum_sq, sum_dy_g_x = mgpu.pipeline(statistics_step, chunks, i, [at(x), at(dy), scale_block], [], interpret,
-                                           init_carry=(zeros, zeros))
+                                           init_carry=(zeros, zeros), concurrency=concurrency)
         rstd = jax.lax.rsqrt(sum_sq * (1.0 / width) + eps)
         # d x = rstd * dy * g - x * rstd^3 * sum(dy * g * x) / width
         x_coef = mgpu.broadcast_rows(rstd * rstd * rstd * sum_dy_g_x * (1.0 / width), chunk)
@@ -62,7 +63,8 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
                            + mgpu.load(d_pass_ref, interpret=interpret)).astype(dx_ref.dtype)
 
         mgpu.pipeline(gradient_step, chunks, i, [at(x), at(dy), at(d_pass), scale_block],
-                      [at(dx), (partials, Block((1, _CHUNK), lambda i, c: (i, c)))], interpret)
+                      [at(dx), (partials, Block((1, columns), lambda i, c: (i, c)))], interpret,
+                      concurrency=concurrency)
 
     out_type = [jax.ShapeDtypeStruct((rows, width), x.dtype),
                 jax.ShapeDtypeStruct((rows // _BLOCK_ROWS, width), jnp.float32)]
@@ -72,9 +74,11 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
     return dx.reshape(*lead, width), partials.sum(0)
 
 
-def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float,
-                      interpret: bool | None = None) -> tuple[Array, Array]:
+def rms_norm_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float, interpret: bool | None = None,
+                      chunk: int = _CHUNK, concurrency: int = _CONCURRENCY) -> tuple[Array, Array]:
     """(d x, d scale) of `rms_norm_kernel.residual_rms_norm` for cotangents d_pass (of x passed through) and dy
-    (of the norm)."""
-    local = functools.partial(_local_backward, eps=eps, interpret=default_interpret(interpret))
+    (of the norm). `chunk` (columns per step) and `concurrency` (chunks in flight) are tuning knobs
+    (tools/bench_kernels.py)."""
+    local = functools.partial(_local_backward, eps=eps, interpret=default_interpret(interpret), columns=chunk,
+                              concurrency=concurrency)
     return per_batch_shard(local, (True, False, True, True), (True, False))(x, scale, dy, d_pass)
