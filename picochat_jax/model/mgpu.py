@@ -1,5 +1,7 @@
 """The small frame our Pallas Mosaic GPU kernels share: one program (a warpgroup) per block of rows, running
-pipelines over column blocks whose TMA copies overlap the previous block's step (`plgpu.emit_pipeline`).
+pipelines over blocks (heads, column chunks) in which the TMA copies of the next block overlap the current
+block's step (`plgpu.emit_pipeline`). `plgpu` is imported where it is used, so importing the model never depends
+on the Mosaic GPU bindings of the installed jaxlib.
 
 Pallas' GPU interpreter cannot run such pipelines (it rejects their predicated copies), so in interpret mode
 (CPU tests) the same kernel body runs as an interpreted Pallas call over the programs, each pipeline a Python
