@@ -152,6 +152,7 @@ def test_mosaic_resolution():
     assert ops.resolve_norm_rope_impl("mosaic", True, True, 1024, 64, platform="gpu") == "mosaic"
     assert ops.resolve_norm_rope_impl("mosaic", True, True, 96, 64, platform="gpu") == "xla"  # not 64-token blocks
     assert ops.resolve_norm_rope_impl("mosaic", True, True, 1024, 40, platform="gpu") == "xla"
+    assert ops.resolve_norm_rope_impl(None, True, True, 1024, 256, platform="gpu") == "xla"  # Gemma's heads: SMEM
 
 
 # the default (Mosaic GPU) kernels in the default block, the Triton ones in the parallel-residual block

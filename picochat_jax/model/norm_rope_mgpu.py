@@ -36,8 +36,10 @@ _CONCURRENCY = 2  # heads' blocks in shared memory at once: the one computed and
 
 
 def supported(n_tokens: int, head_dim: int, block: int = _BLOCK_TOKENS) -> bool:
-    """Whether the kernels take this shape: whole 64-row blocks, and halves of the head a multiple of 8 wide."""
-    return n_tokens % block == 0 and head_dim % 16 == 0
+    """Whether the kernels take this shape: whole 64-row blocks, halves of the head a multiple of 8 wide, and
+    heads of at most 128 (shared memory holds 1,536 bytes per head column: the staged cos/sin rows and scales,
+    and two heads' blocks in flight; 256-wide heads would need 393,216 of an H100/H200's 232,448)."""
+    return n_tokens % block == 0 and head_dim % 16 == 0 and head_dim <= 128
 
 
 def _halves(ref, interpret: bool) -> tuple[Array, Array]:
