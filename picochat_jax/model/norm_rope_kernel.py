@@ -186,8 +186,28 @@ def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:
 
 
 def default_interpret(interpret: bool | None) -> bool:
-    """Pallas' interpret mode on CPU (tests), the compiled Triton kernel elsewhere, unless told."""
+    """Pallas' interpret mode on CPU (tests), the compiled kernels elsewhere, unless told."""
     return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def sharded_forward(local, qkv: Array, q_scale: Array, k_scale: Array,
+                    rope: tuple[Array, Array]) -> tuple[Array, Array, Array]:
+    """`local(qkv, cos, sin, scales)` on each batch shard, with the tables' first halves and both scales: the
+    calling convention of this module's kernels and of their Mosaic GPU port (`norm_rope_mgpu`)."""
+    cos, sin = _tables(rope, qkv)
+    scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
+    return per_batch_shard(local, (True, True, True, False), (True, True, True))(qkv, cos, sin, scales)
+
+
+def sharded_backward(local, qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], dq: Array,
+                     dk: Array, dv: Array) -> tuple[Array, Array, Array]:
+    """`local(qkv, cos, sin, scales, dq, dk, dv)` -> (d packed, (2, D) scale gradients) on each batch shard, the
+    scale gradients summed over shards: (d qkv packed, d q_scale, d k_scale)."""
+    cos, sin = _tables(rope, qkv)
+    scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
+    run = per_batch_shard(local, (True, True, True, False, True, True, True), (True, False))
+    d_packed, d_scales = run(qkv, cos, sin, scales, dq, dk, dv)
+    return d_packed, d_scales[0].astype(q_scale.dtype), d_scales[1].astype(k_scale.dtype)
 
 
 def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], n_heads: int,
@@ -195,21 +215,15 @@ def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Ar
                       num_warps: int = _NUM_WARPS) -> tuple[Array, Array, Array]:
     """(q, k, v) heads from the packed projection (B, T, (H + 2K) * D): RMSNorm * scale, then RoPE.
     `max_block` (tokens per program, a power of two) and `num_warps` are tuning knobs (tools/bench_kernels.py)."""
-    cos, sin = _tables(rope, qkv)
-    scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps,
                               interpret=default_interpret(interpret), max_block=max_block, num_warps=num_warps)
-    return per_batch_shard(local, (True, True, True, False), (True, True, True))(qkv, cos, sin, scales)
+    return sharded_forward(local, qkv, q_scale, k_scale, rope)
 
 
 def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], dq: Array, dk: Array,
                        dv: Array, n_heads: int, n_kv_heads: int, eps: float, interpret: bool | None = None,
                        max_block: int = _MAX_BLOCK_TOKENS, num_warps: int = _NUM_WARPS) -> tuple[Array, Array, Array]:
     """(d qkv packed, d q_scale, d k_scale) for the cotangents of `norm_rope_forward`'s outputs."""
-    cos, sin = _tables(rope, qkv)
-    scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps,
                               interpret=default_interpret(interpret), max_block=max_block, num_warps=num_warps)
-    run = per_batch_shard(local, (True, True, True, False, True, True, True), (True, False))
-    d_packed, d_scales = run(qkv, cos, sin, scales, dq, dk, dv)
-    return d_packed, d_scales[0].astype(q_scale.dtype), d_scales[1].astype(k_scale.dtype)
+    return sharded_backward(local, qkv, q_scale, k_scale, rope, dq, dk, dv)

@@ -26,8 +26,7 @@ from jax.experimental import pallas as pl
 
 from picochat_jax.model import mgpu
 from picochat_jax.model.mgpu import Block
-from picochat_jax.model.norm_rope_kernel import default_interpret
-from picochat_jax.parallel import per_batch_shard
+from picochat_jax.model.norm_rope_kernel import default_interpret, sharded_backward, sharded_forward
 
 Array = jax.Array
 
@@ -171,34 +170,21 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
     return d_packed.reshape(qkv.shape), jnp.stack([per_head[:n_heads].sum(0), per_head[n_heads:].sum(0)])
 
 
-def _tables(rope: tuple[Array, Array], qkv: Array) -> tuple[Array, Array]:
-    """(B, T, D/2) float32 cos and sin: a rotate-half table's two halves are equal, so only the first is read."""
-    B, T, _ = qkv.shape
-    return tuple(jnp.broadcast_to(t[..., : t.shape[-1] // 2], (B, T, 1, t.shape[-1] // 2)).reshape(B, T, -1)
-                 .astype(jnp.float32) for t in rope)
-
-
 def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], n_heads: int,
                       n_kv_heads: int, eps: float, interpret: bool | None = None, block: int = _BLOCK_TOKENS,
                       concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
     """(q, k, v) heads from the packed projection (B, T, (H + 2K) * D): RMSNorm * scale, then RoPE. Pallas'
     interpret mode on CPU (tests), the compiled kernels elsewhere, unless told. `block` (tokens per program, a
     multiple of 64) and `concurrency` (heads' blocks in flight) are tuning knobs (tools/bench_kernels.py)."""
-    cos, sin = _tables(rope, qkv)
-    scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_forward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, block=block,
                               concurrency=concurrency, interpret=default_interpret(interpret))
-    return per_batch_shard(local, (True, True, True, False), (True, True, True))(qkv, cos, sin, scales)
+    return sharded_forward(local, qkv, q_scale, k_scale, rope)
 
 
 def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], dq: Array, dk: Array,
                        dv: Array, n_heads: int, n_kv_heads: int, eps: float, interpret: bool | None = None,
                        block: int = _BLOCK_TOKENS, concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
     """(d qkv packed, d q_scale, d k_scale) for the cotangents of `norm_rope_forward`'s outputs."""
-    cos, sin = _tables(rope, qkv)
-    scales = jnp.stack([q_scale, k_scale]).astype(jnp.float32)
     local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, block=block,
                               concurrency=concurrency, interpret=default_interpret(interpret))
-    run = per_batch_shard(local, (True, True, True, False, True, True, True), (True, False))
-    d_packed, d_scales = run(qkv, cos, sin, scales, dq, dk, dv)
-    return d_packed, d_scales[0].astype(q_scale.dtype), d_scales[1].astype(k_scale.dtype)
+    return sharded_backward(local, qkv, q_scale, k_scale, rope, dq, dk, dv)
