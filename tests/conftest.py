@@ -14,20 +14,6 @@ if "xla_force_host_platform_device_count" not in flags:
 # Unoptimised XLA:CPU code by default (see `_compile_level_and_free_programs`): also for run-wide fixtures and
 # the CLI subprocesses that tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# One XLA compilation cache for the whole run: this process, its xdist workers and the CLI subprocesses tests
-# start all inherit the folder. Runs of the same pipeline compile the same programs (the second of the two
-# resume tests took 33 s instead of 61 s with it, 2026-12-01); caching every compile (minimum time and size 0),
-# since unoptimised compiles take well under JAX's default 1 s. A maximum size turns on JAX's file lock, so the
-# workers never read an entry another is writing. The folder is removed by the process that made it.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _TEST_XLA_CACHE = tempfile.mkdtemp(prefix="picochat-jax-tests-xla-cache-")
-else:
-    _TEST_XLA_CACHE = None
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,13 +27,6 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PACK = REPO / "examples" / "tiny_pack" / "dataset_pack.json"
-
-
-def pytest_unconfigure(config) -> None:
-    if _TEST_XLA_CACHE is not None:
-        import shutil
-
-        shutil.rmtree(_TEST_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
