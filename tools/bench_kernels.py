@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     import jax
 
-    tunings = list(itertools.product((int(b) for b in a.blocks.split(",")), (int(w) for w in a.warps.split(","))))
+    tunings = list(itertools.product(_ints(a.blocks), _ints(a.warps)))
     rows = bench_norm_rope(a, tunings) + bench_rms_norm(a, tunings)
     device = jax.devices()[0]
     report = {"device": device.device_kind, "platform": device.platform, "jax_version": jax.__version__,

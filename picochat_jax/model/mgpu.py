@@ -23,6 +23,8 @@ from jax.experimental import pallas as pl
 Array = jax.Array
 IndexMap = Callable[[Any, Any], tuple[Any, ...]]
 
+BLOCK_ROWS = 64  # the WGMMA layout's row tile: a warpgroup's 4 warps own 16 rows each
+
 
 @dataclasses.dataclass(frozen=True)
 class Block:

@@ -8,8 +8,8 @@ over a column (the scale gradient) is a supported reduction and broadcasting a r
 One kernel each way, a program per block of tokens: it copies its cos and sin rows and the norm scales into
 shared memory once, then loops over the query heads, then the key heads, then copies the value heads, with TMA
 copies of the next head's blocks (`model/mgpu.py`) overlapping the current head's step, so the packed gradient
-is written once, in one launch. Each program leaves its blocks' scale-gradient
-column sums in a small partial-sums array that XLA adds up.
+is written once, in one launch. Each program leaves its blocks' scale-gradient column sums in a small
+partial-sums array that XLA adds up.
 
 Layouts: `qkv` is viewed as (N, (H + 2K) * D) with N = batch * time; cos/sin are the first halves, (N, D/2), of
 the rotate-half tables. `ops.rms_rope` / `rms_rope_bwd` stay the reference (tests compare the two).
@@ -30,11 +30,10 @@ from picochat_jax.model.norm_rope_kernel import default_interpret, sharded_backw
 
 Array = jax.Array
 
-_BLOCK_TOKENS = 64  # the WGMMA layout's row tile: a warpgroup's 4 warps own 16 rows each
 _CONCURRENCY = 2  # heads' blocks in shared memory at once: the one computed and the one being copied in
 
 
-def supported(n_tokens: int, head_dim: int, block: int = _BLOCK_TOKENS) -> bool:
+def supported(n_tokens: int, head_dim: int, block: int = mgpu.BLOCK_ROWS) -> bool:
     """Whether the kernels take this shape: whole 64-row blocks, halves of the head a multiple of 8 wide, and
     heads of at most 128 (shared memory holds 1,536 bytes per head column: the staged cos/sin rows and scales,
     and two heads' blocks in flight; 256-wide heads would need 393,216 of an H100/H200's 232,448)."""
@@ -171,7 +170,7 @@ def _local_backward(qkv: Array, cos: Array, sin: Array, scales: Array, dq: Array
 
 
 def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], n_heads: int,
-                      n_kv_heads: int, eps: float, interpret: bool | None = None, block: int = _BLOCK_TOKENS,
+                      n_kv_heads: int, eps: float, interpret: bool | None = None, block: int = mgpu.BLOCK_ROWS,
                       concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
     """(q, k, v) heads from the packed projection (B, T, (H + 2K) * D): RMSNorm * scale, then RoPE. Pallas'
     interpret mode on CPU (tests), the compiled kernels elsewhere, unless told. `block` (tokens per program, a
@@ -183,7 +182,7 @@ def norm_rope_forward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Ar
 
 def norm_rope_backward(qkv: Array, q_scale: Array, k_scale: Array, rope: tuple[Array, Array], dq: Array, dk: Array,
                        dv: Array, n_heads: int, n_kv_heads: int, eps: float, interpret: bool | None = None,
-                       block: int = _BLOCK_TOKENS, concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
+                       block: int = mgpu.BLOCK_ROWS, concurrency: int = _CONCURRENCY) -> tuple[Array, Array, Array]:
     """(d qkv packed, d q_scale, d k_scale) for the cotangents of `norm_rope_forward`'s outputs."""
     local = functools.partial(_local_backward, n_heads=n_heads, n_kv_heads=n_kv_heads, eps=eps, block=block,
                               concurrency=concurrency, interpret=default_interpret(interpret))

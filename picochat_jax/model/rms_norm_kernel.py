@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from picochat_jax.model import rms_norm_mgpu
 from picochat_jax.model.norm_rope_kernel import block_tokens, compiler_params, default_interpret, power_of_two_divisor
 from picochat_jax.parallel import per_batch_shard
 
@@ -107,8 +108,6 @@ def _residual_rms_norm_fwd(x, scale, eps, dtype, impl):
 
 
 def _residual_rms_norm_bwd(eps, dtype, impl, res, cotangents):
-    from picochat_jax.model import rms_norm_mgpu  # it imports this module's neighbour, not this module
-
     x, scale = res
     d_pass, dy = cotangents
     backward = rms_norm_mgpu.rms_norm_backward if impl == "mosaic" else rms_norm_backward

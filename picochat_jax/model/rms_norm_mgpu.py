@@ -20,21 +20,20 @@ from picochat_jax.parallel import per_batch_shard
 
 Array = jax.Array
 
-_BLOCK_ROWS = 64
 _CHUNK = 64
 _CONCURRENCY = 2
 
 
 def supported(n_rows: int, width: int, chunk: int = _CHUNK) -> bool:
     """Whether the kernel takes this shape: whole 64-row blocks and whole column chunks."""
-    return n_rows % _BLOCK_ROWS == 0 and width % chunk == 0
+    return n_rows % mgpu.BLOCK_ROWS == 0 and width % chunk == 0
 
 
 def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float, interpret: bool, columns: int,
                     concurrency: int) -> tuple[Array, Array]:
     *lead, width = x.shape
     rows = x.size // width
-    chunk = (_BLOCK_ROWS, columns)
+    chunk = (mgpu.BLOCK_ROWS, columns)
     chunks = width // columns
 
     def statistics_step(_, x_ref, dy_ref, scale_ref, sums):
@@ -48,7 +47,7 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
             return ref, Block(chunk, lambda i, c: (i, c))
 
         scale_block = (scale_rows, Block(chunk, lambda i, c: (0, c)))
-        zeros = mgpu.row_zeros(_BLOCK_ROWS, interpret)
+        zeros = mgpu.row_zeros(mgpu.BLOCK_ROWS, interpret)
         sum_sq, sum_dy_g_x = mgpu.pipeline(statistics_step, chunks, i, [at(x), at(dy), scale_block], [], interpret,
                                            init_carry=(zeros, zeros), concurrency=concurrency)
         rstd = jax.lax.rsqrt(sum_sq * (1.0 / width) + eps)
@@ -67,10 +66,10 @@ def _local_backward(x: Array, scale: Array, dy: Array, d_pass: Array, eps: float
                       concurrency=concurrency)
 
     out_type = [jax.ShapeDtypeStruct((rows, width), x.dtype),
-                jax.ShapeDtypeStruct((rows // _BLOCK_ROWS, width), jnp.float32)]
-    scale_rows = jnp.broadcast_to(scale.astype(jnp.float32), (_BLOCK_ROWS, width))
+                jax.ShapeDtypeStruct((rows // mgpu.BLOCK_ROWS, width), jnp.float32)]
+    scale_rows = jnp.broadcast_to(scale.astype(jnp.float32), (mgpu.BLOCK_ROWS, width))
     dx, partials = mgpu.launch(body, (x.reshape(rows, width), dy.reshape(rows, width), d_pass.reshape(rows, width),
-                                      scale_rows), out_type, rows // _BLOCK_ROWS, interpret)
+                                      scale_rows), out_type, rows // mgpu.BLOCK_ROWS, interpret)
     return dx.reshape(*lead, width), partials.sum(0)
 
 
