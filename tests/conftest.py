@@ -10,7 +10,12 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+# XLA:CPU's older elemental emitters compile the suite's unoptimised programs in about half the time of its
+# fusion emitters (two test_generate.py tests: 51-55 s -> 27-32 s, 2026-12-01, docs/performance.md).
+if "xla_cpu_use_fusion_emitters" not in flags:
+    flags += " --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = flags.strip()
 # Unoptimised XLA:CPU code by default (see `_compile_level_and_free_programs`): also for run-wide fixtures and
 # the CLI subprocesses that tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
