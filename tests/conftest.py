@@ -12,7 +12,7 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
 # XLA:CPU's older elemental emitters compile the suite's unoptimised programs in about half the time of its
-# fusion emitters (two test_generate.py tests: 51-55 s -> 27-32 s, 2026-12-01, docs/performance.md).
+# fusion emitters (three test_generate.py tests: 51-55 s -> 27-32 s, 2026-12-01, docs/performance.md).
 if "xla_cpu_use_fusion_emitters" not in flags:
     flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = flags.strip()
