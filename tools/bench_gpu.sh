@@ -12,6 +12,7 @@
 #   OUT=/some/dir bash tools/bench_gpu.sh lora-packing   # real tokens/s on a chat-length mix: packed vs padded peer
 #                                                        # (PEER_PADDING="longest max_length")
 #   OUT=/some/dir bash tools/bench_gpu.sh h200-1b        # the 1B scale's step (24 layers, 16 x 2048, remat dots)
+#   OUT=/some/dir bash tools/bench_gpu.sh xla-flags      # the h100-100m step under XLA:GPU options, one process each
 #   OUT=/some/dir bash tools/bench_gpu.sh mesh           # two GPUs: the step on 1x2 and 2x1 vs one GPU
 #   OUT=/some/dir bash tools/bench_gpu.sh embed          # the embedding backward's ways (ops.EMBED_GRAD_IMPLS),
 #                                                        # alone and in the h100-100m step, uniform and Zipf ids
@@ -130,6 +131,17 @@ case "$scenario" in
         --steps "${STEPS:-40}" --warmup 2 --peer-padding "$padding" --timeout "${CHILD_TIMEOUT:-300}" \
         --json-out "$OUT/lora_packing_$padding.json"
     done
+    ;;
+  xla-flags)  # the h100-100m step under XLA:GPU options not yet measured on one GPU, each in its own process,
+              # the default first and last (clock drift); a crash or a compile past CHILD_TIMEOUT is a row
+    bench --scale h100-100m --sync-every "$w" --steps 30 --warmup 5 --json-out "$OUT/xla_flags.json" \
+      --variant default: \
+      --variant triton_gemm_any:extra_xla_flags=--xla_gpu_triton_gemm_any=true \
+      --variant exhaustive_tiling:extra_xla_flags=--xla_gpu_exhaustive_tiling_search=true \
+      --variant cublaslt:extra_xla_flags=--xla_gpu_enable_cublaslt=true \
+      --variant no_command_buffers:extra_xla_flags=--xla_gpu_enable_command_buffer= \
+      --variant loop_double_buffering:extra_xla_flags=--xla_gpu_enable_while_loop_double_buffering=true \
+      --variant default_again:
     ;;
   h200-1b)  # all 24 layers at the scale's micro-batch (16 x 2048); a rolled layer scan bounds the compile time
     bench --scale h200-1b --batch-size 16 --remat dots --ce-chunk 8192 --scan-unroll 1 --steps 10 \
