@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +43,25 @@ class Family:
         self.model = make_model(self.cfg)
         self.params = init_params(self.model, jax.random.key(7))
         self.engine = Engine(self.params, self.cfg)
-        self._forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t)[0])
+        self._forward = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
 
     def reference(self, prompt: list[int], steps: int) -> list[int]:
-        """Greedy decoding without a cache: the whole sequence re-run for every new token.
+        """Greedy decoding without a cache, over the full context."""
+        return greedy_by_full_forwards(lambda t: self._forward(self.params, t), prompt, steps, self.cfg.max_seq_len)
 
-        Sequences are right-padded to the full context so one compiled forward serves every length;
-        causal attention keeps the padding after a position from touching its logits.
-        """
-        ids = list(prompt)
-        for _ in range(steps):
-            padded = np.zeros((1, self.cfg.max_seq_len), np.int32)
-            padded[0, : len(ids)] = ids
-            ids.append(int(jnp.argmax(self._forward(self.params, padded)[len(ids) - 1])))
-        return ids[len(prompt):]
+
+def greedy_by_full_forwards(forward: Any, prompt: list[int], steps: int, width: int) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence re-run for every new token.
+
+    Sequences are right-padded to `width`, so one compiled `forward` ((1, width) ids -> (1, width, vocab)
+    logits) serves every length; causal attention keeps the padding after a position from touching its logits.
+    """
+    ids = list(prompt)
+    for _ in range(steps):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, : len(ids)] = ids
+        ids.append(int(jnp.argmax(forward(padded)[0, len(ids) - 1])))
+    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,7 @@ from picochat_jax.hf import families as hf_families
 from picochat_jax.hf import io as hf_io
 from picochat_jax.model.transformer import make_model
 from picochat_jax.tokenizer import train_tokenizer
+from tests.test_generate import greedy_by_full_forwards
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=256)
@@ -364,18 +365,10 @@ def assert_cached_greedy_equals_full_forwards(hf: hf_io.HFModel, new_tokens: int
     prompts = [TOKENS[0, :20].tolist(), TOKENS[1, :13].tolist()]
     got = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens), stop_ids=())
     model = make_model(hf.config)
-    # One compiled forward over a fixed width: causal attention keeps the trailing filler out of every earlier
-    # position's logits, so each growing sequence is read at its last token without a compile per length.
+    forward = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
     width = max(len(p) for p in prompts) + new_tokens
-    forward = jax.jit(lambda ids: model.apply({"params": hf.params}, ids))
     for prompt, tokens in zip(prompts, got, strict=True):
-        seq = list(prompt)
-        for _ in range(new_tokens):
-            ids = np.zeros((1, width), np.int32)
-            ids[0, :len(seq)] = seq
-            logits = np.asarray(forward(jnp.asarray(ids)))[0, len(seq) - 1]
-            seq.append(int(np.argmax(logits)))
-        assert list(tokens) == seq[len(prompt):]
+        assert list(tokens) == greedy_by_full_forwards(lambda ids: forward(hf.params, ids), prompt, new_tokens, width)
 
 
 def test_check_hf_export_tool_passes_on_a_true_export(load_tool, tmp_path, native_tokenizer, example_pack,
