@@ -20,6 +20,9 @@ os.environ["XLA_FLAGS"] = flags.strip()
 # the CLI subprocesses that tests start.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Commands keep compiled programs in ~/.cache/picochat/xla (cli/common.py `use_compile_cache`); the suite's
+# in-process and subprocess commands compile afresh instead, and write nothing outside their tmp dirs.
+os.environ.setdefault("PICOCHAT_COMPILE_CACHE", "off")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

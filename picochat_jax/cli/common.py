@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,60 @@ import click
 
 from picochat_jax.data.records import DataError
 
+# Compiled programs kept between runs are evicted least recently used beyond this many bytes.
+COMPILE_CACHE_MAX_BYTES = 2 * 2**30
+COMPILE_CACHE_OFF = ("off", "none", "0", "false")
+
+
+def compile_cache_dir(environ: Mapping[str, str]) -> Path | None:
+    """The folder that keeps compiled XLA programs between processes: PICOCHAT_COMPILE_CACHE (a folder, or `off`),
+    else $XDG_CACHE_HOME/picochat/xla (~/.cache/picochat/xla). None when off, or when JAX_COMPILATION_CACHE_DIR
+    already names one: JAX reads that itself."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    chosen = environ.get("PICOCHAT_COMPILE_CACHE", "").strip()
+    if chosen.lower() in COMPILE_CACHE_OFF:
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "picochat" / "xla"
+
+
+def use_compile_cache(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """Point JAX's persistent compilation cache at `compile_cache_dir`, before the first compile: a rerun, a
+    resumed run or a new process of the same shapes loads its programs instead of compiling them again (the
+    key covers the program, the compile options, XLA flags, devices and the jax version). Returns the folder,
+    or None when off or unusable (a warning says why; runs then compile as before)."""
+    import jax
+
+    path = compile_cache_dir(environ)
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        warnings.warn(f"{path}: cannot keep compiled programs there ({exc.strerror}); every run compiles afresh "
+                      "(set PICOCHAT_COMPILE_CACHE to another folder, or to off)", stacklevel=2)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    try:  # JAX's size bound (and its file lock between processes) needs filelock, which transformers brings
+        import filelock  # noqa: F401
+    except ImportError:
+        return path
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    return path
+
 
 def select_device(device: str | None) -> None:
-    """Pin JAX to a platform before anything touches a backend; join a multi-host job when asked.
+    """Pin JAX to a platform before anything touches a backend, keep compiled programs between runs
+    (`use_compile_cache`), and join a multi-host job when asked.
 
     Multi-host (TPU pod slices, multi-node GPUs): start one process per host with PICOCHAT_DISTRIBUTED=1
     (and, off TPU/SLURM, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); see docs/multihost.md.
     """
-    import os
-
     import jax
 
+    use_compile_cache()
     if device:
         jax.config.update("jax_platforms", {"cuda": "cuda", "gpu": "cuda", "tpu": "tpu", "cpu": "cpu"}[device])
     if os.environ.get("PICOCHAT_DISTRIBUTED") == "1":
