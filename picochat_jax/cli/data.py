@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from picochat_jax.cli.common import friendly_errors, out_dir_flags, scale_option, set_option
+from picochat_jax.cli.common import friendly_errors, out_dir_flags, scale_option, set_option, use_compile_cache
 from picochat_jax.data.pack import load_corpus, load_pack, pack_inputs, validate_pack, write_corpus_report
 from picochat_jax.outdir import check_out_dir, claim_out_dir
 
@@ -249,6 +249,7 @@ def honesty(pack: Path, out_dir: Path, checkpoint_dir: Path | None, tokenizer_pa
     if checkpoint_dir is not None:
         from picochat_jax.generate import SamplingParams, load_native
 
+        use_compile_cache()
         engine, fmt = load_native(checkpoint_dir, tokenizer_path)
         tok = fmt.tok
         ids = engine.generate([fmt.encode_prompt(r.prompt) for r in eval_rows],

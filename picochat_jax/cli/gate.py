@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from picochat_jax.cli.common import UserError, friendly_errors
+from picochat_jax.cli.common import UserError, friendly_errors, use_compile_cache
 
 
 @click.command()
@@ -52,6 +52,7 @@ def gate(run_dir: Path, profile: str, overrides: tuple[str, ...], ci_bootstrap_s
     if hf:
         from picochat_jax.hf.release import build_hf_evidence
 
+        use_compile_cache()  # the fine-tuned model answers the eval rows
         for name, what in build_hf_evidence(run_dir, eval_input, external_input).items():
             click.echo(f"  built {name}: {what}")
     result = evaluate_gate(run_dir, profile_obj)
