@@ -27,10 +27,11 @@ print(json.dumps({"folder": None if folder is None else str(folder), "hits": len
 """
 
 
-def _child(env: dict[str, str]) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120,
-                          check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _child(env: dict[str, str]) -> tuple[dict, str]:
+    """The child's report and its stderr (every warning shown)."""
+    done = subprocess.run([sys.executable, "-W", "always", "-c", CHILD], env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -52,23 +53,21 @@ def test_default_folder_follows_xdg_and_the_override_and_off_win(tmp_path):
 @pytest.mark.slow
 def test_a_second_process_loads_the_compiled_program_and_computes_the_same(tmp_path):
     folder = tmp_path / "xla"
-    first = _child(_env(PICOCHAT_COMPILE_CACHE=str(folder)))
+    first, _ = _child(_env(PICOCHAT_COMPILE_CACHE=str(folder)))
     assert first["folder"] == str(folder) and first["hits"] == 0
     entries = sorted(p.name for p in folder.iterdir() if p.name.endswith("-cache"))
     assert entries, "the first process wrote no compiled program"
-    second = _child(_env(PICOCHAT_COMPILE_CACHE=str(folder)))
+    second, _ = _child(_env(PICOCHAT_COMPILE_CACHE=str(folder)))
     assert second["hits"] >= 1 and second["value"] == first["value"]
     assert sorted(p.name for p in folder.iterdir() if p.name.endswith("-cache")) == entries  # loaded, not rebuilt
 
 
 def test_off_writes_nothing_and_an_unusable_folder_warns_and_compiles_as_before(tmp_path):
     home = tmp_path / "home"
-    off = _child(_env(PICOCHAT_COMPILE_CACHE="off", XDG_CACHE_HOME=str(home)))
+    off, _ = _child(_env(PICOCHAT_COMPILE_CACHE="off", XDG_CACHE_HOME=str(home)))
     assert off["folder"] is None and not home.exists()
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    env = _env(PICOCHAT_COMPILE_CACHE=str(blocker / "xla"))
-    done = subprocess.run([sys.executable, "-W", "always", "-c", CHILD], env=env, capture_output=True, text=True,
-                          timeout=120, check=True)
-    assert json.loads(done.stdout.strip().splitlines()[-1])["folder"] is None
-    assert "cannot keep compiled programs there" in done.stderr and blocker.read_text() == "not a folder"
+    unusable, stderr = _child(_env(PICOCHAT_COMPILE_CACHE=str(blocker / "xla")))
+    assert unusable["folder"] is None
+    assert "cannot keep compiled programs there" in stderr and blocker.read_text() == "not a folder"
