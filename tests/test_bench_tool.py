@@ -374,7 +374,7 @@ def test_kernel_bench_times_every_tuning_and_the_xla_path_on_cpu(load_tool, tmp_
     for block in (16, 32):
         assert {("norm_rope_fwd", "pallas", block), ("norm_rope_bwd", "pallas", block),
                 ("rms_norm_bwd", "pallas", block)} <= seen
-    assert {("norm_rope_fwd", "xla", None), ("rms_norm_bwd", "xla", None)} <= seen
+    assert {("norm_rope_fwd", "xla", None), ("rms_norm_bwd", "xla", None), ("swiglu_bwd", "xla", None)} <= seen
     for r in report["rows"]:
         assert r["ms"] > 0 and r["gb_per_s"] == pytest.approx(r["traffic_mb"] * 1e6 / (r["ms"] / 1e3) / 1e9)
 
@@ -432,3 +432,13 @@ def test_embed_grad_bench_times_each_way_and_shows_the_bf16_sum_drift(load_tool,
     assert zipf["scatter_f32"]["max_abs_diff"] < 1e-5 * zipf["scatter"]["max_abs_grad"]
     assert zipf["onehot"]["max_abs_diff"] < 1e-5 * zipf["scatter"]["max_abs_grad"]
     assert (tmp_path / "e.json").exists()
+
+
+def test_idle_gaps_count_only_time_when_no_stream_runs_a_kernel(bench):
+    # Two streams overlap from 5 to 10; nothing runs 12-20 and 30-31 (microseconds).
+    kernels = [(0.0, 10.0, "gemm"), (5.0, 12.0, "nccl"), (20.0, 30.0, "fusion"), (31.0, 40.0, "attention")]
+    gaps = bench.idle_gaps(kernels, steps=1)
+    assert gaps["idle_ms_per_step"] == pytest.approx(9e-3)
+    assert gaps["longest_idle_gaps"] == [{"ms": 8e-3, "after": "nccl", "before": "fusion"},
+                                         {"ms": 1e-3, "after": "fusion", "before": "attention"}]
+    assert bench.idle_gaps(kernels, steps=3)["idle_ms_per_step"] == pytest.approx(3e-3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from picochat_jax.config import ModelConfig
-from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, ops, rms_norm_kernel, rms_norm_mgpu
+from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, ops, rms_norm_kernel, rms_norm_mgpu, swiglu_mgpu
 from picochat_jax.model.transformer import make_model
 from picochat_jax.parallel import MeshShape, make_mesh, per_shard_rows
 from picochat_jax.train.step import build_trainer
@@ -158,7 +158,9 @@ def test_mosaic_resolution():
 # the default (Mosaic GPU) kernels in the default block, the Triton ones in the parallel-residual block
 @pytest.mark.parametrize("parallel_residual,norm_rope", [(False, "mosaic"), (True, "pallas")])
 def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_residual, norm_rope):
-    model = make_model(dataclasses.replace(TINY, parallel_residual=parallel_residual))
+    # d_ff 128: one whole column chunk for the SwiGLU kernel (the Triton case takes the split XLA backward)
+    swiglu = "mosaic" if norm_rope == "mosaic" else "split"
+    model = make_model(dataclasses.replace(TINY, parallel_residual=parallel_residual, d_ff=128))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, TINY.vocab_size)
     params = model.init(jax.random.PRNGKey(0), tokens)["params"]
 
@@ -168,8 +170,10 @@ def test_decoder_with_kernels_computes_the_same_loss_and_gradients(parallel_resi
 
     # float32 matmuls in full precision: on a GPU the default (TF32) rounds away the 1e-6 this test checks.
     with jax.default_matmul_precision("highest"):
-        want, want_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="xla", rms_norm_impl="xla"))
-        got, got_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl=norm_rope, rms_norm_impl=norm_rope))
+        want, want_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl="xla", rms_norm_impl="xla",
+                                                                       swiglu_grad_impl="packed"))
+        got, got_grad = jax.value_and_grad(loss)(params, model.clone(norm_rope_impl=norm_rope, rms_norm_impl=norm_rope,
+                                                                     swiglu_grad_impl=swiglu))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5), got_grad, want_grad)
 
@@ -201,7 +205,8 @@ def test_sharded_step_with_kernels_matches_the_single_device_xla_step():
                 "loss_mask": np.ones((16, 32), np.float32), "segment_ids": np.zeros((16, 32), np.int32)}
 
     def model(impl: str):
-        return make_model(TINY).clone(norm_rope_impl=impl, rms_norm_impl=impl)
+        return make_model(dataclasses.replace(TINY, d_ff=128)).clone(
+            norm_rope_impl=impl, rms_norm_impl=impl, swiglu_grad_impl="packed" if impl == "xla" else impl)
 
     ref_params, ref_metrics = _one_step(model("xla"), examples, train_cfg, MeshShape(1, 1, 1))
     params, metrics = _one_step(model("mosaic"), examples, train_cfg, MeshShape(2, 4, 1))
@@ -283,3 +288,37 @@ def test_tpu_plan_counts_state_activations_and_picks_a_mesh(load_tool):
     assert not rows[("v5e", 1)]["chosen"]  # 17 GiB of state on a 16 GiB chip
     assert rows[("v5e", 8)]["chosen"] and int(rows[("v5e", 8)]["mesh"].split("x")[1]) >= 2  # needs fsdp
     assert rows[("v5p", 8)]["mesh"] == "8x1" and rows[("v5p", 32)]["micro_batch"] == 32
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 64, 256), (1, 128, 384)])
+def test_swiglu_backward_kernel_equals_the_xla_backward(shape, dtype):
+    """The Mosaic GPU kernel's steps (interpret mode) give `swiglu_packed`'s XLA gradient: both halves, every chunk."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    gate_up = (jax.random.normal(keys[0], (*shape[:-1], 2 * shape[-1])) * 3).astype(dtype)
+    d_out = jax.random.normal(keys[1], shape).astype(dtype)
+    _, xla_vjp = jax.vjp(lambda g: ops.swiglu_packed(g, "xla"), gate_up)
+    out, kernel_vjp = jax.vjp(lambda g: ops.swiglu_packed(g, "mosaic"), gate_up)
+    np.testing.assert_array_equal(out, ops.swiglu_packed(gate_up, "xla"))
+    (got,), (want,) = kernel_vjp(d_out), xla_vjp(d_out)
+    assert got.dtype == dtype and got.shape == gate_up.shape
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def test_swiglu_backward_kernel_lowers_for_cuda_without_a_gpu():
+    gate_up = jnp.ones((4, 512, 4096), jnp.bfloat16)
+    grad = jax.jit(lambda g, d: swiglu_mgpu.swiglu_backward(g, d, interpret=False))
+    text = grad.trace(gate_up, gate_up[..., :2048]).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+def test_swiglu_grad_resolution():
+    assert ops.resolve_swiglu_grad_impl(None, 32768, 2048, platform="cpu") == "packed"
+    assert ops.resolve_swiglu_grad_impl("auto", 32768, 2048, platform="gpu") == "mosaic"
+    assert ops.resolve_swiglu_grad_impl("auto", 96, 2048, platform="gpu") == "split"
+    assert ops.resolve_swiglu_grad_impl("mosaic", 32768, 2048) == "mosaic"
+    assert ops.resolve_swiglu_grad_impl("mosaic", 96, 2048) == "split"  # not whole 64-row blocks
+    assert ops.resolve_swiglu_grad_impl("mosaic", 32768, 5632 + 64) == "split"  # not whole 128-column chunks
+    with pytest.raises(ValueError, match="SwiGLU-gradient"):
+        ops.resolve_swiglu_grad_impl("fast", 64, 128)

@@ -3,7 +3,8 @@
 
 For one layer call at a training shape (default: h100-100m, 64 x 512 tokens, bf16):
   - QK-norm + RoPE (`model/norm_rope_kernel.py`): forward, backward, and XLA's forward / forward+backward;
-  - the pre-norm backward (`model/rms_norm_kernel.py`): the kernel and XLA's autodiff of the same function.
+  - the pre-norm backward (`model/rms_norm_kernel.py`): the kernel and XLA's autodiff of the same function;
+  - SwiGLU's packed backward (`model/swiglu_mgpu.py`, Mosaic GPU) against `ops.swiglu_packed`'s XLA backward.
 Each figure is the median over windows of back-to-back calls, synchronised once per window, with the HBM traffic
 the kernel cannot avoid (every operand read once, every result written once) and the rate that implies.
 
@@ -32,12 +33,14 @@ from bench_train import timed_windows  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("batch", 64), ("seq", 512), ("heads", 12), ("kv-heads", 4), ("head-dim", 64),
-                          ("d-model", 768), ("windows", 10), ("calls", 10)):
+                          ("d-model", 768), ("d-ff", 2048), ("windows", 10), ("calls", 10)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--blocks", default="16,32,64", help="tokens (rows) per program to try, powers of two")
     p.add_argument("--warps", default="2,4,8", help="num_warps values to try")
     p.add_argument("--mosaic-concurrency", default="2,3,4", help="Mosaic GPU kernels: blocks in flight to try")
     p.add_argument("--mosaic-chunks", default="64,128", help="Mosaic GPU pre-norm backward: columns per step to try")
+    p.add_argument("--swiglu-chunks", default="64,128,256", help="Mosaic GPU SwiGLU backward: columns per step to try")
+    p.add_argument("--kernels", default="norm_rope,rms_norm,swiglu", help="which kernels to time")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke runs)")
     p.add_argument("--json-out", type=Path, default=None)
     return p.parse_args(argv)
@@ -152,6 +155,27 @@ def bench_rms_norm(a: argparse.Namespace, tunings: list[tuple[int, int]]) -> lis
     return rows
 
 
+def bench_swiglu(a: argparse.Namespace) -> list[dict[str, Any]]:
+    import jax
+    import jax.numpy as jnp
+
+    from picochat_jax.model import ops, swiglu_mgpu
+
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    gate_up = jax.random.normal(keys[0], (a.batch, a.seq, 2 * a.d_ff), jnp.bfloat16)
+    d_out = jax.random.normal(keys[1], (a.batch, a.seq, a.d_ff), jnp.bfloat16)
+    traffic = 5 * d_out.size * 2  # read gate, up and d_out; write d gate and d up
+    xla = jax.jit(lambda g, d: jax.vjp(lambda g: ops.swiglu_packed(g, "xla"), g)[1](d))
+    rows = [_row("swiglu_bwd", time_call(xla, (gate_up, d_out), a.windows, a.calls), traffic, impl="xla")]
+    for chunk, concurrency in itertools.product(_ints(a.swiglu_chunks), _ints(a.mosaic_concurrency)):
+        if a.interpret or not swiglu_mgpu.supported(a.batch * a.seq, a.d_ff, chunk):
+            continue
+        tune = {"chunk": chunk, "concurrency": concurrency}
+        fn = jax.jit(functools.partial(swiglu_mgpu.swiglu_backward, **tune))
+        rows.append(_mosaic_row("swiglu_bwd", fn, (gate_up, d_out), a, traffic, max_block=64, **tune))
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| kernel | impl | max block | warps | chunk | in flight | ms / call | traffic MB | GB/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -170,11 +194,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import jax
 
     tunings = list(itertools.product(_ints(a.blocks), _ints(a.warps)))
-    rows = bench_norm_rope(a, tunings) + bench_rms_norm(a, tunings)
+    kernels = set(a.kernels.split(","))
+    rows = ((bench_norm_rope(a, tunings) if "norm_rope" in kernels else [])
+            + (bench_rms_norm(a, tunings) if "rms_norm" in kernels else [])
+            + (bench_swiglu(a) if "swiglu" in kernels else []))
     device = jax.devices()[0]
     report = {"device": device.device_kind, "platform": device.platform, "jax_version": jax.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "shape": {k: getattr(a, k) for k in (
-                  "batch", "seq", "heads", "kv_heads", "head_dim", "d_model")}, "rows": rows}
+                  "batch", "seq", "heads", "kv_heads", "head_dim", "d_model", "d_ff")}, "rows": rows}
     print(table(rows), flush=True)
     if a.json_out:
         from picochat_jax.fileio import save_json

@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--rms-norm", choices=["auto", "xla", "pallas", "mosaic"], default="auto",
                      help="the pre-norms' backward: auto = the Pallas kernel on GPU (model/rms_norm_kernel.py), "
                           "XLA elsewhere; mosaic = its Mosaic GPU port (model/rms_norm_mgpu.py)")
+    opt.add_argument("--swiglu-grad", choices=["auto", "packed", "split", "mosaic"], default="auto",
+                     help="the SwiGLU MLP's gate/up backward: packed = one (N, 2F) gradient from XLA, split = d_gate "
+                          "and d_up apart (ops.swiglu_gate_up), mosaic = the packed gradient from the Mosaic GPU "
+                          "kernel (model/swiglu_mgpu.py); auto = mosaic on GPU (split on shapes it does not take)")
     opt.add_argument("--embed-grad", choices=["auto", "scatter", "scatter_f32", "onehot"], default="auto",
                      help="how the embedding gradient is summed (model/ops.py EMBED_GRAD_IMPLS): auto = float32 "
                           "scatter")
@@ -308,6 +312,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         resolve_embed_grad_impl,
         resolve_norm_rope_impl,
         resolve_rms_norm_impl,
+        resolve_swiglu_grad_impl,
     )
     from picochat_jax.model.transformer import compute_dtype, count_params, training_model
     from picochat_jax.parallel import check_batch_fits, make_mesh, parse_mesh
@@ -338,6 +343,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         model = model.clone(rms_norm_impl=args.rms_norm)
     if args.embed_grad != "auto":
         model = model.clone(embed_grad_impl=args.embed_grad)
+    if args.swiglu_grad != "auto":
+        model = model.clone(swiglu_grad_impl=args.swiglu_grad)
     unroll = model.scan_unroll
     optimizer, schedule = make_optimizer(train_cfg)
     trainer = build_trainer(model, optimizer, schedule, np.ones(cfg.vocab_size, np.float32), make_mesh(mesh_shape),
@@ -351,7 +358,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     state, times, compile_s, first_loss, last_loss = timed
     profile = None
     if args.profile:
-        state, profile = profile_steps(trainer.step, state, batches)
+        state, profile = profile_steps(trainer.step, state, batches, n=max(3, args.sync_every))
 
     step_s = statistics.median(times)
     tokens = batch * args.grad_accum * seq
@@ -375,6 +382,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                                         batch * seq, cfg.resolved_head_dim),
                     "rms_norm": resolve_rms_norm_impl(model.rms_norm_impl, cfg.norm, batch * seq, cfg.d_model),
                     "embed_grad": resolve_embed_grad_impl(model.embed_grad_impl),
+                    "swiglu_grad": resolve_swiglu_grad_impl(model.swiglu_grad_impl, batch * seq, cfg.d_ff),
                     "mesh": str(mesh_shape), "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "steps": args.steps, "sync_every": args.sync_every, "warmup": args.warmup, "compile_s": compile_s,
         "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
@@ -403,11 +411,16 @@ def profile_steps(step: Any, state: Any, batches: list[Any], n: int = 3) -> tupl
 
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            start = time.perf_counter()
             for i in range(n):
                 state, metrics = step(state, batches[i % len(batches)])
             jax.block_until_ready((state, metrics))
+            wall = time.perf_counter() - start
         traces = sorted(Path(tmp).rglob("perfetto_trace.json.gz"))
         summary = summarize_trace(traces[-1], n) if traces else {"note": "no trace written"}
+    # Wall clock of the traced window (dispatch of the first step to the last result): against the kernels'
+    # span it shows how long the device waits before the first kernel and after the last.
+    summary["wall_ms_per_step"] = wall / n * 1e3
     return state, summary
 
 
@@ -421,13 +434,16 @@ def summarize_trace(path: Path, steps: int) -> dict[str, Any]:
                    and re.search(r"GPU|device", str(e.get("args", {}).get("name", "")), re.I)}
     by_name: dict[str, list[float]] = {}
     first, last = float("inf"), 0.0
+    intervals: list[tuple[float, float, str]] = []
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in device_pids:
             continue
         entry = by_name.setdefault(str(e.get("name", "?")), [0.0, 0])
         entry[0] += float(e.get("dur", 0.0))
         entry[1] += 1
-        first, last = min(first, float(e["ts"])), max(last, float(e["ts"]) + float(e.get("dur", 0.0)))
+        begin, end = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
+        intervals.append((begin, end, str(e.get("name", "?"))))
+        first, last = min(first, begin), max(last, end)
     if not by_name:
         return {"note": "no device kernel events in the trace (CPU backend?)"}
     categories: dict[str, float] = {}
@@ -437,9 +453,25 @@ def summarize_trace(path: Path, steps: int) -> dict[str, Any]:
     busy = sum(d for d, _ in by_name.values()) / steps / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
     return {"kernel_ms_per_step": busy, "span_ms_per_step": (last - first) / steps / 1e3,
+            **idle_gaps(intervals, steps),
             "by_category_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top_kernels": [{"name": n[:160], "ms_per_step": d / steps / 1e3, "calls_per_step": c / steps}
                             for n, (d, c) in top]}
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict[str, Any]:
+    """Time inside the kernels' span when no kernel ran on any stream (trace microseconds in, ms out): the
+    total a step, and the longest gaps with the kernels either side."""
+    gaps: list[tuple[float, str, str]] = []
+    reach, reach_name = None, ""
+    for begin, end, name in sorted(intervals):
+        if reach is not None and begin > reach:
+            gaps.append((begin - reach, reach_name, name))
+        if reach is None or end > reach:
+            reach, reach_name = end, name
+    gaps.sort(reverse=True)
+    return {"idle_ms_per_step": sum(g for g, _, _ in gaps) / steps / 1e3,
+            "longest_idle_gaps": [{"ms": g / 1e3, "after": a[:100], "before": b[:100]} for g, a, b in gaps[:top]]}
 
 
 def measure_loop(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from picochat_jax.config import ModelConfig
 from picochat_jax.model import lora, rms_norm_kernel
 from picochat_jax.model.ops import (
+    AdaptedKernel,
     apply_rope,
     attend,
     attend_cache_and_new,
@@ -28,6 +29,8 @@ from picochat_jax.model.ops import (
     project,
     resolve_attention_impl,
     resolve_norm_rope_impl,
+    resolve_swiglu_grad_impl,
+    swiglu_gate_up,
     swiglu_packed,
 )
 from picochat_jax.parallel import per_shard_rows
@@ -190,6 +193,7 @@ class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     fuse_projections: bool = True  # gate and up as one matmul: see project()
+    swiglu_grad_impl: str | None = None  # None/"auto": see ops.resolve_swiglu_grad_impl
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -200,10 +204,15 @@ class MLP(nn.Module):
         if cfg.activation in ("swiglu", "geglu"):
             gate_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="gate_proj")()
             gate_act = nn.silu if cfg.activation == "swiglu" else functools.partial(nn.gelu, approximate=True)
-            if self.fuse_projections:
+            grad_impl = resolve_swiglu_grad_impl(self.swiglu_grad_impl, per_shard_rows(x.shape[0]) * x.shape[1],
+                                                 cfg.d_ff)
+            plain = not cfg.mlp_bias and not any(isinstance(k, AdaptedKernel) for k, _ in (gate_proj, up_proj))
+            if self.fuse_projections and plain and cfg.activation == "swiglu" and grad_impl == "split":
+                h = swiglu_gate_up(x, jnp.concatenate([gate_proj[0], up_proj[0]], axis=1), self.dtype)
+            elif self.fuse_projections:
                 (gate_up,) = project(x, [concat_projections([gate_proj, up_proj])], self.dtype, fuse=False)
-                if cfg.activation == "swiglu":
-                    h = swiglu_packed(gate_up)  # with its one-pass packed backward
+                if cfg.activation == "swiglu":  # with its one-pass packed backward
+                    h = swiglu_packed(gate_up, "mosaic" if grad_impl == "mosaic" else "xla")
                 else:
                     gate, up = jnp.split(gate_up, 2, axis=-1)
                     h = gate_act(gate) * up

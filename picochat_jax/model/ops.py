@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import block_diag
 
-from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, quant, rms_norm_kernel, rms_norm_mgpu
+from picochat_jax.model import norm_rope_kernel, norm_rope_mgpu, quant, rms_norm_kernel, rms_norm_mgpu, swiglu_mgpu
 from picochat_jax.parallel import shard_activation_batch
 
 Array = jax.Array
@@ -521,23 +521,26 @@ def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, impl, res, grads):
 heads_from_qkv.defvjp(_heads_from_qkv_fwd, _heads_from_qkv_bwd)
 
 
-@jax.custom_vjp
-def swiglu_packed(gate_up: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def swiglu_packed(gate_up: Array, impl: str = "xla") -> Array:
     """silu(gate) * up for `gate_up` = [gate | up] along the last axis (the fused gate/up matmul's output).
 
     The custom VJP writes the gradient of the packed input in one elementwise pass. Autodiff through the
     split computes d_gate and d_up in separate kernels and then copies both into the packed layout: on an
-    H100 that copy alone was 5.6 ms of a 67 ms h100-100m step (docs/performance.md).
+    H100 that copy alone was 5.6 ms of a 67 ms h100-100m step (docs/performance.md). impl="mosaic" writes it
+    with the Mosaic GPU kernel of `swiglu_mgpu`, which reads each input once.
     """
     gate, up = jnp.split(gate_up.astype(jnp.float32), 2, axis=-1)
     return (jax.nn.silu(gate) * up).astype(gate_up.dtype)
 
 
-def _swiglu_packed_fwd(gate_up: Array) -> tuple[Array, Array]:
-    return swiglu_packed(gate_up), gate_up
+def _swiglu_packed_fwd(gate_up: Array, impl: str) -> tuple[Array, Array]:
+    return swiglu_packed(gate_up, impl), gate_up
 
 
-def _swiglu_packed_bwd(gate_up: Array, d_out: Array) -> tuple[Array]:
+def _swiglu_packed_bwd(impl: str, gate_up: Array, d_out: Array) -> tuple[Array]:
+    if impl == "mosaic":
+        return (swiglu_mgpu.swiglu_backward(gate_up, d_out),)
     # Viewed as (..., 2, F), both halves' gradients are one select over broadcasts: a single elementwise
     # kernel. Written as a concatenate, XLA:GPU computed each half in its own kernel and then copied both.
     *lead, width = gate_up.shape
@@ -552,6 +555,65 @@ def _swiglu_packed_bwd(gate_up: Array, d_out: Array) -> tuple[Array]:
 
 
 swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
+
+
+# How the SwiGLU MLP's fused gate/up projection is differentiated (docs/performance.md):
+# "packed": autodiff of the matmul and `swiglu_packed`'s XLA backward, one packed (N, 2F) gradient;
+# "split" (`swiglu_gate_up`): d_gate and d_up as two arrays, the backward matmuls run per half;
+# "mosaic": the packed gradient from `swiglu_mgpu`'s kernel, which reads gate, up and d_out once.
+# "auto" = "mosaic" on an NVIDIA GPU, "packed" elsewhere. "mosaic" falls back to "split" on shapes its kernel
+# does not take (rows not in 64-row blocks, d_ff not in 128-column chunks).
+SWIGLU_GRAD_IMPLS = ("auto", "packed", "split", "mosaic")
+
+
+def resolve_swiglu_grad_impl(impl: str | None, n_rows: int, width: int, platform: str | None = None) -> str:
+    """The SwiGLU backward for `n_rows` rows (one batch shard's tokens) of d_ff `width`."""
+    if impl not in (None, *SWIGLU_GRAD_IMPLS):
+        raise ValueError(f"SwiGLU-gradient implementation must be one of {SWIGLU_GRAD_IMPLS}, got {impl!r}")
+    if impl in (None, "auto"):
+        if (platform or jax.default_backend()) not in ("gpu", "cuda"):
+            return "packed"
+        impl = "mosaic"
+    if impl == "mosaic" and not swiglu_mgpu.supported(n_rows, width):
+        return "split"
+    return impl
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def swiglu_gate_up(x: Array, kernel: Array, dtype: Dtype) -> Array:
+    """silu(x @ W_gate) * (x @ W_up) for `kernel` = [W_gate | W_up] (d, 2F), as one matmul in `dtype`.
+
+    Forward as `project` + `swiglu_packed`. The custom VJP never assembles a packed (N, 2F) gradient:
+    d_gate and d_up come out of one elementwise pass, dx = d_gate W_gate^T + d_up W_up^T and
+    dW = [x^T d_gate | x^T d_up]."""
+    contract = (((x.ndim - 1,), (0,)), ((), ()))
+    gate_up = shard_activation_batch(jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract))
+    return swiglu_packed(gate_up)
+
+
+def _swiglu_gate_up_fwd(x: Array, kernel: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array, Array]]:
+    contract = (((x.ndim - 1,), (0,)), ((), ()))
+    gate_up = shard_activation_batch(jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract))
+    return swiglu_packed(gate_up), (x, kernel, gate_up)
+
+
+def _swiglu_gate_up_bwd(dtype: Dtype, res: tuple[Array, Array, Array], d_out: Array) -> tuple[Array, Array]:
+    x, kernel, gate_up = res
+    width = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :width].astype(jnp.float32), gate_up[..., width:].astype(jnp.float32)
+    d_out = d_out.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gate)
+    d_gate = shard_activation_batch((d_out * up * sig * (1.0 + gate * (1.0 - sig))).astype(dtype))
+    d_up = shard_activation_batch((d_out * gate * sig).astype(dtype))
+    w = kernel.astype(dtype)
+    xd = x.astype(dtype)
+    dx = (jnp.einsum("...f,df->...d", d_gate, w[:, :width]) + jnp.einsum("...f,df->...d", d_up, w[:, width:]))
+    dw = jnp.concatenate([jnp.einsum("...d,...f->df", xd, d, preferred_element_type=jnp.float32)
+                          for d in (d_gate, d_up)], axis=1)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+swiglu_gate_up.defvjp(_swiglu_gate_up_fwd, _swiglu_gate_up_bwd)
 
 
 # How the token embedding's gradient is summed. jnp.take's own backward ("scatter") scatter-adds in the

@@ -116,6 +116,7 @@ class Block(nn.Module):
     fuse_projections: bool = True
     norm_rope_impl: str | None = None
     rms_norm_impl: str | None = None
+    swiglu_grad_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, rope, mask, segment_ids, cache_index, local, cache, layer_local):
@@ -138,7 +139,7 @@ class Block(nn.Module):
         attention = Attention(cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
                               name="attn")
         attn_out, new_cache = attention(h, rope, mask, cache, cache_index, segment_ids)
-        mlp = MLP(cfg, self.dtype, self.fuse_projections, name="mlp")
+        mlp = MLP(cfg, self.dtype, self.fuse_projections, self.swiglu_grad_impl, name="mlp")
         if cfg.parallel_residual:
             x, h2 = pre_norm(x, "post_attention_norm")
             x = x + attn_out + mlp(h2)
@@ -171,6 +172,9 @@ class Decoder(nn.Module):
     rms_norm_impl: str | None = None
     # How the token embedding's gradient is summed: None/"auto" = a float32 scatter (ops.resolve_embed_grad_impl).
     embed_grad_impl: str | None = None
+    # How the SwiGLU MLP's fused gate/up projection is differentiated: None/"auto" = the Mosaic GPU kernel on GPU
+    # (model/swiglu_mgpu.py), XLA's packed gradient elsewhere (ops.resolve_swiglu_grad_impl).
+    swiglu_grad_impl: str | None = None
     # The layers as separate modules called in a Python loop (params `layers_i`, see `unstack_layers`; a cache of
     # one array per layer, see `init_cache`) instead of one scanned block. For decoding on GPU: even a fully
     # unrolled scan reads each layer's weights and cache as slices of (n_layers, ...) stacks, which XLA copies
@@ -194,7 +198,7 @@ class Decoder(nn.Module):
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         block_args = (cfg, self.dtype, self.attention_impl, self.fuse_projections, self.norm_rope_impl,
-                      self.rms_norm_impl)
+                      self.rms_norm_impl, self.swiglu_grad_impl)
         if self.layer_loop:
             self.layers = [block(*block_args) for _ in range(cfg.n_layers)]  # named layers_0, layers_1, ...
         else:
