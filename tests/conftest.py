@@ -15,8 +15,13 @@ if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
 # XLA:CPU's older elemental emitters compile the suite's unoptimised programs in about half the time of its
 # fusion emitters (three test_generate.py tests: 51-55 s -> 27-32 s, 2026-12-01, docs/performance.md).
-if "xla_cpu_use_fusion_emitters" not in flags:
-    flags += " --xla_cpu_use_fusion_emitters=false"
+# Only where XLA:CPU runs the tests and knows the flag: jaxlib 0.11 dropped it, and XLA aborts on an unknown flag
+# (which stopped `JAX_PLATFORMS=cuda pytest tests/test_kernels.py` on an H200 with jaxlib 0.11.2).
+if "xla_cpu_use_fusion_emitters" not in flags and os.environ["JAX_PLATFORMS"] == "cpu":
+    from importlib.metadata import version
+
+    if tuple(int(p) for p in version("jaxlib").split(".")[:2]) < (0, 11):
+        flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = flags.strip()
 # Unoptimised XLA:CPU code by default (see `_compile_level_and_free_programs`): also for run-wide fixtures and
 # the CLI subprocesses that tests start.

@@ -136,6 +136,9 @@ def test_mosaic_kernels_lower_for_cuda_without_a_gpu():
 def test_mosaic_resolution_counts_one_batch_shard_under_a_mesh():
     from picochat_jax.parallel import traced_under
 
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (the CPU test session's fake ones)")
+
     def resolved(x):
         return ops.resolve_norm_rope_impl("mosaic", True, True, per_shard_rows(x.shape[0]) * x.shape[1], 64,
                                           platform="gpu")
@@ -320,5 +323,7 @@ def test_swiglu_grad_resolution():
     assert ops.resolve_swiglu_grad_impl("mosaic", 32768, 2048) == "mosaic"
     assert ops.resolve_swiglu_grad_impl("mosaic", 96, 2048) == "split"  # not whole 64-row blocks
     assert ops.resolve_swiglu_grad_impl("mosaic", 32768, 5632 + 64) == "split"  # not whole 128-column chunks
+    assert ops.resolve_swiglu_grad_impl("mosaic", 32768, 5632 + 64, dtype=jnp.float32) == "mosaic"  # 64 in float32
+    assert swiglu_mgpu.default_chunk(2) == 128 and swiglu_mgpu.default_chunk(4) == 64
     with pytest.raises(ValueError, match="SwiGLU-gradient"):
         ops.resolve_swiglu_grad_impl("fast", 64, 128)

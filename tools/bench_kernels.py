@@ -168,7 +168,7 @@ def bench_swiglu(a: argparse.Namespace) -> list[dict[str, Any]]:
     xla = jax.jit(lambda g, d: jax.vjp(lambda g: ops.swiglu_packed(g, "xla"), g)[1](d))
     rows = [_row("swiglu_bwd", time_call(xla, (gate_up, d_out), a.windows, a.calls), traffic, impl="xla")]
     for chunk, concurrency in itertools.product(_ints(a.swiglu_chunks), _ints(a.mosaic_concurrency)):
-        if a.interpret or not swiglu_mgpu.supported(a.batch * a.seq, a.d_ff, chunk):
+        if a.interpret or not swiglu_mgpu.supported(a.batch * a.seq, a.d_ff, chunk=chunk):
             continue
         tune = {"chunk": chunk, "concurrency": concurrency}
         fn = jax.jit(functools.partial(swiglu_mgpu.swiglu_backward, **tune))

@@ -205,7 +205,7 @@ class MLP(nn.Module):
             gate_proj = Projection(d, cfg.d_ff, ("embed", "mlp"), cfg.mlp_bias, cfg.init_std, name="gate_proj")()
             gate_act = nn.silu if cfg.activation == "swiglu" else functools.partial(nn.gelu, approximate=True)
             grad_impl = resolve_swiglu_grad_impl(self.swiglu_grad_impl, per_shard_rows(x.shape[0]) * x.shape[1],
-                                                 cfg.d_ff)
+                                                 cfg.d_ff, dtype=self.dtype)
             plain = not cfg.mlp_bias and not any(isinstance(k, AdaptedKernel) for k, _ in (gate_proj, up_proj))
             if self.fuse_projections and plain and cfg.activation == "swiglu" and grad_impl == "split":
                 h = swiglu_gate_up(x, jnp.concatenate([gate_proj[0], up_proj[0]], axis=1), self.dtype)

@@ -562,19 +562,20 @@ swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
 # "split" (`swiglu_gate_up`): d_gate and d_up as two arrays, the backward matmuls run per half;
 # "mosaic": the packed gradient from `swiglu_mgpu`'s kernel, which reads gate, up and d_out once.
 # "auto" = "mosaic" on an NVIDIA GPU, "packed" elsewhere. "mosaic" falls back to "split" on shapes its kernel
-# does not take (rows not in 64-row blocks, d_ff not in 128-column chunks).
+# does not take (rows not in 64-row blocks, d_ff not in whole column chunks: 128 in bf16, 64 in float32).
 SWIGLU_GRAD_IMPLS = ("auto", "packed", "split", "mosaic")
 
 
-def resolve_swiglu_grad_impl(impl: str | None, n_rows: int, width: int, platform: str | None = None) -> str:
-    """The SwiGLU backward for `n_rows` rows (one batch shard's tokens) of d_ff `width`."""
+def resolve_swiglu_grad_impl(impl: str | None, n_rows: int, width: int, platform: str | None = None,
+                             dtype: Dtype = jnp.bfloat16) -> str:
+    """The SwiGLU backward for `n_rows` rows (one batch shard's tokens) of d_ff `width` in compute `dtype`."""
     if impl not in (None, *SWIGLU_GRAD_IMPLS):
         raise ValueError(f"SwiGLU-gradient implementation must be one of {SWIGLU_GRAD_IMPLS}, got {impl!r}")
     if impl in (None, "auto"):
         if (platform or jax.default_backend()) not in ("gpu", "cuda"):
             return "packed"
         impl = "mosaic"
-    if impl == "mosaic" and not swiglu_mgpu.supported(n_rows, width):
+    if impl == "mosaic" and not swiglu_mgpu.supported(n_rows, width, jnp.dtype(dtype).itemsize):
         return "split"
     return impl
 

@@ -22,13 +22,24 @@ from picochat_jax.parallel import per_batch_shard
 
 Array = jax.Array
 
-_CHUNK = 128
 _CONCURRENCY = 2
+# Columns per step: five (64, chunk) blocks a step, two steps in flight, within the H200's 227 KiB of shared
+# memory: 128 columns of bf16 (160 KiB), 64 of float32. bf16 at 128 columns was the fastest tuning
+# (tools/bench_kernels.py, docs/performance.md).
+_SMEM_BYTES = 232448
 
 
-def supported(n_rows: int, width: int, chunk: int = _CHUNK) -> bool:
-    """Whether the kernel takes `n_rows` rows of `width` = d_ff: whole 64-row blocks and whole column chunks."""
-    return n_rows % mgpu.BLOCK_ROWS == 0 and width % chunk == 0
+def default_chunk(itemsize: int, concurrency: int = _CONCURRENCY) -> int:
+    chunk = 128
+    while chunk > 32 and concurrency * 5 * mgpu.BLOCK_ROWS * chunk * itemsize > _SMEM_BYTES:
+        chunk //= 2
+    return chunk
+
+
+def supported(n_rows: int, width: int, itemsize: int = 2, chunk: int | None = None) -> bool:
+    """Whether the kernel takes `n_rows` rows of `width` = d_ff in a dtype of `itemsize` bytes: whole 64-row
+    blocks and whole column chunks."""
+    return n_rows % mgpu.BLOCK_ROWS == 0 and width % (chunk or default_chunk(itemsize)) == 0
 
 
 def _local_backward(gate_up: Array, d_out: Array, interpret: bool, columns: int, concurrency: int) -> Array:
@@ -59,11 +70,12 @@ def _local_backward(gate_up: Array, d_out: Array, interpret: bool, columns: int,
     return d_gate_up.reshape(*lead, packed)
 
 
-def swiglu_backward(gate_up: Array, d_out: Array, interpret: bool | None = None, chunk: int = _CHUNK,
+def swiglu_backward(gate_up: Array, d_out: Array, interpret: bool | None = None, chunk: int | None = None,
                     concurrency: int = _CONCURRENCY) -> Array:
     """d gate_up (in gate_up's dtype) of `ops.swiglu_packed` for the cotangent `d_out` of its output. `chunk`
-    (columns per step) and `concurrency` (chunks in flight) are tuning knobs."""
-    local = functools.partial(_local_backward, interpret=default_interpret(interpret), columns=chunk,
+    (columns per step, default `default_chunk`) and `concurrency` (chunks in flight) are tuning knobs."""
+    columns = chunk or default_chunk(jnp.dtype(gate_up.dtype).itemsize, concurrency)
+    local = functools.partial(_local_backward, interpret=default_interpret(interpret), columns=columns,
                               concurrency=concurrency)
     (d_gate_up,) = per_batch_shard(lambda g, d: (local(g, d),), (True, True), (True,))(gate_up, d_out)
     return d_gate_up
