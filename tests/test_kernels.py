@@ -137,7 +137,7 @@ def test_mosaic_resolution_counts_one_batch_shard_under_a_mesh():
     from picochat_jax.parallel import traced_under
 
     if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (the CPU test session's fake ones)")
+        pytest.skip("needs 8 devices (the fake CPU devices of tests/conftest.py)")
 
     def resolved(x):
         return ops.resolve_norm_rope_impl("mosaic", True, True, per_shard_rows(x.shape[0]) * x.shape[1], 64,
