@@ -521,6 +521,12 @@ def _heads_from_qkv_bwd(n_heads, n_kv_heads, eps, impl, res, grads):
 heads_from_qkv.defvjp(_heads_from_qkv_fwd, _heads_from_qkv_bwd)
 
 
+def _swiglu_grads(gate: Array, up: Array, d_out: Array) -> tuple[Array, Array]:
+    """(d gate, d up) of silu(gate) * up for its cotangent d_out, float32 in and out."""
+    sig = jax.nn.sigmoid(gate)
+    return d_out * up * sig * (1.0 + gate * (1.0 - sig)), d_out * gate * sig
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def swiglu_packed(gate_up: Array, impl: str = "xla") -> Array:
     """silu(gate) * up for `gate_up` = [gate | up] along the last axis (the fused gate/up matmul's output).
@@ -545,11 +551,7 @@ def _swiglu_packed_bwd(impl: str, gate_up: Array, d_out: Array) -> tuple[Array]:
     # kernel. Written as a concatenate, XLA:GPU computed each half in its own kernel and then copied both.
     *lead, width = gate_up.shape
     pair = gate_up.astype(jnp.float32).reshape(*lead, 2, width // 2)
-    gate, up = pair[..., :1, :], pair[..., 1:, :]
-    d_out = d_out.astype(jnp.float32)[..., None, :]
-    sig = jax.nn.sigmoid(gate)
-    d_gate = d_out * up * sig * (1.0 + gate * (1.0 - sig))
-    d_up = d_out * gate * sig
+    d_gate, d_up = _swiglu_grads(pair[..., :1, :], pair[..., 1:, :], d_out.astype(jnp.float32)[..., None, :])
     first_half = jax.lax.broadcasted_iota(jnp.int32, pair.shape, pair.ndim - 2) == 0
     return (jnp.where(first_half, d_gate, d_up).reshape(gate_up.shape).astype(gate_up.dtype),)
 
@@ -587,9 +589,7 @@ def swiglu_gate_up(x: Array, kernel: Array, dtype: Dtype) -> Array:
     Forward as `project` + `swiglu_packed`. The custom VJP never assembles a packed (N, 2F) gradient:
     d_gate and d_up come out of one elementwise pass, dx = d_gate W_gate^T + d_up W_up^T and
     dW = [x^T d_gate | x^T d_up]."""
-    contract = (((x.ndim - 1,), (0,)), ((), ()))
-    gate_up = shard_activation_batch(jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), contract))
-    return swiglu_packed(gate_up)
+    return _swiglu_gate_up_fwd(x, kernel, dtype)[0]
 
 
 def _swiglu_gate_up_fwd(x: Array, kernel: Array, dtype: Dtype) -> tuple[Array, tuple[Array, Array, Array]]:
@@ -602,10 +602,7 @@ def _swiglu_gate_up_bwd(dtype: Dtype, res: tuple[Array, Array, Array], d_out: Ar
     x, kernel, gate_up = res
     width = gate_up.shape[-1] // 2
     gate, up = gate_up[..., :width].astype(jnp.float32), gate_up[..., width:].astype(jnp.float32)
-    d_out = d_out.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gate)
-    d_gate = shard_activation_batch((d_out * up * sig * (1.0 + gate * (1.0 - sig))).astype(dtype))
-    d_up = shard_activation_batch((d_out * gate * sig).astype(dtype))
+    d_gate, d_up = (shard_activation_batch(d.astype(dtype)) for d in _swiglu_grads(gate, up, d_out.astype(jnp.float32)))
     w = kernel.astype(dtype)
     xd = x.astype(dtype)
     dx = (jnp.einsum("...f,df->...d", d_gate, w[:, :width]) + jnp.einsum("...f,df->...d", d_up, w[:, width:]))
